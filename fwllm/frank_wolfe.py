@@ -1,0 +1,222 @@
+"""The Frank-Wolfe loop over the convex hull of {theta_0} U {theta_0 + lambda * tau_i}.
+
+theta_{t+1} = (1 - gamma_t) theta_t + gamma_t s_t,   gamma_t = step_size * 2 / (t + 2)
+
+s_t is chosen per block (one weight tensor, `granularity: layer`) or for the whole model
+(`granularity: model`) by the oracle in `fwllm.oracle`. The iterate is kept in the model
+being differentiated and, in parallel, as a list of *atoms* (weight beta, local merge,
+members, mix) with theta_T = theta_0 + sum_a beta_a * lambda * combine(members, mix):
+the atoms are the plan mergekit executes, one tensor at a time.
+
+Memory: the model (theta_t), its gradient, theta_0, and the candidates' sketches; exact
+task vectors are streamed one tensor at a time (`Candidate.task_vector`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fwllm.local_merges import combine
+from fwllm.model_io import Candidate
+from fwllm.objectives import Objective
+from fwllm.oracle import CountSketch, alignment, choose_top_k, choose_vertex, project_simplex
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FWSettings:
+    iterations: int = 10
+    step_size: float = 0.1
+    granularity: str = "layer"  # layer | model
+    variant: str = "hard"  # hard | soft
+    top_k: int = 2  # soft: vertices mixed per step
+    soft_steps: int = 2  # soft: projected-gradient steps on the mix per iteration
+    local_merge: str = "task_arithmetic"
+    scaling: float = 0.3  # lambda
+    density: float = 0.2  # ties: fraction kept by trim
+    drop_rate: float = 0.5  # dare: drop probability
+    init: str = "task_arithmetic"  # task_arithmetic | base
+    sketch_ratio: float = 32.0
+    seed: int = 0
+
+
+@dataclass
+class Atom:
+    weight: float
+    method: str
+    members: List[int]
+    mix: List[float]
+    tag: str  # names the step that made it; seeds DARE masks reproducibly
+
+    def delta(self, name: str, tau: Callable[[int], torch.Tensor], s: FWSettings) -> torch.Tensor:
+        gen = None
+        if self.method.startswith("dare"):
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{s.seed}/{name}/{self.tag}".encode()))
+        return s.scaling * combine(self.method, [tau(i) for i in self.members], self.mix, s.density, s.drop_rate, gen)
+
+
+@dataclass
+class FWResult:
+    atoms: Dict[str, List[Atom]]
+    trace: List[dict] = field(default_factory=list)
+    final_objective: float = float("nan")
+    selected_iteration: int = 0  # the iterate returned: lowest calibration objective seen
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+def block_delta(atoms: Sequence[Atom], name: str, tau: Callable[[int], torch.Tensor], s: FWSettings, like: torch.Tensor) -> torch.Tensor:
+    """sum_a beta_a * atom_a's delta for one tensor (what the executor adds to the base)."""
+    out = torch.zeros_like(like, dtype=torch.float32)
+    for atom in atoms:
+        if atom.weight != 0.0:
+            out += atom.weight * atom.delta(name, tau, s)
+    return out
+
+
+def ta_coefficients(atoms: Sequence[Atom], n: int, scaling: float) -> Optional[List[float]]:
+    """Per-candidate weights when every atom is plain task arithmetic (else None)."""
+    if any(a.method != "task_arithmetic" for a in atoms):
+        return None
+    coef = [0.0] * n
+    for atom in atoms:
+        for i, w in zip(atom.members, atom.mix):
+            coef[i] += atom.weight * scaling * w
+    return coef
+
+
+class FrankWolfe:
+    def __init__(self, model: torch.nn.Module, objective: Objective, candidates: Sequence[Candidate],
+                 blocks: Sequence[str], settings: FWSettings, progress: bool = True):
+        self.model, self.objective, self.candidates, self.s = model, objective, list(candidates), settings
+        params = dict(model.named_parameters())
+        self.params = {n: params[n] for n in blocks}
+        self.blocks = list(blocks)
+        self.base = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self.params.items()}
+        self.sketch = CountSketch(settings.sketch_ratio, seed=settings.seed)
+        self.progress = progress
+        self.tau_sketch: Dict[str, torch.Tensor] = {}
+
+    # -- candidate access -------------------------------------------------------------
+    def tau(self, name: str) -> Callable[[int], torch.Tensor]:
+        return lambda i: self.candidates[i].task_vector(name, self.base[name])
+
+    def _set_block(self, name: str, value: torch.Tensor) -> None:
+        p = self.params[name]
+        p.data.copy_(value.to(p.device, p.dtype))
+
+    # -- phases ---------------------------------------------------------------------------
+    def read_candidates(self) -> Dict[str, List[Atom]]:
+        """One streamed pass: sketch every tau_i, and build the initial point."""
+        n = len(self.candidates)
+        atoms: Dict[str, List[Atom]] = {}
+        init_atom = Atom(1.0, "task_arithmetic", list(range(n)), [1.0] * n, "init")
+        for name in tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress):
+            rows, total = [], torch.zeros_like(self.base[name])
+            for i in range(n):
+                t = self.tau(name)(i)
+                rows.append(self.sketch(name, t))
+                if self.s.init == "task_arithmetic":
+                    total += t
+                del t
+            self.tau_sketch[name] = torch.stack(rows)
+            if self.s.init == "task_arithmetic":
+                self._set_block(name, self.base[name] + self.s.scaling * total)
+                atoms[name] = [Atom(**asdict(init_atom))]
+            else:
+                atoms[name] = []
+        return atoms
+
+    def _scores(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.params.items():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            out[name] = alignment(self.sketch(name, g.detach().cpu()), self.tau_sketch[name])
+        return out
+
+    def _mix(self, chosen: Dict[str, List[int]], scores: Dict[str, torch.Tensor]) -> Dict[str, List[float]]:
+        """Soft variant: mixing weights of the chosen vertices, solved on the calibration loss."""
+        mix = {}
+        for name, members in chosen.items():
+            if members:
+                s = -scores[name][members]
+                mix[name] = (s / s.sum()).tolist()
+        if self.s.variant != "soft" or self.s.soft_steps <= 0:
+            return mix
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        for _ in range(self.s.soft_steps):
+            for name, members in chosen.items():
+                if members:
+                    atom = Atom(1.0, self.s.local_merge, members, mix[name], "mix")
+                    self._set_block(name, self.base[name] + atom.delta(name, self.tau(name), self.s))
+            self.model.zero_grad(set_to_none=True)
+            self.objective.backward(self.model)
+            at_s = self._scores()
+            for name, members in chosen.items():
+                if len(members) > 1:
+                    grad = at_s[name][members] * self.s.scaling
+                    step = grad / (grad.abs().max() + 1e-12) / len(members)
+                    mix[name] = project_simplex(torch.tensor(mix[name]) - step).tolist()
+        for name, value in current.items():
+            self._set_block(name, value)
+        return mix
+
+    def _choose(self, scores: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:
+        k = self.s.top_k if self.s.variant == "soft" else 1
+        if self.s.granularity == "model":
+            total = torch.stack(list(scores.values())).sum(0)
+            pick = choose_top_k(total, k) if k > 1 else [i for i in [choose_vertex(total)] if i >= 0]
+            return {name: list(pick) for name in scores}
+        if k > 1:
+            return {name: choose_top_k(s, k) for name, s in scores.items()}
+        return {name: [i for i in [choose_vertex(s)] if i >= 0] for name, s in scores.items()}
+
+    def run(self) -> FWResult:
+        start = time.time()
+        atoms = self.read_candidates()
+        trace = []
+        # Open-loop FW steps are not monotone; keep the best iterate (the start included).
+        best = (float("inf"), 0, None)
+        bar = tqdm(range(self.s.iterations), desc="fw: iterations", disable=not self.progress)
+        for t in bar:
+            self.model.zero_grad(set_to_none=True)
+            value = self.objective.backward(self.model)
+            if value < best[0]:
+                best = (value, t, copy.deepcopy(atoms))
+            gamma = min(1.0, self.s.step_size * 2.0 / (t + 2))
+            scores = self._scores()
+            chosen = self._choose(scores)
+            mix = self._mix(chosen, scores)
+            for name in self.blocks:
+                for a in atoms[name]:
+                    a.weight *= 1.0 - gamma
+                vertex = self.base[name].clone()
+                if chosen[name]:
+                    atom = Atom(gamma, self.s.local_merge, chosen[name], mix[name], f"t{t}")
+                    vertex += atom.delta(name, self.tau(name), self.s)
+                    atoms[name].append(atom)
+                p = self.params[name]
+                self._set_block(name, (1.0 - gamma) * p.detach().float().cpu() + gamma * vertex)
+            trace.append({
+                "iteration": t, "objective": value, "gamma": gamma,
+                "chosen": {n: chosen[n] for n in self.blocks},
+                "mix": {n: mix[n] for n in self.blocks if n in mix},
+            })
+            bar.set_postfix(objective=f"{value:.4f}")
+            LOG.info("fw iteration %d: objective %.5f, gamma %.4f", t, value, gamma)
+        self.model.zero_grad(set_to_none=True)
+        final = self.objective.value(self.model)
+        selected = self.s.iterations
+        if best[0] < final:
+            final, selected, atoms = best
+        read = sum(c.bytes_read for c in self.candidates)
+        return FWResult(atoms, trace, final, selected, read, time.time() - start)

@@ -1,0 +1,3 @@
+"""Importing this module registers fwllm's built-in data-informed methods."""
+
+from fwllm import fw_method  # noqa: F401  fw_merging

@@ -1,0 +1,81 @@
+"""The linear minimisation oracle (LMO) over {theta_0} U {theta_0 + lambda * tau_i}.
+
+Per block (one weight tensor) the vertex minimising <g, s> is the base when every
+<g, tau_i> >= 0, else the candidate with the most negative inner product. The inner
+products need every tau_i at every iteration; reading all N candidates T times is what
+makes naive FW slow, so each tau_i is read once and kept as a CountSketch: m buckets,
+each coordinate hashed to one bucket with a random sign. <S g, S tau> is an unbiased
+estimate of <g, tau>; small tensors (<= min_buckets entries) are kept exactly.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import List, Optional
+
+import torch
+
+
+class CountSketch:
+    """Deterministic per-tensor CountSketch; the hash is re-drawn from (seed, name)."""
+
+    def __init__(self, ratio: float = 32.0, min_buckets: int = 4096, seed: int = 0):
+        if ratio < 1:
+            raise ValueError("sketch ratio must be >= 1")
+        self.ratio, self.min_buckets, self.seed = ratio, min_buckets, seed
+
+    def buckets(self, numel: int) -> int:
+        return min(numel, max(self.min_buckets, int(numel / self.ratio)))
+
+    def is_exact(self, numel: int) -> bool:
+        return self.buckets(numel) == numel
+
+    def _hash(self, name: str, numel: int, m: int):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        index = torch.randint(m, (numel,), generator=g)
+        sign = torch.randint(2, (numel,), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
+        return index, sign
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1).float()
+        m = self.buckets(flat.numel())
+        if m == flat.numel():
+            return flat.clone()
+        index, sign = self._hash(name, flat.numel(), m)
+        return torch.zeros(m).index_add_(0, index, flat * sign)
+
+
+def alignment(grad_sketch: torch.Tensor, tau_sketches: torch.Tensor) -> torch.Tensor:
+    """<g, tau_i> for every candidate i (rows of tau_sketches)."""
+    return tau_sketches @ grad_sketch
+
+
+def choose_vertex(scores: torch.Tensor) -> int:
+    """Index of the best candidate vertex, or -1 for the base (ties and zeros go to the base)."""
+    if scores.numel() == 0:
+        return -1
+    best = int(torch.argmin(scores))
+    return best if float(scores[best]) < 0 else -1
+
+
+def choose_top_k(scores: torch.Tensor, k: int) -> List[int]:
+    """Up to k candidates aligned with -g, most aligned first (empty list = base vertex)."""
+    order = torch.argsort(scores)
+    return [int(i) for i in order[:k] if float(scores[i]) < 0]
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto {w >= 0, sum w = 1} (sort-based, exact)."""
+    u, _ = torch.sort(v, descending=True)
+    css = torch.cumsum(u, 0) - 1
+    ks = torch.arange(1, v.numel() + 1, dtype=v.dtype)
+    rho = int(torch.nonzero(u - css / ks > 0).max())
+    return torch.clamp(v - css[rho] / (rho + 1), min=0)
+
+
+def soft_weights(scores: torch.Tensor, chosen: List[int], previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Starting mix of the chosen vertices: proportional to their alignment with -g."""
+    if previous is not None:
+        return previous
+    s = -scores[chosen]
+    return s / s.sum()

@@ -1,0 +1,105 @@
+"""Shared fixtures: a tiny LLaMA pool built in seconds, offline, deterministic.
+
+Two tasks share one prompt format ("copy" and "rev" map the same digits to different
+outputs), so their task vectors conflict; a third expert trains on shuffled targets
+(irrelevant). Bigger, purpose-built pools come from `fwllm.experts` (tests/test_experts.py).
+"""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [str(d) for d in range(10)] + ["copy", "rev", "=", ":"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def task_rows(task, n, seed, shuffled=False):
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        digits = [str(r.randint(0, 9)) for _ in range(4)]
+        out = digits if task == "copy" else digits[::-1]
+        if shuffled:
+            out = [str(r.randint(0, 9)) for _ in range(4)]
+        rows.append({"prompt": f"{task} : {' '.join(digits)} =", "response": " ".join(out)})
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as fp:
+        for row in rows:
+            fp.write(json.dumps(row) + "\n")
+
+
+def finetune(model, tokenizer, rows, steps=40, lr=3e-3):
+    from fwllm.calibration import CAUSAL, CalibrationTask
+    from fwllm.objectives import encode_tasks
+
+    objective = encode_tasks([CalibrationTask("t", CAUSAL, rows)], tokenizer, model)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        objective.backward(model)
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tmp_path_factory):
+    """{'root', 'base', 'experts': {name: dir}, 'calib': dir, 'dev': dir} for a tiny LLaMA pool."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_pool")
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg)
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    calib, dev = root / "calib", root / "dev"
+    calib.mkdir()
+    dev.mkdir()
+    for task in ("copy", "rev"):
+        write_jsonl(calib / f"{task}.jsonl", task_rows(task, 16, seed=1))
+        write_jsonl(dev / f"{task}.jsonl", task_rows(task, 32, seed=2))
+    experts = {}
+    for name, (task, shuffled) in {"copy": ("copy", False), "rev": ("rev", False), "noise": ("copy", True)}.items():
+        torch.manual_seed(1)
+        model = LlamaForCausalLM.from_pretrained(base_dir)
+        finetune(model, tok, task_rows(task, 48, seed=3, shuffled=shuffled))
+        experts[name] = root / name
+        model.save_pretrained(experts[name])
+        tok.save_pretrained(experts[name])
+    return {"root": root, "base": base_dir, "experts": experts, "calib": calib, "dev": dev}
+
+
+def write_recipe(path, method, base, models, parameters=None, dtype="float32", per_model=None):
+    import yaml
+
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(m), **({"parameters": per_model[i]} if per_model else {})} for i, m in enumerate(models)],
+        "dtype": dtype,
+    }
+    if parameters:
+        recipe["parameters"] = parameters
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

@@ -1,0 +1,169 @@
+"""FW-Merging against independent truth: closed forms, invariances, and improvement over TA."""
+
+import json
+import os
+
+import pytest
+import torch
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+
+from conftest import finetune, task_rows, write_recipe
+from fwllm.calibration import load_calibration
+from fwllm.merge_cli import run_fwllm_merge
+from fwllm.model_io import RESIDENT, load_model, load_tokenizer
+from fwllm.objectives import encode_tasks
+
+OPTS = MergeOptions(quiet=True)
+
+
+def merge(tmp_path, name, method, pool, models, parameters=None, per_model=None):
+    recipe = write_recipe(tmp_path / f"{name}.yml", method, pool["base"], models, parameters, per_model=per_model)
+    out = tmp_path / name
+    run_fwllm_merge(str(recipe), str(out), OPTS)
+    return out
+
+
+def tensors(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def objective_of(model_dir, data_dir):
+    model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    return encode_tasks(load_calibration(str(data_dir)), tok, model).value(model)
+
+
+def fw_params(pool, **kw):
+    return {"calibration": str(pool["calib"]), "iterations": 5, "step_size": 0.5, "scaling": 1.0, **kw}
+
+
+def test_one_candidate_one_step_closed_form(tmp_path, tiny_pool):
+    gamma, lam = 0.4, 0.7
+    out = merge(tmp_path, "fw1", "fw_merging", tiny_pool, [tiny_pool["experts"]["copy"]],
+                fw_params(tiny_pool, iterations=1, step_size=gamma, scaling=lam, init="base"))
+    base, expert = tensors(tiny_pool["base"]), tensors(tiny_pool["experts"]["copy"])
+    # gradient of the calibration objective at the base, computed independently
+    model, tok = load_model(str(tiny_pool["base"])), load_tokenizer(str(tiny_pool["base"]))
+    encode_tasks(load_calibration(str(tiny_pool["calib"])), tok, model).backward(model)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    merged = tensors(out)
+    moved = 0
+    for name, g in grads.items():
+        tau = expert[name] - base[name]
+        expected = base[name] + gamma * lam * tau if torch.sum(g * tau) < 0 else base[name]
+        moved += int(torch.sum(g * tau) < 0)
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+    assert moved > 0
+
+
+def test_base_vertex_wins_when_all_alignments_are_positive(tmp_path, tiny_pool):
+    # a candidate that moves *up* the gradient: every <g, tau> > 0, so FW must stay at the base
+    model, tok = load_model(str(tiny_pool["base"])), load_tokenizer(str(tiny_pool["base"]))
+    encode_tasks(load_calibration(str(tiny_pool["calib"])), tok, model).backward(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.05 * p.grad
+    uphill = tmp_path / "uphill"
+    model.save_pretrained(uphill)
+    tok.save_pretrained(uphill)
+    out = merge(tmp_path, "fw_up", "fw_merging", tiny_pool, [uphill], fw_params(tiny_pool, init="base"))
+    base, merged = tensors(tiny_pool["base"]), tensors(out)
+    for name in base:
+        assert torch.equal(merged[name], base[name]), name
+
+
+def test_zero_task_vector_gives_base_without_nan(tmp_path, tiny_pool):
+    import shutil
+
+    same = shutil.copytree(tiny_pool["base"], tmp_path / "same_as_base")
+    out = merge(tmp_path, "fw_zero", "fw_merging", tiny_pool, [same], fw_params(tiny_pool))
+    base, merged = tensors(tiny_pool["base"]), tensors(out)
+    for name in base:
+        assert torch.isfinite(merged[name]).all() and torch.equal(merged[name], base[name])
+
+
+def test_single_candidate_stays_on_the_segment_to_task_arithmetic(tmp_path, tiny_pool):
+    lam = 0.8
+    out = merge(tmp_path, "fw_seg", "fw_merging", tiny_pool, [tiny_pool["experts"]["rev"]], fw_params(tiny_pool, scaling=lam))
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+    base, expert, merged = tensors(tiny_pool["base"]), tensors(tiny_pool["experts"]["rev"]), tensors(out)
+    for name, (c,) in plan["coefficients"].items():
+        assert -1e-9 <= c <= lam + 1e-9
+        assert torch.allclose(merged[name], base[name] + c * (expert[name] - base[name]), atol=1e-6)
+    # and with init=TA and a single step toward the candidate itself, FW *is* TA
+    ta = merge(tmp_path, "ta_seg", "task_arithmetic", tiny_pool, [tiny_pool["experts"]["rev"]],
+               {"lambda": lam}, per_model=[{"weight": 1.0}])
+    assert plan["objective"]["final"] <= objective_of(ta, tiny_pool["calib"]) + 1e-6
+
+
+def test_permutation_of_candidates_changes_nothing(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    a = merge(tmp_path, "p1", "fw_merging", tiny_pool, [e["copy"], e["rev"], e["noise"]], fw_params(tiny_pool))
+    b = merge(tmp_path, "p2", "fw_merging", tiny_pool, [e["noise"], e["copy"], e["rev"]], fw_params(tiny_pool))
+    ta, tb = tensors(a), tensors(b)
+    for name in ta:
+        assert torch.allclose(ta[name], tb[name], atol=1e-6), name
+
+
+def test_same_seed_same_tensors_soft_dare(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    params = fw_params(tiny_pool, variant="soft", local_merge="dare_ties", iterations=3, seed=7)
+    a = merge(tmp_path, "s1", "fw_merging", tiny_pool, [e["copy"], e["rev"]], params)
+    b = merge(tmp_path, "s2", "fw_merging", tiny_pool, [e["copy"], e["rev"]], params)
+    ta, tb = tensors(a), tensors(b)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)
+    # the plan's atoms reproduce the solve: merged objective == the solve's final objective
+    plan = json.loads((a / "fwllm_plan" / "plan.json").read_text())
+    assert objective_of(a, tiny_pool["calib"]) == pytest.approx(plan["objective"]["final"], rel=1e-4)
+
+
+def test_fw_beats_task_arithmetic_on_conflicting_experts(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    lam = 1.0
+    fw = merge(tmp_path, "fw", "fw_merging", tiny_pool, [e["copy"], e["rev"]],
+               fw_params(tiny_pool, scaling=lam, iterations=8))
+    ta = merge(tmp_path, "ta", "task_arithmetic", tiny_pool, [e["copy"], e["rev"]], {"lambda": lam},
+               per_model=[{"weight": 1.0}, {"weight": 1.0}])
+    assert objective_of(fw, tiny_pool["calib"]) < objective_of(ta, tiny_pool["calib"])
+    assert objective_of(fw, tiny_pool["dev"]) < objective_of(ta, tiny_pool["dev"])
+
+
+@pytest.fixture(scope="module")
+def noise_experts(tiny_pool, tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_tokenizer
+
+    root, tok, out = tmp_path_factory.mktemp("noise"), tiny_tokenizer(), []
+    for i in range(8):
+        torch.manual_seed(10 + i)
+        model = LlamaForCausalLM.from_pretrained(tiny_pool["base"])
+        finetune(model, tok, task_rows("copy" if i % 2 else "rev", 32, seed=100 + i, shuffled=True), steps=25)
+        model.save_pretrained(root / f"n{i}")
+        tok.save_pretrained(root / f"n{i}")
+        out.append(root / f"n{i}")
+    return out
+
+
+def test_irrelevant_experts_hurt_fw_less_than_ta(tmp_path, tiny_pool, noise_experts):
+    e, lam = tiny_pool["experts"], 1.0
+    relevant = [e["copy"], e["rev"]]
+    losses = {}
+    for tag, pool in (("clean", relevant), ("noisy", relevant + noise_experts)):
+        fw = merge(tmp_path, f"fw_{tag}", "fw_merging", tiny_pool, pool, fw_params(tiny_pool, scaling=lam, iterations=8))
+        ta = merge(tmp_path, f"ta_{tag}", "task_arithmetic", tiny_pool, pool, {"lambda": lam},
+                   per_model=[{"weight": 1.0}] * len(pool))
+        losses[tag] = (objective_of(fw, tiny_pool["dev"]), objective_of(ta, tiny_pool["dev"]))
+    fw_shift = abs(losses["noisy"][0] - losses["clean"][0])
+    ta_shift = abs(losses["noisy"][1] - losses["clean"][1])
+    assert fw_shift < 0.5 * ta_shift, losses
+    assert losses["noisy"][0] < losses["noisy"][1]
+
+
+def test_resident_candidate_tensors_do_not_grow_with_pool_size(tmp_path, tiny_pool, noise_experts):
+    peaks = {}
+    for n in (1, 8):
+        RESIDENT.reset_peak()
+        merge(tmp_path, f"res{n}", "fw_merging", tiny_pool, noise_experts[:n], fw_params(tiny_pool, iterations=2))
+        peaks[n] = RESIDENT.peak
+    assert peaks[8] == peaks[1] <= 2, peaks
