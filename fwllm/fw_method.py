@@ -26,8 +26,10 @@ from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_com
 from fwllm.errors import FwllmError
 from fwllm.frank_wolfe import Atom, FrankWolfe, FWSettings, block_delta, ta_coefficients
 from fwllm.heads import TaskHead, is_head_tensor, save_heads
-from fwllm.model_io import check_same_architecture, load_model, load_tokenizer, open_candidate, resolve_model_path
-from fwllm.objectives import CLASSIFIER_MODEL, encode_tasks, head_attribute, model_kind
+from fwllm.model_io import (
+    check_same_architecture, load_model, load_tokenizer, open_candidate, read_config, resolve_model_path,
+)
+from fwllm.objectives import CLASSIFIER_MODEL, architecture_kind, check_rows_fit, encode_tasks, head_attribute, model_kind
 
 LOG = logging.getLogger(__name__)
 
@@ -134,6 +136,9 @@ class FWMerging(DataMethod):
         candidates = [open_candidate(c.model, c.lora) for c in job.candidates]
         check_same_architecture(base_dir, [c.model_dir for c in candidates if c.model_dir])
         tasks = load_calibration(p.calibration, p.max_rows)
+        kind = architecture_kind((read_config(base_dir).get("architectures") or ["?"])[0])
+        for task in tasks:  # before any weights are loaded
+            check_rows_fit(task, kind)
         model = load_model(base_dir, torch.float32, job.device)
         tokenizer = load_tokenizer(base_dir)
         heads = {}

@@ -27,7 +27,11 @@ HEAD_ATTRIBUTES = ("classifier", "score")
 
 
 def model_kind(model: torch.nn.Module) -> str:
-    name = type(model).__name__
+    return architecture_kind(type(model).__name__)
+
+
+def architecture_kind(name: str) -> str:
+    """causal / classifier / masked for a transformers class name (as in config.architectures)."""
     if name.endswith("ForCausalLM"):
         return CAUSAL_MODEL
     if name.endswith("ForSequenceClassification"):
