@@ -3,9 +3,9 @@
 Per block (one weight tensor) the vertex minimising <g, s> is the base when every
 <g, tau_i> >= 0, else the candidate with the most negative inner product. The inner
 products need every tau_i at every iteration; reading all N candidates T times is what
-makes naive FW slow, so each tau_i is read once and kept as a CountSketch: m buckets,
-each coordinate hashed to one bucket with a random sign. <S g, S tau> is an unbiased
-estimate of <g, tau>; small tensors (<= min_buckets entries) are kept exactly.
+makes naive FW slow, so each tau_i is read once and kept as a sketch of m = numel/ratio
+signed bucket sums. <S g, S tau> is an unbiased estimate of <g, tau>; small tensors
+(<= min_buckets entries) are kept exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ import torch
 
 
 class CountSketch:
-    """Deterministic per-tensor CountSketch; the hash is re-drawn from (seed, name)."""
+    """Deterministic per-tensor sign sketch with fixed buckets: S(x)_j = sum_{i = j mod m} s_i x_i.
+
+    Signs s_i = r[i mod L] come from a random +-1 vector r of prime length L drawn from
+    (seed, name). Two coordinates in one bucket differ by a multiple of m, and get
+    independent signs unless they also differ by a multiple of L, i.e. by m*L (more than
+    any tensor here has), so <S x, S y> is an unbiased estimate of <x, y>. Fixed buckets
+    make it a reshape-and-sum: no per-coordinate random draws, no scatter.
+    """
+
+    SIGN_PERIOD = 65521  # prime
 
     def __init__(self, ratio: float = 32.0, min_buckets: int = 4096, seed: int = 0):
         if ratio < 1:
@@ -25,24 +34,30 @@ class CountSketch:
         self.ratio, self.min_buckets, self.seed = ratio, min_buckets, seed
 
     def buckets(self, numel: int) -> int:
-        return min(numel, max(self.min_buckets, int(numel / self.ratio)))
+        m = min(numel, max(self.min_buckets, int(numel / self.ratio)))
+        if m < numel and m % self.SIGN_PERIOD == 0:
+            m += 1  # keep m coprime to the sign period
+        return m
 
     def is_exact(self, numel: int) -> bool:
         return self.buckets(numel) == numel
 
-    def _hash(self, name: str, numel: int, m: int):
+    def _signs(self, name: str, numel: int) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-        index = torch.randint(m, (numel,), generator=g)
-        sign = torch.randint(2, (numel,), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
-        return index, sign
+        period = torch.randint(2, (self.SIGN_PERIOD,), generator=g).float().mul_(2).sub_(1)
+        reps = -(-numel // self.SIGN_PERIOD)
+        return period.repeat(reps)[:numel]
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(-1).float()
-        m = self.buckets(flat.numel())
-        if m == flat.numel():
+        numel = flat.numel()
+        m = self.buckets(numel)
+        if m == numel:
             return flat.clone()
-        index, sign = self._hash(name, flat.numel(), m)
-        return torch.zeros(m).index_add_(0, index, flat * sign)
+        signed = flat * self._signs(name, numel)
+        rows = -(-numel // m)
+        padded = torch.nn.functional.pad(signed, (0, rows * m - numel))
+        return padded.view(rows, m).sum(0)
 
 
 def alignment(grad_sketch: torch.Tensor, tau_sketches: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from mergekit.merge_methods import base as mk
 from mergekit.merge_methods import registry
 
+from fwllm.paths import cache_root
 from fwllm.data_methods import (
     CandidateSpec,
     DataMethod,
@@ -31,8 +32,7 @@ _PLANS: Dict[str, Any] = {}  # plan folder -> loaded plan
 
 
 def default_plan_root() -> str:
-    root = os.environ.get("FWLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fwllm")
-    return os.path.join(root, "plans")
+    return os.path.join(cache_root(), "plans")
 
 
 def _candidate_spec(ref, per_model: Dict[str, Any]) -> CandidateSpec:

@@ -1,0 +1,170 @@
+"""FW-Merging vs mergekit `ties` on SmolLM2-135M-sized candidates: peak RSS, wall time, bytes read.
+
+Each (method, N) runs in its own child process (so peak RSS is that run's alone); the
+child counts the candidate bytes each side reads: mergekit's loader for tensors handed
+to merge methods, fwllm's readers for the FW solve. Candidates are the SmolLM2 base plus
+distinct random low-rank task vectors (bf16, sharded), i.e. real-size inputs.
+
+    python eval/bench_fw.py --base DIR [--n 2 4 8 16] [--iterations 10] [--out eval/reports]
+
+DIR defaults to the base of the `smol` expert pool (`fwllm experts --profile smol`).
+Prints one table and writes it as markdown + JSON. Ratios matter, not absolute seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import json, os, resource, sys, time
+import mergekit.io.lazy_tensor_loader as lazy
+counted = {"bytes": 0}
+original = lazy.LazyTensorLoader.get_tensor
+def counting(self, *a, **k):
+    t = original(self, *a, **k)
+    if t is not None:
+        counted["bytes"] += t.numel() * t.element_size()
+    return t
+lazy.LazyTensorLoader.get_tensor = counting
+from mergekit.options import MergeOptions
+from fwllm.merge_cli import run_fwllm_merge
+recipe, out = sys.argv[1], sys.argv[2]
+start = time.time()
+run_fwllm_merge(recipe, out, MergeOptions(quiet=True))
+wall = time.time() - start
+solve_bytes = 0
+plan = os.path.join(out, "fwllm_plan", "plan.json")
+if os.path.exists(plan):
+    solve_bytes = json.load(open(plan))["candidate_bytes_read"]
+print("RESULT " + json.dumps({
+    "wall_s": wall,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "bytes_read": counted["bytes"] + solve_bytes,
+}))
+"""
+
+
+def make_candidates(base_dir: str, n: int, root: str, rank: int = 8, scale: float = 0.02) -> list:
+    """N candidates = base + distinct random low-rank deltas on every 2-D weight (bf16 shards)."""
+    import torch
+
+    from fwllm.model_io import load_model, load_tokenizer
+
+    paths = []
+    for i in range(n):
+        path = os.path.join(root, f"cand{i:02d}")
+        paths.append(path)
+        if os.path.exists(os.path.join(path, "config.json")):
+            continue
+        model = load_model(base_dir, torch.bfloat16)
+        g = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    a = torch.randn(p.shape[0], rank, generator=g) * scale / rank ** 0.5
+                    b = torch.randn(rank, p.shape[1], generator=g)
+                    p += (a @ b * p.float().std()).to(p.dtype)
+        model.save_pretrained(path, max_shard_size="100MB")
+        load_tokenizer(base_dir).save_pretrained(path)
+        del model
+    return paths
+
+
+def write_recipe(path, method, base, models, params):
+    import yaml
+
+    recipe = {"merge_method": method, "base_model": base, "dtype": "bfloat16",
+              "models": [{"model": m, "parameters": ({"weight": 1.0, "density": 0.2} if method == "ties" else {})}
+                         for m in models]}
+    if params:
+        recipe["parameters"] = params
+    with open(path, "w") as fp:
+        yaml.safe_dump(recipe, fp, sort_keys=False)
+
+
+def run_child(recipe: str, out: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, recipe, out], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def calibration_file(root: str, rows: int) -> str:
+    from fwllm.paths import data_root
+
+    src = os.path.join(data_root(), "calibration", "code.jsonl")
+    dst = os.path.join(root, "calib.jsonl")
+    with open(src) as fi, open(dst, "w") as fo:
+        for i, line in enumerate(fi):
+            if i >= rows:
+                break
+            fo.write(line)
+    return dst
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", help="base model folder (default: the smol pool's base)")
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=8, help="calibration rows (code prompts)")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fwllm-bench"))
+    ap.add_argument("--out", default=os.path.join("eval", "reports"))
+    args = ap.parse_args(argv)
+    base = args.base
+    if base is None:
+        from fwllm.experts import build_pool
+
+        base = build_pool("smol", "llama").base
+    os.makedirs(args.work, exist_ok=True)
+    cands = make_candidates(base, max(args.n), os.path.join(args.work, "candidates"))
+    calib = calibration_file(args.work, args.rows)
+    fw_params = {"calibration": calib, "iterations": args.iterations, "max_length": args.max_length,
+                 "batch_size": 4, "scaling": 1.0}
+    rows = []
+    for n in args.n:
+        for method, params in (("ties", None), ("fw_merging", fw_params)):
+            recipe = os.path.join(args.work, f"{method}-{n}.yml")
+            out = os.path.join(args.work, f"out-{method}-{n}")
+            subprocess.run(["rm", "-rf", out])
+            write_recipe(recipe, method, base, cands[:n], params)
+            r = run_child(recipe, out)
+            r.update(method=method, n=n)
+            rows.append(r)
+            print(f"{method:>10} N={n:<3} wall {r['wall_s']:7.1f}s  peak RSS {r['peak_rss_mb']:8.0f} MB  "
+                  f"read {r['bytes_read'] / 2**30:6.2f} GiB", flush=True)
+            subprocess.run(["rm", "-rf", out])
+    by = {(r["method"], r["n"]): r for r in rows}
+    n0, lines = min(args.n), []
+    lines.append(f"| N | ties wall s | FW wall s | FW/ties wall | ties RSS MB | FW RSS MB | FW RSS / FW RSS(N={n0}) "
+                 f"| ties GiB read | FW GiB read |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for n in args.n:
+        t, f = by[("ties", n)], by[("fw_merging", n)]
+        lines.append(f"| {n} | {t['wall_s']:.1f} | {f['wall_s']:.1f} | {f['wall_s'] / t['wall_s']:.2f} | "
+                     f"{t['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | "
+                     f"{f['peak_rss_mb'] / by[('fw_merging', n0)]['peak_rss_mb']:.2f} | "
+                     f"{t['bytes_read'] / 2**30:.2f} | {f['bytes_read'] / 2**30:.2f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    settings = {"base": base, "iterations": args.iterations, "rows": args.rows, "max_length": args.max_length,
+                "cpu_count": os.cpu_count()}
+    with open(os.path.join(args.out, "bench_fw.md"), "w") as fp:
+        fp.write(f"# FW-Merging vs mergekit ties ({stamp})\n\nSettings: `{json.dumps(settings)}`\n\n{table}\n")
+    with open(os.path.join(args.out, "bench_fw.json"), "w") as fp:
+        json.dump({"settings": settings, "rows": rows}, fp, indent=2)
+
+
+if __name__ == "__main__":
+    main()

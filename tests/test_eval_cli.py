@@ -1,0 +1,118 @@
+"""`fwllm eval` end to end on tiny random models, fully offline."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fwllm.cli import main
+from fwllm.evaluation.report import plot_normalized_vs_candidates
+from fwllm.evaluation.runner import evaluate_models
+from test_eval_support import make_tiny_llama, make_tiny_roberta
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": str(make_tiny_llama(root / "tiny-llama")),
+        "roberta": str(make_tiny_roberta(root / "tiny-roberta", tasks=("cola", "rte"))),
+    }
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    # Materialized task YAMLs go under $FWLLM_CACHE; keep them out of ~/.cache.
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path_factory.getbasetemp() / "fwllm-cache"))
+
+
+def _run(args):
+    result = CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_eval_end_to_end_then_from_cache(models, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = [models["llama"], models["roberta"], "--suite", "pubmedqa,rte,cola", "--limit", "2",
+            "--device", "cpu", "--out", str(out), "--cache-dir", str(cache), "--batch-size", "4"]
+    code, output = _run(args)
+    assert code == 0, output
+    header = next(line for line in output.splitlines() if line.startswith("model "))
+    assert header.split() == ["model", "pubmedqa", "rte", "cola", "glue_avg"]
+    assert any(line.startswith("tiny-llama ") for line in output.splitlines())
+    assert "tiny-roberta (encoder) skipped fwllm_pubmedqa" in output
+
+    results = json.loads((out / "results.json").read_text())
+    llama, roberta = results["models"]["tiny-llama"], results["models"]["tiny-roberta"]
+    assert llama["kind"] == "causal" and roberta["kind"] == "encoder"
+    assert set(llama["tasks"]) == {"fwllm_pubmedqa", "fwllm_glue_rte", "fwllm_glue_cola"}
+    assert all(r["n"] == 2 and 0.0 <= r["metrics"]["acc,none"] <= 100.0 for r in llama["tasks"].values())
+    assert llama["tasks"]["fwllm_pubmedqa"]["score"] == llama["tasks"]["fwllm_pubmedqa"]["metrics"]["acc,none"]
+    assert set(roberta["tasks"]) == {"fwllm_glue_rte", "fwllm_glue_cola"}
+    assert roberta["tasks"]["fwllm_glue_rte"]["normalized"] is not None
+    assert (out / "scores.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "results.csv").read_text().startswith("model,kind,task,metric,value,n")
+    assert "| tiny-llama |" in (out / "results.md").read_text()
+
+    code, again = _run(args)
+    assert code == 0, again
+    assert "(5 result(s) from cache)" in again
+    assert json.loads((out / "results.json").read_text())["models"]["tiny-llama"]["tasks"]["fwllm_pubmedqa"][
+        "score"
+    ] == llama["tasks"]["fwllm_pubmedqa"]["score"]
+
+
+def test_generation_suites_through_the_library(models, tmp_path):
+    results = evaluate_models(
+        [models["llama"]], suites=["math", "code"], limit=1, device="cpu", batch_size=1,
+        confirm_run_unsafe_code=True, use_cache=False, progress=False,
+    )
+    tasks = results["models"]["tiny-llama"]["tasks"]
+    assert set(tasks["fwllm_gsm8k"]["metrics"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert tasks["fwllm_humaneval"]["metrics"]["pass@1,none"] in (0.0, 100.0)
+    assert all(r["n"] == 1 for r in tasks.values())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--suite", "code"], "pass --confirm-run-unsafe-code"),
+        (["--suite", "glue,poetry"], "unknown suite or task 'poetry'; suites: code, math, pubmedqa, glue"),
+        (["--suite", "rte", "--data", "{tmp}"], "evaluation data missing"),
+    ],
+)
+def test_bad_input_is_one_clear_line(models, tmp_path, extra, message):
+    code, output = _run([models["llama"], *[a.format(tmp=tmp_path) for a in extra], "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert output.startswith("Error: ") and message in output
+    assert "Traceback" not in output
+
+
+def test_missing_model_folder(tmp_path):
+    code, output = _run([str(tmp_path / "absent"), "--suite", "rte"])
+    assert code == 1 and f"model folder {tmp_path / 'absent'} does not exist" in output
+
+
+def test_plot_normalized_vs_candidates(tmp_path):
+    records = [
+        {"method": m, "n_candidates": n, "n_irrelevant": irr, "normalized_score": s}
+        for m, base in (("fw_hard", 90.0), ("task_arithmetic", 80.0))
+        for irr in (0, 4)
+        for n, s in ((2, base), (4, base - irr), (8, base - 2 * irr))
+    ]
+    path = plot_normalized_vs_candidates(records, str(tmp_path / "cand.png"), title="GLUE")
+    assert (tmp_path / "cand.png").read_bytes()[:8] == PNG_MAGIC and path.endswith("cand.png")
+    with pytest.raises(ValueError):
+        plot_normalized_vs_candidates([], str(tmp_path / "none.png"))
+
+
+def test_expert_scores_from_results():
+    from fwllm.errors import FwllmError
+    from fwllm.evaluation.runner import expert_scores_from
+
+    results = {"models": {"cola-expert": {"tasks": {"fwllm_glue_cola": {"score": 60.0}}}}}
+    assert expert_scores_from(results, {"cola": "cola-expert"}) == {"fwllm_glue_cola": 60.0}
+    with pytest.raises(FwllmError, match="no fwllm_glue_rte score for expert 'cola-expert'"):
+        expert_scores_from(results, {"rte": "cola-expert"})
