@@ -115,12 +115,16 @@ def read_task(path: str, name: Optional[str] = None, max_rows: Optional[int] = N
 
 
 def load_calibration(path: str, max_rows: Optional[int] = None) -> List[CalibrationTask]:
-    """All tasks in a `.jsonl` file or a folder of them (sorted by file name)."""
+    """All tasks in a `.jsonl` file, a folder of them (task = file stem), or a folder of
+    task folders each holding `calibration.jsonl` (task = folder name, the shared GLUE layout)."""
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".jsonl"))
-        if not files:
-            raise FwllmError(f"calibration folder {path} holds no .jsonl files")
-        return [read_task(os.path.join(path, f), max_rows=max_rows) for f in files]
+        if files:
+            return [read_task(os.path.join(path, f), max_rows=max_rows) for f in files]
+        nested = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "calibration.jsonl")))
+        if not nested:
+            raise FwllmError(f"calibration folder {path} holds no .jsonl files (nor <task>/calibration.jsonl)")
+        return [read_task(os.path.join(path, d, "calibration.jsonl"), name=d, max_rows=max_rows) for d in nested]
     if not os.path.exists(path):
         raise FwllmError(f"calibration data not found: {path}")
     return [read_task(path, max_rows=max_rows)]

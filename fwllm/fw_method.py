@@ -23,6 +23,7 @@ import yaml
 
 from fwllm.calibration import load_calibration
 from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_complete, register_data_method
+from fwllm.encoder_pool import classifier_arch
 from fwllm.errors import FwllmError
 from fwllm.frank_wolfe import Atom, FrankWolfe, FWSettings, block_delta, ta_coefficients
 from fwllm.heads import TaskHead, is_head_tensor, save_heads
@@ -136,10 +137,12 @@ class FWMerging(DataMethod):
         candidates = [open_candidate(c.model, c.lora) for c in job.candidates]
         check_same_architecture(base_dir, [c.model_dir for c in candidates if c.model_dir])
         tasks = load_calibration(p.calibration, p.max_rows)
-        kind = architecture_kind((read_config(base_dir).get("architectures") or ["?"])[0])
+        # Encoder pools: differentiate the experts' classifier class, body initialised from the base.
+        arch = classifier_arch([c.model_dir for c in candidates if c.model_dir])
+        kind = architecture_kind(arch or (read_config(base_dir).get("architectures") or ["?"])[0])
         for task in tasks:  # before any weights are loaded
             check_rows_fit(task, kind)
-        model = load_model(base_dir, torch.float32, job.device)
+        model = load_model(base_dir, torch.float32, job.device, architecture=arch)
         tokenizer = load_tokenizer(base_dir)
         heads = {}
         if model_kind(model) == CLASSIFIER_MODEL:

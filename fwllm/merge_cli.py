@@ -14,6 +14,7 @@ import shutil
 import click
 from mergekit.options import MergeOptions, add_merge_options
 
+from fwllm.encoder_pool import classifier_arch, register_body_architecture, with_body_architecture
 from fwllm.errors import FwllmError
 
 PLAN_SUBDIR = "fwllm_plan"
@@ -31,6 +32,7 @@ def run_fwllm_merge(recipe_path: str, out_dir: str, options: MergeOptions, force
     register_all()
     recipe = load_recipe(recipe_path)
     config = recipe.config
+    encoder_arch = None
     with staged_output(out_dir, force=force) as staging:
         if recipe.method is not None:
             job = merge_job(recipe, os.path.join(staging, PLAN_SUBDIR), options.device or "cpu", not options.quiet)
@@ -47,11 +49,27 @@ def run_fwllm_merge(recipe_path: str, out_dir: str, options: MergeOptions, force
             params = dict(config.parameters or {})
             params["plan"] = job.plan_dir
             config = config.model_copy(update={"parameters": params})
+            encoder_arch = classifier_arch([c.model for c in job.candidates if not c.lora and os.path.isdir(c.model)])
+            if encoder_arch:
+                config = with_body_architecture(config, register_body_architecture(encoder_arch))
         run_merge(config, staging, options=options, config_source=recipe.source)
         heads = os.path.join(staging, PLAN_SUBDIR, "fwllm_heads")
         if os.path.isdir(heads):
             shutil.copytree(heads, os.path.join(staging, "fwllm_heads"))
+            if recipe.method is not None and encoder_arch:
+                _attach_first_head(staging, job)
     return os.path.abspath(out_dir)
+
+
+def _attach_first_head(out_dir: str, job) -> None:
+    """The merged checkpoint carries the head of the first candidate (in recipe order) with a task."""
+    from fwllm.encoder_pool import attach_primary_head
+    from fwllm.heads import load_heads
+
+    tasks = load_heads(out_dir)
+    first = next((c for c in job.candidates if c.params.get("task") in tasks), None)
+    if first is not None:
+        attach_primary_head(out_dir, first.params["task"], first.model)
 
 
 @click.command("merge")

@@ -238,12 +238,13 @@ def check_same_architecture(base_dir: str, others: Iterable[str]) -> None:
             )
 
 
-def load_model(model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Instantiate the transformers class named in config.json (no remote code, ever)."""
+def load_model(model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu", architecture: Optional[str] = None):
+    """Instantiate the transformers class named in config.json, or `architecture` (e.g. an
+    encoder pool's classifier class over a masked-LM base body). No remote code, ever."""
     import transformers
 
     cfg = read_config(model_dir)
-    archs = cfg.get("architectures") or []
+    archs = [architecture] if architecture else (cfg.get("architectures") or [])
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     if cls is None:
         raise FwllmError(f"{model_dir}: unknown architecture {archs}; fwllm loads transformers classes only")

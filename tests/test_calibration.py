@@ -44,3 +44,11 @@ def test_missing_and_empty(tmp_path):
     _write(tmp_path / "e.jsonl", [""])
     with pytest.raises(FwllmError, match="no calibration rows"):
         load_calibration(str(tmp_path / "e.jsonl"))
+
+
+def test_shared_glue_layout_names_tasks_by_folder(tmp_path):
+    for task in ("rte", "sst2"):
+        (tmp_path / task).mkdir()
+        _write(tmp_path / task / "calibration.jsonl", [json.dumps({"sentence": "s", "label": 0})])
+        _write(tmp_path / task / "dev.jsonl", [json.dumps({"sentence": "s", "label": 0})])
+    assert [t.name for t in load_calibration(str(tmp_path))] == ["rte", "sst2"]

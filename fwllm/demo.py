@@ -1,0 +1,162 @@
+"""`fwllm demo` — the main job on an embedded default, end to end.
+
+1. build (or reuse) a pool of real, really-trained experts (`fwllm.experts`): relevant
+   experts on distinct tasks plus irrelevant ones;
+2. merge the whole pool with mergekit's `task_arithmetic` and `ties` and with fwllm's
+   `fw_merging`, all through `fwllm merge` recipes written into the output folder;
+3. evaluate base, experts and merges on held-out dev rows of every relevant task
+   (mean response loss, lower is better) and, for real models, on fwllm's lm-eval
+   suites with a small --limit;
+4. print one table and write it as JSON and markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Dict, List, Optional
+
+import click
+import yaml
+
+from fwllm.errors import FwllmError
+
+METHODS = ("task_arithmetic", "ties", "fw_merging")
+
+
+def _recipes(pool, calib_dir: str, settings: Dict) -> Dict[str, dict]:
+    experts = [e.path for e in pool.experts]
+    task_of = {e.path: e.task for e in pool.experts}
+    lam = settings["scaling"]
+    recipes = {
+        "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": lam},
+                            "models": [{"model": p, "parameters": {"weight": 1.0}} for p in experts]},
+        "ties": {"merge_method": "ties", "parameters": {"lambda": lam},
+                 "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.2}} for p in experts]},
+        "fw_merging": {"merge_method": "fw_merging", "models": [
+            {"model": p, "parameters": {"task": task_of[p] or ""}} for p in experts],
+            "parameters": {"calibration": calib_dir, "scaling": 1.0, "init": "base",
+                           "iterations": settings["iterations"], "step_size": settings["step_size"],
+                           "max_rows": settings["max_rows"], "max_length": settings["max_length"],
+                           "batch_size": settings["batch_size"]}},
+    }
+    for recipe in recipes.values():
+        recipe.update(base_model=pool.base, dtype=settings["dtype"])
+    return recipes
+
+
+def _calibration_folder(pool, out_dir: str) -> str:
+    """One .jsonl per relevant task: FW only sees the tasks the user cares about."""
+    folder = os.path.join(out_dir, "calibration")
+    os.makedirs(folder, exist_ok=True)
+    for e in pool.experts:
+        if e.relevant and e.task:
+            shutil.copyfile(pool.tasks[e.task].calibration, os.path.join(folder, f"{e.task}.jsonl"))
+    return folder
+
+
+def _dev_losses(model_dir: str, pool, tasks: List[str], max_rows: int, max_length: int) -> Dict[str, float]:
+    """Mean dev loss per task (the same objective as calibration, on held-out rows)."""
+    import torch
+
+    from fwllm.calibration import read_task
+    from fwllm.model_io import load_model, load_tokenizer
+    from fwllm.objectives import encode_tasks
+
+    model, tok = load_model(model_dir, torch.float32), load_tokenizer(model_dir)
+    rows = [read_task(pool.tasks[t].dev, name=t, max_rows=max_rows) for t in tasks]
+    return encode_tasks(rows, tok, model, max_length=max_length).per_task(model)
+
+
+def _table(results: Dict[str, Dict[str, float]], columns: List[str]) -> str:
+    head = "| model | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for model, row in results.items():
+        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), (int, float)) else "-" for c in columns]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(profile: str = "smol", out_dir: str = "runs/demo", root: Optional[str] = None,
+             limit: int = 20, suites: str = "pubmedqa,glue", iterations: int = 8, device: str = "cpu",
+             force: bool = False, skip_lm_eval: bool = False) -> Dict:
+    from mergekit.options import MergeOptions
+
+    from fwllm.experts import build_pool
+    from fwllm.merge_cli import run_fwllm_merge
+
+    start = time.time()
+    pool = build_pool(profile, "llama", root=root, device=device)
+    tiny = profile == "tiny"
+    settings = {"scaling": 0.3, "iterations": iterations, "step_size": 0.5 if tiny else 0.3,
+                "max_rows": 16 if tiny else 6, "max_length": 64 if tiny else 96, "batch_size": 8 if tiny else 3,
+                "dtype": "float32" if tiny else "bfloat16"}
+    os.makedirs(out_dir, exist_ok=True)
+    calib = _calibration_folder(pool, out_dir)
+    relevant = [e.task for e in pool.experts if e.relevant and e.task]
+    merged = {}
+    for method, recipe in _recipes(pool, calib, settings).items():
+        path = os.path.join(out_dir, "recipes", f"{method}.yml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fp:
+            yaml.safe_dump(recipe, fp, sort_keys=False)
+        target = os.path.join(out_dir, "merged", method)
+        click.echo(f"== merging {len(pool.experts)} experts with {method}")
+        run_fwllm_merge(path, target, MergeOptions(device=device, quiet=True), force=True)
+        merged[method] = target
+
+    models = {"base": pool.base, **{f"expert:{e.name}": e.path for e in pool.experts if e.relevant}, **merged}
+    results: Dict[str, Dict[str, float]] = {}
+    for label, path in models.items():
+        click.echo(f"== dev loss: {label}")
+        losses = _dev_losses(path, pool, relevant, 16 if tiny else 12, settings["max_length"] * 2)
+        results[label] = {f"{t} loss": v for t, v in losses.items()}
+        results[label]["mean loss"] = sum(losses.values()) / len(losses)
+    columns = [f"{t} loss" for t in relevant] + ["mean loss"]
+
+    if not tiny and not skip_lm_eval:
+        from fwllm.evaluation.runner import evaluate_models
+
+        click.echo(f"== lm-eval suites {suites} (limit {limit})")
+        ev = evaluate_models(list(models.values()), suites=suites.split(","), limit=limit, device=device,
+                             out_dir=os.path.join(out_dir, "lm_eval"))
+        labels = {os.path.abspath(p): lab for lab, p in models.items()}
+        for entry in ev["models"].values():
+            label = labels.get(os.path.abspath(entry["path"]))
+            for task, score in entry["tasks"].items():
+                results[label][task] = score["score"]
+                if task not in columns:
+                    columns.append(task)
+
+    table = _table(results, columns)
+    summary = {"profile": profile, "pool": pool.root, "experts": [e.name for e in pool.experts],
+               "relevant_tasks": relevant, "settings": settings, "results": results,
+               "seconds": time.time() - start}
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as fp:
+        json.dump(summary, fp, indent=2)
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fp:
+        fp.write(f"# fwllm demo ({profile})\n\nPool: {len(pool.experts)} experts "
+                 f"({len(relevant)} relevant). Dev losses: lower is better; lm-eval scores x100.\n\n{table}\n")
+    click.echo("\n" + table)
+    click.echo(f"\nwritten to {os.path.abspath(out_dir)} ({summary['seconds'] / 60:.1f} min)")
+    return summary
+
+
+@click.command("demo")
+@click.option("--profile", type=click.Choice(["smol", "tiny"]), default="smol", show_default=True,
+              help="smol: real SmolLM2-135M LoRA experts; tiny: seconds-sized synthetic experts.")
+@click.option("--out", "out_dir", default="runs/demo", show_default=True)
+@click.option("--root", default=None, help="Expert cache folder (default $FWLLM_CACHE or ~/.cache/fwllm).")
+@click.option("--limit", default=20, show_default=True, help="lm-eval documents per task.")
+@click.option("--suites", default="pubmedqa,glue", show_default=True)
+@click.option("--iterations", default=8, show_default=True, help="FW iterations.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--skip-lm-eval", is_flag=True, help="Only the dev-loss columns.")
+def demo_command(profile, out_dir, root, limit, suites, iterations, device, skip_lm_eval):
+    """Build experts, merge them (TA, TIES, FW-Merging), evaluate, print one table."""
+    try:
+        run_demo(profile, out_dir, root, limit, suites, iterations, device, skip_lm_eval=skip_lm_eval)
+    except FwllmError as err:
+        raise click.ClickException(str(err)) from None

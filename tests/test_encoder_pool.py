@@ -1,0 +1,103 @@
+"""Encoder pools: the body is merged, each task keeps its own expert's head."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl, write_recipe
+from fwllm.heads import load_heads
+from fwllm.merge_cli import run_fwllm_merge
+from mergekit.options import MergeOptions
+
+WORDS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + [f"w{i}" for i in range(20)]
+
+
+def roberta_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
+def rows(task, n, seed):
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [r.randint(0, 19) for _ in range(6)]
+        label = int(ids[0] >= 10) if task == "first_high" else sum(ids) % 3
+        out.append({"sentence": " ".join(f"w{i}" for i in ids), "label": label})
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder_pool(tmp_path_factory):
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    from fwllm.calibration import CLASSIFICATION, CalibrationTask
+    from fwllm.objectives import encode_tasks
+
+    root, tok = tmp_path_factory.mktemp("enc"), roberta_tokenizer()
+    cfg = RobertaConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=20, pad_token_id=1)
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    (root / "calib").mkdir()
+    experts = {}
+    for task, labels in (("first_high", 2), ("sum_mod3", 3)):
+        write_jsonl(root / "calib" / f"{task}.jsonl", rows(task, 24, 1))
+        torch.manual_seed(1)
+        model = RobertaForSequenceClassification.from_pretrained(root / "base", num_labels=labels)
+        obj = encode_tasks([CalibrationTask(task, CLASSIFICATION, rows(task, 64, 2), ["sentence"])], tok, model)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(30):
+            opt.zero_grad()
+            obj.backward(model)
+            opt.step()
+        model.save_pretrained(root / task)
+        tok.save_pretrained(root / task)
+        experts[task] = root / task
+    return root, experts
+
+
+def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool):
+    from transformers import RobertaForSequenceClassification
+
+    root, experts = encoder_pool
+    recipe = write_recipe(tmp_path / "enc.yml", "fw_merging", root / "base", list(experts.values()),
+                          {"calibration": str(root / "calib"), "iterations": 4, "scaling": 1.0, "step_size": 0.5},
+                          per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
+    out = tmp_path / "merged"
+    run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))
+
+    heads = load_heads(str(out))
+    assert set(heads) == {"first_high", "sum_mod3"}
+    for task, path in experts.items():
+        expert = load_file(path / "model.safetensors")
+        for name, tensor in heads[task].tensors.items():
+            assert torch.equal(tensor, expert[name]), (task, name)
+    assert heads["sum_mod3"].num_labels == 3
+
+    model = RobertaForSequenceClassification.from_pretrained(out)  # loads as a normal checkpoint
+    assert model.config.num_labels == 2
+    merged = load_file(out / "model.safetensors")
+    first = load_file(experts["first_high"] / "model.safetensors")
+    assert torch.equal(merged["classifier.out_proj.weight"], first["classifier.out_proj.weight"])
+
+    # the body is base + sum_i c_i tau_i with the plan's coefficients
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+    base = load_file(root / "base" / "model.safetensors")
+    cands = [load_file(p / "model.safetensors") for p in experts.values()]
+    name = "roberta.encoder.layer.0.attention.self.query.weight"
+    expected = base[name] + sum(c * (cand[name] - base[name]) for c, cand in zip(plan["coefficients"][name], cands))
+    assert torch.allclose(merged[name], expected, atol=1e-6)
+    assert not any(k.startswith("lm_head") for k in merged)
+    assert plan["objective"]["final"] < plan["objective"]["initial"]
