@@ -16,6 +16,7 @@ from mergekit.options import MergeOptions, add_merge_options
 
 from fwllm.encoder_pool import classifier_arch, register_body_architecture, with_body_architecture
 from fwllm.errors import FwllmError
+from fwllm.paths import cache_root
 
 PLAN_SUBDIR = "fwllm_plan"
 
@@ -33,6 +34,9 @@ def run_fwllm_merge(recipe_path: str, out_dir: str, options: MergeOptions, force
     recipe = load_recipe(recipe_path)
     config = recipe.config
     encoder_arch = None
+    if options.lora_merge_cache is None and any(ref.lora for ref in config.referenced_models()):
+        # mergekit refuses BASE+ADAPTER references without a folder for the merged copies
+        options = options.model_copy(update={"lora_merge_cache": os.path.join(cache_root(), "lora_merged")})
     with staged_output(out_dir, force=force) as staging:
         if recipe.method is not None:
             job = merge_job(recipe, os.path.join(staging, PLAN_SUBDIR), options.device or "cpu", not options.quiet)

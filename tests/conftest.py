@@ -49,8 +49,9 @@ def finetune(model, tokenizer, rows, steps=40, lr=3e-3):
     from fwllm.calibration import CAUSAL, CalibrationTask
     from fwllm.objectives import encode_tasks
 
-    objective = encode_tasks([CalibrationTask("t", CAUSAL, rows)], tokenizer, model)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
+    objective = encode_tasks([CalibrationTask("t", CAUSAL, rows)], tokenizer, inner)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         objective.backward(model)
