@@ -28,7 +28,7 @@ def resolve_model_path(path: str, revision: Optional[str] = None) -> str:
     """A local folder for `path`: itself, or its Hugging Face snapshot (cache first when offline)."""
     if os.path.isdir(path):
         return os.path.abspath(path)
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # Hub ids: "name" or "org/name"
         raise FwllmError(f"model folder not found: {path}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HfHubHTTPError

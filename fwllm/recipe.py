@@ -77,6 +77,18 @@ def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
     return raw
 
 
+def _localise_files(params: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
+    """`calibration` and `plan` paths: as given from the CWD, else relative to the recipe file."""
+    params = dict(params)
+    for key in ("calibration", "plan"):
+        value = params.get(key)
+        if isinstance(value, str) and not os.path.exists(value):
+            beside = os.path.join(recipe_dir, value)
+            if os.path.exists(beside) or key == "plan":
+                params[key] = os.path.abspath(beside if os.path.exists(beside) else value)
+    return params
+
+
 def load_recipe(path: str) -> Recipe:
     from mergekit.config import MergeConfiguration
 
@@ -92,8 +104,10 @@ def load_recipe(path: str) -> Recipe:
     if name not in methods:
         raise FwllmError(f"unknown merge_method {name!r}; available: {', '.join(methods)}")
     method = data_methods().get(name)
-    local = _localise(raw, os.path.dirname(os.path.abspath(path)))
+    recipe_dir = os.path.dirname(os.path.abspath(path))
+    local = _localise(raw, recipe_dir)
     if method is not None:
+        local["parameters"] = _localise_files(local.get("parameters") or {}, recipe_dir)
         method.validate_params(local.get("parameters") or {})
         known = set(method.per_model)
         for entry in local["models"]:
