@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 import os
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal
 
 import torch
 import yaml

@@ -116,7 +116,7 @@ class TensorReader:
 def read_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
-        raise FwllmError(f"{model_dir} has no config.json")
+        raise FwllmError(f"{model_dir} has no config.json; not a transformers model folder")
     with open(path, encoding="utf-8") as fp:
         return json.load(fp)
 

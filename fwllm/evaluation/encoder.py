@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from fwllm.errors import FwllmError
+from fwllm.model_io import read_config
 from fwllm.evaluation import metrics
 from fwllm.evaluation.tasks import GLUE_TASKS, data_root
 
@@ -32,14 +33,6 @@ def is_encoder_dir(model_dir: str) -> bool:
     """True when the folder's config names a sequence-classification architecture."""
     config = read_config(model_dir)
     return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
-
-
-def read_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FwllmError(f"{model_dir} has no config.json; not a transformers model folder")
-    with open(path, encoding="utf-8") as fp:
-        return json.load(fp)
 
 
 def load_task_info(root: Optional[Path] = None) -> Dict[str, dict]:

@@ -1,0 +1,61 @@
+"""How often does the sketched LMO pick the same vertex as the exact one?
+
+Takes a base, candidates and calibration data; computes the gradient of the calibration
+objective at the base once, then per weight tensor compares the vertex chosen from exact
+inner products <g, tau_i> with the one chosen from sketches at several ratios. Also
+reports the relative error of the winning inner product. Prints a table.
+
+    python eval/lmo_agreement.py --base BASE --candidates C1 C2 ... --calibration FILE_OR_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fwllm.calibration import load_calibration
+from fwllm.model_io import load_model, load_tokenizer, open_candidate
+from fwllm.objectives import encode_tasks
+from fwllm.oracle import CountSketch, choose_vertex
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--candidates", nargs="+", required=True)
+    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--max-rows", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=128)
+    args = ap.parse_args(argv)
+
+    model, tok = load_model(args.base), load_tokenizer(args.base)
+    encode_tasks(load_calibration(args.calibration, args.max_rows), tok, model, args.max_length, 4).backward(model)
+    cands = [open_candidate(c) for c in args.candidates]
+    sketches = {r: CountSketch(r) for r in args.ratios}
+    agree = {r: 0 for r in args.ratios}
+    total = exact_base = 0
+    for name, p in model.named_parameters():
+        if p.grad is None or p.numel() <= 4096:
+            continue  # small tensors are kept exactly: agreement is 1 by construction
+        base = p.detach().float()
+        g = p.grad.float()
+        taus = [c.task_vector(name, base) for c in cands]
+        exact = torch.stack([torch.sum(g * t) for t in taus])
+        choice = choose_vertex(exact)
+        exact_base += int(choice == -1)
+        for r, sk in sketches.items():
+            sg = sk(name, g)
+            approx = torch.stack([torch.dot(sg, sk(name, t)) for t in taus])
+            agree[r] += int(choose_vertex(approx) == choice)
+        total += 1
+    print(f"{total} sketched tensors, {len(cands)} candidates; exact LMO picks the base in {exact_base}")
+    print("| sketch ratio | LMO agreement with exact |")
+    print("|---|---|")
+    for r in args.ratios:
+        print(f"| {r:g} | {agree[r] / max(total, 1):.1%} |")
+
+
+if __name__ == "__main__":
+    main()
