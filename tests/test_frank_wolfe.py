@@ -167,3 +167,23 @@ def test_resident_candidate_tensors_do_not_grow_with_pool_size(tmp_path, tiny_po
         merge(tmp_path, f"res{n}", "fw_merging", tiny_pool, noise_experts[:n], fw_params(tiny_pool, iterations=2))
         peaks[n] = RESIDENT.peak
     assert peaks[8] == peaks[1] <= 2, peaks
+
+
+def test_model_granularity_picks_one_vertex_for_all_blocks(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    out = merge(tmp_path, "gm", "fw_merging", tiny_pool, [e["copy"], e["rev"], e["noise"]],
+                fw_params(tiny_pool, granularity="model", iterations=3))
+    trace = json.loads((out / "fwllm_plan" / "trace.json").read_text())["trace"]
+    for step in trace:
+        assert len({tuple(c) for c in step["chosen"].values()}) == 1
+
+
+def test_soft_mixes_are_on_the_simplex(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    out = merge(tmp_path, "soft", "fw_merging", tiny_pool, [e["copy"], e["rev"], e["noise"]],
+                fw_params(tiny_pool, variant="soft", top_k=2, iterations=3))
+    trace = json.loads((out / "fwllm_plan" / "trace.json").read_text())["trace"]
+    mixes = [m for step in trace for m in step["mix"].values()]
+    assert mixes and any(len(m) == 2 for m in mixes)
+    for m in mixes:
+        assert min(m) >= 0 and abs(sum(m) - 1) < 1e-5
