@@ -36,6 +36,14 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="fwllm")
 def main():
     """Data-informed model merging (FW-Merging, Fisher, RegMean, AdaMerging) for mergekit users."""
+    import os
+
+    if not os.environ.get("FWLLM_VERBOSE"):
+        # transformers' per-load reports and bars drown fwllm's own progress bars
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":
