@@ -61,7 +61,8 @@ class Atom:
         gen = None
         if self.method.startswith("dare"):
             gen = torch.Generator().manual_seed(zlib.crc32(f"{s.seed}/{name}/{self.tag}".encode()))
-        return s.scaling * combine(self.method, [tau(i) for i in self.members], self.mix, s.density, s.drop_rate, gen)
+        taus = (tau(i) for i in self.members)  # lazily: task arithmetic never holds more than one
+        return s.scaling * combine(self.method, taus, self.mix, s.density, s.drop_rate, gen)
 
 
 @dataclass
@@ -180,6 +181,15 @@ class FrankWolfe:
             return {name: choose_top_k(s, k) for name, s in scores.items()}
         return {name: [i for i in [choose_vertex(s)] if i >= 0] for name, s in scores.items()}
 
+    def _materialise(self, atoms: Dict[str, List[Atom]]) -> None:
+        """Put the selected iterate into the model, streaming one tensor at a time."""
+        for name in tqdm(self.blocks, desc="fw: restoring best iterate", disable=not self.progress):
+            self._set_block(name, self.base[name] + block_delta(atoms[name], name, self.tau(name), self.s, self.base[name]))
+
+    def merged_state(self) -> Dict[str, torch.Tensor]:
+        """The merged blocks as they stand in the model (after `run`: the selected iterate)."""
+        return {n: p.detach().to("cpu", torch.float32) for n, p in self.params.items()}
+
     def run(self) -> FWResult:
         start = time.time()
         atoms = self.read_candidates()
@@ -218,5 +228,11 @@ class FrankWolfe:
         selected = self.s.iterations
         if best[0] < final:
             final, selected, atoms = best
+            self._materialise(atoms)
+        for name in self.blocks:
+            # never left the base, or no candidate changes it: write the base exactly,
+            # not the rounded (1 - gamma) x + gamma x of the loop
+            if not atoms[name] or not self.tau_sketch[name].any():
+                self._set_block(name, self.base[name])
         read = sum(c.bytes_read for c in self.candidates)
         return FWResult(atoms, trace, final, selected, read, time.time() - start)

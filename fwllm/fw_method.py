@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Literal
 
 import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fwllm.calibration import load_calibration
 from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_complete, register_data_method
@@ -33,6 +35,7 @@ from fwllm.model_io import (
 from fwllm.objectives import CLASSIFIER_MODEL, architecture_kind, check_rows_fit, encode_tasks, head_attribute, model_kind
 
 LOG = logging.getLogger(__name__)
+MERGED_FILE = "merged.safetensors"
 
 
 class FWParams(MethodParams):
@@ -152,7 +155,8 @@ class FWMerging(DataMethod):
         blocks = [n for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
         for n, prm in model.named_parameters():
             prm.requires_grad_(n in blocks)
-        result = FrankWolfe(model, objective, candidates, blocks, p.settings(), job.progress).run()
+        fw = FrankWolfe(model, objective, candidates, blocks, p.settings(), job.progress)
+        result = fw.run()
 
         os.makedirs(job.plan_dir, exist_ok=True)
         labels = [c.label for c in job.candidates]
@@ -179,6 +183,9 @@ class FWMerging(DataMethod):
                 fp.write(_reproduce_recipe(job.base, labels, plan["coefficients"], "float32"))
         if heads:
             save_heads(job.plan_dir, heads)
+        # The solve ends holding the merged blocks: keep them, so executing the plan needs no
+        # second pass over the candidates (fwllm merge hands mergekit a base-only graph).
+        save_file({n: t.contiguous() for n, t in fw.merged_state().items()}, os.path.join(job.plan_dir, MERGED_FILE))
         mark_plan_complete(job.plan_dir)
 
     def load_plan(self, plan_dir: str) -> Any:
@@ -188,10 +195,15 @@ class FWMerging(DataMethod):
         with open(path, encoding="utf-8") as fp:
             plan = json.load(fp)
         plan["_atoms"] = {n: [Atom(**a) for a in atoms] for n, atoms in plan["atoms"].items()}
+        merged = os.path.join(plan_dir, MERGED_FILE)
+        plan["_merged"] = merged if os.path.isfile(merged) else None
         plan["_settings"] = FWParams(**plan["settings"]).settings()
         return plan
 
     def merge_tensor(self, plan, name, base, candidates, per_model) -> torch.Tensor:
+        if plan.get("_merged") and name in plan["_atoms"]:
+            with safe_open(plan["_merged"], framework="pt") as fp:
+                return fp.get_tensor(name).clone()
         labels = plan["candidates"]
         missing = [lab for lab in labels if lab not in candidates]
         if name in plan["_atoms"]:

@@ -8,7 +8,7 @@ solve exactly (DARE draws its masks from a generator seeded by the plan).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -53,9 +53,19 @@ def task_arithmetic(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return (deltas * w).sum(0)
 
 
+def weighted_sum(deltas: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_j w_j tau_j, consuming one task vector at a time (memory does not grow with N)."""
+    total = None
+    for w, d in zip(weights, deltas):
+        total = d.float() * w if total is None else total.add_(d.float(), alpha=w)
+    if total is None:
+        raise ValueError("weighted_sum of no task vectors")
+    return total
+
+
 def combine(
     method: str,
-    deltas: Sequence[torch.Tensor],
+    deltas: Iterable[torch.Tensor],
     weights: Sequence[float],
     density: float = 1.0,
     drop_rate: float = 0.0,
@@ -71,12 +81,14 @@ def combine(
     """
     if method not in LOCAL_MERGES:
         raise ValueError(f"unknown local merge {method!r}; choose from {LOCAL_MERGES}")
+    if method == "task_arithmetic":
+        return weighted_sum(deltas, weights)
     w = torch.tensor(list(weights), dtype=torch.float32)
     if method in ("dare_ties", "dare_linear"):
         deltas = [dare(d, drop_rate, generator) for d in deltas]
     elif method == "ties":
         deltas = [trim(d, density) for d in deltas]
     stacked = torch.stack(list(deltas))
-    if method in ("task_arithmetic", "dare_linear"):
+    if method == "dare_linear":
         return task_arithmetic(stacked, w)
     return disjoint_merge(stacked, w)

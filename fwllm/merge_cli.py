@@ -49,10 +49,16 @@ def run_fwllm_merge(recipe_path: str, out_dir: str, options: MergeOptions, force
                 if user_plan:
                     shutil.copytree(job.plan_dir, user_plan, dirs_exist_ok=True)
             forget_plans()
-            install_plan(job.plan_dir, recipe.method.load_plan(job.plan_dir))
+            plan = recipe.method.load_plan(job.plan_dir)
+            install_plan(job.plan_dir, plan)
             params = dict(config.parameters or {})
             params["plan"] = job.plan_dir
-            config = config.model_copy(update={"parameters": params})
+            update = {"parameters": params}
+            if isinstance(plan, dict) and plan.get("_merged"):
+                # the plan already holds the merged tensors: mergekit needs no candidate inputs
+                update["models"] = [m for m in config.models if m.model == config.base_model] or [
+                    type(config.models[0])(model=config.base_model)]
+            config = config.model_copy(update=update)
             encoder_arch = classifier_arch([c.model for c in job.candidates if not c.lora and os.path.isdir(c.model)])
             if encoder_arch:
                 config = with_body_architecture(config, register_body_architecture(encoder_arch))

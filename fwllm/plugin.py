@@ -62,7 +62,7 @@ class MergekitAdapter(mk.GroupMergeMethod):
             pretty_name=method.pretty_name,
             reference_url=method.reference_url,
             parameters=tuple(shared + per_model),
-            contract=mk.InputContract(base=mk.BasePolicy.REQUIRED, min_non_base=1),
+            contract=mk.InputContract(base=mk.BasePolicy.REQUIRED, min_non_base=0),
             optional_tensor_policy=mk.OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
         )
 

@@ -2,76 +2,66 @@
 
 from __future__ import annotations
 
-import itertools
-from typing import Dict, List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from fwllm.calibration import CalibrationTask
-from fwllm.objectives import batch_loss_sum, encode_task
+from fwllm.experts.rows import CAUSAL, Batch, loss_sum, make_batches
 
 
-def mlm_batches(rows: List[dict], tokenizer, batch_size: int, max_length: int, seed: int, p: float = 0.15) -> List[Dict[str, torch.Tensor]]:
-    """Masked-LM batches with a fixed (seeded) 15% mask, so training is reproducible."""
-    g = torch.Generator().manual_seed(seed)
-    special = set(tokenizer.all_special_ids)
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        enc = tokenizer([r["text"] for r in rows[start:start + batch_size]], truncation=True,
-                        max_length=max_length, padding=True, return_tensors="pt")
-        ids = enc["input_ids"].clone()
-        maskable = enc["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(sorted(special)))
-        chosen = (torch.rand(ids.shape, generator=g) < p) & maskable
-        chosen[:, 1] |= maskable[:, 1] & ~chosen.any(1)  # at least one target per row
-        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-        ids[chosen] = tokenizer.mask_token_id
-        batches.append({"input_ids": ids, "attention_mask": enc["attention_mask"], "labels": labels})
-    return batches
+def _to(batch: Batch, device: str) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def _mlm_loss(model, batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             batch["labels"].reshape(-1), ignore_index=-100)
+def train(model, tokenizer, rows: Sequence[dict], kind: str, steps: int, lr: float, batch_size: int = 16,
+          max_length: int = 128, text_fields: Sequence[str] = (), seed: int = 0, device: str = "cpu",
+          desc: str = "train", progress: bool = True) -> List[float]:
+    """AdamW on the task's own loss for `steps` batches (cycling the rows); returns the losses.
 
-
-def train(model, tokenizer, task: CalibrationTask, steps: int, lr: float, batch_size: int = 16,
-          max_length: int = 128, seed: int = 0, device: str = "cpu", desc: Optional[str] = None,
-          progress: bool = True, mlm: bool = False) -> float:
-    """Adam on the task's own loss (response CE, CE/MSE on labels, or MLM); returns the last loss."""
-    torch.manual_seed(seed)
+    Rows are shuffled once with `seed` and batches are built up front, so the same seed
+    replays the same updates bit for bit.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    batches = make_batches([rows[i] for i in order], tokenizer, kind, batch_size, max_length, text_fields, seed)
+    torch.manual_seed(seed)  # dropout (RoBERTa) and anything else drawing from the global generator
     model.to(device).train()
-    if mlm:
-        batches = mlm_batches(task.rows, tokenizer, batch_size, max_length, seed)
-    else:
-        batches = encode_task(task, tokenizer, max_length, batch_size).batches
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    last = float("nan")
-    cycle = itertools.cycle(batches)
-    for _ in tqdm(range(steps), desc=desc or f"train {task.name}", disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in next(cycle).items()}
-        if mlm:
-            loss = _mlm_loss(model, batch)
-        else:
-            denom = max(int((batch["labels"][:, 1:] != -100).sum()), 1) if task.kind == "causal_lm" else len(batch["labels"])
-            loss = batch_loss_sum(model, task.kind, batch) / denom
+    # short runs: warm up briefly then decay linearly, so the last steps settle rather than bounce
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.05, (steps - s) / (steps - warm + 1))))
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        total, units = loss_sum(model, kind, _to(batches[step % len(batches)], device))
+        loss = total / max(units, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        last = loss.item()
+        sched.step()
+        losses.append(loss.item())
+        if progress:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
-    return last
+    return losses
 
 
 @torch.no_grad()
-def dev_loss(model, tokenizer, task: CalibrationTask, max_length: int = 128, mlm: bool = False, seed: int = 1) -> float:
-    """Mean loss on held-out rows (the quantity the tests compare between base and expert)."""
+def dev_loss(model, tokenizer, rows: Sequence[dict], kind: str, text_fields: Sequence[str] = (),
+             max_length: int = 128, batch_size: int = 16, device: Optional[str] = None, seed: int = 1) -> float:
+    """Mean held-out loss per unit: response token (causal), masked token (MLM) or row."""
     model.eval()
-    if mlm:
-        batches = mlm_batches(task.rows, tokenizer, 32, max_length, seed)
-        return sum(_mlm_loss(model, b).item() for b in batches) / len(batches)
-    enc = encode_task(task, tokenizer, max_length, 16)
-    return sum(batch_loss_sum(model, task.kind, b).item() for b in enc.batches) / enc.units
+    device = device or str(next(model.parameters()).device)
+    total, units = 0.0, 0
+    for batch in make_batches(list(rows), tokenizer, kind, batch_size, max_length, text_fields, seed):
+        s, n = loss_sum(model, kind, _to(batch, device))
+        total, units = total + s.item(), units + n
+    return total / max(units, 1)
+
+
+def causal_lm_loss(model, tokenizer, rows: Sequence[dict], max_length: int = 256) -> float:
+    """Mean cross-entropy on response tokens of `{"prompt", "response"}` rows."""
+    return dev_loss(model, tokenizer, rows, CAUSAL, max_length=max_length)
