@@ -25,7 +25,8 @@ The Fisher, per example x, averaged over the task's examples:
   observed label / response tokens (one backward pass per example; needs labels, or
   text rows on a causal LM).
 
-Squares are always of one example's gradients, never of a summed batch gradient.
+Squares are always of one example's gradients, never of a summed batch gradient, so rows
+run one at a time (the shared `batch_size` parameter is not used).
 
 The merge is over the non-base models; the recipe's base_model is only the model
 mergekit compares against. Tensors outside the Fisher: head tensors (task specific) are
@@ -185,7 +186,7 @@ class FisherMerging(DataMethod):
         # only what changes the Fishers keys the cache; merge-time settings (epsilon, weights) do not
         settings = {k: v for k, v in p.model_dump().items() if k in ("fisher", "top_k", "max_length", "seed")}
         records, heads = solve_per_candidate(
-            job, "fisher", settings, lambda model, task, tok: candidate_fisher(model, task, tok, p))
+            job, "fisher", settings, lambda model, task, tok: candidate_fisher(model, task, tok, p), what="Fisher")
         plan = {
             "method": self.name,
             "base": job.base,
@@ -222,12 +223,13 @@ class FisherMerging(DataMethod):
             raise FwllmError(f"fisher: the plan was solved for {labels}; the recipe gives {sorted(candidates)}")
         weights = weights_of(self.name, labels, per_model)
         thetas = [candidates[lab] for lab in labels]
-        fishers = [read_stat(f, name) for f in plan["_files"]]
+        fishers = [read_stat(f, name) for f in plan["_files"]]  # this tensor's only: N small reads
         if any(f is None for f in fishers):
             return weighted_average(thetas, weights)  # not a parameter the Fisher covers
         p: FisherParams = plan["_params"]
         for lab, f in zip(labels, fishers):
             check_finite(f"Fisher of candidate {lab}", name, f)
+        fishers = [f.to(base.device) for f in fishers]
         if p.normalize_fisher:
             means = [c["meta"]["mean"] or 1.0 for c in plan["candidates"]]
             fishers = [f / m for f, m in zip(fishers, means)]

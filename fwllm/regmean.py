@@ -41,7 +41,9 @@ from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_com
 from fwllm.errors import FwllmError
 from fwllm.heads import is_head_tensor, save_heads
 from fwllm.objectives import encode_task
-from fwllm.stats_io import check_finite, has_stat, head_or_base, read_stat, solve_per_candidate, weighted_average, weights_of
+from fwllm.stats_io import (
+    check_finite, has_stat, head_or_base, read_stat, solve_per_candidate, weighted_average, weights_of,
+)
 
 LOG = logging.getLogger(__name__)
 # A Cholesky pivot below this fraction of the largest diagonal entry counts as singular.
@@ -167,7 +169,7 @@ class RegMean(DataMethod):
             raise FwllmError("regmean: ridge must be >= 0")
         settings = {k: v for k, v in p.model_dump().items() if k in ("max_length", "batch_size")}
         records, heads = solve_per_candidate(
-            job, "gram", settings, lambda model, task, tok: candidate_grams(model, task, tok, p))
+            job, "gram", settings, lambda model, task, tok: candidate_grams(model, task, tok, p), what="Gram")
         plan = {
             "method": self.name,
             "base": job.base,
@@ -213,7 +215,7 @@ class RegMean(DataMethod):
                 if gram is None:
                     raise FwllmError(f"regmean: candidate {lab} has no Gram for {name} (plan from another model?)")
                 check_finite(f"Gram of candidate {lab}", name, gram)
-                yield candidates[lab], gram, c
+                yield candidates[lab], gram.to(candidates[lab].device), c
 
         p: RegMeanParams = plan["_params"]
         merged, lam = regmean_merge(layers(), p.alpha, p.ridge)

@@ -126,8 +126,8 @@ def candidate_task(method: str, spec: CandidateSpec, tasks: Sequence[Calibration
 def candidate_architecture(spec: CandidateSpec, base_dir: str) -> str:
     """The class the candidate loads as (adapters take their model's class)."""
     path = resolve_model_path(spec.model)
-    if spec.lora or is_adapter_dir(path):
-        path = base_dir if is_adapter_dir(path) else path
+    if is_adapter_dir(path):
+        path = base_dir
     return (read_config(path).get("architectures") or ["?"])[0]
 
 
@@ -191,9 +191,11 @@ ComputeFn = Callable[[torch.nn.Module, CalibrationTask, object], Tuple[Dict[str,
 
 
 def solve_per_candidate(
-    job: MergeJob, kind: str, settings: dict, compute: ComputeFn,
+    job: MergeJob, kind: str, settings: dict, compute: ComputeFn, what: str = "",
 ) -> Tuple[List[CandidateStats], Dict[str, TaskHead]]:
     """Run `compute` for each candidate in turn; write `<plan>/<kind>/<i>.safetensors`.
+
+    `settings` are whatever changes the statistic (they key the cache); `what` names it in errors.
 
     Every input problem (missing task, rows the model cannot score) is reported before
     any weights are loaded. Returns each candidate's record and the per-task heads of
@@ -229,7 +231,7 @@ def solve_per_candidate(
             model = load_candidate_model(spec, base_dir, job.device)
             tensors, meta = compute(model, task, tokenizer)
             for name, t in tensors.items():
-                check_finite(f"{kind} of candidate {spec.label}", name, t)
+                check_finite(f"{what or kind} of candidate {spec.label}", name, t)
             save_stats(cached_file, tensors)
             del tensors
             with open(meta_file, "w", encoding="utf-8") as fp:

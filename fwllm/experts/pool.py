@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from fwllm.errors import FwllmError
-from fwllm.paths import cache_root
 
 MANIFEST = "manifest.json"
 
@@ -72,6 +71,7 @@ class ExpertPool:
 
     @classmethod
     def load(cls, root: str) -> "ExpertPool":
+        root = os.path.abspath(root)
         path = os.path.join(root, MANIFEST)
         if not os.path.isfile(path):
             raise FwllmError(f"{root} is not a finished expert pool (no {MANIFEST})")
@@ -84,6 +84,10 @@ class ExpertPool:
             tasks={n: TaskData(**dict(t, calibration=ab(t["calibration"]), dev=ab(t["dev"]))) for n, t in data["tasks"].items()},
             seed=data.get("seed", 0), build_seconds=data.get("build_seconds", 0.0),
         )
+
+
+def cache_root() -> str:
+    return os.environ.get("FWLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fwllm")
 
 
 def pool_folder(profile: str, family: str, root: Optional[str] = None) -> str:
@@ -106,14 +110,10 @@ def build_cached(folder: str, seed: int, force: bool, build: Callable[[str], Exp
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.rename(staging, folder)
+        shutil.rmtree(folder)  # a pool for another seed, or --force
+    try:
+        os.rename(staging, folder)
+    except OSError:  # a concurrent build of the same pool finished first: keep that one
+        shutil.rmtree(staging, ignore_errors=True)
     return ExpertPool.load(folder)
 
-
-def write_rows(path: str, rows: List[dict]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fp:
-        for row in rows:
-            fp.write(json.dumps(row) + "\n")
-    return path

@@ -22,6 +22,8 @@ def train(model, tokenizer, rows: Sequence[dict], kind: str, steps: int, lr: flo
     Rows are shuffled once with `seed` and batches are built up front, so the same seed
     replays the same updates bit for bit.
     """
+    if steps <= 0:
+        return []
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=gen).tolist()
     batches = make_batches([rows[i] for i in order], tokenizer, kind, batch_size, max_length, text_fields, seed)

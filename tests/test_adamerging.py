@@ -1,0 +1,201 @@
+"""Layer-wise AdaMerging: exact coefficient gradients, entropy going down, and a plain-mergekit twin."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+import yaml
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+
+from conftest import WORDS, task_rows, tiny_tokenizer, write_jsonl, write_recipe
+from fwllm.adamerging import (
+    AdaMerging, AdaMergingParams, _reproducible, coefficient_gradient, entropy_backward, entropy_sum, merged_tensor,
+)
+from fwllm.calibration import load_calibration
+from fwllm.data_methods import CandidateSpec, MergeJob
+from fwllm.errors import FwllmError
+from fwllm.merge_cli import run_fwllm_merge
+from fwllm.model_io import load_model, load_tokenizer, open_candidate
+from fwllm.objectives import encode_task
+
+OPTS = MergeOptions(quiet=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tensors(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, one_thread):
+    """A tiny LLaMA base and three candidates perturbed from it; copy/rev calibration rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root, tok = tmp_path_factory.mktemp("ada_pool"), tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    (root / "calib").mkdir()
+    for i, task in enumerate(("copy", "rev")):
+        write_jsonl(root / "calib" / f"{task}.jsonl", task_rows(task, 8, seed=i))
+    models = []
+    for i in range(3):
+        model = LlamaForCausalLM.from_pretrained(root / "base")
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(0.3 * prm.std() * torch.randn_like(prm))
+        model.save_pretrained(root / f"m{i}")
+        models.append(root / f"m{i}")
+    return {"root": root, "base": root / "base", "calib": root / "calib", "models": models}
+
+
+def test_coefficient_gradient_equals_autograd_through_functional_call(pool):
+    from torch.func import functional_call
+
+    model, tok = load_model(str(pool["base"])), load_tokenizer(str(pool["base"]))
+    tasks = [encode_task(t, tok, batch_size=3) for t in load_calibration(str(pool["calib"]))]
+    params = dict(model.named_parameters())
+    names = list(params)
+    theta0 = [params[n].detach().clone() for n in names]
+    cands = [open_candidate(str(m)) for m in pool["models"]]
+    taus = [torch.stack([c.task_vector(n, t0) for c in cands]) for n, t0 in zip(names, theta0)]
+    lambdas = torch.rand(len(names), len(cands), generator=torch.Generator().manual_seed(0))
+
+    # independent truth: differentiate through theta(lambda) itself
+    lam = lambdas.clone().requires_grad_(True)
+    total = 0.0
+    for task in tasks:
+        for batch in task.batches:
+            theta = {n: merged_tensor(t0, tau, lam[i]) for i, (n, t0, tau) in enumerate(zip(names, theta0, taus))}
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = functional_call(model, theta, args=(), kwargs=inputs).logits
+            total = total + entropy_sum(logits, task.kind, batch) / (task.units * len(tasks))
+    total.backward()
+
+    # the method: theta(lambda) written into the model, weight gradients contracted with the taus
+    with torch.no_grad():
+        for i, (n, t0, tau) in enumerate(zip(names, theta0, taus)):
+            params[n].copy_(merged_tensor(t0, tau, lambdas[i]))
+    model.zero_grad()
+    value = entropy_backward(model, tasks)
+    got = coefficient_gradient([params[n].grad for n in names], taus)
+    assert value == pytest.approx(total.item(), rel=1e-5)
+    assert torch.allclose(got, lam.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_entropy_decreases_and_the_reproduce_recipe_gives_the_same_tensors(tmp_path, pool, monkeypatch):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    recipe = write_recipe(tmp_path / "ada.yml", "adamerging", pool["base"], pool["models"],
+                          {"calibration": str(pool["calib"]), "steps": 6, "lr": 0.05})
+    out = tmp_path / "ada"
+    run_fwllm_merge(str(recipe), str(out), OPTS)
+    plan_dir = out / "fwllm_plan"
+    for f in ("plan.json", "coefficients.json", "trace.json", "reproduce.yml", "DONE"):
+        assert (plan_dir / f).exists(), f
+
+    entropy = json.loads((plan_dir / "trace.json").read_text())["entropy"]
+    assert len(entropy) == 7
+    assert all(b < a for a, b in zip(entropy, entropy[1:])), entropy
+
+    coefficients = json.loads((plan_dir / "coefficients.json").read_text())["coefficients"]
+    base, cands, merged = tensors(pool["base"]), [tensors(m) for m in pool["models"]], tensors(out)
+    assert set(coefficients) == set(base)
+    assert all(0.0 <= c <= 1.0 for cs in coefficients.values() for c in cs)
+    assert len({round(c, 6) for cs in coefficients.values() for c in cs}) > 1  # not one global lambda
+    for name, cs in coefficients.items():
+        expected = base[name] + sum(c * (cand[name] - base[name]) for c, cand in zip(cs, cands))
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+
+    # plain mergekit, task_arithmetic with per-tensor conditional weights, no fwllm involved
+    raw = yaml.safe_load((plan_dir / "reproduce.yml").read_text())
+    assert raw["merge_method"] == "task_arithmetic" and raw["parameters"] == {"normalize": False, "lambda": 1.0}
+    twin = tmp_path / "twin"
+    run_merge(MergeConfiguration.model_validate(raw), str(twin), OPTS)
+    reproduced = tensors(twin)
+    assert reproduced.keys() == merged.keys()
+    for name in merged:
+        assert torch.allclose(reproduced[name], merged[name], atol=1e-6), name
+
+
+def test_substring_names_resolve_to_their_own_filter():
+    coefficients = {"layers.1.w": [0.1], "layers.11.w": [0.2], "x.layers.1.w": [0.3]}
+    assert _reproducible(coefficients, list(coefficients))  # longest first: each hits its own entry
+    # a tensor *without* a coefficient that contains a coefficient's name would pick it up
+    assert not _reproducible(coefficients, [*coefficients, "head.layers.1.w.scale"])
+
+
+def job_for(tmp_path, pool, calib, **params):
+    specs = [CandidateSpec(str(m), str(m), None, {"task": ""}) for m in pool["models"]]
+    p = AdaMergingParams(calibration=str(calib), **params)
+    return MergeJob("adamerging", str(pool["base"]), specs, p, plan_dir=str(tmp_path / "plan"), progress=False)
+
+
+def test_bad_input(tmp_path, pool):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    write_jsonl(calib / "score.jsonl", [{"sentence": "1 2", "label": 0.5}, {"sentence": "3", "label": 1.5}])
+    with pytest.raises(FwllmError, match="no calibration task with a predictive distribution"):
+        AdaMerging().solve(job_for(tmp_path, pool, calib))
+    write_jsonl(calib / "senti.jsonl", [{"sentence": "1 2", "label": 1}, {"sentence": "3", "label": 0}])
+    with pytest.raises(FwllmError, match="classification rows, which a causal model cannot score"):
+        AdaMerging().solve(job_for(tmp_path, pool, calib))
+    with pytest.raises(FwllmError, match="unknown parameter 'lambda_init'"):
+        AdaMerging().validate_params({"lambda_init": 0.3})
+    assert not os.path.exists(tmp_path / "plan" / "DONE")
+
+
+def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    from fwllm.heads import load_heads
+    from test_encoder_pool import WORDS as ENC_WORDS, roberta_tokenizer
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    tok = roberta_tokenizer()
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "calib").mkdir()
+    rng = random.Random(0)
+    experts = []
+    for task, labels in (("two", 2), ("three", 3)):
+        rows = [{"sentence": " ".join(f"w{rng.randint(0, 19)}" for _ in range(5)), "label": rng.randrange(labels)}
+                for _ in range(6)]
+        write_jsonl(tmp_path / "calib" / f"{task}.jsonl", rows)
+        torch.manual_seed(labels)
+        model = RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=labels)
+        with torch.no_grad():
+            for prm in model.roberta.parameters():
+                prm.add_(0.2 * prm.std() * torch.randn_like(prm))
+        model.save_pretrained(tmp_path / task)
+        experts.append(tmp_path / task)
+    recipe = write_recipe(tmp_path / "enc.yml", "adamerging", tmp_path / "base", experts,
+                          {"calibration": str(tmp_path / "calib"), "steps": 3, "lr": 0.05},
+                          per_model=[{"task": "two"}, {"task": "three"}])
+    out = tmp_path / "merged"
+    run_fwllm_merge(str(recipe), str(out), OPTS)
+    assert set(load_heads(str(out))) == {"two", "three"}
+    entropy = json.loads((out / "fwllm_plan" / "trace.json").read_text())["entropy"]
+    assert entropy[-1] < entropy[0]
+    coefficients = json.loads((out / "fwllm_plan" / "coefficients.json").read_text())["coefficients"]
+    assert not any(n.startswith("classifier.") for n in coefficients)
+    RobertaForSequenceClassification.from_pretrained(out)

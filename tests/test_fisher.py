@@ -1,0 +1,383 @@
+"""Fisher merging against independent truth: closed forms, the averaging limit, a win over averaging."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+
+from conftest import WORDS, finetune, task_rows, tiny_tokenizer, write_jsonl, write_recipe
+from fwllm.calibration import load_calibration
+from fwllm.data_methods import CandidateSpec, MergeJob
+from fwllm.errors import FwllmError
+from fwllm.fisher import FisherMerging, FisherParams, add_example_fisher, fisher_merge, gaussian_terms, prediction_terms
+from fwllm.merge_cli import run_fwllm_merge
+from fwllm.model_io import load_model, load_tokenizer
+from fwllm.objectives import encode_tasks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core box: extra threads only add contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tensors(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+# -- pure math --------------------------------------------------------------------------------
+def test_identical_fishers_give_the_weighted_average():
+    torch.manual_seed(0)
+    thetas = [torch.randn(5, 7) for _ in range(3)]
+    weights = [0.5, 1.0, 2.5]
+    average = sum(w * t for w, t in zip(weights, thetas)) / sum(weights)
+    shared = torch.rand(5, 7) + 0.1
+    assert torch.allclose(fisher_merge(thetas, [shared] * 3, weights, 1e-8), average, atol=1e-6)
+    # coordinates no model is sensitive to: the epsilon floor makes them the plain weighted average
+    zeros = [torch.zeros(5, 7)] * 3
+    assert torch.allclose(fisher_merge(thetas, zeros, weights, 1e-8), average, atol=1e-6)
+
+
+def test_fisher_weights_pull_towards_the_sensitive_model():
+    a, b = torch.zeros(4), torch.ones(4)
+    merged = fisher_merge([a, b], [torch.tensor([1.0, 1.0, 9.0, 0.0]), torch.tensor([1.0, 3.0, 1.0, 5.0])],
+                          [1.0, 1.0], 1e-8)
+    assert torch.allclose(merged, torch.tensor([0.5, 0.75, 0.1, 1.0]), atol=1e-6)
+
+
+def _softmax_classifier(d=4, c=3, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(d, c, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(3.0)  # confident enough that the classes weigh differently
+    return lin
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_softmax_classifier_fisher_matches_the_closed_form(kind):
+    lin = _softmax_classifier()
+    xs, ys = torch.randn(6, 4), torch.tensor([0, 2, 1, 1, 0, 2])
+    acc = [torch.zeros_like(lin.weight)]
+    for x, y in zip(xs, ys):
+        terms = prediction_terms(lin(x)[None], y.view(1), kind, top_k=0)
+        add_example_fisher([lin.weight], terms, acc)
+    got = acc[0] / len(xs)
+
+    # d log p(y|x) / dW = (e_y - p) x^T for logits z = W x
+    expected = torch.zeros(3, 4)
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            p = torch.softmax(lin.weight @ x, -1)
+            eye = torch.eye(3)
+            if kind == "exact":
+                expected += sum(p[k] * torch.outer(eye[k] - p, x).square() for k in range(3))
+            else:
+                expected += torch.outer(eye[y] - p, x).square()
+    expected /= len(xs)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+    # and it is not the batch shortcut (square of the summed gradient)
+    batch_grad = torch.autograd.grad(F.log_softmax(lin(xs), -1).gather(1, ys.view(-1, 1)).sum(), lin.weight)[0]
+    assert not torch.allclose(got, batch_grad.square() / len(xs), rtol=1e-2)
+
+
+def test_top_k_renormalises_over_the_most_likely_classes():
+    lin = _softmax_classifier()
+    x = torch.randn(4)
+    acc = [torch.zeros_like(lin.weight)]
+    add_example_fisher([lin.weight], prediction_terms(lin(x)[None], None, "exact", top_k=2), acc)
+    with torch.no_grad():
+        p = torch.softmax(lin.weight @ x, -1)
+        top = p.topk(2)
+        eye = torch.eye(3)
+        expected = sum(w / top.values.sum() * torch.outer(eye[k] - p, x).square()
+                       for w, k in zip(top.values, top.indices))
+    assert torch.allclose(acc[0], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_regression_fisher_is_the_unit_gaussian_one(kind):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(3, 1, bias=False)
+    xs, ys = torch.randn(5, 3), torch.randn(5)
+    acc = [torch.zeros_like(lin.weight)]
+    for x, y in zip(xs, ys):
+        add_example_fisher([lin.weight], gaussian_terms(lin(x), y.view(1), kind), acc)
+    with torch.no_grad():
+        resid = (ys - xs @ lin.weight[0]).view(-1, 1)
+        expected = (xs.square() * (1 if kind == "exact" else resid.square())).mean(0, keepdim=True)
+    assert torch.allclose(acc[0] / 5, expected, rtol=1e-5)
+
+
+def test_fisher_merge_recovers_experts_on_disjoint_features():
+    """Two softmax experts from a zero base, each seeing only its own half of the features:
+    averaging halves every expert's logits; the Fisher merge keeps each expert's half."""
+    torch.manual_seed(3)
+    d, c, n = 10, 3, 64
+    data = {}
+    for name, cols in (("a", slice(0, 5)), ("b", slice(5, 10))):
+        x = torch.zeros(n, d)
+        x[:, cols] = torch.randn(n, 5)
+        y = (x @ torch.randn(d, c)).argmax(1)
+        data[name] = (x, y)
+    experts = {}
+    for name, (x, y) in data.items():
+        w = torch.zeros(c, d, requires_grad=True)
+        opt = torch.optim.Adam([w], lr=0.1)
+        for _ in range(150):
+            opt.zero_grad()
+            F.cross_entropy(x @ w.T, y).backward()
+            opt.step()
+        experts[name] = w.detach()
+    fishers = []
+    for name, (x, _) in data.items():
+        lin = torch.nn.Linear(d, c, bias=False)
+        lin.weight.data.copy_(experts[name])
+        acc = [torch.zeros(c, d)]
+        for row in x:
+            add_example_fisher([lin.weight], prediction_terms(lin(row)[None], None, "exact", 0), acc)
+        fishers.append(acc[0] / n)
+
+    def loss(w):
+        return sum(F.cross_entropy(x @ w.T, y).item() for x, y in data.values()) / 2
+
+    merged = fisher_merge([experts["a"], experts["b"]], fishers, [1.0, 1.0], 1e-8)
+    average = (experts["a"] + experts["b"]) / 2
+    own = (F.cross_entropy(data["a"][0] @ experts["a"].T, data["a"][1]).item()
+           + F.cross_entropy(data["b"][0] @ experts["b"].T, data["b"][1]).item()) / 2
+    assert loss(merged) == pytest.approx(own, abs=1e-4)
+    assert loss(merged) < 0.7 * loss(average)
+
+
+# -- end to end ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_experts(tmp_path_factory, one_thread):
+    """A tiny LLaMA base and two experts on conflicting tasks (copy / reverse the digits)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root, tok = tmp_path_factory.mktemp("fisher_pool"), tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    (root / "calib").mkdir()
+    experts = {}
+    for task in ("copy", "rev"):
+        write_jsonl(root / "calib" / f"{task}.jsonl", task_rows(task, 12, seed=1))
+        torch.manual_seed(1)
+        model = LlamaForCausalLM.from_pretrained(root / "base")
+        finetune(model, tok, task_rows(task, 48, seed=3))
+        model.save_pretrained(root / task)
+        tok.save_pretrained(root / task)
+        experts[task] = root / task
+    return {"root": root, "base": root / "base", "calib": root / "calib", "experts": experts}
+
+
+def fisher_recipe(path, pool, params=None, weights=(1.0, 1.0)):
+    e = pool["experts"]
+    per_model = [{"task": "copy", "weight": weights[0]}, {"task": "rev", "weight": weights[1]}]
+    return write_recipe(path, "fisher", pool["base"], [e["copy"], e["rev"]],
+                        {"calibration": str(pool["calib"]), **(params or {})}, per_model=per_model)
+
+
+def calibration_loss(state, pool):
+    model, tok = load_model(str(pool["base"])), load_tokenizer(str(pool["base"]))
+    model.load_state_dict(state, strict=False)
+    return encode_tasks(load_calibration(str(pool["calib"])), tok, model).value(model)
+
+
+def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_path, llama_experts, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "fisher"
+    run_fwllm_merge(str(fisher_recipe(tmp_path / "f.yml", llama_experts)), str(out), MergeOptions(quiet=True))
+    a, b = (tensors(llama_experts["experts"][t]) for t in ("copy", "rev"))
+    average = {k: (a[k] + b[k]) / 2 for k in a}
+    assert calibration_loss(tensors(out), llama_experts) < calibration_loss(average, llama_experts)
+
+    # the merged tensors are exactly the closed form over the stored Fishers
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+    fishers = [load_file(out / "fwllm_plan" / c["file"]) for c in plan["candidates"]]
+    merged = tensors(out)
+    for name in merged:
+        expected = fisher_merge([a[name], b[name]], [f[name] for f in fishers], [1.0, 1.0], 1e-8)
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+
+
+def test_lazy_solve_through_plain_mergekit_and_fisher_reuse(tmp_path, llama_experts, monkeypatch):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    from fwllm.plugin import default_plan_root, forget_plans, register_all
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    register_all()
+    forget_plans()
+    e = llama_experts["experts"]
+    outs = {}
+    for weights in ((1.0, 1.0), (3.0, 1.0)):
+        raw = yaml.safe_load(fisher_recipe(tmp_path / "r.yml", llama_experts, {"max_rows": 6}, weights).read_text())
+        outs[weights] = tmp_path / f"out{weights[0]}"
+        run_merge(MergeConfiguration.model_validate(raw), str(outs[weights]), MergeOptions(quiet=True))
+    plans = sorted(os.listdir(default_plan_root()))
+    assert len(plans) == 2 and all(p.startswith("fisher-") for p in plans)
+    records = [json.loads(open(os.path.join(default_plan_root(), p, "plan.json")).read())["candidates"] for p in plans]
+    assert sorted(r["cached"] for rec in records for r in rec) == [False, False, True, True]  # Fishers reused
+
+    # new weights, same Fishers: theta = sum w F theta / sum w F with w = (3, 1)
+    plan_dir = os.path.join(default_plan_root(), plans[0])
+    fishers = [load_file(os.path.join(plan_dir, f"fisher/{i}.safetensors")) for i in (0, 1)]
+    a, b, merged = tensors(e["copy"]), tensors(e["rev"]), tensors(outs[(3.0, 1.0)])
+    name = "model.layers.1.mlp.down_proj.weight"
+    expected = fisher_merge([a[name], b[name]], [fishers[0][name], fishers[1][name]], [3.0, 1.0], 1e-8)
+    assert torch.allclose(merged[name], expected, atol=1e-6)
+    assert not torch.allclose(merged[name], tensors(outs[(1.0, 1.0)])[name])
+    forget_plans()
+
+
+def test_normalized_fisher_divides_by_each_models_mean(tmp_path, llama_experts, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "norm"
+    recipe = fisher_recipe(tmp_path / "n.yml", llama_experts, {"normalize_fisher": True, "fisher": "empirical",
+                                                                "max_rows": 6})
+    run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+    fishers = [load_file(out / "fwllm_plan" / c["file"]) for c in plan["candidates"]]
+    means = [c["meta"]["mean"] for c in plan["candidates"]]
+    for f, m in zip(fishers, means):
+        assert m == pytest.approx(float(sum(t.double().sum() for t in f.values()) / sum(t.numel() for t in f.values())),
+                                  rel=1e-5)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    a, b = (tensors(llama_experts["experts"][t]) for t in ("copy", "rev"))
+    expected = fisher_merge([a[name], b[name]], [fishers[0][name] / means[0], fishers[1][name] / means[1]],
+                            [1.0, 1.0], 1e-8)
+    assert torch.allclose(tensors(out)[name], expected, atol=1e-6)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def job_for(tmp_path, pool, models, per_model, **params):
+    specs = [CandidateSpec(str(m), str(m), None, {"weight": 1.0, **pm}) for m, pm in zip(models, per_model)]
+    p = FisherParams(calibration=str(pool["calib"]), max_rows=2, **params)
+    return MergeJob("fisher", str(pool["base"]), specs, p, plan_dir=str(tmp_path / "plan"), progress=False)
+
+
+def test_candidate_without_a_task_is_an_error(tmp_path, llama_experts, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    e = llama_experts["experts"]
+    with pytest.raises(FwllmError, match=r"candidate .*rev has no calibration task; set parameters.task"):
+        FisherMerging().solve(job_for(tmp_path, llama_experts, [e["copy"], e["rev"]], [{"task": "copy"}, {}]))
+    with pytest.raises(FwllmError, match="names task 'sort'"):
+        FisherMerging().solve(job_for(tmp_path, llama_experts, [e["copy"]], [{"task": "sort"}]))
+
+
+def test_rows_the_model_cannot_score_are_an_error(tmp_path, llama_experts, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    write_jsonl(calib / "senti.jsonl", [{"sentence": "1 2", "label": 1}, {"sentence": "3", "label": 0}])
+    pool = dict(llama_experts, calib=calib)
+    with pytest.raises(FwllmError, match="classification rows, which a causal model cannot score"):
+        FisherMerging().solve(job_for(tmp_path, pool, [llama_experts["experts"]["copy"]], [{"task": "senti"}]))
+
+
+def test_nan_fisher_is_one_clear_error(tmp_path, llama_experts, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    model = LlamaForCausalLM.from_pretrained(llama_experts["experts"]["copy"])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "broken")
+    with pytest.raises(FwllmError, match=r"Fisher of candidate .*broken is not finite in"):
+        FisherMerging().solve(job_for(tmp_path, llama_experts, [tmp_path / "broken"], [{"task": "copy"}]))
+    assert not os.path.exists(tmp_path / "plan" / "DONE")
+
+
+def test_unknown_parameter_and_bad_epsilon(tmp_path, llama_experts, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FwllmError, match="unknown parameter 'fisher_mode'"):
+        FisherMerging().validate_params({"fisher_mode": "exact"})
+    e = llama_experts["experts"]
+    with pytest.raises(FwllmError, match="epsilon must be > 0"):
+        FisherMerging().solve(job_for(tmp_path, llama_experts, [e["copy"]], [{"task": "copy"}], epsilon=0.0))
+
+
+# -- encoder pools: heads are kept, not merged ------------------------------------------------------
+def test_classifier_candidates_keep_their_own_heads(tmp_path, monkeypatch):
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    from fwllm.heads import load_heads
+    from test_encoder_pool import WORDS as ENC_WORDS, roberta_tokenizer
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    tok = roberta_tokenizer()
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "calib").mkdir()
+    rng = random.Random(0)
+    experts = []
+    for task, labels in (("two", 2), ("three", 3)):
+        rows = [{"sentence": " ".join(f"w{rng.randint(0, 19)}" for _ in range(5)), "label": rng.randrange(labels)}
+                for _ in range(6)]
+        write_jsonl(tmp_path / "calib" / f"{task}.jsonl", rows)
+        torch.manual_seed(labels)
+        RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=labels).save_pretrained(
+            tmp_path / task)
+        experts.append(tmp_path / task)
+    recipe = write_recipe(tmp_path / "enc.yml", "fisher", tmp_path / "base", experts,
+                          {"calibration": str(tmp_path / "calib")}, per_model=[{"task": "two"}, {"task": "three"}])
+    out = tmp_path / "merged"
+    run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))
+    heads = load_heads(str(out))
+    assert set(heads) == {"two", "three"} and heads["three"].num_labels == 3
+    for task, path in zip(("two", "three"), experts):
+        expert = tensors(path)
+        assert all(torch.equal(t, expert[n]) for n, t in heads[task].tensors.items())
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+    fisher = load_file(out / "fwllm_plan" / plan["candidates"][0]["file"])
+    assert not any(n.startswith("classifier.") for n in fisher)  # heads are outside the Fisher
+    merged = tensors(out)
+    assert all(torch.isfinite(t).all() for t in merged.values())
+    RobertaForSequenceClassification.from_pretrained(out)  # loads as a normal checkpoint
+
+
+def test_lora_candidate_has_the_fisher_of_its_merged_weights(tmp_path, llama_experts, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    base = llama_experts["base"]
+    torch.manual_seed(4)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, prm in peft_model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.5)  # peft starts B at zero: make the adapter change something
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "full")
+
+    def fisher_of(spec):
+        p = FisherParams(calibration=str(llama_experts["calib"]), max_rows=3)
+        plan = tmp_path / f"plan_{spec.lora is not None}"
+        FisherMerging().solve(MergeJob("fisher", str(base), [spec], p, plan_dir=str(plan), progress=False))
+        return load_file(plan / "fisher" / "0.safetensors")
+
+    lora = fisher_of(CandidateSpec(f"{base}+{tmp_path / 'adapter'}", str(base), str(tmp_path / "adapter"),
+                                   {"task": "rev", "weight": 1.0}))
+    full = fisher_of(CandidateSpec(str(tmp_path / "full"), str(tmp_path / "full"), None, {"task": "rev", "weight": 1.0}))
+    assert lora.keys() == full.keys()
+    for name in full:
+        assert torch.allclose(lora[name], full[name], rtol=1e-3, atol=1e-8), name
