@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from typing import Dict, List, Optional
 
 import click
@@ -23,28 +24,7 @@ import yaml
 
 from fwllm.errors import FwllmError
 
-METHODS = ("task_arithmetic", "ties", "fw_merging")
-
-
-def _recipes(pool, calib_dir: str, settings: Dict) -> Dict[str, dict]:
-    experts = [e.path for e in pool.experts]
-    task_of = {e.path: e.task for e in pool.experts}
-    lam = settings["scaling"]
-    recipes = {
-        "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": lam},
-                            "models": [{"model": p, "parameters": {"weight": 1.0}} for p in experts]},
-        "ties": {"merge_method": "ties", "parameters": {"lambda": lam},
-                 "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.2}} for p in experts]},
-        "fw_merging": {"merge_method": "fw_merging", "models": [
-            {"model": p, "parameters": {"task": task_of[p] or ""}} for p in experts],
-            "parameters": {"calibration": calib_dir, "scaling": 1.0, "init": "base",
-                           "iterations": settings["iterations"], "step_size": settings["step_size"],
-                           "max_rows": settings["max_rows"], "max_length": settings["max_length"],
-                           "batch_size": settings["batch_size"]}},
-    }
-    for recipe in recipes.values():
-        recipe.update(base_model=pool.base, dtype=settings["dtype"])
-    return recipes
+METHODS = ("task_arithmetic", "ties", "fw_hard")  # fwllm.pool_recipes names
 
 
 def _calibration_folder(pool, out_dir: str) -> str:
@@ -57,7 +37,7 @@ def _calibration_folder(pool, out_dir: str) -> str:
     return folder
 
 
-def _dev_losses(model_dir: str, pool, tasks: List[str], max_rows: int, max_length: int) -> Dict[str, float]:
+def dev_losses(model_dir: str, pool, tasks: List[str], max_rows: int, max_length: int) -> Dict[str, float]:
     """Mean dev loss per task (the same objective as calibration, on held-out rows)."""
     import torch
 
@@ -86,18 +66,20 @@ def run_demo(profile: str = "smol", out_dir: str = "runs/demo", root: Optional[s
 
     from fwllm.experts import build_pool
     from fwllm.merge_cli import run_fwllm_merge
+    from fwllm.pool_recipes import Member, PoolSettings, recipe_for
 
     start = time.time()
     pool = build_pool(profile, "llama", root=root, device=device)
     tiny = profile == "tiny"
-    settings = {"scaling": 0.3, "iterations": iterations, "step_size": 0.5 if tiny else 0.3,
-                "max_rows": 16 if tiny else 6, "max_length": 64 if tiny else 96, "batch_size": 8 if tiny else 3,
-                "dtype": "float32" if tiny else "bfloat16"}
+    settings = PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32",
+                            iterations=iterations) if tiny else PoolSettings(iterations=iterations)
     os.makedirs(out_dir, exist_ok=True)
     calib = _calibration_folder(pool, out_dir)
     relevant = [e.task for e in pool.experts if e.relevant and e.task]
+    members = [Member(e.path, e.task) for e in pool.experts]
     merged = {}
-    for method, recipe in _recipes(pool, calib, settings).items():
+    for method in METHODS:
+        recipe = recipe_for(method, pool.base, members, calib, settings)
         path = os.path.join(out_dir, "recipes", f"{method}.yml")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as fp:
@@ -111,7 +93,7 @@ def run_demo(profile: str = "smol", out_dir: str = "runs/demo", root: Optional[s
     results: Dict[str, Dict[str, float]] = {}
     for label, path in models.items():
         click.echo(f"== dev loss: {label}")
-        losses = _dev_losses(path, pool, relevant, 16 if tiny else 12, settings["max_length"] * 2)
+        losses = dev_losses(path, pool, relevant, 16 if tiny else 12, settings.max_length * 2)
         results[label] = {f"{t} loss": v for t, v in losses.items()}
         results[label]["mean loss"] = sum(losses.values()) / len(losses)
     columns = [f"{t} loss" for t in relevant] + ["mean loss"]
@@ -132,7 +114,7 @@ def run_demo(profile: str = "smol", out_dir: str = "runs/demo", root: Optional[s
 
     table = _table(results, columns)
     summary = {"profile": profile, "pool": pool.root, "experts": [e.name for e in pool.experts],
-               "relevant_tasks": relevant, "settings": settings, "results": results,
+               "relevant_tasks": relevant, "settings": asdict(settings), "results": results,
                "seconds": time.time() - start}
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as fp:
         json.dump(summary, fp, indent=2)

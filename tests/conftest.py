@@ -91,6 +91,12 @@ def tiny_pool(tmp_path_factory):
     return {"root": root, "base": base_dir, "experts": experts, "calib": calib, "dev": dev}
 
 
+@pytest.fixture(scope="session")
+def tiny_pools_root(tmp_path_factory):
+    """One cache root for `fwllm.experts` tiny pools, so each family is trained once per run."""
+    return str(tmp_path_factory.mktemp("expert_pools"))
+
+
 def write_recipe(path, method, base, models, parameters=None, dtype="float32", per_model=None):
     import yaml
 

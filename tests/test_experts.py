@@ -22,8 +22,8 @@ FAMILIES = ("llama", "roberta", "roberta-mlm")
 
 
 @pytest.fixture(scope="module")
-def pools(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("experts"))
+def pools(tiny_pools_root):
+    root = tiny_pools_root
     built, seconds = {}, {}
     for family in FAMILIES:
         start = time.time()

@@ -141,7 +141,8 @@ def plot_scores(results: dict, path: str, field: str = "score") -> str:
     return path
 
 
-def plot_normalized_vs_candidates(records: Sequence[dict], path: str, title: Optional[str] = None) -> str:
+def plot_normalized_vs_candidates(records: Sequence[dict], path: str, title: Optional[str] = None,
+                                  ylabel: str = "normalized score (%)") -> str:
     """Normalized score against the number of candidate models, one line per method.
 
     `records`: dicts with method, n_candidates, n_irrelevant, normalized_score. When
@@ -165,7 +166,7 @@ def plot_normalized_vs_candidates(records: Sequence[dict], path: str, title: Opt
         ax.set_xlabel("number of candidate models")
         ax.set_title(f"{n_irr} irrelevant" if len(keys) > 1 else (title or f"{n_irr} irrelevant"))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("normalized score (%)")
+    axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize="small", loc="best")
     if title and len(keys) > 1:
         fig.suptitle(title)

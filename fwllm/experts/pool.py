@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from fwllm.errors import FwllmError
+from fwllm.paths import cache_root
 
 MANIFEST = "manifest.json"
 
@@ -84,10 +85,6 @@ class ExpertPool:
             tasks={n: TaskData(**dict(t, calibration=ab(t["calibration"]), dev=ab(t["dev"]))) for n, t in data["tasks"].items()},
             seed=data.get("seed", 0), build_seconds=data.get("build_seconds", 0.0),
         )
-
-
-def cache_root() -> str:
-    return os.environ.get("FWLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fwllm")
 
 
 def pool_folder(profile: str, family: str, root: Optional[str] = None) -> str:

@@ -12,20 +12,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from fwllm.errors import FwllmError
 from fwllm.experts.rows import read_rows
+from fwllm.paths import data_root
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CALIB_ROWS, DEV_ROWS = 32, 64
-
-
-def data_root() -> str:
-    """$FWLLM_DATA, else the checkout's sibling `../shared/data`."""
-    root = os.environ.get("FWLLM_DATA") or os.path.join(_REPO, "..", "shared", "data")
-    if not os.path.isfile(os.path.join(root, "gsm8k", "train.jsonl")):
-        raise FwllmError(f"shared data folder not found at {os.path.abspath(root)}: set FWLLM_DATA to the folder "
-                         "holding gsm8k/, pubmedqa/, glue/ and calibration/")
-    return os.path.abspath(root)
 
 
 @dataclass
