@@ -28,6 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[8, 32, 128])
     ap.add_argument("--max-rows", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--out", default="", help="also write the table as markdown here")
     args = ap.parse_args(argv)
 
     model, tok = load_model(args.base), load_tokenizer(args.base)
@@ -50,11 +51,15 @@ def main(argv=None) -> None:
             approx = torch.stack([torch.dot(sg, sk(name, t)) for t in taus])
             agree[r] += int(choose_vertex(approx) == choice)
         total += 1
-    print(f"{total} sketched tensors, {len(cands)} candidates; exact LMO picks the base in {exact_base}")
-    print("| sketch ratio | LMO agreement with exact |")
-    print("|---|---|")
-    for r in args.ratios:
-        print(f"| {r:g} | {agree[r] / max(total, 1):.1%} |")
+    lines = [f"{total} sketched tensors, {len(cands)} candidates; exact LMO picks the base in {exact_base}", "",
+             "| sketch ratio | LMO agreement with exact |", "|---|---|"]
+    lines += [f"| {r:g} | {agree[r] / max(total, 1):.1%} |" for r in args.ratios]
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fp:
+            fp.write(f"# Sketched vs exact LMO\n\n`python eval/lmo_agreement.py --base {args.base} --candidates "
+                     f"{' '.join(args.candidates)} --calibration {args.calibration} --max-rows {args.max_rows} "
+                     f"--max-length {args.max_length}`\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,23 +59,30 @@ def finetune(model, tokenizer, rows, steps=40, lr=3e-3):
     return model
 
 
+def save_tiny_llama_base(root, intermediate_size=64, num_hidden_layers=2):
+    """A random tiny LlamaForCausalLM (seed 0) with the digit tokenizer in root/base, and an
+    empty root/calib for the test's calibration rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    (root / "calib").mkdir()
+    return root / "base"
+
+
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory):
     """{'root', 'base', 'experts': {name: dir}, 'calib': dir, 'dev': dir} for a tiny LLaMA pool."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny_pool")
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    base = LlamaForCausalLM(cfg)
-    base_dir = root / "base"
-    base.save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
+    base_dir = save_tiny_llama_base(root)
     calib, dev = root / "calib", root / "dev"
-    calib.mkdir()
     dev.mkdir()
     for task in ("copy", "rev"):
         write_jsonl(calib / f"{task}.jsonl", task_rows(task, 16, seed=1))
@@ -89,6 +96,57 @@ def tiny_pool(tmp_path_factory):
         model.save_pretrained(experts[name])
         tok.save_pretrained(experts[name])
     return {"root": root, "base": base_dir, "experts": experts, "calib": calib, "dev": dev}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: extra threads only add contention (and ordering noise)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_tensors(folder):
+    """Every tensor of a model folder, over all its safetensors shards."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def two_head_encoder_pool(root, body_noise: float = 0.0):
+    """A RoBERTa MLM base and two classifier experts ("two": 2 labels, "three": 3 labels) with
+    their calibration rows in root/calib; `body_noise` perturbs each expert's body (x std)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    from test_encoder_pool import WORDS as ENC_WORDS, roberta_tokenizer
+
+    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    tok = roberta_tokenizer()
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    (root / "calib").mkdir()
+    rng = random.Random(0)
+    experts = []
+    for task, labels in (("two", 2), ("three", 3)):
+        rows = [{"sentence": " ".join(f"w{rng.randint(0, 19)}" for _ in range(5)), "label": rng.randrange(labels)}
+                for _ in range(6)]
+        write_jsonl(root / "calib" / f"{task}.jsonl", rows)
+        torch.manual_seed(labels)
+        model = RobertaForSequenceClassification.from_pretrained(root / "base", num_labels=labels)
+        if body_noise:
+            with torch.no_grad():
+                for prm in model.roberta.parameters():
+                    prm.add_(body_noise * prm.std() * torch.randn_like(prm))
+        model.save_pretrained(root / task)
+        experts.append(root / task)
+    return experts
 
 
 @pytest.fixture(scope="session")

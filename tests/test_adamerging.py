@@ -2,15 +2,13 @@
 
 import json
 import os
-import random
 
 import pytest
 import torch
 import yaml
 from mergekit.options import MergeOptions
-from safetensors.torch import load_file
 
-from conftest import WORDS, task_rows, tiny_tokenizer, write_jsonl, write_recipe
+from conftest import load_tensors, save_tiny_llama_base, task_rows, two_head_encoder_pool, write_jsonl, write_recipe
 from fwllm.adamerging import (
     AdaMerging, AdaMergingParams, _reproducible, coefficient_gradient, entropy_backward, entropy_sum, merged_tensor,
 )
@@ -24,31 +22,17 @@ from fwllm.objectives import encode_task
 OPTS = MergeOptions(quiet=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tensors(folder):
-    return load_file(os.path.join(folder, "model.safetensors"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+tensors = load_tensors
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, one_thread):
     """A tiny LLaMA base and three candidates perturbed from it; copy/rev calibration rows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    root, tok = tmp_path_factory.mktemp("ada_pool"), tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    (root / "calib").mkdir()
+    root = tmp_path_factory.mktemp("ada_pool")
+    save_tiny_llama_base(root, intermediate_size=48)
     for i, task in enumerate(("copy", "rev")):
         write_jsonl(root / "calib" / f"{task}.jsonl", task_rows(task, 8, seed=i))
     models = []
@@ -162,32 +146,12 @@ def test_bad_input(tmp_path, pool):
 
 
 def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
-    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+    from transformers import RobertaForSequenceClassification
 
     from fwllm.heads import load_heads
-    from test_encoder_pool import WORDS as ENC_WORDS, roberta_tokenizer
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
-    tok = roberta_tokenizer()
-    torch.manual_seed(0)
-    RobertaForMaskedLM(cfg).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    (tmp_path / "calib").mkdir()
-    rng = random.Random(0)
-    experts = []
-    for task, labels in (("two", 2), ("three", 3)):
-        rows = [{"sentence": " ".join(f"w{rng.randint(0, 19)}" for _ in range(5)), "label": rng.randrange(labels)}
-                for _ in range(6)]
-        write_jsonl(tmp_path / "calib" / f"{task}.jsonl", rows)
-        torch.manual_seed(labels)
-        model = RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=labels)
-        with torch.no_grad():
-            for prm in model.roberta.parameters():
-                prm.add_(0.2 * prm.std() * torch.randn_like(prm))
-        model.save_pretrained(tmp_path / task)
-        experts.append(tmp_path / task)
+    experts = two_head_encoder_pool(tmp_path, body_noise=0.2)
     recipe = write_recipe(tmp_path / "enc.yml", "adamerging", tmp_path / "base", experts,
                           {"calibration": str(tmp_path / "calib"), "steps": 3, "lr": 0.05},
                           per_model=[{"task": "two"}, {"task": "three"}])

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
+from conftest import load_tensors
 from fwllm.errors import FwllmError
 from fwllm.experts import ExpertPool, build_pool
 from fwllm.experts.cli import experts_command
@@ -30,14 +30,6 @@ def pools(tiny_pools_root):
         built[family] = build_pool("tiny", family, root=root, progress=False)
         seconds[family] = time.time() - start
     return root, built, seconds
-
-
-def _tensors(model_dir):
-    out = {}
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(model_dir, name)))
-    return out
 
 
 def test_pool_layout_and_manifest(pools):
@@ -91,10 +83,10 @@ def test_row_formats(pools):
 @pytest.mark.parametrize("family", ["llama", "roberta"])
 def test_task_vectors_differ_pairwise(pools, family):
     pool = pools[1][family]
-    base = _tensors(pool.base)
+    base = load_tensors(pool.base)
     vectors = []
     for e in pool.experts:  # the body only: classifier heads are each expert's own
-        t = _tensors(e.path)
+        t = load_tensors(e.path)
         vectors.append(torch.cat([(t[k] - base[k]).flatten() for k in sorted(t)
                                   if k in base and t[k].shape == base[k].shape and not k.startswith("classifier")]))
     for i in range(len(vectors)):
@@ -114,7 +106,7 @@ def test_same_seed_same_tensors(pools, tmp_path):
     first = pools[1]["roberta-mlm"]
     again = build_pool("tiny", "roberta-mlm", root=str(tmp_path), progress=False)
     for a, b in zip([first.base] + [e.path for e in first.experts], [again.base] + [e.path for e in again.experts]):
-        ta, tb = _tensors(a), _tensors(b)
+        ta, tb = load_tensors(a), load_tensors(b)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     for name, task in first.tasks.items():
         assert read_rows(task.dev) == read_rows(again.tasks[name].dev)

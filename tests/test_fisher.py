@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import yaml
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from conftest import WORDS, finetune, task_rows, tiny_tokenizer, write_jsonl, write_recipe
+from conftest import finetune, load_tensors, save_tiny_llama_base, task_rows, tiny_tokenizer, two_head_encoder_pool, write_jsonl, write_recipe
 from fwllm.calibration import load_calibration
 from fwllm.data_methods import CandidateSpec, MergeJob
 from fwllm.errors import FwllmError
@@ -21,17 +20,8 @@ from fwllm.model_io import load_model, load_tokenizer
 from fwllm.objectives import encode_tasks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core box: extra threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tensors(folder):
-    return load_file(os.path.join(folder, "model.safetensors"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+tensors = load_tensors
 
 
 # -- pure math --------------------------------------------------------------------------------
@@ -161,16 +151,10 @@ def test_fisher_merge_recovers_experts_on_disjoint_features():
 @pytest.fixture(scope="module")
 def llama_experts(tmp_path_factory, one_thread):
     """A tiny LLaMA base and two experts on conflicting tasks (copy / reverse the digits)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root, tok = tmp_path_factory.mktemp("fisher_pool"), tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    (root / "calib").mkdir()
+    save_tiny_llama_base(root)
     experts = {}
     for task in ("copy", "rev"):
         write_jsonl(root / "calib" / f"{task}.jsonl", task_rows(task, 12, seed=1))
@@ -313,29 +297,12 @@ def test_unknown_parameter_and_bad_epsilon(tmp_path, llama_experts, monkeypatch)
 
 # -- encoder pools: heads are kept, not merged ------------------------------------------------------
 def test_classifier_candidates_keep_their_own_heads(tmp_path, monkeypatch):
-    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+    from transformers import RobertaForSequenceClassification
 
     from fwllm.heads import load_heads
-    from test_encoder_pool import WORDS as ENC_WORDS, roberta_tokenizer
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
-    tok = roberta_tokenizer()
-    torch.manual_seed(0)
-    RobertaForMaskedLM(cfg).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    (tmp_path / "calib").mkdir()
-    rng = random.Random(0)
-    experts = []
-    for task, labels in (("two", 2), ("three", 3)):
-        rows = [{"sentence": " ".join(f"w{rng.randint(0, 19)}" for _ in range(5)), "label": rng.randrange(labels)}
-                for _ in range(6)]
-        write_jsonl(tmp_path / "calib" / f"{task}.jsonl", rows)
-        torch.manual_seed(labels)
-        RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=labels).save_pretrained(
-            tmp_path / task)
-        experts.append(tmp_path / task)
+    experts = two_head_encoder_pool(tmp_path)
     recipe = write_recipe(tmp_path / "enc.yml", "fisher", tmp_path / "base", experts,
                           {"calibration": str(tmp_path / "calib")}, per_model=[{"task": "two"}, {"task": "three"}])
     out = tmp_path / "merged"

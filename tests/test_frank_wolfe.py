@@ -153,11 +153,14 @@ def test_irrelevant_experts_hurt_fw_less_than_ta(tmp_path, tiny_pool, noise_expe
         fw = merge(tmp_path, f"fw_{tag}", "fw_merging", tiny_pool, pool, fw_params(tiny_pool, scaling=lam, iterations=8))
         ta = merge(tmp_path, f"ta_{tag}", "task_arithmetic", tiny_pool, pool, {"lambda": lam},
                    per_model=[{"weight": 1.0}] * len(pool))
-        losses[tag] = (objective_of(fw, tiny_pool["dev"]), objective_of(ta, tiny_pool["dev"]))
-    fw_shift = abs(losses["noisy"][0] - losses["clean"][0])
-    ta_shift = abs(losses["noisy"][1] - losses["clean"][1])
-    assert fw_shift < 0.5 * ta_shift, losses
-    assert losses["noisy"][0] < losses["noisy"][1]
+        ties = merge(tmp_path, f"ties_{tag}", "ties", tiny_pool, pool, {"lambda": lam},
+                     per_model=[{"weight": 1.0, "density": 0.2}] * len(pool))
+        losses[tag] = [objective_of(m, tiny_pool["dev"]) for m in (fw, ta, ties)]
+    fw_shift, ta_shift, ties_shift = (abs(losses["noisy"][i] - losses["clean"][i]) for i in range(3))
+    # TIES' trimming already filters much of the noise; FW started at the paper's TA point with
+    # lambda = 1 keeps a (1 - gamma) share of that noisy start, so its lead over TIES is smaller
+    assert fw_shift < 0.5 * ta_shift and fw_shift < ties_shift, losses
+    assert losses["noisy"][0] < min(losses["noisy"][1:])
 
 
 def test_resident_candidate_tensors_do_not_grow_with_pool_size(tmp_path, tiny_pool, noise_experts):

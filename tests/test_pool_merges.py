@@ -9,6 +9,8 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from conftest import load_tensors
+
 from fwllm.demo import demo_command
 from fwllm.errors import FwllmError
 from fwllm.evaluation.matrix import FALLBACK_TASK, MatrixSettings, run_matrix, summarize
@@ -22,16 +24,6 @@ TINY = PoolSettings(iterations=3, step_size=0.5, max_rows=8, max_length=64, batc
 @pytest.fixture(scope="module")
 def pool(tiny_pools_root):
     return build_pool("tiny", "llama", root=tiny_pools_root, progress=False)
-
-
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, name)))
-    return out
 
 
 @pytest.mark.parametrize("method", sorted(RECIPE_METHODS))
@@ -64,10 +56,10 @@ def test_matrix_cells_are_the_merges_they_claim(pool, tmp_path):
     cells = {c["label"]: c for c in report["cells"]}
     assert set(cells) == {f"{m}@{n}" for m in s.methods for n in s.sizes}
     relevant_first = [e for e in pool.experts if e.relevant] + [e for e in pool.experts if not e.relevant]
-    base = _tensors(pool.base)
-    experts = [_tensors(e.path) for e in relevant_first[:2]]
-    ta = _tensors(cells["task_arithmetic@2"]["path"])
-    avg = _tensors(cells["average@2"]["path"])
+    base = load_tensors(pool.base)
+    experts = [load_tensors(e.path) for e in relevant_first[:2]]
+    ta = load_tensors(cells["task_arithmetic@2"]["path"])
+    avg = load_tensors(cells["average@2"]["path"])
     for name, b in base.items():
         want = b + TINY.scaling * sum(e[name] - b for e in experts)
         torch.testing.assert_close(ta[name], want, rtol=1e-5, atol=1e-6)

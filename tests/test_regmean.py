@@ -2,14 +2,13 @@
 
 import json
 import logging
-import os
 
 import pytest
 import torch
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from conftest import WORDS, task_rows, tiny_tokenizer, write_jsonl, write_recipe
+from conftest import WORDS, load_tensors, save_tiny_llama_base, task_rows, write_jsonl, write_recipe
 from fwllm.calibration import load_calibration
 from fwllm.data_methods import CandidateSpec, MergeJob
 from fwllm.errors import FwllmError
@@ -19,16 +18,8 @@ from fwllm.objectives import encode_task
 from fwllm.regmean import RegMean, RegMeanParams, collect_grams, linear_layers, regmean_merge
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tensors(folder):
-    return load_file(os.path.join(folder, "model.safetensors"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+tensors = load_tensors
 
 
 # -- pure math --------------------------------------------------------------------------------
@@ -92,17 +83,10 @@ def test_singular_gram_sum_gets_a_ridge_towards_the_average():
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, one_thread):
     """A tiny LLaMA base and two candidates perturbed from it, with copy/rev calibration rows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    root, tok = tmp_path_factory.mktemp("regmean_pool"), tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    (root / "calib").mkdir()
+    root = tmp_path_factory.mktemp("regmean_pool")
+    base = LlamaForCausalLM.from_pretrained(save_tiny_llama_base(root, intermediate_size=48, num_hidden_layers=1))
     models = []
     for i, task in enumerate(("copy", "rev")):
         write_jsonl(root / "calib" / f"{task}.jsonl", task_rows(task, 10, seed=i))

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from fwllm.experts.rows import read_rows
-from fwllm.paths import data_root
 
 CALIB_ROWS, DEV_ROWS = 32, 64
 
