@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict
 from typing import Dict, List, Optional
@@ -25,16 +24,6 @@ import yaml
 from fwllm.errors import FwllmError
 
 METHODS = ("task_arithmetic", "ties", "fw_hard")  # fwllm.pool_recipes names
-
-
-def _calibration_folder(pool, out_dir: str) -> str:
-    """One .jsonl per relevant task: FW only sees the tasks the user cares about."""
-    folder = os.path.join(out_dir, "calibration")
-    os.makedirs(folder, exist_ok=True)
-    for e in pool.experts:
-        if e.relevant and e.task:
-            shutil.copyfile(pool.tasks[e.task].calibration, os.path.join(folder, f"{e.task}.jsonl"))
-    return folder
 
 
 def dev_losses(model_dir: str, pool, tasks: List[str], max_rows: int, max_length: int) -> Dict[str, float]:
@@ -74,7 +63,7 @@ def run_demo(profile: str = "smol", out_dir: str = "runs/demo", root: Optional[s
     settings = PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32",
                             iterations=iterations) if tiny else PoolSettings(iterations=iterations)
     os.makedirs(out_dir, exist_ok=True)
-    calib = _calibration_folder(pool, out_dir)
+    calib = pool.calibration_dir()
     relevant = [e.task for e in pool.experts if e.relevant and e.task]
     members = [Member(e.path, e.task) for e in pool.experts]
     merged = {}

@@ -82,6 +82,8 @@ def _localise_files(params: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
     params = dict(params)
     for key in ("calibration", "plan"):
         value = params.get(key)
+        if isinstance(value, str) and value.startswith("~"):
+            value = params[key] = os.path.expanduser(value)
         if isinstance(value, str) and not os.path.exists(value):
             beside = os.path.join(recipe_dir, value)
             if os.path.exists(beside) or key == "plan":

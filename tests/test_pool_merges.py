@@ -112,3 +112,29 @@ def test_demo_tiny_end_to_end(pool, tiny_pools_root, tmp_path):
     assert rows["fw_hard"]["mean loss"] < rows["task_arithmetic"]["mean loss"]
     assert "| fw_hard |" in result.output and (out / "results.md").is_file()
     assert (out / "merged" / "fw_hard" / "fwllm_plan" / "trace.json").is_file()
+
+
+def test_pool_calibration_dir_has_one_file_per_relevant_task(pool):
+    folder = pool.calibration_dir()
+    assert sorted(os.listdir(folder)) == sorted(f"{e.task}.jsonl" for e in pool.experts if e.relevant)
+    for e in pool.experts:
+        if e.relevant:
+            with open(os.path.join(folder, f"{e.task}.jsonl")) as a, open(pool.tasks[e.task].calibration) as b:
+                assert a.read() == b.read()
+    assert pool.calibration_dir() == folder  # made once
+
+
+def test_home_relative_paths_in_recipes(pool, tmp_path, monkeypatch):
+    """recipes/smollm2-135m-pool8-fw.yml points into ~/.cache: `~` works for models and calibration."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(pool.root, home / "pool", symlinks=True)
+    monkeypatch.setenv("HOME", str(home))
+    members = [Member(f"~/pool/experts/{e.name}", e.task) for e in pool.experts[:2]]
+    recipe = recipe_for("fw_hard", "~/pool/base", members, "~/pool/data", TINY)
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(str(path))
+    assert loaded.config.parameters["calibration"] == str(home / "pool" / "data")
+    assert str(loaded.config.base_model) == str(home / "pool" / "base")

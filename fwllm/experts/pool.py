@@ -70,6 +70,21 @@ class ExpertPool:
             json.dump(data, fp, indent=2)
         os.replace(tmp, os.path.join(self.root, MANIFEST))
 
+    def calibration_dir(self) -> str:
+        """<root>/calibration/<task>.jsonl for every relevant task: the folder layout recipes take
+        (one file per task). Made on first use, so pools built before it existed get one too."""
+        folder = os.path.join(self.root, "calibration")
+        if not os.path.isdir(folder):
+            staging = tempfile.mkdtemp(prefix=".calibration-", dir=self.root)
+            for e in self.experts:
+                if e.relevant and e.task:
+                    shutil.copyfile(self.tasks[e.task].calibration, os.path.join(staging, f"{e.task}.jsonl"))
+            try:
+                os.rename(staging, folder)
+            except OSError:  # made meanwhile by another process
+                shutil.rmtree(staging, ignore_errors=True)
+        return folder
+
     @classmethod
     def load(cls, root: str) -> "ExpertPool":
         root = os.path.abspath(root)
