@@ -174,3 +174,17 @@ def test_smol_pool_experts_are_real(tmp_path_factory):
     for expert in [e for e in pool.experts if e.relevant]:
         losses = own_task_losses(pool, expert, max_rows=16)
         assert losses["expert_loss"] < losses["base_loss"], (expert.name, losses)
+    # task vectors really differ: pairwise cosine of the relevant experts' weight deltas, per tensor
+    base = load_tensors(pool.base)
+    relevant = [e for e in pool.experts if e.relevant]
+    taus = {}
+    for e in relevant:
+        theta = load_tensors(e.path)
+        taus[e.name] = torch.cat([(theta[n].float() - base[n].float()).flatten() for n in sorted(base)
+                                  if n.endswith(("q_proj.weight", "v_proj.weight"))])
+        del theta
+    for i, a in enumerate(relevant):
+        assert taus[a.name].norm() > 0, a.name
+        for b in relevant[i + 1:]:
+            cos = torch.nn.functional.cosine_similarity(taus[a.name], taus[b.name], dim=0)
+            assert cos < 0.9, (a.name, b.name, float(cos))

@@ -9,7 +9,7 @@ from fwllm.errors import FwllmError
 
 @click.command("experts")
 @click.option("--profile", type=click.Choice(["tiny", "smol"]), default="smol", show_default=True,
-              help="smol: SmolLM2-135M + LoRA experts on real data (~20 min on 2 cores); tiny: seconds.")
+              help="smol: SmolLM2-135M + LoRA experts on real data (~30 min on 2 cores); tiny: seconds.")
 @click.option("--family", default="llama", show_default=True, help="tiny: llama, roberta, roberta-mlm; smol: llama")
 @click.option("--root", default=None, help="Cache folder (default $FWLLM_CACHE or ~/.cache/fwllm).")
 @click.option("--seed", default=0, show_default=True)
