@@ -11,6 +11,9 @@ method is split in two:
 
 `fwllm merge` solves first and points the method at the plan (hidden `plan` parameter);
 under plain `mergekit-yaml` the first tensor triggers the solve into a cache folder.
+A plan may also store the merged tensors (`fwllm.merged_store`): FW-Merging, Fisher and
+RegMean do, so `fwllm merge` hands mergekit a base-only graph and no candidate shard is
+mapped by mergekit's loaders.
 """
 
 from __future__ import annotations
@@ -133,7 +136,10 @@ def register_data_method(method: DataMethod) -> DataMethod:
 
 
 def data_methods() -> Dict[str, DataMethod]:
-    """All fwllm methods by name (imports their modules on first use)."""
-    if not _METHODS:
-        from fwllm import methods  # noqa: F401  (registers the built-in methods)
+    """All fwllm methods by name (imports their modules on first use).
+
+    Always imports the built-in set: importing one method's module first (fwllm.regmean,
+    say) registers that method alone, and must not hide the others."""
+    from fwllm import methods  # noqa: F401  (registers the built-in methods; cached after the first import)
+
     return dict(_METHODS)

@@ -38,20 +38,21 @@ Fisher is ~0 get the epsilon floor for all models, i.e. the plain weighted avera
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from fwllm.calibration import CAUSAL, REGRESSION, CalibrationTask
-from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_complete, register_data_method
+from fwllm.data_methods import DataMethod, MergeJob, MethodParams, register_data_method
 from fwllm.errors import FwllmError
-from fwllm.heads import is_head_tensor, save_heads
+from fwllm.heads import is_head_tensor
 from fwllm.objectives import CAUSAL_MODEL, encode_task, model_kind
-from fwllm.stats_io import check_finite, head_or_base, read_stat, solve_per_candidate, weighted_average, weights_of
+from fwllm.stats_io import (
+    check_finite, finish_stats_plan, has_stat, head_or_base, load_stats_plan, read_stat, solve_per_candidate,
+    stored_or_none, weighted_average, weights_of,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -109,10 +110,13 @@ def fisher_merge(thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor]
                  epsilon: float) -> torch.Tensor:
     """sum_i w_i F_i theta_i / sum_i w_i F_i with F_i floored at epsilon (> 0)."""
     num = den = None
-    for theta, fisher, w in zip(thetas, fishers, weights):
+    thetas, fishers = iter(thetas), iter(fishers)
+    for w in weights:  # not zip(): zip keeps its last items alive while it fetches the next ones
+        theta, fisher = next(thetas), next(fishers)
         f = fisher.float().clamp_min(epsilon) * w
         num = f * theta.float() if num is None else num + f * theta.float()
         den = f if den is None else den + f
+        del theta, fisher, f  # before the next one is read: inputs may stream from disk
     return num / den
 
 
@@ -194,26 +198,15 @@ class FisherMerging(DataMethod):
             "candidates": [vars(r) for r in records],
             "primary_head": next((r.label for r in records if r.task in heads), None),
         }
-        with open(os.path.join(job.plan_dir, "plan.json"), "w", encoding="utf-8") as fp:
-            json.dump(plan, fp, indent=2)
-        if heads:
-            save_heads(job.plan_dir, heads)
-        mark_plan_complete(job.plan_dir)
+        finish_stats_plan(self, job, plan, heads)
 
     def load_plan(self, plan_dir: str) -> Any:
-        path = os.path.join(plan_dir, "plan.json")
-        if not os.path.isfile(path):
-            raise FwllmError(f"{plan_dir} is not a fisher plan (no plan.json)")
-        with open(path, encoding="utf-8") as fp:
-            plan = json.load(fp)
-        if plan.get("method") != self.name:
-            raise FwllmError(f"{plan_dir} holds a {plan.get('method')} plan, not a fisher plan")
-        plan["labels"] = [c["label"] for c in plan["candidates"]]
-        plan["_files"] = [os.path.join(plan_dir, c["file"]) for c in plan["candidates"]]
-        plan["_params"] = FisherParams(**plan["settings"])
-        return plan
+        return load_stats_plan(self.name, plan_dir, FisherParams)
 
     def merge_tensor(self, plan, name, base, candidates, per_model) -> torch.Tensor:
+        stored = stored_or_none(plan, name, base)
+        if stored is not None:
+            return stored
         if not base.is_floating_point():
             return base
         if is_head_tensor(name):
@@ -222,18 +215,22 @@ class FisherMerging(DataMethod):
         if set(candidates) != set(labels):
             raise FwllmError(f"fisher: the plan was solved for {labels}; the recipe gives {sorted(candidates)}")
         weights = weights_of(self.name, labels, per_model)
-        thetas = [candidates[lab] for lab in labels]
-        fishers = [read_stat(f, name) for f in plan["_files"]]  # this tensor's only: N small reads
-        if any(f is None for f in fishers):
+        # generators: with lazily read candidates, one theta and one Fisher are alive at a time
+        thetas = (candidates[lab] for lab in labels)
+        if not has_stat(plan["_files"][0], name):
             return weighted_average(thetas, weights)  # not a parameter the Fisher covers
         p: FisherParams = plan["_params"]
-        for lab, f in zip(labels, fishers):
-            check_finite(f"Fisher of candidate {lab}", name, f)
-        fishers = [f.to(base.device) for f in fishers]
-        if p.normalize_fisher:
-            means = [c["meta"]["mean"] or 1.0 for c in plan["candidates"]]
-            fishers = [f / m for f, m in zip(fishers, means)]
-        return fisher_merge(thetas, fishers, weights, p.epsilon)
+        means = [(c["meta"]["mean"] or 1.0) if p.normalize_fisher else 1.0 for c in plan["candidates"]]
+
+        def fishers():
+            for lab, path, mean in zip(labels, plan["_files"], means):
+                f = read_stat(path, name)  # this tensor's entry only
+                if f is None:
+                    raise FwllmError(f"fisher: candidate {lab} has no Fisher for {name} (plan from another model?)")
+                check_finite(f"Fisher of candidate {lab}", name, f)
+                yield f.to(base.device) / mean
+
+        return fisher_merge(thetas, fishers(), weights, p.epsilon)
 
 
 register_data_method(FisherMerging())

@@ -20,8 +20,6 @@ from typing import Any, Dict, List, Literal
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fwllm.calibration import load_calibration
 from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_complete, register_data_method
@@ -29,13 +27,13 @@ from fwllm.encoder_pool import classifier_arch
 from fwllm.errors import FwllmError
 from fwllm.frank_wolfe import Atom, FrankWolfe, FWSettings, block_delta, ta_coefficients
 from fwllm.heads import TaskHead, is_head_tensor, save_heads
+from fwllm.merged_store import merged_index, read_merged, write_merged
 from fwllm.model_io import (
     check_same_architecture, load_model, load_tokenizer, open_candidate, read_config, resolve_model_path,
 )
 from fwllm.objectives import CLASSIFIER_MODEL, architecture_kind, check_rows_fit, encode_tasks, head_attribute, model_kind
 
 LOG = logging.getLogger(__name__)
-MERGED_FILE = "merged.safetensors"
 
 
 class FWParams(MethodParams):
@@ -185,7 +183,7 @@ class FWMerging(DataMethod):
             save_heads(job.plan_dir, heads)
         # The solve ends holding the merged blocks: keep them, so executing the plan needs no
         # second pass over the candidates (fwllm merge hands mergekit a base-only graph).
-        save_file({n: t.contiguous() for n, t in fw.merged_state().items()}, os.path.join(job.plan_dir, MERGED_FILE))
+        write_merged(job.plan_dir, fw.merged_state().items())
         mark_plan_complete(job.plan_dir)
 
     def load_plan(self, plan_dir: str) -> Any:
@@ -195,15 +193,13 @@ class FWMerging(DataMethod):
         with open(path, encoding="utf-8") as fp:
             plan = json.load(fp)
         plan["_atoms"] = {n: [Atom(**a) for a in atoms] for n, atoms in plan["atoms"].items()}
-        merged = os.path.join(plan_dir, MERGED_FILE)
-        plan["_merged"] = merged if os.path.isfile(merged) else None
+        plan["_merged"] = merged_index(plan_dir)
         plan["_settings"] = FWParams(**plan["settings"]).settings()
         return plan
 
     def merge_tensor(self, plan, name, base, candidates, per_model) -> torch.Tensor:
         if plan.get("_merged") and name in plan["_atoms"]:
-            with safe_open(plan["_merged"], framework="pt") as fp:
-                return fp.get_tensor(name).clone()
+            return read_merged(plan["_merged"], name)
         labels = plan["candidates"]
         missing = [lab for lab in labels if lab not in candidates]
         if name in plan["_atoms"]:

@@ -29,20 +29,19 @@ such layer is logged.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
 from fwllm.calibration import CalibrationTask
-from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_complete, register_data_method
+from fwllm.data_methods import DataMethod, MergeJob, MethodParams, register_data_method
 from fwllm.errors import FwllmError
-from fwllm.heads import is_head_tensor, save_heads
+from fwllm.heads import is_head_tensor
 from fwllm.objectives import encode_task
 from fwllm.stats_io import (
-    check_finite, has_stat, head_or_base, read_stat, solve_per_candidate, weighted_average, weights_of,
+    check_finite, finish_stats_plan, has_stat, head_or_base, load_stats_plan, read_stat, solve_per_candidate,
+    stored_or_none, weighted_average, weights_of,
 )
 
 LOG = logging.getLogger(__name__)
@@ -89,6 +88,7 @@ def regmean_merge(layers: Iterable[Tuple[torch.Tensor, torch.Tensor, float]], al
         b = g @ wt if b is None else b + g @ wt
         avg = wt * c if avg is None else avg + wt * c
         total += c
+        del w, gram, g, wt  # before the next one is read: inputs may stream from disk
     avg /= total
     chol = _cholesky(a)
     if chol is not None:
@@ -177,26 +177,15 @@ class RegMean(DataMethod):
             "candidates": [vars(r) for r in records],
             "primary_head": next((r.label for r in records if r.task in heads), None),
         }
-        with open(os.path.join(job.plan_dir, "plan.json"), "w", encoding="utf-8") as fp:
-            json.dump(plan, fp, indent=2)
-        if heads:
-            save_heads(job.plan_dir, heads)
-        mark_plan_complete(job.plan_dir)
+        finish_stats_plan(self, job, plan, heads)
 
     def load_plan(self, plan_dir: str) -> Any:
-        path = os.path.join(plan_dir, "plan.json")
-        if not os.path.isfile(path):
-            raise FwllmError(f"{plan_dir} is not a regmean plan (no plan.json)")
-        with open(path, encoding="utf-8") as fp:
-            plan = json.load(fp)
-        if plan.get("method") != self.name:
-            raise FwllmError(f"{plan_dir} holds a {plan.get('method')} plan, not a regmean plan")
-        plan["labels"] = [c["label"] for c in plan["candidates"]]
-        plan["_files"] = [os.path.join(plan_dir, c["file"]) for c in plan["candidates"]]
-        plan["_params"] = RegMeanParams(**plan["settings"])
-        return plan
+        return load_stats_plan(self.name, plan_dir, RegMeanParams)
 
     def merge_tensor(self, plan, name, base, candidates, per_model) -> torch.Tensor:
+        stored = stored_or_none(plan, name, base)
+        if stored is not None:
+            return stored
         if not base.is_floating_point():
             return base
         if is_head_tensor(name):
@@ -207,7 +196,7 @@ class RegMean(DataMethod):
         weights = weights_of(self.name, labels, per_model)
         files = dict(zip(labels, plan["_files"]))
         if base.dim() != 2 or not has_stat(files[labels[0]], name):
-            return weighted_average([candidates[lab] for lab in labels], weights)
+            return weighted_average((candidates[lab] for lab in labels), weights)
 
         def layers():  # one Gram in memory at a time
             for lab, c in zip(labels, weights):
@@ -215,7 +204,9 @@ class RegMean(DataMethod):
                 if gram is None:
                     raise FwllmError(f"regmean: candidate {lab} has no Gram for {name} (plan from another model?)")
                 check_finite(f"Gram of candidate {lab}", name, gram)
-                yield candidates[lab], gram.to(candidates[lab].device), c
+                theta = candidates[lab]  # read once: candidates may be read from disk on each access
+                yield theta, gram.to(theta.device), c
+                del theta, gram  # before the next one is read
 
         p: RegMeanParams = plan["_params"]
         merged, lam = regmean_merge(layers(), p.alpha, p.ridge)

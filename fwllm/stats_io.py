@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fwllm.calibration import CalibrationTask, load_calibration
-from fwllm.data_methods import CandidateSpec, MergeJob
+from fwllm.data_methods import CandidateSpec, MergeJob, mark_plan_complete
 from fwllm.errors import FwllmError
-from fwllm.heads import TaskHead, is_head_tensor
+from fwllm.heads import TaskHead, is_head_tensor, save_heads
 from fwllm.model_io import (
     TensorReader, is_adapter_dir, load_model, load_tokenizer, open_candidate, read_config, resolve_model_path,
 )
@@ -247,8 +247,13 @@ def solve_per_candidate(
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_i w_i t_i / sum_i w_i: the fallback for tensors a statistic does not cover."""
-    total = sum(weights)
-    return sum(t.float() * (w / total) for t, w in zip(tensors, weights))
+    total, out, tensors = sum(weights), None, iter(tensors)
+    for w in weights:  # not zip(): zip keeps its last items alive while it fetches the next ones
+        t = next(tensors)
+        part = t.float() * (w / total)
+        out = part if out is None else out + part
+        del t, part  # before the next one is read: inputs may stream from disk
+    return out
 
 
 def head_or_base(plan: dict, name: str, base: torch.Tensor, candidates: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -257,3 +262,55 @@ def head_or_base(plan: dict, name: str, base: torch.Tensor, candidates: Dict[str
     if is_head_tensor(name) and primary in candidates:
         return candidates[primary]
     return base
+
+
+# -- the shared plan tail -------------------------------------------------------------------
+def load_stats_plan(method: str, plan_dir: str, params_type) -> dict:
+    """plan.json of a per-candidate-statistics method, with its statistic files and stored merge."""
+    from fwllm.merged_store import merged_index
+
+    path = os.path.join(plan_dir, "plan.json")
+    if not os.path.isfile(path):
+        raise FwllmError(f"{plan_dir} is not a {method} plan (no plan.json)")
+    with open(path, encoding="utf-8") as fp:
+        plan = json.load(fp)
+    if plan.get("method") != method:
+        raise FwllmError(f"{plan_dir} holds a {plan.get('method')} plan, not a {method} plan")
+    plan["labels"] = [c["label"] for c in plan["candidates"]]
+    plan["_files"] = [os.path.join(plan_dir, c["file"]) for c in plan["candidates"]]
+    plan["_params"] = params_type(**plan["settings"])
+    plan["_merged"] = merged_index(plan_dir)
+    return plan
+
+
+def finish_stats_plan(method, job: MergeJob, plan: dict, heads: Dict[str, TaskHead]) -> None:
+    """Write plan.json and the heads, merge every tensor now, then mark the plan complete.
+
+    The merge runs here, streamed (`fwllm.merged_store`): one candidate tensor at a time
+    through readers that close their shards, so `fwllm merge` can hand mergekit a
+    base-only graph and the merge's memory stays flat in the number of candidates.
+    """
+    from fwllm.merged_store import execute_streamed
+
+    with open(os.path.join(job.plan_dir, "plan.json"), "w", encoding="utf-8") as fp:
+        json.dump(plan, fp, indent=2)
+    if heads:
+        save_heads(job.plan_dir, heads)
+    loaded = method.load_plan(job.plan_dir)
+    candidates = {spec.label: open_candidate(spec.model, spec.lora) for spec in job.candidates}
+    per_model = {spec.label: spec.params for spec in job.candidates}
+    execute_streamed(job.plan_dir, resolve_model_path(job.base), candidates,
+                     lambda name, base, cands: method.merge_tensor(loaded, name, base, cands, per_model),
+                     job.progress)
+    mark_plan_complete(job.plan_dir)
+
+
+def stored_or_none(plan: dict, name: str, base: torch.Tensor) -> Optional[torch.Tensor]:
+    """The merged tensor the plan stores (the base for a tensor it has none of), or None
+    when the plan stores no merge (the kernel then merges from the candidates it is given)."""
+    from fwllm.merged_store import read_merged
+
+    if plan.get("_merged") is None:
+        return None
+    stored = read_merged(plan["_merged"], name)
+    return base if stored is None else stored

@@ -197,6 +197,36 @@ def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_pat
         assert torch.allclose(merged[name], expected, atol=1e-6), name
 
 
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_streamed_merge_holds_one_candidate_tensor_at_a_time(tmp_path, llama_experts, monkeypatch, method):
+    """fwllm merge runs the per-tensor merge itself over lazily read candidates: how many
+    candidate tensors are alive at once does not grow with the pool (1 -> 6 candidates)."""
+    from transformers import LlamaForCausalLM
+
+    from fwllm.model_io import RESIDENT
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    pool = []
+    for i in range(6):
+        model = LlamaForCausalLM.from_pretrained(llama_experts["experts"]["copy"])
+        torch.manual_seed(50 + i)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(0.05 * prm.std() * torch.randn_like(prm))
+        model.save_pretrained(tmp_path / f"c{i}")
+        pool.append(tmp_path / f"c{i}")
+    peaks = {}
+    for n in (1, 6):
+        recipe = write_recipe(tmp_path / f"{method}{n}.yml", method, llama_experts["base"], pool[:n],
+                              {"calibration": str(llama_experts["calib"]), "max_rows": 2},
+                              per_model=[{"task": "copy"}] * n)
+        RESIDENT.reset_peak()
+        run_fwllm_merge(str(recipe), str(tmp_path / f"out{method}{n}"), MergeOptions(quiet=True))
+        peaks[n] = RESIDENT.peak
+        assert os.path.isfile(tmp_path / f"out{method}{n}" / "fwllm_plan" / "merged" / "index.json")
+    assert peaks[6] == peaks[1] <= 2, peaks
+
+
 def test_lazy_solve_through_plain_mergekit_and_fisher_reuse(tmp_path, llama_experts, monkeypatch):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
