@@ -98,6 +98,22 @@ def tiny_pool(tmp_path_factory):
     return {"root": root, "base": base_dir, "experts": experts, "calib": calib, "dev": dev}
 
 
+def perturbed_copies(source, root, n, scale, seed, prefix="m"):
+    """n LLaMA checkpoints = `source` + scale * std * N(0, 1) noise on every parameter (seeds seed, seed+1, ...)."""
+    from transformers import LlamaForCausalLM
+
+    paths = []
+    for i in range(n):
+        model = LlamaForCausalLM.from_pretrained(source)
+        torch.manual_seed(seed + i)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(scale * prm.std() * torch.randn_like(prm))
+        model.save_pretrained(root / f"{prefix}{i}")
+        paths.append(root / f"{prefix}{i}")
+    return paths
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core box: extra threads only add contention (and ordering noise)."""

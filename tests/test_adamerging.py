@@ -8,7 +8,7 @@ import torch
 import yaml
 from mergekit.options import MergeOptions
 
-from conftest import load_tensors, save_tiny_llama_base, task_rows, two_head_encoder_pool, write_jsonl, write_recipe
+from conftest import load_tensors, perturbed_copies, save_tiny_llama_base, task_rows, two_head_encoder_pool, write_jsonl, write_recipe
 from fwllm.adamerging import (
     AdaMerging, AdaMergingParams, _reproducible, coefficient_gradient, entropy_backward, entropy_sum, merged_tensor,
 )
@@ -29,21 +29,11 @@ tensors = load_tensors
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, one_thread):
     """A tiny LLaMA base and three candidates perturbed from it; copy/rev calibration rows."""
-    from transformers import LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("ada_pool")
     save_tiny_llama_base(root, intermediate_size=48)
     for i, task in enumerate(("copy", "rev")):
         write_jsonl(root / "calib" / f"{task}.jsonl", task_rows(task, 8, seed=i))
-    models = []
-    for i in range(3):
-        model = LlamaForCausalLM.from_pretrained(root / "base")
-        torch.manual_seed(10 + i)
-        with torch.no_grad():
-            for prm in model.parameters():
-                prm.add_(0.3 * prm.std() * torch.randn_like(prm))
-        model.save_pretrained(root / f"m{i}")
-        models.append(root / f"m{i}")
+    models = perturbed_copies(root / "base", root, 3, 0.3, seed=10)
     return {"root": root, "base": root / "base", "calib": root / "calib", "models": models}
 
 

@@ -10,7 +10,7 @@ import yaml
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from conftest import finetune, load_tensors, save_tiny_llama_base, task_rows, tiny_tokenizer, two_head_encoder_pool, write_jsonl, write_recipe
+from conftest import finetune, load_tensors, perturbed_copies, save_tiny_llama_base, task_rows, tiny_tokenizer, two_head_encoder_pool, write_jsonl, write_recipe
 from fwllm.calibration import load_calibration
 from fwllm.data_methods import CandidateSpec, MergeJob
 from fwllm.errors import FwllmError
@@ -201,20 +201,10 @@ def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_pat
 def test_streamed_merge_holds_one_candidate_tensor_at_a_time(tmp_path, llama_experts, monkeypatch, method):
     """fwllm merge runs the per-tensor merge itself over lazily read candidates: how many
     candidate tensors are alive at once does not grow with the pool (1 -> 6 candidates)."""
-    from transformers import LlamaForCausalLM
-
     from fwllm.model_io import RESIDENT
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    pool = []
-    for i in range(6):
-        model = LlamaForCausalLM.from_pretrained(llama_experts["experts"]["copy"])
-        torch.manual_seed(50 + i)
-        with torch.no_grad():
-            for prm in model.parameters():
-                prm.add_(0.05 * prm.std() * torch.randn_like(prm))
-        model.save_pretrained(tmp_path / f"c{i}")
-        pool.append(tmp_path / f"c{i}")
+    pool = perturbed_copies(llama_experts["experts"]["copy"], tmp_path, 6, 0.05, seed=50, prefix="c")
     peaks = {}
     for n in (1, 6):
         recipe = write_recipe(tmp_path / f"{method}{n}.yml", method, llama_experts["base"], pool[:n],
