@@ -138,3 +138,31 @@ def test_home_relative_paths_in_recipes(pool, tmp_path, monkeypatch):
     loaded = load_recipe(str(path))
     assert loaded.config.parameters["calibration"] == str(home / "pool" / "data")
     assert str(loaded.config.base_model) == str(home / "pool" / "base")
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean", "adamerging"])
+def test_family_methods_merge_a_masked_lm_pool(tiny_pools_root, tmp_path, monkeypatch, method):
+    """RobertaForMaskedLM experts on unlabeled text: each data-informed method merges them into
+    a loadable masked LM that differs from every input (Fisher/RegMean measure each expert on
+    its own corpus; AdaMerging minimises the entropy of the masked-token predictions)."""
+    from transformers import RobertaForMaskedLM
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    mlm = build_pool("tiny", "roberta-mlm", root=tiny_pools_root, progress=False)
+    experts = [e for e in mlm.experts if e.relevant]
+    s = PoolSettings(max_rows=6, max_length=32, batch_size=6, dtype="float32", adamerging_steps=2,
+                     fisher="exact")
+    recipe = recipe_for(method, mlm.base, [Member(e.path, e.task) for e in experts], mlm.calibration_dir(), s)
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    from fwllm.merge_cli import run_fwllm_merge
+    from mergekit.options import MergeOptions
+
+    run_fwllm_merge(str(path), str(out), MergeOptions(quiet=True))
+    RobertaForMaskedLM.from_pretrained(out)
+    merged = load_tensors(out)
+    assert all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point())
+    name = "roberta.encoder.layer.0.attention.self.query.weight"
+    for e in experts:
+        assert not torch.allclose(merged[name], load_tensors(e.path)[name])
