@@ -8,8 +8,10 @@ being differentiated and, in parallel, as a list of *atoms* (weight beta, local 
 members, mix) with theta_T = theta_0 + sum_a beta_a * lambda * combine(members, mix):
 the atoms are the plan mergekit executes, one tensor at a time.
 
-Memory: the model (theta_t), its gradient, theta_0, and the candidates' sketches; exact
-task vectors are streamed one tensor at a time (`Candidate.task_vector`).
+Memory: the model (theta_t), theta_0 (in bfloat16 where that is exact, as it is for bf16
+checkpoints), the candidates' sketches, and the gradient: all of it with `FullGradient`,
+one layer's with `LayerwiseGradient`. Exact task vectors are streamed one tensor at a time
+(`Candidate.task_vector`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import logging
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
+from fwllm.gradients import FullGradient
 from fwllm.local_merges import combine
 from fwllm.model_io import Candidate
 from fwllm.objectives import Objective
@@ -95,21 +98,33 @@ def ta_coefficients(atoms: Sequence[Atom], n: int, scaling: float) -> Optional[L
     return coef
 
 
+def compact_copy(x: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of x, in bfloat16 when that round-trips exactly (a bf16 checkpoint's base)."""
+    x = x.detach().to("cpu", torch.float32)
+    small = x.to(torch.bfloat16)
+    return small if torch.equal(small.float(), x) else x.clone()
+
+
 class FrankWolfe:
     def __init__(self, model: torch.nn.Module, objective: Objective, candidates: Sequence[Candidate],
-                 blocks: Sequence[str], settings: FWSettings, progress: bool = True):
+                 blocks: Sequence[str], settings: FWSettings, progress: bool = True, gradient=None):
         self.model, self.objective, self.candidates, self.s = model, objective, list(candidates), settings
         params = dict(model.named_parameters())
         self.params = {n: params[n] for n in blocks}
         self.blocks = list(blocks)
-        self.base = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self.params.items()}
+        self.gradient = gradient if gradient is not None else FullGradient(model, objective, blocks)
+        self._base = {n: compact_copy(p) for n, p in self.params.items()}
         self.sketch = CountSketch(settings.sketch_ratio, seed=settings.seed)
         self.progress = progress
         self.tau_sketch: Dict[str, torch.Tensor] = {}
 
     # -- candidate access -------------------------------------------------------------
+    def base(self, name: str) -> torch.Tensor:
+        """theta_0 of one block as a fresh float32 tensor (callers may write into it)."""
+        return self._base[name].to(torch.float32, copy=True)
+
     def tau(self, name: str) -> Callable[[int], torch.Tensor]:
-        return lambda i: self.candidates[i].task_vector(name, self.base[name])
+        return lambda i: self.candidates[i].task_vector(name, self.base(name))
 
     def _set_block(self, name: str, value: torch.Tensor) -> None:
         p = self.params[name]
@@ -122,7 +137,7 @@ class FrankWolfe:
         atoms: Dict[str, List[Atom]] = {}
         init_atom = Atom(1.0, "task_arithmetic", list(range(n)), [1.0] * n, "init")
         for name in tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress):
-            rows, total = [], torch.zeros_like(self.base[name])
+            rows, total = [], torch.zeros(self._base[name].shape)
             for i in range(n):
                 t = self.tau(name)(i)
                 rows.append(self.sketch(name, t))
@@ -131,18 +146,22 @@ class FrankWolfe:
                 del t
             self.tau_sketch[name] = torch.stack(rows)
             if self.s.init == "task_arithmetic":
-                self._set_block(name, self.base[name] + self.s.scaling * total)
+                self._set_block(name, self.base(name) + self.s.scaling * total)
                 atoms[name] = [Atom(**asdict(init_atom))]
             else:
                 atoms[name] = []
         return atoms
 
-    def _scores(self) -> Dict[str, torch.Tensor]:
-        out = {}
-        for name, p in self.params.items():
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            out[name] = alignment(self.sketch(name, g.detach().cpu()), self.tau_sketch[name])
-        return out
+    def _evaluate(self) -> Tuple[float, Dict[str, torch.Tensor]]:
+        """Objective value at the current iterate, and <g, tau_i> per block (the gradient is
+        reduced to N scores as it arrives, never kept)."""
+        scores: Dict[str, torch.Tensor] = {}
+
+        def consume(name: str, g: torch.Tensor) -> None:
+            scores[name] = alignment(self.sketch(name, g.detach().cpu()), self.tau_sketch[name])
+
+        value = self.gradient(consume)
+        return value, scores
 
     def _mix(self, chosen: Dict[str, List[int]], scores: Dict[str, torch.Tensor]) -> Dict[str, List[float]]:
         """Soft variant: mixing weights of the chosen vertices, solved on the calibration loss."""
@@ -158,10 +177,8 @@ class FrankWolfe:
             for name, members in chosen.items():
                 if members:
                     atom = Atom(1.0, self.s.local_merge, members, mix[name], "mix")
-                    self._set_block(name, self.base[name] + atom.delta(name, self.tau(name), self.s))
-            self.model.zero_grad(set_to_none=True)
-            self.objective.backward(self.model)
-            at_s = self._scores()
+                    self._set_block(name, self.base(name) + atom.delta(name, self.tau(name), self.s))
+            _, at_s = self._evaluate()
             for name, members in chosen.items():
                 if len(members) > 1:
                     grad = at_s[name][members] * self.s.scaling
@@ -184,7 +201,8 @@ class FrankWolfe:
     def _materialise(self, atoms: Dict[str, List[Atom]]) -> None:
         """Put the selected iterate into the model, streaming one tensor at a time."""
         for name in tqdm(self.blocks, desc="fw: restoring best iterate", disable=not self.progress):
-            self._set_block(name, self.base[name] + block_delta(atoms[name], name, self.tau(name), self.s, self.base[name]))
+            base = self.base(name)
+            self._set_block(name, base + block_delta(atoms[name], name, self.tau(name), self.s, base))
 
     def merged_state(self) -> Dict[str, torch.Tensor]:
         """The merged blocks as they stand in the model (after `run`: the selected iterate)."""
@@ -198,18 +216,16 @@ class FrankWolfe:
         best = (float("inf"), 0, None)
         bar = tqdm(range(self.s.iterations), desc="fw: iterations", disable=not self.progress)
         for t in bar:
-            self.model.zero_grad(set_to_none=True)
-            value = self.objective.backward(self.model)
+            value, scores = self._evaluate()
             if value < best[0]:
                 best = (value, t, copy.deepcopy(atoms))
             gamma = min(1.0, self.s.step_size * 2.0 / (t + 2))
-            scores = self._scores()
             chosen = self._choose(scores)
             mix = self._mix(chosen, scores)
             for name in self.blocks:
                 for a in atoms[name]:
                     a.weight *= 1.0 - gamma
-                vertex = self.base[name].clone()
+                vertex = self.base(name)
                 if chosen[name]:
                     atom = Atom(gamma, self.s.local_merge, chosen[name], mix[name], f"t{t}")
                     vertex += atom.delta(name, self.tau(name), self.s)
@@ -223,8 +239,7 @@ class FrankWolfe:
             })
             bar.set_postfix(objective=f"{value:.4f}")
             LOG.info("fw iteration %d: objective %.5f, gamma %.4f", t, value, gamma)
-        self.model.zero_grad(set_to_none=True)
-        final = self.objective.value(self.model)
+        final = self.gradient.value()
         selected = self.s.iterations
         if best[0] < final:
             final, selected, atoms = best
@@ -233,6 +248,6 @@ class FrankWolfe:
             # never left the base, or no candidate changes it: write the base exactly,
             # not the rounded (1 - gamma) x + gamma x of the loop
             if not atoms[name] or not self.tau_sketch[name].any():
-                self._set_block(name, self.base[name])
+                self._set_block(name, self.base(name))
         read = sum(c.bytes_read for c in self.candidates)
         return FWResult(atoms, trace, final, selected, read, time.time() - start)

@@ -26,6 +26,7 @@ from fwllm.data_methods import DataMethod, MergeJob, MethodParams, mark_plan_com
 from fwllm.encoder_pool import classifier_arch
 from fwllm.errors import FwllmError
 from fwllm.frank_wolfe import Atom, FrankWolfe, FWSettings, block_delta, ta_coefficients
+from fwllm.gradients import LayerOffload, LayerwiseGradient
 from fwllm.heads import TaskHead, is_head_tensor, save_heads
 from fwllm.merged_store import merged_index, read_merged, write_merged
 from fwllm.model_io import (
@@ -49,6 +50,7 @@ class FWParams(MethodParams):
     drop_rate: float = 0.5
     init: Literal["task_arithmetic", "base"] = "task_arithmetic"
     sketch_ratio: float = 32.0
+    gradient: Literal["full", "layerwise"] = "full"
 
     def settings(self) -> FWSettings:
         fields = FWSettings.__dataclass_fields__
@@ -143,7 +145,10 @@ class FWMerging(DataMethod):
         kind = architecture_kind(arch or (read_config(base_dir).get("architectures") or ["?"])[0])
         for task in tasks:  # before any weights are loaded
             check_rows_fit(task, kind)
-        model = load_model(base_dir, torch.float32, job.device, architecture=arch)
+        # layerwise: the weights load on the host; only the non-layer modules move to the device
+        layerwise = p.gradient == "layerwise"
+        model = load_model(base_dir, torch.float32, "cpu" if layerwise else job.device, architecture=arch)
+        offload = LayerOffload(model, job.device) if layerwise else None
         tokenizer = load_tokenizer(base_dir)
         heads = {}
         if model_kind(model) == CLASSIFIER_MODEL:
@@ -153,7 +158,8 @@ class FWMerging(DataMethod):
         blocks = [n for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
         for n, prm in model.named_parameters():
             prm.requires_grad_(n in blocks)
-        fw = FrankWolfe(model, objective, candidates, blocks, p.settings(), job.progress)
+        gradient = LayerwiseGradient(model, offload, objective, blocks) if offload else None
+        fw = FrankWolfe(model, objective, candidates, blocks, p.settings(), job.progress, gradient)
         result = fw.run()
 
         os.makedirs(job.plan_dir, exist_ok=True)
@@ -171,6 +177,9 @@ class FWMerging(DataMethod):
             "selected_iteration": result.selected_iteration,
             "candidate_bytes_read": result.bytes_read,
             "solve_seconds": result.seconds,
+            "gradient": {"mode": p.gradient, "device": job.device,
+                         "layer_fetches": offload.fetches if offload else None,
+                         "peak_layers_on_device": offload.peak_resident if offload else None},
         }
         with open(os.path.join(job.plan_dir, "plan.json"), "w", encoding="utf-8") as fp:
             json.dump(plan, fp)

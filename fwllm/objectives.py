@@ -126,15 +126,39 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+# Causal LMs whose logits are a plain linear map (`lm_head`) of the decoder's last hidden
+# state. For them only the positions that carry a label (response tokens) are projected:
+# the vocabulary matmul is a fifth of a small model's compute, and prompts are often half
+# the tokens or more. Other classes (logit soft-capping, scaled heads, wrappers) take the
+# general path.
+PLAIN_HEAD_CAUSAL_LMS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+
+
+def causal_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy; labels are the unshifted ids with -100 on prompts."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def _causal_loss_sum(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    if type(model).__name__ not in PLAIN_HEAD_CAUSAL_LMS:
+        return causal_loss_from_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                       batch["labels"])
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = model.lm_head(hidden.last_hidden_state[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+
 def batch_loss_sum(model: torch.nn.Module, kind: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed (not averaged) loss of one micro-batch, so tasks can be averaged exactly."""
+    if kind == CAUSAL:
+        return _causal_loss_sum(model, batch)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
-    if kind == CAUSAL:
-        labels = batch["labels"][:, 1:]
-        return F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
     if kind == CLASSIFICATION:
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     if kind == REGRESSION:
@@ -176,33 +200,38 @@ class Objective:
             raise FwllmError("the objective needs at least one calibration task")
         self.tasks = list(tasks)
 
-    def _task_terms(self, model):
-        device = next(model.parameters()).device
+    def terms(self, model, device=None):
+        """(task, weight, micro-batch on `device`) for every micro-batch, under the task's head."""
+        device = device if device is not None else next(model.parameters()).device
         for task in self.tasks:
             scale = 1.0 / (task.units * len(self.tasks))
             with using_head(model, task.head):
                 for batch in task.batches:
                     yield task, scale, _move(batch, device)
 
+    @staticmethod
+    def check_finite(task: EncodedTask, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FwllmError(f"calibration loss on task {task.name!r} is not finite ({loss.item()})")
+
     def backward(self, model: torch.nn.Module) -> float:
         """Accumulate d(objective)/d(params) into `.grad`; return the objective value."""
         total = 0.0
-        for task, scale, batch in self._task_terms(model):
+        for task, scale, batch in self.terms(model):
             loss = batch_loss_sum(model, task.kind, batch) * scale
-            if not torch.isfinite(loss):
-                raise FwllmError(f"calibration loss on task {task.name!r} is not finite ({loss.item()})")
+            self.check_finite(task, loss)
             loss.backward()
             total += loss.item()
         return total
 
     @torch.no_grad()
-    def value(self, model: torch.nn.Module) -> float:
-        return sum((batch_loss_sum(model, t.kind, b) * s).item() for t, s, b in self._task_terms(model))
+    def value(self, model: torch.nn.Module, device=None) -> float:
+        return sum((batch_loss_sum(model, t.kind, b) * s).item() for t, s, b in self.terms(model, device))
 
     @torch.no_grad()
     def per_task(self, model: torch.nn.Module) -> Dict[str, float]:
         out: Dict[str, float] = {}
-        for task, scale, batch in self._task_terms(model):
+        for task, scale, batch in self.terms(model):
             out[task.name] = out.get(task.name, 0.0) + batch_loss_sum(model, task.kind, batch).item() / task.units
         return out
 

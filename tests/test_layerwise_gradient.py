@@ -1,0 +1,144 @@
+"""`gradient: layerwise`: the same gradient as one full backward, one layer on the device at a time."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import load_tensors, task_rows, tiny_tokenizer, write_recipe
+from fwllm.calibration import CAUSAL, CLASSIFICATION, CalibrationTask
+from fwllm.errors import FwllmError
+from fwllm.gradients import LayerOffload, LayerwiseGradient, layer_stack
+from fwllm.merge_cli import run_fwllm_merge
+from fwllm.objectives import encode_tasks
+from mergekit.options import MergeOptions
+
+
+def full_gradient(model, objective):
+    model.zero_grad(set_to_none=True)
+    value = objective.backward(model)
+    return value, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def layerwise_gradient(model, objective):
+    offload = LayerOffload(model, "cpu")
+    blocks = [n for n, _ in model.named_parameters()]
+    grads = {}
+    value = LayerwiseGradient(model, offload, objective, blocks)(lambda n, g: grads.__setitem__(n, g.clone()))
+    return value, grads, offload
+
+
+def tiny_llama(layers=3, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=18, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def causal_objective(model):
+    tasks = [CalibrationTask("copy", CAUSAL, task_rows("copy", 5, 1)), CalibrationTask("rev", CAUSAL, task_rows("rev", 3, 2))]
+    return encode_tasks(tasks, tiny_tokenizer(), model, batch_size=2)  # several micro-batches per task
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_layerwise_gradient_equals_full_backward_llama(tie):
+    model = tiny_llama(tie=tie)
+    objective = causal_objective(model)
+    v_full, g_full = full_gradient(model, objective)
+    v_layer, g_layer, offload = layerwise_gradient(copy.deepcopy(model), objective)
+    assert v_layer == pytest.approx(v_full, rel=1e-6)
+    assert set(g_layer) == set(g_full)
+    for name, g in g_full.items():
+        assert torch.allclose(g_layer[name], g, atol=1e-6, rtol=1e-5), name
+    assert offload.peak_resident == 1  # never two layers on the device
+    micro_batches = sum(len(t.batches) for t in objective.tasks)
+    assert offload.fetches == len(offload.layers) * (micro_batches + 1)  # forward per micro-batch, backward once
+
+
+def test_layerwise_gradient_equals_full_backward_roberta_classifier_with_task_heads():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from test_encoder_pool import roberta_tokenizer, rows
+
+    cfg = RobertaConfig(vocab_size=25, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1, num_labels=3)
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(cfg).eval()
+    other_head = copy.deepcopy(model.classifier)
+    torch.nn.init.normal_(other_head.out_proj.weight)
+    other_head.requires_grad_(False)
+    tasks = [CalibrationTask("sum_mod3", CLASSIFICATION, rows("sum_mod3", 5, 1), ["sentence"]),
+             CalibrationTask("other", CLASSIFICATION, rows("sum_mod3", 4, 2), ["sentence"])]
+    objective = encode_tasks(tasks, roberta_tokenizer(), model, batch_size=2, heads={"other": other_head})
+    v_full, g_full = full_gradient(model, objective)
+    v_layer, g_layer, offload = layerwise_gradient(copy.deepcopy(model), objective)
+    assert offload.stack_name == "roberta.encoder.layer"
+    assert v_layer == pytest.approx(v_full, rel=1e-6)
+    for name, g in g_full.items():
+        assert torch.allclose(g_layer[name], g, atol=1e-6, rtol=1e-5), name
+
+
+def test_released_layers_point_at_host_weights_and_updates_reach_the_next_fetch():
+    model = tiny_llama(layers=2)
+    offload = LayerOffload(model, "cpu")
+    weight = offload.layers[1].mlp.up_proj.weight
+    before = float(weight.detach().sum())
+    with torch.no_grad():
+        weight.data.add_(1.0)  # what FW's update does to a released layer
+    offload.fetch(1)
+    assert float(offload.layers[1].mlp.up_proj.weight.sum()) == pytest.approx(before + weight.numel(), rel=1e-5)
+    offload.release(1)
+    assert offload.resident == 0
+
+
+def test_layer_stack_is_the_largest_repeated_block_list():
+    name, layers = layer_stack(tiny_llama(layers=3))
+    assert name == "model.layers" and len(layers) == 3
+    with pytest.raises(FwllmError, match="repeated layers"):
+        layer_stack(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_layer_fed_something_other_than_the_previous_output_is_refused():
+    class Odd(torch.nn.Module):  # a residual around the stack: layer 1 input != layer 0 output
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x) + x)
+
+    from fwllm.gradients import _MicroBatch
+
+    model = Odd()
+    grad = LayerwiseGradient.__new__(LayerwiseGradient)  # just the forward wrapper, no objective
+    grad.model, grad.offload = model, LayerOffload(model, "cpu")
+    grad._forwards = [layer.forward for layer in grad.offload.layers]
+    current = [_MicroBatch()]
+    with pytest.raises(FwllmError, match="output directly"):
+        with grad._streaming(current):
+            model(torch.ones(1, 4, requires_grad=True))
+
+
+def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool):
+    models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"], tiny_pool["experts"]["noise"]]
+    outs = {}
+    for mode in ("full", "layerwise"):
+        params = {"calibration": str(tiny_pool["calib"]), "iterations": 4, "step_size": 0.5, "scaling": 1.0,
+                  "gradient": mode}
+        recipe = write_recipe(tmp_path / f"{mode}.yml", "fw_merging", tiny_pool["base"], models, params)
+        outs[mode] = tmp_path / mode
+        run_fwllm_merge(str(recipe), str(outs[mode]), MergeOptions(quiet=True))
+    full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
+    assert set(full) == set(layer)
+    for name in full:
+        assert torch.allclose(full[name], layer[name], atol=1e-5), name
+    import json
+
+    plan = json.load(open(outs["layerwise"] / "fwllm_plan" / "plan.json"))
+    assert plan["gradient"]["mode"] == "layerwise" and plan["gradient"]["peak_layers_on_device"] == 1
+    trace_full = json.load(open(outs["full"] / "fwllm_plan" / "trace.json"))["trace"]
+    trace_layer = json.load(open(outs["layerwise"] / "fwllm_plan" / "trace.json"))["trace"]
+    assert [t["chosen"] for t in trace_full] == [t["chosen"] for t in trace_layer]
