@@ -38,14 +38,16 @@ recipe, out = sys.argv[1], sys.argv[2]
 start = time.time()
 run_fwllm_merge(recipe, out, MergeOptions(quiet=True))
 wall = time.time() - start
-solve_bytes = 0
+solve_bytes, gradient = 0, None
 plan = os.path.join(out, "fwllm_plan", "plan.json")
 if os.path.exists(plan):
-    solve_bytes = json.load(open(plan))["candidate_bytes_read"]
+    plan = json.load(open(plan))
+    solve_bytes, gradient = plan["candidate_bytes_read"], plan.get("gradient")
 print("RESULT " + json.dumps({
     "wall_s": wall,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "bytes_read": counted["bytes"] + solve_bytes,
+    "gradient": gradient,
 }))
 """
 
@@ -110,6 +112,26 @@ def calibration_file(root: str, rows: int) -> str:
     return dst
 
 
+def render_table(rows, sizes, labels) -> str:
+    """One line per N: wall time and peak RSS of each run, as ratios to ties and to the smallest N."""
+    by = {(r["method"], r["n"]): r for r in rows}
+    n0, fws = min(sizes), [lab for lab in labels if lab != "ties"]
+    head = ["N", "ties wall s"] + [f"{f} wall s" for f in fws] + [f"{f} / ties wall" for f in fws]
+    head += ["ties RSS MB"] + [f"{f} RSS MB" for f in fws] + [f"{f} RSS / N={n0}" for f in fws]
+    head += ["ties GiB read"] + [f"{f} GiB read" for f in fws]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in sizes:
+        t = by[("ties", n)]
+        cells = [str(n), f"{t['wall_s']:.1f}"]
+        cells += [f"{by[(f, n)]['wall_s']:.1f}" for f in fws]
+        cells += [f"{by[(f, n)]['wall_s'] / t['wall_s']:.2f}" for f in fws]
+        cells += [f"{t['peak_rss_mb']:.0f}"] + [f"{by[(f, n)]['peak_rss_mb']:.0f}" for f in fws]
+        cells += [f"{by[(f, n)]['peak_rss_mb'] / by[(f, n0)]['peak_rss_mb']:.2f}" for f in fws]
+        cells += [f"{t['bytes_read'] / 2**30:.2f}"] + [f"{by[(f, n)]['bytes_read'] / 2**30:.2f}" for f in fws]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", help="base model folder (default: the smol pool's base)")
@@ -117,6 +139,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--rows", type=int, default=8, help="calibration rows (code prompts)")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--fw-gradient", nargs="+", default=["full", "layerwise"], choices=["full", "layerwise"],
+                    help="FW gradient modes to run (layerwise: one layer on the solve device at a time)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fwllm-bench"))
     ap.add_argument("--out", default=os.path.join("eval", "reports"))
     args = ap.parse_args(argv)
@@ -130,36 +154,33 @@ def main(argv=None) -> None:
     calib = calibration_file(args.work, args.rows)
     fw_params = {"calibration": calib, "iterations": args.iterations, "max_length": args.max_length,
                  "batch_size": 4, "scaling": 1.0}
+    runs = [("ties", "ties", None)] + [
+        (f"fw_{mode}", "fw_merging", {**fw_params, "gradient": mode}) for mode in args.fw_gradient]
     rows = []
     for n in args.n:
-        for method, params in (("ties", None), ("fw_merging", fw_params)):
-            recipe = os.path.join(args.work, f"{method}-{n}.yml")
-            out = os.path.join(args.work, f"out-{method}-{n}")
+        for label, method, params in runs:
+            recipe = os.path.join(args.work, f"{label}-{n}.yml")
+            out = os.path.join(args.work, f"out-{label}-{n}")
             subprocess.run(["rm", "-rf", out])
             write_recipe(recipe, method, base, cands[:n], params)
             r = run_child(recipe, out)
-            r.update(method=method, n=n)
+            r.update(method=label, n=n)
             rows.append(r)
-            print(f"{method:>10} N={n:<3} wall {r['wall_s']:7.1f}s  peak RSS {r['peak_rss_mb']:8.0f} MB  "
+            print(f"{label:>13} N={n:<3} wall {r['wall_s']:7.1f}s  peak RSS {r['peak_rss_mb']:8.0f} MB  "
                   f"read {r['bytes_read'] / 2**30:6.2f} GiB", flush=True)
             subprocess.run(["rm", "-rf", out])
-    by = {(r["method"], r["n"]): r for r in rows}
-    n0, lines = min(args.n), []
-    lines.append(f"| N | ties wall s | FW wall s | FW/ties wall | ties RSS MB | FW RSS MB | FW RSS / FW RSS(N={n0}) "
-                 f"| ties GiB read | FW GiB read |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    for n in args.n:
-        t, f = by[("ties", n)], by[("fw_merging", n)]
-        lines.append(f"| {n} | {t['wall_s']:.1f} | {f['wall_s']:.1f} | {f['wall_s'] / t['wall_s']:.2f} | "
-                     f"{t['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | "
-                     f"{f['peak_rss_mb'] / by[('fw_merging', n0)]['peak_rss_mb']:.2f} | "
-                     f"{t['bytes_read'] / 2**30:.2f} | {f['bytes_read'] / 2**30:.2f} |")
-    table = "\n".join(lines)
+    table = render_table(rows, args.n, [label for label, *_ in runs])
+    layered = next((r["gradient"] for r in rows if (r.get("gradient") or {}).get("device_weight_bytes")), None)
+    if layered:
+        table += (f"\n\nfw_layerwise keeps {layered['device_weight_bytes'] / 2**20:.0f} MiB of the "
+                  f"{layered['model_weight_bytes'] / 2**20:.0f} MiB fp32 weights on the solve device "
+                  f"(the modules outside the layer stack plus one layer; "
+                  f"{layered['device_weight_bytes'] / layered['model_weight_bytes']:.0%}).")
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     settings = {"base": base, "iterations": args.iterations, "rows": args.rows, "max_length": args.max_length,
-                "cpu_count": os.cpu_count()}
+                "cpu_count": os.cpu_count(), "fw_gradient": args.fw_gradient}
     with open(os.path.join(args.out, "bench_fw.md"), "w") as fp:
         fp.write(f"# FW-Merging vs mergekit ties ({stamp})\n\nSettings: `{json.dumps(settings)}`\n\n{table}\n")
     with open(os.path.join(args.out, "bench_fw.json"), "w") as fp:

@@ -30,7 +30,7 @@ from fwllm.gradients import FullGradient
 from fwllm.local_merges import combine
 from fwllm.model_io import Candidate
 from fwllm.objectives import Objective
-from fwllm.oracle import CountSketch, alignment, choose_top_k, choose_vertex, project_simplex
+from fwllm.oracle import CountSketch, alignment, choose_top_k, choose_vertex, project_simplex, rescored, sketch_error
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class FWSettings:
     drop_rate: float = 0.5  # dare: drop probability
     init: str = "task_arithmetic"  # task_arithmetic | base
     sketch_ratio: float = 32.0
+    rescore: float = 0.0  # z: re-check contenders within z sketch errors exactly (0 = sketch only)
     seed: int = 0
 
 
@@ -117,6 +118,8 @@ class FrankWolfe:
         self.sketch = CountSketch(settings.sketch_ratio, seed=settings.seed)
         self.progress = progress
         self.tau_sketch: Dict[str, torch.Tensor] = {}
+        self.tau_norm: Dict[str, torch.Tensor] = {}
+        self.rescored = 0  # candidate tensors read to re-check near-tied LMO scores
 
     # -- candidate access -------------------------------------------------------------
     def base(self, name: str) -> torch.Tensor:
@@ -138,13 +141,16 @@ class FrankWolfe:
         init_atom = Atom(1.0, "task_arithmetic", list(range(n)), [1.0] * n, "init")
         for name in tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress):
             rows, total = [], torch.zeros(self._base[name].shape)
+            norms = []
             for i in range(n):
                 t = self.tau(name)(i)
                 rows.append(self.sketch(name, t))
+                norms.append(float(t.float().norm()))
                 if self.s.init == "task_arithmetic":
                     total += t
                 del t
             self.tau_sketch[name] = torch.stack(rows)
+            self.tau_norm[name] = torch.tensor(norms)
             if self.s.init == "task_arithmetic":
                 self._set_block(name, self.base(name) + self.s.scaling * total)
                 atoms[name] = [Atom(**asdict(init_atom))]
@@ -158,7 +164,15 @@ class FrankWolfe:
         scores: Dict[str, torch.Tensor] = {}
 
         def consume(name: str, g: torch.Tensor) -> None:
-            scores[name] = alignment(self.sketch(name, g.detach().cpu()), self.tau_sketch[name])
+            g = g.detach().to("cpu", torch.float32)
+            sketched = alignment(self.sketch(name, g), self.tau_sketch[name])
+            m = self.tau_sketch[name].shape[1]
+            if self.s.rescore > 0 and m < g.numel():
+                sigma = sketch_error(float(g.norm()), self.tau_norm[name], m)
+                exact = lambda i: float(torch.sum(g * self.tau(name)(i)))  # noqa: E731
+                sketched, checked = rescored(sketched, sigma, self.s.rescore, exact)
+                self.rescored += len(checked)
+            scores[name] = sketched
 
         value = self.gradient(consume)
         return value, scores
@@ -216,6 +230,7 @@ class FrankWolfe:
         best = (float("inf"), 0, None)
         bar = tqdm(range(self.s.iterations), desc="fw: iterations", disable=not self.progress)
         for t in bar:
+            checked = self.rescored
             value, scores = self._evaluate()
             if value < best[0]:
                 best = (value, t, copy.deepcopy(atoms))
@@ -233,7 +248,7 @@ class FrankWolfe:
                 p = self.params[name]
                 self._set_block(name, (1.0 - gamma) * p.detach().float().cpu() + gamma * vertex)
             trace.append({
-                "iteration": t, "objective": value, "gamma": gamma,
+                "iteration": t, "objective": value, "gamma": gamma, "rescored": self.rescored - checked,
                 "chosen": {n: chosen[n] for n in self.blocks},
                 "mix": {n: mix[n] for n in self.blocks if n in mix},
             })

@@ -50,6 +50,7 @@ class FWParams(MethodParams):
     drop_rate: float = 0.5
     init: Literal["task_arithmetic", "base"] = "task_arithmetic"
     sketch_ratio: float = 32.0
+    rescore: float = 0.0
     gradient: Literal["full", "layerwise"] = "full"
 
     def settings(self) -> FWSettings:
@@ -68,6 +69,8 @@ def _check_settings(p: FWParams) -> None:
         raise FwllmError("fw_merging: density must be in (0, 1] and drop_rate in [0, 1)")
     if p.sketch_ratio < 1:
         raise FwllmError("fw_merging: sketch_ratio must be >= 1 (1 = exact inner products)")
+    if p.rescore < 0:
+        raise FwllmError("fw_merging: rescore must be >= 0 (sketch errors; 0 = off)")
 
 
 def _task_heads(model, candidates, specs, tasks) -> Dict[str, TaskHead]:
@@ -176,10 +179,13 @@ class FWMerging(DataMethod):
             "objective": {"initial": result.trace[0]["objective"], "final": result.final_objective},
             "selected_iteration": result.selected_iteration,
             "candidate_bytes_read": result.bytes_read,
+            "lmo_rescored_tensors": fw.rescored,
             "solve_seconds": result.seconds,
             "gradient": {"mode": p.gradient, "device": job.device,
                          "layer_fetches": offload.fetches if offload else None,
-                         "peak_layers_on_device": offload.peak_resident if offload else None},
+                         "peak_layers_on_device": offload.peak_resident if offload else None,
+                         "device_weight_bytes": offload.device_weight_bytes if offload else None,
+                         "model_weight_bytes": offload.model_weight_bytes if offload else None},
         }
         with open(os.path.join(job.plan_dir, "plan.json"), "w", encoding="utf-8") as fp:
             json.dump(plan, fp)

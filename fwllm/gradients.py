@@ -108,6 +108,13 @@ class LayerOffload:
                         entries.append((module, key, False, b))
             self.tensors.append(entries)
         self.resident, self.peak_resident, self.fetches = 0, 0, 0
+        layer_bytes = [sum(host.numel() * host.element_size() for *_, host in entries) for entries in self.tensors]
+        stack = {id(t) for t in list(self.layers.parameters()) + list(self.layers.buffers())}
+        outer = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in stack}
+        outer_bytes = sum(t.numel() * t.element_size() for t in outer.values())
+        # weights on the device at the peak: everything outside the stack plus the largest layer
+        self.device_weight_bytes = outer_bytes + max(layer_bytes)
+        self.model_weight_bytes = outer_bytes + sum(layer_bytes)
 
     def layer_parameters(self, i: int) -> List[Tuple[str, torch.nn.Parameter]]:
         return list(self.layers[i].named_parameters(prefix=f"{self.stack_name}.{i}"))

@@ -10,8 +10,9 @@ signed bucket sums. <S g, S tau> is an unbiased estimate of <g, tau>; small tens
 
 from __future__ import annotations
 
+import math
 import zlib
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -63,6 +64,38 @@ class CountSketch:
 def alignment(grad_sketch: torch.Tensor, tau_sketches: torch.Tensor) -> torch.Tensor:
     """<g, tau_i> for every candidate i (rows of tau_sketches)."""
     return tau_sketches @ grad_sketch
+
+
+def sketch_error(g_norm: float, tau_norms: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Standard deviation of each sketched <g, tau_i>: ~ ||g|| ||tau_i|| / sqrt(m) for m random-sign buckets."""
+    return g_norm * tau_norms / math.sqrt(buckets)
+
+
+def contenders(scores: torch.Tensor, sigma: torch.Tensor, z: float) -> List[int]:
+    """Candidates that may be the exact LMO's vertex given scores +- z sigma.
+
+    The winner's exact value is at most U = min(0, min_i upper_i) (0 is the base vertex), so
+    only candidates whose lower bound is below U can win. An empty list means the base wins
+    for sure; one candidate whose upper bound is below 0 wins for sure (nothing to check).
+    """
+    lower, upper = scores - z * sigma, scores + z * sigma
+    bound = min(0.0, float(upper.min())) if scores.numel() else 0.0
+    found = [i for i in range(scores.numel()) if float(lower[i]) < bound]
+    if len(found) == 1 and float(upper[found[0]]) < 0:
+        return []
+    return found
+
+
+def rescored(scores: torch.Tensor, sigma: torch.Tensor, z: float,
+             exact: Callable[[int], float]) -> Tuple[torch.Tensor, List[int]]:
+    """Scores with the statistically tied contenders replaced by exact inner products."""
+    check = contenders(scores, sigma, z)
+    if not check:
+        return scores, []
+    out = scores.clone()
+    for i in check:
+        out[i] = exact(i)
+    return out, check
 
 
 def choose_vertex(scores: torch.Tensor) -> int:

@@ -68,12 +68,14 @@ def encoder_pool(tmp_path_factory):
     return root, experts
 
 
-def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool):
+@pytest.mark.parametrize("gradient", ["full", "layerwise"])
+def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool, gradient):
     from transformers import RobertaForSequenceClassification
 
     root, experts = encoder_pool
     recipe = write_recipe(tmp_path / "enc.yml", "fw_merging", root / "base", list(experts.values()),
-                          {"calibration": str(root / "calib"), "iterations": 4, "scaling": 1.0, "step_size": 0.5},
+                          {"calibration": str(root / "calib"), "iterations": 4, "scaling": 1.0, "step_size": 0.5,
+                           "gradient": gradient},
                           per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
     out = tmp_path / "merged"
     run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))

@@ -190,3 +190,21 @@ def test_soft_mixes_are_on_the_simplex(tmp_path, tiny_pool):
     assert mixes and any(len(m) == 2 for m in mixes)
     for m in mixes:
         assert min(m) >= 0 and abs(sum(m) - 1) < 1e-5
+
+
+def test_rescored_sketch_lmo_picks_what_the_exact_lmo_picks(tmp_path):
+    from conftest import perturbed_copies, save_tiny_llama_base, write_jsonl
+
+    base = save_tiny_llama_base(tmp_path, intermediate_size=512)  # MLP weights of 16384 entries: sketched
+    write_jsonl(tmp_path / "calib" / "copy.jsonl", task_rows("copy", 8, seed=1))
+    pool = {"base": base, "calib": tmp_path / "calib"}
+    models = perturbed_copies(base, tmp_path, 4, scale=0.05, seed=7)
+    runs = {}
+    for label, extra in {"exact": {"sketch_ratio": 1}, "sketch": {}, "rescored": {"rescore": 3.0}}.items():
+        out = merge(tmp_path, label, "fw_merging", pool, models, fw_params(pool, iterations=3, **extra))
+        trace = json.loads((out / "fwllm_plan" / "trace.json").read_text())["trace"]
+        plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+        runs[label] = ([step["chosen"] for step in trace], plan["lmo_rescored_tensors"])
+    assert runs["sketch"][0] != runs["exact"][0]  # the plain sketch errs somewhere on these near-ties
+    assert runs["rescored"][0] == runs["exact"][0]
+    assert runs["rescored"][1] > 0 and runs["exact"][1] == runs["sketch"][1] == 0

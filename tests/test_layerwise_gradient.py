@@ -122,12 +122,13 @@ def test_a_layer_fed_something_other_than_the_previous_output_is_refused():
             model(torch.ones(1, 4, requires_grad=True))
 
 
-def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool):
+@pytest.mark.parametrize("variant", ["hard", "soft"])
+def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool, variant):
     models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"], tiny_pool["experts"]["noise"]]
     outs = {}
     for mode in ("full", "layerwise"):
         params = {"calibration": str(tiny_pool["calib"]), "iterations": 4, "step_size": 0.5, "scaling": 1.0,
-                  "gradient": mode}
+                  "gradient": mode, "variant": variant}
         recipe = write_recipe(tmp_path / f"{mode}.yml", "fw_merging", tiny_pool["base"], models, params)
         outs[mode] = tmp_path / mode
         run_fwllm_merge(str(recipe), str(outs[mode]), MergeOptions(quiet=True))
@@ -142,3 +143,14 @@ def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool):
     trace_full = json.load(open(outs["full"] / "fwllm_plan" / "trace.json"))["trace"]
     trace_layer = json.load(open(outs["layerwise"] / "fwllm_plan" / "trace.json"))["trace"]
     assert [t["chosen"] for t in trace_full] == [t["chosen"] for t in trace_layer]
+
+
+def test_device_weight_bytes_count_the_outer_modules_and_one_layer():
+    model = tiny_llama(layers=3)
+    numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    layer = numel(model.model.layers[0])
+    outer = numel(model) - 3 * layer
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary frequencies (outside the stack)
+    offload = LayerOffload(model, "cpu")
+    assert offload.device_weight_bytes == 4 * (outer + layer) + buffers  # fp32
+    assert offload.model_weight_bytes == 4 * numel(model) + buffers

@@ -46,11 +46,13 @@ def test_adapter_delta_matches_hand_computation(adapters):
         assert delta.abs().sum() > 0
 
 
-def test_fw_over_a_lora_pool_merges_in_weight_space(tmp_path, tiny_pool, adapters):
+@pytest.mark.parametrize("gradient", ["full", "layerwise"])
+def test_fw_over_a_lora_pool_merges_in_weight_space(tmp_path, tiny_pool, adapters, gradient):
     base = tiny_pool["base"]
     models = [f"{base}+{a[0]}" for a in adapters.values()]
     recipe = write_recipe(tmp_path / "lora.yml", "fw_merging", base, models,
-                          {"calibration": str(tiny_pool["calib"]), "iterations": 4, "scaling": 1.0, "step_size": 0.5})
+                          {"calibration": str(tiny_pool["calib"]), "iterations": 4, "scaling": 1.0, "step_size": 0.5,
+                           "gradient": gradient})
     out = tmp_path / "merged"
     run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lc")))
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())

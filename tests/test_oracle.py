@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fwllm.oracle import CountSketch, alignment, choose_top_k, choose_vertex, project_simplex
@@ -45,3 +46,43 @@ def test_simplex_projection():
     assert torch.allclose(w.sum(), torch.tensor(1.0)) and (w >= 0).all()
     assert torch.allclose(w, torch.tensor([0.15, 0.85, 0.0]))
     assert torch.allclose(project_simplex(torch.tensor([0.3, 0.7])), torch.tensor([0.3, 0.7]))
+
+
+@pytest.mark.parametrize("scores, z, expected", [
+    ([-10.0, -1.0, 5.0], 2.0, []),      # one candidate certainly below everything: nothing to re-check
+    ([-2.0, -1.5, 5.0], 1.0, [0, 1]),   # two overlapping intervals: both re-checked, the third can't win
+    ([-0.5, 3.0], 1.0, [0]),            # the best interval crosses 0: it may lose to the base
+    ([2.0, 3.0], 1.0, []),              # every candidate certainly worse than the base
+])
+def test_contenders_by_hand(scores, z, expected):
+    from fwllm.oracle import contenders
+
+    assert contenders(torch.tensor(scores), torch.ones(len(scores)), z) == expected
+
+
+def test_rescoring_recovers_the_exact_vertex_where_the_sketch_errs():
+    from fwllm.oracle import rescored, sketch_error
+
+    torch.manual_seed(0)
+    sk, n, numel = CountSketch(32), 6, 2 * 65536
+    plain_wrong = checked_wrong = reads = 0
+    for trial in range(12):
+        g = torch.randn(numel)
+        # near-tied alignments: the gaps (~2.6) are far below the sketch's error (~2000)
+        taus = torch.randn(n, numel) - 0.002 * g * (1 + 0.01 * torch.randperm(n).float())[:, None]
+        exact = taus @ g
+        name = f"w{trial}"
+        approx = torch.stack([torch.dot(sk(name, g), sk(name, t)) for t in taus])
+        sigma = sketch_error(float(g.norm()), taus.norm(dim=1), sk.buckets(numel))
+        fixed, checked = rescored(approx, sigma, 3.0, lambda i: float(exact[i]))
+        reads += len(checked)
+        plain_wrong += int(choose_vertex(approx) != choose_vertex(exact))
+        checked_wrong += int(choose_vertex(fixed) != choose_vertex(exact))
+    assert plain_wrong > 0 and checked_wrong == 0 and reads > 0
+    # a clear winner costs no exact read
+    g = torch.randn(numel)
+    taus = torch.stack([-g, torch.randn(numel)])
+    approx = torch.stack([torch.dot(sk("c", g), sk("c", t)) for t in taus])
+    _, checked = rescored(approx, sketch_error(float(g.norm()), taus.norm(dim=1), sk.buckets(numel)), 3.0,
+                          lambda i: float(taus[i] @ g))
+    assert checked == []
