@@ -4,6 +4,7 @@ solve:  load the base as the differentiable iterate, stream the candidates once
         (sketches + initial point), run `FrankWolfe`, write the plan folder:
           plan.json       settings, candidates, per-tensor atoms (the exact merge)
           trace.json      objective, gamma and chosen vertex per block, per iteration
+          trace.png       the objective curve, and the share of blocks choosing each vertex
           reproduce.yml   a plain mergekit `task_arithmetic` recipe with per-tensor
                           weights (written when every step is task arithmetic)
           fwllm_heads/    per-task classification heads (encoder pools)
@@ -33,6 +34,7 @@ from fwllm.model_io import (
     check_same_architecture, load_model, load_tokenizer, open_candidate, read_config, resolve_model_path,
 )
 from fwllm.objectives import CLASSIFIER_MODEL, architecture_kind, check_rows_fit, encode_tasks, head_attribute, model_kind
+from fwllm.trace_plot import plot_trace
 
 LOG = logging.getLogger(__name__)
 
@@ -191,6 +193,8 @@ class FWMerging(DataMethod):
             json.dump(plan, fp)
         with open(os.path.join(job.plan_dir, "trace.json"), "w", encoding="utf-8") as fp:
             json.dump({"trace": result.trace, "final_objective": result.final_objective}, fp)
+        plot_trace(result.trace, labels, os.path.join(job.plan_dir, "trace.png"), result.selected_iteration,
+                   result.final_objective)
         if plan["coefficients"] is not None:
             with open(os.path.join(job.plan_dir, "reproduce.yml"), "w", encoding="utf-8") as fp:
                 fp.write(_reproduce_recipe(job.base, labels, plan["coefficients"], "float32"))
