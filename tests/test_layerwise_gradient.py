@@ -154,3 +154,40 @@ def test_device_weight_bytes_count_the_outer_modules_and_one_layer():
     offload = LayerOffload(model, "cpu")
     assert offload.device_weight_bytes == 4 * (outer + layer) + buffers  # fp32
     assert offload.model_weight_bytes == 4 * numel(model) + buffers
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on a device machine)")
+
+
+@needs_cuda
+def test_layerwise_on_cuda_keeps_the_stack_on_the_host_and_matches_cpu():
+    model = tiny_llama()
+    objective = causal_objective(model)
+    v_full, g_full = full_gradient(model, objective)
+    gpu_model = copy.deepcopy(model)
+    offload = LayerOffload(gpu_model, "cuda")
+    assert gpu_model.lm_head.weight.device.type == "cuda"
+    assert all(p.device.type == "cpu" for p in offload.layers.parameters())
+    grads = {}
+    blocks = [n for n, _ in gpu_model.named_parameters()]
+    value = LayerwiseGradient(gpu_model, offload, objective, blocks)(lambda n, g: grads.__setitem__(n, g.cpu()))
+    assert value == pytest.approx(v_full, rel=1e-5)
+    for name, g in g_full.items():
+        assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-4), name
+    assert all(p.device.type == "cpu" for p in offload.layers.parameters())  # released again
+
+
+@needs_cuda
+@pytest.mark.parametrize("gradient", ["full", "layerwise"])
+def test_fw_merge_on_cuda_matches_cpu(tmp_path, tiny_pool, gradient):
+    models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        params = {"calibration": str(tiny_pool["calib"]), "iterations": 3, "step_size": 0.5, "scaling": 1.0,
+                  "gradient": gradient, "device": device}
+        recipe = write_recipe(tmp_path / f"{device}.yml", "fw_merging", tiny_pool["base"], models, params)
+        outs[device] = tmp_path / device
+        run_fwllm_merge(str(recipe), str(outs[device]), MergeOptions(quiet=True))
+    cpu, gpu = load_tensors(outs["cpu"]), load_tensors(outs["cuda"])
+    for name in cpu:
+        assert torch.allclose(cpu[name], gpu[name], atol=1e-4), name
