@@ -1,6 +1,7 @@
 """`gradient: layerwise`: the same gradient as one full backward, one layer on the device at a time."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -122,22 +123,23 @@ def test_a_layer_fed_something_other_than_the_previous_output_is_refused():
             model(torch.ones(1, 4, requires_grad=True))
 
 
+def fw_merge(tmp_path, pool, models, label, **params):
+    """An fw_merging run over `models` on the tiny pool's calibration rows; its output folder."""
+    params = {"calibration": str(pool["calib"]), "step_size": 0.5, "scaling": 1.0, **params}
+    recipe = write_recipe(tmp_path / f"{label}.yml", "fw_merging", pool["base"], models, params)
+    run_fwllm_merge(str(recipe), str(tmp_path / label), MergeOptions(quiet=True))
+    return tmp_path / label
+
+
 @pytest.mark.parametrize("variant", ["hard", "soft"])
 def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool, variant):
     models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"], tiny_pool["experts"]["noise"]]
-    outs = {}
-    for mode in ("full", "layerwise"):
-        params = {"calibration": str(tiny_pool["calib"]), "iterations": 4, "step_size": 0.5, "scaling": 1.0,
-                  "gradient": mode, "variant": variant}
-        recipe = write_recipe(tmp_path / f"{mode}.yml", "fw_merging", tiny_pool["base"], models, params)
-        outs[mode] = tmp_path / mode
-        run_fwllm_merge(str(recipe), str(outs[mode]), MergeOptions(quiet=True))
+    outs = {mode: fw_merge(tmp_path, tiny_pool, models, mode, iterations=4, gradient=mode, variant=variant)
+            for mode in ("full", "layerwise")}
     full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
     assert set(full) == set(layer)
     for name in full:
         assert torch.allclose(full[name], layer[name], atol=1e-5), name
-    import json
-
     plan = json.load(open(outs["layerwise"] / "fwllm_plan" / "plan.json"))
     assert plan["gradient"]["mode"] == "layerwise" and plan["gradient"]["peak_layers_on_device"] == 1
     trace_full = json.load(open(outs["full"] / "fwllm_plan" / "trace.json"))["trace"]
@@ -181,13 +183,8 @@ def test_layerwise_on_cuda_keeps_the_stack_on_the_host_and_matches_cpu():
 @pytest.mark.parametrize("gradient", ["full", "layerwise"])
 def test_fw_merge_on_cuda_matches_cpu(tmp_path, tiny_pool, gradient):
     models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]]
-    outs = {}
-    for device in ("cpu", "cuda"):
-        params = {"calibration": str(tiny_pool["calib"]), "iterations": 3, "step_size": 0.5, "scaling": 1.0,
-                  "gradient": gradient, "device": device}
-        recipe = write_recipe(tmp_path / f"{device}.yml", "fw_merging", tiny_pool["base"], models, params)
-        outs[device] = tmp_path / device
-        run_fwllm_merge(str(recipe), str(outs[device]), MergeOptions(quiet=True))
+    outs = {device: fw_merge(tmp_path, tiny_pool, models, device, iterations=3, gradient=gradient, device=device)
+            for device in ("cpu", "cuda")}
     cpu, gpu = load_tensors(outs["cpu"]), load_tensors(outs["cuda"])
     for name in cpu:
         assert torch.allclose(cpu[name], gpu[name], atol=1e-4), name
