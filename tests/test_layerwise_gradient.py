@@ -188,3 +188,23 @@ def test_fw_merge_on_cuda_matches_cpu(tmp_path, tiny_pool, gradient):
     cpu, gpu = load_tensors(outs["cpu"]), load_tensors(outs["cuda"])
     for name in cpu:
         assert torch.allclose(cpu[name], gpu[name], atol=1e-4), name
+
+
+def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_text():
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from fwllm.calibration import UNLABELED
+    from test_encoder_pool import roberta_tokenizer, rows
+
+    cfg = RobertaConfig(vocab_size=25, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(cfg).eval()
+    texts = [{"text": r["sentence"]} for r in rows("sum_mod3", 5, 3)]
+    objective = encode_tasks([CalibrationTask("mlm", UNLABELED, texts)], roberta_tokenizer(), model, batch_size=2)
+    v_full, g_full = full_gradient(model, objective)
+    v_layer, g_layer, offload = layerwise_gradient(copy.deepcopy(model), objective)
+    assert v_layer == pytest.approx(v_full, rel=1e-6)
+    assert set(g_layer) == set(g_full)
+    for name, g in g_full.items():
+        assert torch.allclose(g_layer[name], g, atol=1e-6, rtol=1e-5), name
