@@ -127,7 +127,8 @@ class FrankWolfe:
         return self._base[name].to(torch.float32, copy=True)
 
     def tau(self, name: str) -> Callable[[int], torch.Tensor]:
-        return lambda i: self.candidates[i].task_vector(name, self.base(name))
+        base = self.base(name)  # one float32 copy per block, shared by the candidates' reads
+        return lambda i: self.candidates[i].task_vector(name, base)
 
     def _set_block(self, name: str, value: torch.Tensor) -> None:
         p = self.params[name]
@@ -141,9 +142,9 @@ class FrankWolfe:
         init_atom = Atom(1.0, "task_arithmetic", list(range(n)), [1.0] * n, "init")
         for name in tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress):
             rows, total = [], torch.zeros(self._base[name].shape)
-            norms = []
+            norms, tau = [], self.tau(name)
             for i in range(n):
-                t = self.tau(name)(i)
+                t = tau(i)
                 rows.append(self.sketch(name, t))
                 norms.append(float(t.float().norm()))
                 if self.s.init == "task_arithmetic":
@@ -169,7 +170,8 @@ class FrankWolfe:
             m = self.tau_sketch[name].shape[1]
             if self.s.rescore > 0 and m < g.numel():
                 sigma = sketch_error(float(g.norm()), self.tau_norm[name], m)
-                exact = lambda i: float(torch.sum(g * self.tau(name)(i)))  # noqa: E731
+                tau = self.tau(name)
+                exact = lambda i: float(torch.sum(g * tau(i)))  # noqa: E731
                 sketched, checked = rescored(sketched, sigma, self.s.rescore, exact)
                 self.rescored += len(checked)
             scores[name] = sketched
