@@ -5,9 +5,12 @@ child counts the candidate bytes each side reads: mergekit's loader for tensors 
 to merge methods, fwllm's readers for the FW solve. Candidates are the SmolLM2 base plus
 distinct random low-rank task vectors (bf16, sharded), i.e. real-size inputs.
 
-    python eval/bench_fw.py --base DIR [--n 2 4 8 16] [--iterations 10] [--out eval/reports]
+    python eval/bench_fw.py --base DIR [--n 2 4 8 16] [--iterations 10] [--minibatches 1] [--out eval/reports]
 
 DIR defaults to the base of the `smol` expert pool (`fwllm experts --profile smol`).
+`fw_full` and `fw_layerwise` differentiate every calibration row at every iteration;
+`fw_full_mb{K}` is stochastic FW (`batches_per_iteration: K`, K micro-batches of the
+calibration set per iteration; the rows below make two micro-batches).
 Prints one table and writes it as markdown + JSON. Ratios matter, not absolute seconds.
 """
 
@@ -141,6 +144,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--fw-gradient", nargs="+", default=["full", "layerwise"], choices=["full", "layerwise"],
                     help="FW gradient modes to run (layerwise: one layer on the solve device at a time)")
+    ap.add_argument("--minibatches", type=int, nargs="*", default=[1],
+                    help="stochastic FW runs (gradient: full) with this many micro-batches per iteration")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fwllm-bench"))
     ap.add_argument("--out", default=os.path.join("eval", "reports"))
     args = ap.parse_args(argv)
@@ -156,6 +161,8 @@ def main(argv=None) -> None:
                  "batch_size": 4, "scaling": 1.0}
     runs = [("ties", "ties", None)] + [
         (f"fw_{mode}", "fw_merging", {**fw_params, "gradient": mode}) for mode in args.fw_gradient]
+    runs += [(f"fw_full_mb{k}", "fw_merging", {**fw_params, "gradient": "full", "batches_per_iteration": k})
+             for k in args.minibatches]
     rows = []
     for n in args.n:
         for label, method, params in runs:
@@ -180,7 +187,8 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     settings = {"base": base, "iterations": args.iterations, "rows": args.rows, "max_length": args.max_length,
-                "cpu_count": os.cpu_count(), "fw_gradient": args.fw_gradient}
+                "cpu_count": os.cpu_count(), "fw_gradient": args.fw_gradient, "minibatches": args.minibatches,
+                "batch_size": fw_params["batch_size"]}
     with open(os.path.join(args.out, "bench_fw.md"), "w") as fp:
         fp.write(f"# FW-Merging vs mergekit ties ({stamp})\n\nSettings: `{json.dumps(settings)}`\n\n{table}\n")
     with open(os.path.join(args.out, "bench_fw.json"), "w") as fp:

@@ -50,6 +50,7 @@ class FWSettings:
     init: str = "task_arithmetic"  # task_arithmetic | base
     sketch_ratio: float = 32.0
     rescore: float = 0.0  # z: re-check contenders within z sketch errors exactly (0 = sketch only)
+    batches_per_iteration: int = 0  # stochastic FW: micro-batches per task and iteration (0 = all)
     seed: int = 0
 
 
@@ -77,6 +78,7 @@ class FWResult:
     selected_iteration: int = 0  # the iterate returned: lowest calibration objective seen
     bytes_read: int = 0
     seconds: float = 0.0
+    initial_objective: float = float("nan")  # the full objective at the initial point
 
 
 def block_delta(atoms: Sequence[Atom], name: str, tau: Callable[[int], torch.Tensor], s: FWSettings, like: torch.Tensor) -> torch.Tensor:
@@ -159,9 +161,10 @@ class FrankWolfe:
                 atoms[name] = []
         return atoms
 
-    def _evaluate(self) -> Tuple[float, Dict[str, torch.Tensor]]:
+    def _evaluate(self, objective: Optional[Objective] = None) -> Tuple[float, Dict[str, torch.Tensor]]:
         """Objective value at the current iterate, and <g, tau_i> per block (the gradient is
-        reduced to N scores as it arrives, never kept)."""
+        reduced to N scores as it arrives, never kept). `objective`: a minibatch objective
+        instead of the full one."""
         scores: Dict[str, torch.Tensor] = {}
 
         def consume(name: str, g: torch.Tensor) -> None:
@@ -176,10 +179,11 @@ class FrankWolfe:
                 self.rescored += len(checked)
             scores[name] = sketched
 
-        value = self.gradient(consume)
+        value = self.gradient(consume, objective)
         return value, scores
 
-    def _mix(self, chosen: Dict[str, List[int]], scores: Dict[str, torch.Tensor]) -> Dict[str, List[float]]:
+    def _mix(self, chosen: Dict[str, List[int]], scores: Dict[str, torch.Tensor],
+             objective: Optional[Objective] = None) -> Dict[str, List[float]]:
         """Soft variant: mixing weights of the chosen vertices, solved on the calibration loss."""
         mix = {}
         for name, members in chosen.items():
@@ -194,7 +198,7 @@ class FrankWolfe:
                 if members:
                     atom = Atom(1.0, self.s.local_merge, members, mix[name], "mix")
                     self._set_block(name, self.base(name) + atom.delta(name, self.tau(name), self.s))
-            _, at_s = self._evaluate()
+            _, at_s = self._evaluate(objective)
             for name, members in chosen.items():
                 if len(members) > 1:
                     grad = at_s[name][members] * self.s.scaling
@@ -228,17 +232,26 @@ class FrankWolfe:
         start = time.time()
         atoms = self.read_candidates()
         trace = []
+        k = self.s.batches_per_iteration
+        stochastic = self.objective.is_sampled_by(k)
         # Open-loop FW steps are not monotone; keep the best iterate (the start included).
-        best = (float("inf"), 0, None)
+        # Stochastic iterations only see minibatch estimates, which do not compare across
+        # iterations: there the choice is between the start and the last iterate, on the
+        # full objective.
+        best = (self.gradient.value(), 0, copy.deepcopy(atoms)) if stochastic else (float("inf"), 0, None)
+        initial = best[0]
         bar = tqdm(range(self.s.iterations), desc="fw: iterations", disable=not self.progress)
         for t in bar:
             checked = self.rescored
-            value, scores = self._evaluate()
-            if value < best[0]:
+            objective = self.objective.sample(t, k, self.s.seed) if stochastic else None
+            value, scores = self._evaluate(objective)
+            if t == 0 and not stochastic:
+                initial = value
+            if value < best[0] and not stochastic:
                 best = (value, t, copy.deepcopy(atoms))
             gamma = min(1.0, self.s.step_size * 2.0 / (t + 2))
             chosen = self._choose(scores)
-            mix = self._mix(chosen, scores)
+            mix = self._mix(chosen, scores, objective)
             for name in self.blocks:
                 for a in atoms[name]:
                     a.weight *= 1.0 - gamma
@@ -249,11 +262,12 @@ class FrankWolfe:
                     atoms[name].append(atom)
                 p = self.params[name]
                 self._set_block(name, (1.0 - gamma) * p.detach().float().cpu() + gamma * vertex)
-            trace.append({
-                "iteration": t, "objective": value, "gamma": gamma, "rescored": self.rescored - checked,
-                "chosen": {n: chosen[n] for n in self.blocks},
-                "mix": {n: mix[n] for n in self.blocks if n in mix},
-            })
+            step = {"iteration": t, "objective": value, "gamma": gamma, "rescored": self.rescored - checked,
+                    "chosen": {n: chosen[n] for n in self.blocks},
+                    "mix": {n: mix[n] for n in self.blocks if n in mix}}
+            if stochastic:
+                step["minibatch"] = True  # `objective` is this iteration's minibatch estimate
+            trace.append(step)
             bar.set_postfix(objective=f"{value:.4f}")
             LOG.info("fw iteration %d: objective %.5f, gamma %.4f", t, value, gamma)
         final = self.gradient.value()
@@ -267,4 +281,4 @@ class FrankWolfe:
             if not atoms[name] or not self.tau_sketch[name].any():
                 self._set_block(name, self.base(name))
         read = sum(c.bytes_read for c in self.candidates)
-        return FWResult(atoms, trace, final, selected, read, time.time() - start)
+        return FWResult(atoms, trace, final, selected, read, time.time() - start, initial_objective=initial)

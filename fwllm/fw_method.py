@@ -54,6 +54,7 @@ class FWParams(MethodParams):
     sketch_ratio: float = 32.0
     rescore: float = 0.0
     gradient: Literal["full", "layerwise"] = "full"
+    batches_per_iteration: int = 0
 
     def settings(self) -> FWSettings:
         fields = FWSettings.__dataclass_fields__
@@ -73,6 +74,8 @@ def _check_settings(p: FWParams) -> None:
         raise FwllmError("fw_merging: sketch_ratio must be >= 1 (1 = exact inner products)")
     if p.rescore < 0:
         raise FwllmError("fw_merging: rescore must be >= 0 (sketch errors; 0 = off)")
+    if p.batches_per_iteration < 0:
+        raise FwllmError("fw_merging: batches_per_iteration must be >= 0 (micro-batches per task; 0 = all)")
 
 
 def _task_heads(model, candidates, specs, tasks) -> Dict[str, TaskHead]:
@@ -178,7 +181,8 @@ class FWMerging(DataMethod):
             "primary_head": labels[0] if heads else None,
             "atoms": {n: [vars(a) for a in atoms] for n, atoms in result.atoms.items()},
             "coefficients": coefficients if all(c is not None for c in coefficients.values()) else None,
-            "objective": {"initial": result.trace[0]["objective"], "final": result.final_objective},
+            "objective": {"initial": result.initial_objective, "final": result.final_objective},
+            "stochastic": bool(result.trace and result.trace[0].get("minibatch")),
             "selected_iteration": result.selected_iteration,
             "candidate_bytes_read": result.bytes_read,
             "lmo_rescored_tensors": fw.rescored,
@@ -194,7 +198,7 @@ class FWMerging(DataMethod):
         with open(os.path.join(job.plan_dir, "trace.json"), "w", encoding="utf-8") as fp:
             json.dump({"trace": result.trace, "final_objective": result.final_objective}, fp)
         plot_trace(result.trace, labels, os.path.join(job.plan_dir, "trace.png"), result.selected_iteration,
-                   result.final_objective)
+                   result.final_objective, result.initial_objective)
         if plan["coefficients"] is not None:
             with open(os.path.join(job.plan_dir, "reproduce.yml"), "w", encoding="utf-8") as fp:
                 fp.write(_reproduce_recipe(job.base, labels, plan["coefficients"], "float32"))

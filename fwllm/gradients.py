@@ -1,8 +1,9 @@
 """How the calibration objective's gradient reaches the oracle: whole model, or layer by layer.
 
 Both strategies are called the same way, ``value = gradient(consume)``: they evaluate the
-objective at the current weights and hand every block's gradient to ``consume(name, g)``
-once; the caller reduces it (FW sketches it into N alignment scores) and drops it.
+objective (or the one passed, e.g. a stochastic iteration's minibatch objective) at the
+current weights and hand every block's gradient to ``consume(name, g)`` once; the caller
+reduces it (FW sketches it into N alignment scores) and drops it.
 
 * `FullGradient`: one backward through the model on its device; the whole gradient exists
   for a moment, as in any training step.
@@ -49,16 +50,16 @@ class FullGradient:
         params = dict(model.named_parameters())
         self.params = [(n, params[n]) for n in blocks]
 
-    def __call__(self, consume: Consume) -> float:
+    def __call__(self, consume: Consume, objective: Optional[Objective] = None) -> float:
         self.model.zero_grad(set_to_none=True)
-        value = self.objective.backward(self.model)
+        value = (objective or self.objective).backward(self.model)
         for name, p in self.params:
             consume(name, _grad_or_zeros(p))
         self.model.zero_grad(set_to_none=True)
         return value
 
-    def value(self) -> float:
-        return self.objective.value(self.model)
+    def value(self, objective: Optional[Objective] = None) -> float:
+        return (objective or self.objective).value(self.model)
 
 
 # -- placement ------------------------------------------------------------------------------
@@ -222,20 +223,21 @@ class LayerwiseGradient:
             for layer in self.offload.layers:
                 del layer.forward  # back to the class's forward
 
-    def value(self) -> float:
+    def value(self, objective: Optional[Objective] = None) -> float:
         with self._streaming([None]):
-            return self.objective.value(self.model, self.offload.device)
+            return (objective or self.objective).value(self.model, self.offload.device)
 
     # backward ---------------------------------------------------------------------------
-    def __call__(self, consume: Consume) -> float:
+    def __call__(self, consume: Consume, objective: Optional[Objective] = None) -> float:
+        objective = objective or self.objective
         self.model.zero_grad(set_to_none=True)
         current: List[Optional[_MicroBatch]] = [None]
         records, total = [], 0.0
         with self._streaming(current):
-            for task, scale, batch in self.objective.terms(self.model, self.offload.device):
+            for task, scale, batch in objective.terms(self.model, self.offload.device):
                 rec = current[0] = _MicroBatch()
                 loss = batch_loss_sum(self.model, task.kind, batch) * scale
-                self.objective.check_finite(task, loss)
+                objective.check_finite(task, loss)
                 loss.backward()  # the head's and final norm's gradients, and d loss / d top output
                 top = rec.last
                 rec.grad = (top.grad if top.grad is not None else torch.zeros_like(top)).to(self.offload.host)

@@ -1,8 +1,11 @@
 """Losses on calibration rows: the objective every data-informed method minimises.
 
-Rows are tokenized once (`encode_tasks`); `Objective.backward(model)` then runs each
-micro-batch forward and backward, so only one micro-batch of activations is alive at a
-time, and returns the objective value: the mean over tasks of each task's mean loss.
+Rows are tokenized once (`encode_tasks`) into micro-batches of rows of similar length (the
+objective is a sum over rows, so their order is free, and sorted rows waste no compute on
+padding); `Objective.backward(model)` then runs each micro-batch forward and backward, so
+only one micro-batch of activations is alive at a time, and returns the objective value:
+the mean over tasks of each task's mean loss. `Objective.sample` gives the minibatch
+objective a stochastic FW iteration uses.
 
 * causal LM rows     -> token-mean cross-entropy on response tokens only
 * classification     -> cross-entropy; regression (float label) -> squared error
@@ -63,6 +66,7 @@ class EncodedTask:
     batches: List[Dict[str, torch.Tensor]]
     units: int  # response tokens (causal), rows, or predicted positions (entropy)
     head: Optional[torch.nn.Module] = field(default=None, repr=False)
+    batch_units: List[int] = field(default_factory=list)  # units of each micro-batch
 
 
 def _pad_id(tokenizer) -> int:
@@ -96,29 +100,39 @@ def _collate_causal(items, pad_id) -> Dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _by_length(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
+    """Row indices in micro-batches of similar length (longest first, ties in file order)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def encode_task(task: CalibrationTask, tokenizer, max_length: int = 256, batch_size: int = 8) -> EncodedTask:
-    """Tokenize a task once into padded micro-batches."""
-    batches, units = [], 0
-    for start in range(0, len(task.rows), batch_size):
-        chunk = task.rows[start : start + batch_size]
-        if task.kind == CAUSAL:
-            batch = _collate_causal(_encode_causal(chunk, tokenizer, max_length), _pad_id(tokenizer))
-            units += int((batch["labels"][:, 1:] != -100).sum())
+    """Tokenize a task once into padded micro-batches of rows of similar length."""
+    batches, batch_units = [], []
+    if task.kind == CAUSAL:
+        encoded = _encode_causal(task.rows, tokenizer, max_length)
+        for chunk in _by_length([len(ids) for ids, _ in encoded], batch_size):
+            batch = _collate_causal([encoded[i] for i in chunk], _pad_id(tokenizer))
+            batches.append(batch)
+            batch_units.append(int((batch["labels"][:, 1:] != -100).sum()))
+        return EncodedTask(task.name, task.kind, batches, max(sum(batch_units), 1), batch_units=batch_units)
+    fields = task.text_fields or ["text"]
+    texts = [r[fields[0]] for r in task.rows]
+    pairs = [r[fields[1]] for r in task.rows] if len(fields) > 1 else None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = _pad_id(tokenizer)
+    lengths = [len(ids) for ids in tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]]
+    for chunk in _by_length(lengths, batch_size):
+        batch = dict(tokenizer([texts[i] for i in chunk], [pairs[i] for i in chunk] if pairs else None,
+                               truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+        if task.kind in (CLASSIFICATION, REGRESSION):
+            dtype = torch.float32 if task.kind == REGRESSION else torch.long
+            batch["labels"] = torch.tensor([task.rows[i]["label"] for i in chunk], dtype=dtype)
+            batch_units.append(len(chunk))
         else:
-            fields = task.text_fields or ["text"]
-            texts = [r[fields[0]] for r in chunk]
-            pairs = [r[fields[1]] for r in chunk] if len(fields) > 1 else None
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token_id = _pad_id(tokenizer)
-            batch = dict(tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
-            if task.kind in (CLASSIFICATION, REGRESSION):
-                dtype = torch.float32 if task.kind == REGRESSION else torch.long
-                batch["labels"] = torch.tensor([r["label"] for r in chunk], dtype=dtype)
-                units += len(chunk)
-            else:
-                units += int(batch["attention_mask"].sum())
+            batch_units.append(int(batch["attention_mask"].sum()))
         batches.append(batch)
-    return EncodedTask(task.name, task.kind, batches, max(units, 1))
+    return EncodedTask(task.name, task.kind, batches, max(sum(batch_units), 1), batch_units=batch_units)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -208,6 +222,32 @@ class Objective:
             with using_head(model, task.head):
                 for batch in task.batches:
                     yield task, scale, _move(batch, device)
+
+    def sample(self, step: int, per_task: int, seed: int = 0) -> "Objective":
+        """The minibatch objective of stochastic iteration `step`: `per_task` micro-batches of
+        each task, each task's loss averaged over the units it drew.
+
+        Each task's micro-batches are dealt in epochs: a seeded shuffle cut into windows of
+        `per_task`, one window per step, so every row is used once per epoch. A task with no
+        more micro-batches than `per_task` is used whole."""
+        tasks = []
+        for k, task in enumerate(self.tasks):
+            count = len(task.batches)
+            if per_task <= 0 or count <= per_task:
+                tasks.append(task)
+                continue
+            windows = -(-count // per_task)
+            epoch, window = divmod(step, windows)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 7919 + epoch)
+            picked = torch.randperm(count, generator=gen)[window * per_task : (window + 1) * per_task].tolist()
+            units = [task.batch_units[i] for i in picked]
+            tasks.append(EncodedTask(task.name, task.kind, [task.batches[i] for i in picked], max(sum(units), 1),
+                                     task.head, units))
+        return Objective(tasks)
+
+    def is_sampled_by(self, per_task: int) -> bool:
+        """Whether `sample(.., per_task)` leaves any task out in part (else it is this objective)."""
+        return per_task > 0 and any(len(t.batches) > per_task for t in self.tasks)
 
     @staticmethod
     def check_finite(task: EncodedTask, loss: torch.Tensor) -> None:

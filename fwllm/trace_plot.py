@@ -37,20 +37,35 @@ def short_label(label: str) -> str:
 
 
 def plot_trace(trace: Sequence[dict], labels: Sequence[str], path: str, selected: Optional[int] = None,
-               final_objective: Optional[float] = None) -> str:
+               final_objective: Optional[float] = None, initial_objective: Optional[float] = None) -> str:
     from fwllm.evaluation.report import _pyplot
 
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = [step["iteration"] for step in trace]
     ys = [step["objective"] for step in trace]
-    if final_objective is not None:
-        xs, ys = xs + [len(trace)], ys + [final_objective]
-    left.plot(xs, ys, marker="o")
-    if selected is not None and selected < len(ys):
-        left.plot([xs[selected]], [ys[selected]], marker="*", markersize=14, color="tab:red", linestyle="none",
-                  label=f"returned (iterate {selected})")
+    if trace and trace[0].get("minibatch"):
+        # stochastic FW: the per-iteration values are minibatch estimates; only the start and
+        # the last iterate were scored on the full objective, and the better one is returned
+        left.plot(xs, ys, marker=".", color="tab:gray", label="minibatch estimate")
+        full_x, full_y = [0, len(trace)], [initial_objective, final_objective]
+        keep = [(x, y) for x, y in zip(full_x, full_y) if y is not None]
+        left.plot([x for x, _ in keep], [y for _, y in keep], marker="o", linestyle="none", label="full objective")
+        if selected is not None:
+            pick = 0 if selected == 0 else len(trace)
+            value = initial_objective if selected == 0 else final_objective
+            if value is not None:
+                left.plot([pick], [value], marker="*", markersize=14, color="tab:red", linestyle="none",
+                          label=f"returned (iterate {selected})")
         left.legend(fontsize="small")
+    else:
+        if final_objective is not None:
+            xs, ys = xs + [len(trace)], ys + [final_objective]
+        left.plot(xs, ys, marker="o")
+        if selected is not None and selected < len(ys):
+            left.plot([xs[selected]], [ys[selected]], marker="*", markersize=14, color="tab:red", linestyle="none",
+                      label=f"returned (iterate {selected})")
+            left.legend(fontsize="small")
     left.set_xlabel("iterate t")
     left.set_ylabel("calibration objective")
     left.set_title("FW objective")

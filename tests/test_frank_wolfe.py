@@ -208,3 +208,35 @@ def test_rescored_sketch_lmo_picks_what_the_exact_lmo_picks(tmp_path):
     assert runs["sketch"][0] != runs["exact"][0]  # the plain sketch errs somewhere on these near-ties
     assert runs["rescored"][0] == runs["exact"][0]
     assert runs["rescored"][1] > 0 and runs["exact"][1] == runs["sketch"][1] == 0
+
+
+def test_stochastic_fw_with_every_batch_per_iteration_is_plain_fw(tmp_path, tiny_pool):
+    # the tiny pool has 16 rows per task in micro-batches of 8: asking for 2 per task is all of them
+    e = tiny_pool["experts"]
+    plain = merge(tmp_path, "plain", "fw_merging", tiny_pool, [e["copy"], e["rev"]], fw_params(tiny_pool))
+    whole = merge(tmp_path, "whole", "fw_merging", tiny_pool, [e["copy"], e["rev"]],
+                  fw_params(tiny_pool, batches_per_iteration=2))
+    a, b = tensors(plain), tensors(whole)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    ta, tb = (json.loads((x / "fwllm_plan" / "trace.json").read_text())["trace"] for x in (plain, whole))
+    assert [t["objective"] for t in ta] == [t["objective"] for t in tb]
+    assert not any("minibatch" in t for t in tb)
+
+
+def test_stochastic_fw_returns_the_better_of_start_and_last_iterate_on_the_full_objective(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    out = merge(tmp_path, "sfw", "fw_merging", tiny_pool, [e["copy"], e["rev"]],
+                fw_params(tiny_pool, batches_per_iteration=1, iterations=6))
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+    trace = json.loads((out / "fwllm_plan" / "trace.json").read_text())["trace"]
+    assert plan["stochastic"] and all(t["minibatch"] for t in trace)
+    # the start is task arithmetic at lambda; its full objective, computed independently
+    ta = merge(tmp_path, "ta", "task_arithmetic", tiny_pool, [e["copy"], e["rev"]], {"lambda": 1.0},
+               per_model=[{"weight": 1.0}, {"weight": 1.0}])
+    assert plan["objective"]["initial"] == pytest.approx(objective_of(ta, tiny_pool["calib"]), rel=1e-4)
+    assert plan["selected_iteration"] in (0, 6)
+    assert plan["objective"]["final"] <= plan["objective"]["initial"]
+    assert objective_of(out, tiny_pool["calib"]) == pytest.approx(plan["objective"]["final"], rel=1e-4)
+    # minibatch estimates are not the full objective: each iteration saw half of each task
+    assert trace[0]["objective"] != pytest.approx(plan["objective"]["initial"], rel=1e-6)
+    assert (out / "fwllm_plan" / "trace.png").read_bytes()[:4] == b"\x89PNG"

@@ -208,3 +208,15 @@ def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_
     assert set(g_layer) == set(g_full)
     for name, g in g_full.items():
         assert torch.allclose(g_layer[name], g, atol=1e-6, rtol=1e-5), name
+
+
+def test_stochastic_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool):
+    models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]]
+    outs = {mode: fw_merge(tmp_path, tiny_pool, models, mode, iterations=3, gradient=mode, batches_per_iteration=1)
+            for mode in ("full", "layerwise")}
+    full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
+    for name in full:
+        assert torch.allclose(full[name], layer[name], atol=1e-5), name
+    traces = [json.load(open(outs[m] / "fwllm_plan" / "trace.json"))["trace"] for m in ("full", "layerwise")]
+    assert [t["objective"] for t in traces[0]] == pytest.approx([t["objective"] for t in traces[1]], rel=1e-5)
+    assert [t["chosen"] for t in traces[0]] == [t["chosen"] for t in traces[1]]

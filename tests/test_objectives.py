@@ -1,5 +1,6 @@
 """The calibration loss: response-only cross-entropy, computed by hand."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +37,75 @@ def test_response_only_projection_equals_the_full_logits_loss_and_gradient():
     assert torch.allclose(fast, slow, rtol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(g_fast[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def varied_rows(n, seed=0):
+    """Causal rows of different lengths (1 to 9 digits), so micro-batches need padding."""
+    import random
+
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        digits = [str(r.randint(0, 9)) for _ in range(r.randint(1, 9))]
+        rows.append({"prompt": f"copy : {' '.join(digits)} =", "response": " ".join(digits)})
+    return rows
+
+
+def padded_tokens(objective):
+    return sum(b["input_ids"].numel() for t in objective.tasks for b in t.batches)
+
+
+def test_micro_batches_group_rows_of_similar_length_and_keep_the_objective():
+    model = tiny_llama(layers=2)
+    tok = tiny_tokenizer()
+    task = CalibrationTask("copy", CAUSAL, varied_rows(11))
+    batched = encode_tasks([task], tok, model, batch_size=4)
+    widths = [b["input_ids"].shape[1] for b in batched.tasks[0].batches]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1
+    # against file order: the same rows, in chunks of 4 as they come, padded to each chunk's longest
+    lengths = [len(tok(r["prompt"])["input_ids"]) + len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1
+               for r in task.rows]
+    in_file_order = sum(max(lengths[i:i + 4]) * len(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+    assert padded_tokens(batched) <= in_file_order
+    # the objective is the token mean over all rows, however they are grouped: one row at a time
+    # and by hand
+    single = encode_tasks([task], tok, model, batch_size=1)
+    with torch.no_grad():
+        by_hand = sum(float(hand_loss(model, b)) for b in single.tasks[0].batches) / single.tasks[0].units
+    assert batched.tasks[0].units == single.tasks[0].units == sum(batched.tasks[0].batch_units)
+    assert batched.value(model) == pytest.approx(by_hand, rel=1e-5)
+    assert single.value(model) == pytest.approx(by_hand, rel=1e-5)
+
+
+def two_task_objective(model, rows=(10, 6), batch_size=2):
+    tasks = [CalibrationTask(f"t{k}", CAUSAL, varied_rows(n, seed=k)) for k, n in enumerate(rows)]
+    return encode_tasks(tasks, tiny_tokenizer(), model, batch_size=batch_size)
+
+
+def test_sampling_deals_every_micro_batch_once_per_epoch():
+    objective = two_task_objective(tiny_llama(layers=1))  # 5 and 3 micro-batches
+    first = objective.tasks[0]
+    ids = {id(b): i for i, b in enumerate(first.batches)}
+    drawn = [[ids[id(b)] for b in objective.sample(step, 2, seed=3).tasks[0].batches] for step in range(6)]
+    assert [len(d) for d in drawn] == [2, 2, 1, 2, 2, 1]  # 3 windows per epoch of 5
+    for epoch in (drawn[:3], drawn[3:]):
+        assert sorted(i for window in epoch for i in window) == list(range(5))
+    assert drawn == [[ids[id(b)] for b in objective.sample(step, 2, seed=3).tasks[0].batches] for step in range(6)]
+    assert drawn != [[ids[id(b)] for b in objective.sample(step, 2, seed=4).tasks[0].batches] for step in range(6)]
+    # a task with no more micro-batches than asked for is used whole
+    assert objective.sample(0, 3, seed=3).tasks[1] is objective.tasks[1]
+    assert objective.is_sampled_by(2) and objective.is_sampled_by(4) and not objective.is_sampled_by(5)
+    assert not objective.is_sampled_by(0)
+
+
+def test_a_sampled_objective_is_the_mean_over_the_rows_it_drew():
+    model = tiny_llama(layers=2)
+    objective = two_task_objective(model)
+    sample = objective.sample(1, 2, seed=0)
+    per_task = []
+    for task in sample.tasks:
+        with torch.no_grad():
+            total = sum(float(hand_loss(model, b)) for b in task.batches)
+        per_task.append(total / sum(int((b["labels"][:, 1:] != -100).sum()) for b in task.batches))
+    assert sample.value(model) == pytest.approx(sum(per_task) / 2, rel=1e-5)
+    assert sample.value(model) != pytest.approx(objective.value(model), rel=1e-6)
