@@ -145,6 +145,10 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_pool):
     calib = write_recipe(tmp_path / "c.yml", "fw_merging", tiny_pool["base"], [e["copy"]], {"calibration": str(broken)})
     assert "calib_broken.jsonl:2:" in _one_error_line(fwllm(calib, tmp_path / "out"))
 
+    negative = write_recipe(tmp_path / "n.yml", "fw_merging", tiny_pool["base"], [e["copy"]],
+                            {"calibration": str(tiny_pool["calib"]), "batches_per_iteration": -1})
+    assert "batches_per_iteration must be >= 0" in _one_error_line(fwllm(negative, tmp_path / "out"))
+
     empty = write_recipe(tmp_path / "e.yml", "fw_merging", tiny_pool["base"], [tiny_pool["base"]],
                          {"calibration": str(tiny_pool["calib"])})
     assert "candidate pool is empty" in _one_error_line(fwllm(empty, tmp_path / "out"))
