@@ -238,17 +238,17 @@ class FrankWolfe:
         # Stochastic iterations only see minibatch estimates, which do not compare across
         # iterations: there the choice is between the start and the last iterate, on the
         # full objective.
-        best = (self.gradient.value(), 0, copy.deepcopy(atoms)) if stochastic else (float("inf"), 0, None)
-        initial = best[0]
+        initial = self.gradient.value() if stochastic else float("nan")
+        best = (initial, 0, copy.deepcopy(atoms)) if stochastic else (float("inf"), 0, None)
         bar = tqdm(range(self.s.iterations), desc="fw: iterations", disable=not self.progress)
         for t in bar:
             checked = self.rescored
             objective = self.objective.sample(t, k, self.s.seed) if stochastic else None
             value, scores = self._evaluate(objective)
-            if t == 0 and not stochastic:
-                initial = value
-            if value < best[0] and not stochastic:
-                best = (value, t, copy.deepcopy(atoms))
+            if not stochastic:
+                initial = value if t == 0 else initial
+                if value < best[0]:
+                    best = (value, t, copy.deepcopy(atoms))
             gamma = min(1.0, self.s.step_size * 2.0 / (t + 2))
             chosen = self._choose(scores)
             mix = self._mix(chosen, scores, objective)

@@ -15,6 +15,7 @@ objective a stochastic FW iteration uses.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -231,14 +232,14 @@ class Objective:
         `per_task`, one window per step, so every row is used once per epoch. A task with no
         more micro-batches than `per_task` is used whole."""
         tasks = []
-        for k, task in enumerate(self.tasks):
+        for task in self.tasks:
             count = len(task.batches)
             if per_task <= 0 or count <= per_task:
                 tasks.append(task)
                 continue
             windows = -(-count // per_task)
             epoch, window = divmod(step, windows)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 7919 + epoch)
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{task.name}/{epoch}".encode()))
             picked = torch.randperm(count, generator=gen)[window * per_task : (window + 1) * per_task].tolist()
             units = [task.batch_units[i] for i in picked]
             tasks.append(EncodedTask(task.name, task.kind, [task.batches[i] for i in picked], max(sum(units), 1),

@@ -48,15 +48,12 @@ def plot_trace(trace: Sequence[dict], labels: Sequence[str], path: str, selected
         # stochastic FW: the per-iteration values are minibatch estimates; only the start and
         # the last iterate were scored on the full objective, and the better one is returned
         left.plot(xs, ys, marker=".", color="tab:gray", label="minibatch estimate")
-        full_x, full_y = [0, len(trace)], [initial_objective, final_objective]
-        keep = [(x, y) for x, y in zip(full_x, full_y) if y is not None]
-        left.plot([x for x, _ in keep], [y for _, y in keep], marker="o", linestyle="none", label="full objective")
+        left.plot([0, len(trace)], [initial_objective, final_objective], marker="o", linestyle="none",
+                  label="full objective")
         if selected is not None:
-            pick = 0 if selected == 0 else len(trace)
-            value = initial_objective if selected == 0 else final_objective
-            if value is not None:
-                left.plot([pick], [value], marker="*", markersize=14, color="tab:red", linestyle="none",
-                          label=f"returned (iterate {selected})")
+            pick, value = (0, initial_objective) if selected == 0 else (len(trace), final_objective)
+            left.plot([pick], [value], marker="*", markersize=14, color="tab:red", linestyle="none",
+                      label=f"returned (iterate {selected})")
         left.legend(fontsize="small")
     else:
         if final_objective is not None:
