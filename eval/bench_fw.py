@@ -5,7 +5,7 @@ child counts the candidate bytes each side reads: mergekit's loader for tensors 
 to merge methods, fwllm's readers for the FW solve. Candidates are the SmolLM2 base plus
 distinct random low-rank task vectors (bf16, sharded), i.e. real-size inputs.
 
-    python eval/bench_fw.py --base DIR [--n 2 4 8 16] [--iterations 10] [--minibatches 1] [--out eval/reports]
+    python eval/bench_fw.py --base DIR [--n 2 4 8 16] [--iterations 10] [--minibatches 1] [--repeat 1] [--out eval/reports]
 
 DIR defaults to the base of the `smol` expert pool (`fwllm experts --profile smol`).
 `fw_full` and `fw_layerwise` differentiate every calibration row at every iteration;
@@ -135,6 +135,22 @@ def render_table(rows, sizes, labels) -> str:
     return "\n".join(lines)
 
 
+def summarise(runs_done: list) -> list:
+    """One row per (method, N): the median wall time and the largest peak RSS of its repeats."""
+    import statistics
+
+    groups: dict = {}
+    for r in runs_done:
+        groups.setdefault((r["method"], r["n"]), []).append(r)
+    rows = []
+    for (method, n), group in groups.items():
+        walls = [r["wall_s"] for r in group]
+        rows.append({**group[0], "wall_s": statistics.median(walls), "wall_runs_s": walls,
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in group)})
+        rows[-1].pop("rep", None)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", help="base model folder (default: the smol pool's base)")
@@ -146,6 +162,8 @@ def main(argv=None) -> None:
                     help="FW gradient modes to run (layerwise: one layer on the solve device at a time)")
     ap.add_argument("--minibatches", type=int, nargs="*", default=[1],
                     help="stochastic FW runs (gradient: full) with this many micro-batches per iteration")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per (method, N), interleaved; the table shows the median wall time and the max RSS")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fwllm-bench"))
     ap.add_argument("--out", default=os.path.join("eval", "reports"))
     args = ap.parse_args(argv)
@@ -163,19 +181,21 @@ def main(argv=None) -> None:
         (f"fw_{mode}", "fw_merging", {**fw_params, "gradient": mode}) for mode in args.fw_gradient]
     runs += [(f"fw_full_mb{k}", "fw_merging", {**fw_params, "gradient": "full", "batches_per_iteration": k})
              for k in args.minibatches]
-    rows = []
-    for n in args.n:
-        for label, method, params in runs:
-            recipe = os.path.join(args.work, f"{label}-{n}.yml")
-            out = os.path.join(args.work, f"out-{label}-{n}")
-            subprocess.run(["rm", "-rf", out])
-            write_recipe(recipe, method, base, cands[:n], params)
-            r = run_child(recipe, out)
-            r.update(method=label, n=n)
-            rows.append(r)
-            print(f"{label:>13} N={n:<3} wall {r['wall_s']:7.1f}s  peak RSS {r['peak_rss_mb']:8.0f} MB  "
-                  f"read {r['bytes_read'] / 2**30:6.2f} GiB", flush=True)
-            subprocess.run(["rm", "-rf", out])
+    runs_done = []
+    for rep in range(args.repeat):  # interleaved, so a slow spell of the machine hits every method
+        for n in args.n:
+            for label, method, params in runs:
+                recipe = os.path.join(args.work, f"{label}-{n}.yml")
+                out = os.path.join(args.work, f"out-{label}-{n}")
+                subprocess.run(["rm", "-rf", out])
+                write_recipe(recipe, method, base, cands[:n], params)
+                r = run_child(recipe, out)
+                r.update(method=label, n=n, rep=rep)
+                runs_done.append(r)
+                print(f"{label:>13} N={n:<3} wall {r['wall_s']:7.1f}s  peak RSS {r['peak_rss_mb']:8.0f} MB  "
+                      f"read {r['bytes_read'] / 2**30:6.2f} GiB", flush=True)
+                subprocess.run(["rm", "-rf", out])
+    rows = summarise(runs_done)
     table = render_table(rows, args.n, [label for label, *_ in runs])
     layered = next((r["gradient"] for r in rows if (r.get("gradient") or {}).get("device_weight_bytes")), None)
     if layered:
@@ -188,11 +208,11 @@ def main(argv=None) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     settings = {"base": base, "iterations": args.iterations, "rows": args.rows, "max_length": args.max_length,
                 "cpu_count": os.cpu_count(), "fw_gradient": args.fw_gradient, "minibatches": args.minibatches,
-                "batch_size": fw_params["batch_size"]}
+                "batch_size": fw_params["batch_size"], "repeat": args.repeat}
     with open(os.path.join(args.out, "bench_fw.md"), "w") as fp:
         fp.write(f"# FW-Merging vs mergekit ties ({stamp})\n\nSettings: `{json.dumps(settings)}`\n\n{table}\n")
     with open(os.path.join(args.out, "bench_fw.json"), "w") as fp:
-        json.dump({"settings": settings, "rows": rows}, fp, indent=2)
+        json.dump({"settings": settings, "rows": rows, "runs": runs_done}, fp, indent=2)
 
 
 if __name__ == "__main__":
