@@ -36,10 +36,10 @@ def counting(self, *a, **k):
     return t
 lazy.LazyTensorLoader.get_tensor = counting
 from mergekit.options import MergeOptions
-from fwllm.merge_cli import run_fwllm_merge
+from fwllm.mergekit_glue.merge import merge_recipe
 recipe, out = sys.argv[1], sys.argv[2]
 start = time.time()
-run_fwllm_merge(recipe, out, MergeOptions(quiet=True))
+merge_recipe(recipe, out, MergeOptions(quiet=True))
 wall = time.time() - start
 solve_bytes, gradient = 0, None
 plan = os.path.join(out, "fwllm_plan", "plan.json")
@@ -59,7 +59,7 @@ def make_candidates(base_dir: str, n: int, root: str, rank: int = 8, scale: floa
     """N candidates = base + distinct random low-rank deltas on every 2-D weight (bf16 shards)."""
     import torch
 
-    from fwllm.model_io import load_model, load_tokenizer
+    from fwllm.io.models import load_model, load_tokenizer
 
     paths = []
     for i in range(n):
@@ -103,7 +103,7 @@ def run_child(recipe: str, out: str) -> dict:
 
 
 def calibration_file(root: str, rows: int) -> str:
-    from fwllm.paths import data_root
+    from fwllm.core.paths import data_root
 
     src = os.path.join(data_root(), "calibration", "code.jsonl")
     dst = os.path.join(root, "calib.jsonl")

@@ -17,9 +17,9 @@ import argparse
 import os
 import sys
 
-from fwllm.errors import FwllmError
-from fwllm.evaluation.matrix import DEFAULT_METHODS, MatrixSettings, run_matrix
-from fwllm.pool_recipes import RECIPE_METHODS, PoolSettings
+from fwllm.core.errors import FwllmError
+from fwllm.experiments.matrix import DEFAULT_METHODS, MatrixSettings, run_matrix
+from fwllm.experiments.pool_recipes import RECIPE_METHODS, PoolSettings
 
 
 def main(argv=None) -> int:

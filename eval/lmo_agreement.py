@@ -19,10 +19,12 @@ import argparse
 
 import torch
 
-from fwllm.calibration import load_calibration
-from fwllm.model_io import load_model, load_tokenizer, open_candidate
-from fwllm.objectives import encode_tasks
-from fwllm.oracle import CountSketch, choose_vertex, rescored, sketch_error
+from fwllm.data.calibration import load_calibration
+from fwllm.io.models import load_model, load_tokenizer
+from fwllm.io.candidates import open_candidate
+from fwllm.data.objective import encode_tasks
+from fwllm.kernels.sketch import CountSketch, rescored, sketch_error
+from fwllm.kernels.lmo import choose_vertex
 
 
 def main(argv=None) -> None:

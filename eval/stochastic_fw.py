@@ -36,10 +36,10 @@ def main(argv=None) -> None:
 
     from mergekit.options import MergeOptions
 
-    from fwllm.demo import dev_losses
+    from fwllm.experiments.dev_losses import dev_losses
     from fwllm.experts import build_pool
-    from fwllm.merge_cli import run_fwllm_merge
-    from fwllm.pool_recipes import Member, PoolSettings, recipe_for
+    from fwllm.mergekit_glue.merge import merge_recipe
+    from fwllm.experiments.pool_recipes import Member, PoolSettings, recipe_for
     import yaml
 
     pool = build_pool("smol", "llama", root=args.root)
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
         target = os.path.join(args.work, name)
         print(f"== {name}", flush=True)
         start = time.time()
-        run_fwllm_merge(path, target, MergeOptions(quiet=True), force=True)
+        merge_recipe(path, target, MergeOptions(quiet=True), force=True)
         wall = time.time() - start
         plan = json.load(open(os.path.join(target, "fwllm_plan", "plan.json")))
         losses = dev_losses(target, pool, relevant, 12, settings.max_length * 2)

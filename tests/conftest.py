@@ -46,8 +46,8 @@ def write_jsonl(path, rows):
 
 
 def finetune(model, tokenizer, rows, steps=40, lr=3e-3):
-    from fwllm.calibration import CAUSAL, CalibrationTask
-    from fwllm.objectives import encode_tasks
+    from fwllm.data.calibration import CAUSAL, CalibrationTask
+    from fwllm.data.objective import encode_tasks
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
     objective = encode_tasks([CalibrationTask("t", CAUSAL, rows)], tokenizer, inner)

@@ -9,15 +9,18 @@ import yaml
 from mergekit.options import MergeOptions
 
 from conftest import load_tensors, perturbed_copies, save_tiny_llama_base, task_rows, two_head_encoder_pool, write_jsonl, write_recipe
-from fwllm.adamerging import (
-    AdaMerging, AdaMergingParams, _reproducible, coefficient_gradient, entropy_backward, entropy_sum, merged_tensor,
-)
-from fwllm.calibration import load_calibration
-from fwllm.data_methods import CandidateSpec, MergeJob
-from fwllm.errors import FwllmError
-from fwllm.merge_cli import run_fwllm_merge
-from fwllm.model_io import load_model, load_tokenizer, open_candidate
-from fwllm.objectives import encode_task
+from fwllm.core.params import AdaMergingParams
+from fwllm.kernels.adamerging import coefficient_gradient, merged_tensor
+from fwllm.methods.adamerging import AdaMerging
+from fwllm.methods.common import reproducible as _reproducible
+from fwllm.solvers.adamerging import entropy_backward
+from fwllm.data.calibration import load_calibration
+from fwllm.core.job import CandidateSpec, MergeJob
+from fwllm.core.errors import FwllmError
+from fwllm.mergekit_glue.merge import merge_recipe
+from fwllm.io.models import load_model, load_tokenizer
+from fwllm.io.candidates import open_candidate
+from fwllm.data.encoding import encode_task
 
 OPTS = MergeOptions(quiet=True)
 
@@ -57,7 +60,9 @@ def test_coefficient_gradient_equals_autograd_through_functional_call(pool):
             theta = {n: merged_tensor(t0, tau, lam[i]) for i, (n, t0, tau) in enumerate(zip(names, theta0, taus))}
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             logits = functional_call(model, theta, args=(), kwargs=inputs).logits
-            total = total + entropy_sum(logits, task.kind, batch) / (task.units * len(tasks))
+            # entropy of the next-token distribution at every response position, by hand
+            logp = torch.log_softmax(logits[:, :-1][batch["labels"][:, 1:] != -100].float(), -1)
+            total = total - (logp.exp() * logp).sum() / (task.units * len(tasks))
     total.backward()
 
     # the method: theta(lambda) written into the model, weight gradients contracted with the taus
@@ -79,7 +84,7 @@ def test_entropy_decreases_and_the_reproduce_recipe_gives_the_same_tensors(tmp_p
     recipe = write_recipe(tmp_path / "ada.yml", "adamerging", pool["base"], pool["models"],
                           {"calibration": str(pool["calib"]), "steps": 6, "lr": 0.05})
     out = tmp_path / "ada"
-    run_fwllm_merge(str(recipe), str(out), OPTS)
+    merge_recipe(str(recipe), str(out), OPTS)
     plan_dir = out / "fwllm_plan"
     for f in ("plan.json", "coefficients.json", "trace.json", "reproduce.yml", "DONE"):
         assert (plan_dir / f).exists(), f
@@ -138,7 +143,7 @@ def test_bad_input(tmp_path, pool):
 def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
     from transformers import RobertaForSequenceClassification
 
-    from fwllm.heads import load_heads
+    from fwllm.arch.heads import load_heads
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     experts = two_head_encoder_pool(tmp_path, body_noise=0.2)
@@ -146,7 +151,7 @@ def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
                           {"calibration": str(tmp_path / "calib"), "steps": 3, "lr": 0.05},
                           per_model=[{"task": "two"}, {"task": "three"}])
     out = tmp_path / "merged"
-    run_fwllm_merge(str(recipe), str(out), OPTS)
+    merge_recipe(str(recipe), str(out), OPTS)
     assert set(load_heads(str(out))) == {"two", "three"}
     entropy = json.loads((out / "fwllm_plan" / "trace.json").read_text())["entropy"]
     assert entropy[-1] < entropy[0]

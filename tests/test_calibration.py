@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from fwllm.calibration import CAUSAL, CLASSIFICATION, REGRESSION, UNLABELED, load_calibration
-from fwllm.errors import FwllmError
+from fwllm.data.calibration import CAUSAL, CLASSIFICATION, REGRESSION, UNLABELED, load_calibration
+from fwllm.core.errors import FwllmError
 
 
 def _write(path, lines):

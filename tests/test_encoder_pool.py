@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl, write_recipe
-from fwllm.heads import load_heads
-from fwllm.merge_cli import run_fwllm_merge
+from fwllm.arch.heads import load_heads
+from fwllm.mergekit_glue.merge import merge_recipe
 from mergekit.options import MergeOptions
 
 WORDS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + [f"w{i}" for i in range(20)]
@@ -41,8 +41,8 @@ def rows(task, n, seed):
 def encoder_pool(tmp_path_factory):
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 
-    from fwllm.calibration import CLASSIFICATION, CalibrationTask
-    from fwllm.objectives import encode_tasks
+    from fwllm.data.calibration import CLASSIFICATION, CalibrationTask
+    from fwllm.data.objective import encode_tasks
 
     root, tok = tmp_path_factory.mktemp("enc"), roberta_tokenizer()
     cfg = RobertaConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -78,7 +78,7 @@ def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool, gradient):
                            "gradient": gradient},
                           per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
     out = tmp_path / "merged"
-    run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))
+    merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
 
     heads = load_heads(str(out))
     assert set(heads) == {"first_high", "sum_mod3"}

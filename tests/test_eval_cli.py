@@ -109,7 +109,7 @@ def test_plot_normalized_vs_candidates(tmp_path):
 
 
 def test_expert_scores_from_results():
-    from fwllm.errors import FwllmError
+    from fwllm.core.errors import FwllmError
     from fwllm.evaluation.runner import expert_scores_from
 
     results = {"models": {"cola-expert": {"tasks": {"fwllm_glue_cola": {"score": 60.0}}}}}

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from fwllm.errors import FwllmError
+from fwllm.core.errors import FwllmError
 from fwllm.evaluation import encoder
 from test_eval_support import DATA, make_tiny_roberta
 
@@ -27,7 +27,7 @@ def _predictions(model_dir, task):
     """Independent re-run of one head: returns (labels, predictions)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fwllm.heads import apply_head, load_heads
+    from fwllm.arch.heads import apply_head, load_heads
 
     info = encoder.load_task_info(DATA)[task]
     model = apply_head(AutoModelForSequenceClassification.from_pretrained(model_dir), load_heads(model_dir)[task])

@@ -82,7 +82,7 @@ def make_tiny_roberta(folder: Path, tasks=("cola", "stsb", "mnli"), seed: int = 
     import torch
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from fwllm.heads import head_from_model, save_heads
+    from fwllm.arch.heads import head_from_model, save_heads
 
     labels = {"stsb": 1, "mnli": 3}
     tokenizer = train_tokenizer("roberta")

@@ -1,5 +1,5 @@
 from pathlib import Path
-"""The eval/tasks YAMLs load offline through lm-eval, and their hooks score correctly."""
+"""The fwllm/_data/eval_tasks YAMLs load offline through lm-eval, and their hooks score correctly."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ import json
 import pytest
 from sklearn import metrics as skm
 
-from fwllm.errors import FwllmError
+from fwllm.core.errors import FwllmError
 from fwllm.evaluation import answers, tasks
 from test_eval_support import DATA
 
@@ -104,7 +104,7 @@ def test_committed_yamls_resolve_from_the_repo_root(monkeypatch):
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    manager = TaskManager(include_path=str(repo / "eval" / "tasks"), include_defaults=False)
+    manager = TaskManager(include_path=str(repo / "fwllm" / "_data" / "eval_tasks"), include_defaults=False)
     task = manager.load(["fwllm_glue_rte"])["tasks"]["fwllm_glue_rte"]
     assert len(task.eval_docs) == EXPECTED_DOCS["fwllm_glue_rte"]
 

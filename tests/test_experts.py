@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import load_tensors
-from fwllm.errors import FwllmError
+from fwllm.core.errors import FwllmError
 from fwllm.experts import ExpertPool, build_pool
-from fwllm.experts.cli import experts_command
+from fwllm.cli.experts import experts_command
 from fwllm.experts.pool import MANIFEST, build_cached, pool_folder
 from fwllm.experts.report import own_task_losses
 from fwllm.experts.rows import read_rows

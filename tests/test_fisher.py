@@ -11,13 +11,16 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
 from conftest import finetune, load_tensors, perturbed_copies, save_tiny_llama_base, task_rows, tiny_tokenizer, two_head_encoder_pool, write_jsonl, write_recipe
-from fwllm.calibration import load_calibration
-from fwllm.data_methods import CandidateSpec, MergeJob
-from fwllm.errors import FwllmError
-from fwllm.fisher import FisherMerging, FisherParams, add_example_fisher, fisher_merge, gaussian_terms, prediction_terms
-from fwllm.merge_cli import run_fwllm_merge
-from fwllm.model_io import load_model, load_tokenizer
-from fwllm.objectives import encode_tasks
+from fwllm.data.calibration import load_calibration
+from fwllm.core.job import CandidateSpec, MergeJob
+from fwllm.core.errors import FwllmError
+from fwllm.methods.fisher import FisherMerging
+from fwllm.core.params import FisherParams
+from fwllm.solvers.fisher import add_example_fisher
+from fwllm.kernels.fisher import fisher_merge, gaussian_terms, prediction_terms
+from fwllm.mergekit_glue.merge import merge_recipe
+from fwllm.io.models import load_model, load_tokenizer
+from fwllm.data.objective import encode_tasks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +186,7 @@ def calibration_loss(state, pool):
 def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_path, llama_experts, monkeypatch):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "fisher"
-    run_fwllm_merge(str(fisher_recipe(tmp_path / "f.yml", llama_experts)), str(out), MergeOptions(quiet=True))
+    merge_recipe(str(fisher_recipe(tmp_path / "f.yml", llama_experts)), str(out), MergeOptions(quiet=True))
     a, b = (tensors(llama_experts["experts"][t]) for t in ("copy", "rev"))
     average = {k: (a[k] + b[k]) / 2 for k in a}
     assert calibration_loss(tensors(out), llama_experts) < calibration_loss(average, llama_experts)
@@ -201,7 +204,7 @@ def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_pat
 def test_streamed_merge_holds_one_candidate_tensor_at_a_time(tmp_path, llama_experts, monkeypatch, method):
     """fwllm merge runs the per-tensor merge itself over lazily read candidates: how many
     candidate tensors are alive at once does not grow with the pool (1 -> 6 candidates)."""
-    from fwllm.model_io import RESIDENT
+    from fwllm.io.tensors import RESIDENT
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     pool = perturbed_copies(llama_experts["experts"]["copy"], tmp_path, 6, 0.05, seed=50, prefix="c")
@@ -211,7 +214,7 @@ def test_streamed_merge_holds_one_candidate_tensor_at_a_time(tmp_path, llama_exp
                               {"calibration": str(llama_experts["calib"]), "max_rows": 2},
                               per_model=[{"task": "copy"}] * n)
         RESIDENT.reset_peak()
-        run_fwllm_merge(str(recipe), str(tmp_path / f"out{method}{n}"), MergeOptions(quiet=True))
+        merge_recipe(str(recipe), str(tmp_path / f"out{method}{n}"), MergeOptions(quiet=True))
         peaks[n] = RESIDENT.peak
         assert os.path.isfile(tmp_path / f"out{method}{n}" / "fwllm_plan" / "merged" / "index.json")
     assert peaks[6] == peaks[1] <= 2, peaks
@@ -221,7 +224,7 @@ def test_lazy_solve_through_plain_mergekit_and_fisher_reuse(tmp_path, llama_expe
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
-    from fwllm.plugin import default_plan_root, forget_plans, register_all
+    from fwllm.mergekit_glue.adapter import default_plan_root, forget_plans, register_all
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     register_all()
@@ -253,7 +256,7 @@ def test_normalized_fisher_divides_by_each_models_mean(tmp_path, llama_experts, 
     out = tmp_path / "norm"
     recipe = fisher_recipe(tmp_path / "n.yml", llama_experts, {"normalize_fisher": True, "fisher": "empirical",
                                                                 "max_rows": 6})
-    run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))
+    merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
     fishers = [load_file(out / "fwllm_plan" / c["file"]) for c in plan["candidates"]]
     means = [c["meta"]["mean"] for c in plan["candidates"]]
@@ -310,23 +313,22 @@ def test_unknown_parameter_and_bad_epsilon(tmp_path, llama_experts, monkeypatch)
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FwllmError, match="unknown parameter 'fisher_mode'"):
         FisherMerging().validate_params({"fisher_mode": "exact"})
-    e = llama_experts["experts"]
-    with pytest.raises(FwllmError, match="epsilon must be > 0"):
-        FisherMerging().solve(job_for(tmp_path, llama_experts, [e["copy"]], [{"task": "copy"}], epsilon=0.0))
+    with pytest.raises(FwllmError, match=r"epsilon must be > 0 \(got 0.0\)"):
+        FisherMerging().validate_params({"calibration": str(llama_experts["calib"]), "epsilon": 0.0})
 
 
 # -- encoder pools: heads are kept, not merged ------------------------------------------------------
 def test_classifier_candidates_keep_their_own_heads(tmp_path, monkeypatch):
     from transformers import RobertaForSequenceClassification
 
-    from fwllm.heads import load_heads
+    from fwllm.arch.heads import load_heads
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     experts = two_head_encoder_pool(tmp_path)
     recipe = write_recipe(tmp_path / "enc.yml", "fisher", tmp_path / "base", experts,
                           {"calibration": str(tmp_path / "calib")}, per_model=[{"task": "two"}, {"task": "three"}])
     out = tmp_path / "merged"
-    run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))
+    merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
     heads = load_heads(str(out))
     assert set(heads) == {"two", "three"} and heads["three"].num_labels == 3
     for task, path in zip(("two", "three"), experts):

@@ -9,10 +9,11 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
 from conftest import finetune, task_rows, write_recipe
-from fwllm.calibration import load_calibration
-from fwllm.merge_cli import run_fwllm_merge
-from fwllm.model_io import RESIDENT, load_model, load_tokenizer
-from fwllm.objectives import encode_tasks
+from fwllm.data.calibration import load_calibration
+from fwllm.mergekit_glue.merge import merge_recipe
+from fwllm.io.tensors import RESIDENT
+from fwllm.io.models import load_model, load_tokenizer
+from fwllm.data.objective import encode_tasks
 
 OPTS = MergeOptions(quiet=True)
 
@@ -20,7 +21,7 @@ OPTS = MergeOptions(quiet=True)
 def merge(tmp_path, name, method, pool, models, parameters=None, per_model=None):
     recipe = write_recipe(tmp_path / f"{name}.yml", method, pool["base"], models, parameters, per_model=per_model)
     out = tmp_path / name
-    run_fwllm_merge(str(recipe), str(out), OPTS)
+    merge_recipe(str(recipe), str(out), OPTS)
     return out
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import load_tensors, task_rows, tiny_tokenizer, write_recipe
-from fwllm.calibration import CAUSAL, CLASSIFICATION, CalibrationTask
-from fwllm.errors import FwllmError
-from fwllm.gradients import LayerOffload, LayerwiseGradient, layer_stack
-from fwllm.merge_cli import run_fwllm_merge
-from fwllm.objectives import encode_tasks
+from fwllm.data.calibration import CAUSAL, CLASSIFICATION, CalibrationTask
+from fwllm.core.errors import FwllmError
+from fwllm.arch.layer_stack import LayerOffload, layer_stack
+from fwllm.solvers.gradients import LayerwiseGradient
+from fwllm.mergekit_glue.merge import merge_recipe
+from fwllm.data.objective import encode_tasks
 from mergekit.options import MergeOptions
 
 
@@ -111,7 +112,7 @@ def test_a_layer_fed_something_other_than_the_previous_output_is_refused():
         def forward(self, x):
             return self.layers[1](self.layers[0](x) + x)
 
-    from fwllm.gradients import _MicroBatch
+    from fwllm.solvers.gradients import _MicroBatch
 
     model = Odd()
     grad = LayerwiseGradient.__new__(LayerwiseGradient)  # just the forward wrapper, no objective
@@ -127,7 +128,7 @@ def fw_merge(tmp_path, pool, models, label, **params):
     """An fw_merging run over `models` on the tiny pool's calibration rows; its output folder."""
     params = {"calibration": str(pool["calib"]), "step_size": 0.5, "scaling": 1.0, **params}
     recipe = write_recipe(tmp_path / f"{label}.yml", "fw_merging", pool["base"], models, params)
-    run_fwllm_merge(str(recipe), str(tmp_path / label), MergeOptions(quiet=True))
+    merge_recipe(str(recipe), str(tmp_path / label), MergeOptions(quiet=True))
     return tmp_path / label
 
 
@@ -193,7 +194,7 @@ def test_fw_merge_on_cuda_matches_cpu(tmp_path, tiny_pool, gradient):
 def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_text():
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from fwllm.calibration import UNLABELED
+    from fwllm.data.calibration import UNLABELED
     from test_encoder_pool import roberta_tokenizer, rows
 
     cfg = RobertaConfig(vocab_size=25, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,

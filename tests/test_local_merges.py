@@ -1,6 +1,6 @@
 import torch
 
-from fwllm.local_merges import combine, dare, disjoint_merge, trim
+from fwllm.kernels.local_merges import combine, dare, disjoint_merge, trim
 
 
 def test_trim_keeps_largest_magnitudes():

@@ -9,8 +9,8 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
 from conftest import finetune, task_rows, tiny_tokenizer, write_recipe
-from fwllm.merge_cli import run_fwllm_merge
-from fwllm.model_io import AdapterReader
+from fwllm.mergekit_glue.merge import merge_recipe
+from fwllm.io.adapters import AdapterReader
 
 TARGET = "model.layers.0.self_attn.q_proj.weight"
 
@@ -41,7 +41,7 @@ def by_hand(adapter_dir, rank, alpha, rs):
 
 def test_adapter_delta_matches_hand_computation(adapters):
     for adapter_dir, rank, alpha, rs in adapters.values():
-        delta = AdapterReader(str(adapter_dir)).delta(TARGET)
+        delta = AdapterReader(str(adapter_dir)).delta(TARGET, torch.zeros(32, 32))
         assert torch.allclose(delta, by_hand(adapter_dir, rank, alpha, rs), atol=1e-7)
         assert delta.abs().sum() > 0
 
@@ -54,7 +54,7 @@ def test_fw_over_a_lora_pool_merges_in_weight_space(tmp_path, tiny_pool, adapter
                           {"calibration": str(tiny_pool["calib"]), "iterations": 4, "scaling": 1.0, "step_size": 0.5,
                            "gradient": gradient})
     out = tmp_path / "merged"
-    run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lc")))
+    merge_recipe(str(recipe), str(out), MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lc")))
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
     coef = plan["coefficients"][TARGET]
     expected = load_file(base / "model.safetensors")[TARGET] + sum(

@@ -147,7 +147,7 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_pool):
 
     negative = write_recipe(tmp_path / "n.yml", "fw_merging", tiny_pool["base"], [e["copy"]],
                             {"calibration": str(tiny_pool["calib"]), "batches_per_iteration": -1})
-    assert "batches_per_iteration must be >= 0" in _one_error_line(fwllm(negative, tmp_path / "out"))
+    assert "batches_per_iteration must be >= 0 (got -1)" in _one_error_line(fwllm(negative, tmp_path / "out"))
 
     empty = write_recipe(tmp_path / "e.yml", "fw_merging", tiny_pool["base"], [tiny_pool["base"]],
                          {"calibration": str(tiny_pool["calib"])})

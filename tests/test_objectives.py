@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import task_rows, tiny_tokenizer
-from fwllm.calibration import CAUSAL, CalibrationTask
-from fwllm.objectives import PLAIN_HEAD_CAUSAL_LMS, batch_loss_sum, encode_tasks
+from fwllm.data.calibration import CAUSAL, CalibrationTask
+from fwllm.arch.kinds import PLAIN_HEAD_CAUSAL_LMS
+from fwllm.data.objective import batch_loss_sum, encode_tasks
 from test_layerwise_gradient import tiny_llama
 
 

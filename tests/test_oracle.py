@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fwllm.oracle import CountSketch, alignment, choose_top_k, choose_vertex, project_simplex
+from fwllm.kernels.sketch import CountSketch, alignment
+from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
 
 
 def test_base_vertex_when_no_candidate_aligns():
@@ -55,13 +56,13 @@ def test_simplex_projection():
     ([2.0, 3.0], 1.0, []),              # every candidate certainly worse than the base
 ])
 def test_contenders_by_hand(scores, z, expected):
-    from fwllm.oracle import contenders
+    from fwllm.kernels.sketch import contenders
 
     assert contenders(torch.tensor(scores), torch.ones(len(scores)), z) == expected
 
 
 def test_rescoring_recovers_the_exact_vertex_where_the_sketch_errs():
-    from fwllm.oracle import rescored, sketch_error
+    from fwllm.kernels.sketch import rescored, sketch_error
 
     torch.manual_seed(0)
     sk, n, numel = CountSketch(32), 6, 2 * 65536

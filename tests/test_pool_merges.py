@@ -11,12 +11,12 @@ from click.testing import CliRunner
 
 from conftest import load_tensors
 
-from fwllm.demo import demo_command
-from fwllm.errors import FwllmError
-from fwllm.evaluation.matrix import FALLBACK_TASK, MatrixSettings, run_matrix, summarize
+from fwllm.cli.demo import demo_command
+from fwllm.core.errors import FwllmError
+from fwllm.experiments.matrix import FALLBACK_TASK, MatrixSettings, run_matrix, summarize
 from fwllm.experts import build_pool
-from fwllm.pool_recipes import RECIPE_METHODS, Member, PoolSettings, recipe_for
-from fwllm.recipe import load_recipe
+from fwllm.experiments.pool_recipes import RECIPE_METHODS, Member, PoolSettings, recipe_for
+from fwllm.mergekit_glue.recipe import load_recipe
 
 TINY = PoolSettings(iterations=3, step_size=0.5, max_rows=8, max_length=64, batch_size=8, dtype="float32")
 
@@ -156,10 +156,10 @@ def test_family_methods_merge_a_masked_lm_pool(tiny_pools_root, tmp_path, monkey
     path = tmp_path / "r.yml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
-    from fwllm.merge_cli import run_fwllm_merge
+    from fwllm.mergekit_glue.merge import merge_recipe
     from mergekit.options import MergeOptions
 
-    run_fwllm_merge(str(path), str(out), MergeOptions(quiet=True))
+    merge_recipe(str(path), str(out), MergeOptions(quiet=True))
     RobertaForMaskedLM.from_pretrained(out)
     merged = load_tensors(out)
     assert all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point())

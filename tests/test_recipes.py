@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 
-from fwllm.data_methods import data_methods
+from fwllm.methods.registry import METHODS
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yml")))
 
@@ -20,8 +20,8 @@ def test_there_are_recipes():
 def test_recipe_validates(path):
     raw = yaml.safe_load(open(path))
     config = MergeConfiguration.model_validate(raw)
-    method = data_methods().get(raw["merge_method"])
-    if method is not None:
+    if raw["merge_method"] in METHODS:
+        method = METHODS.get(raw["merge_method"])
         method.validate_params(raw.get("parameters") or {})
         for entry in raw["models"]:
             assert set(entry.get("parameters") or {}) <= set(method.per_model)

@@ -9,13 +9,17 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
 from conftest import WORDS, load_tensors, save_tiny_llama_base, task_rows, write_jsonl, write_recipe
-from fwllm.calibration import load_calibration
-from fwllm.data_methods import CandidateSpec, MergeJob
-from fwllm.errors import FwllmError
-from fwllm.merge_cli import run_fwllm_merge
-from fwllm.model_io import load_model, load_tokenizer
-from fwllm.objectives import encode_task
-from fwllm.regmean import RegMean, RegMeanParams, collect_grams, linear_layers, regmean_merge
+from fwllm.data.calibration import load_calibration
+from fwllm.core.job import CandidateSpec, MergeJob
+from fwllm.core.plan import CandidateStats, Plan, StatsPlanRecord
+from fwllm.core.errors import FwllmError
+from fwllm.mergekit_glue.merge import merge_recipe
+from fwllm.io.models import load_model, load_tokenizer
+from fwllm.data.encoding import encode_task
+from fwllm.methods.regmean import RegMean
+from fwllm.core.params import RegMeanParams
+from fwllm.solvers.grams import collect_grams, linear_layers
+from fwllm.kernels.regmean import regmean_merge
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,7 +135,7 @@ def test_merge_is_the_closed_form_over_stored_grams(tmp_path, pool, monkeypatch,
                           per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}])
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="fwllm.regmean"):
-        run_fwllm_merge(str(recipe), str(out), MergeOptions(quiet=True))
+        merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
     plan_dir = out / "fwllm_plan"
     plan = json.loads((plan_dir / "plan.json").read_text())
     assert [c["file"] for c in plan["candidates"]] == ["gram/0.safetensors", "gram/1.safetensors"]
@@ -158,8 +162,9 @@ def test_bad_input(tmp_path, pool, monkeypatch):
 
     with pytest.raises(FwllmError, match="has no calibration task; set parameters.task"):
         RegMean().solve(job([{"task": "copy"}, {"task": ""}]))
-    with pytest.raises(FwllmError, match="alpha must be in"):
-        RegMean().solve(job([{"task": "copy"}, {"task": "rev"}], alpha=1.5))
+    with pytest.raises(FwllmError, match=r"alpha must be <= 1 \(got 1.5\)"):
+        RegMean().validate_params({"calibration": str(pool["calib"]), "alpha": 1.5})
+    plan = Plan("", StatsPlanRecord(method="regmean", base="b", settings={}, candidates=[
+        CandidateStats(label="a", task="t", file="gram/0.safetensors", meta={}, cached=False)]), RegMeanParams())
     with pytest.raises(FwllmError, match="weights must be >= 0"):
-        RegMean().merge_tensor({"labels": ["a"], "_files": []}, "x.weight", torch.zeros(2, 2),
-                               {"a": torch.zeros(2, 2)}, {"a": {"weight": -1.0}})
+        RegMean().merge_tensor(plan, "x.weight", torch.zeros(2, 2), {"a": torch.zeros(2, 2)}, {"a": {"weight": -1.0}})

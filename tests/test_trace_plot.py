@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fwllm.trace_plot import plot_trace, short_label, vertex_shares
+from fwllm.io.trace_plot import plot_trace, short_label, vertex_shares
 
 TRACE = [
     {"iteration": 0, "objective": 2.0, "chosen": {"a": [0], "b": [1], "c": [], "d": [0]}},

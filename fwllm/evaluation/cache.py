@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from fwllm.arch.heads import HEADS_DIR
+
 # Files that change what a model computes; docs, logs and eval outputs do not count.
 _FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 _CHUNK = 1 << 20
@@ -81,8 +83,6 @@ class ResultCache:
 
     def model_fingerprint(self, model_dir: str) -> str:
         """Digest over the relative names and contents of the model's relevant files."""
-        from fwllm.heads import HEADS_DIR  # lazy: fwllm.heads pulls in torch
-
         root = Path(model_dir)
         # Top level plus the per-task heads; other sub-folders (checkpoints, eval
         # outputs someone saved inside) are not part of the model.

@@ -21,8 +21,9 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
-from fwllm.errors import FwllmError
-from fwllm.model_io import read_config
+from fwllm.arch.heads import HEADS_DIR, apply_head, load_heads
+from fwllm.core.errors import FwllmError
+from fwllm.io.models import read_config
 from fwllm.evaluation import metrics
 from fwllm.evaluation.tasks import GLUE_TASKS, data_root
 
@@ -60,8 +61,6 @@ def load_rows(task: str, root: Optional[Path] = None, split: str = "dev", limit:
 
 def heads_tasks(model_dir: str, config: Optional[dict] = None) -> List[str]:
     """GLUE tasks a model folder can be scored on, in GLUE order."""
-    from fwllm.heads import HEADS_DIR
-
     index = os.path.join(model_dir, HEADS_DIR, "heads.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as fp:
@@ -126,8 +125,6 @@ def evaluate_encoder(
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from fwllm.heads import apply_head, load_heads
 
     root = data_root(data)
     info = load_task_info(root)

@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fwllm.io.plotting import pyplot
+
 _GLUE_PREFIX = "fwllm_glue_"
 
 
@@ -109,18 +111,9 @@ def write_reports(results: dict, out_dir: str) -> Dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_scores(results: dict, path: str, field: str = "score") -> str:
     """Grouped bars: one group per task, one bar per model."""
-    plt = _pyplot()
+    plt = pyplot()
     columns, rows = score_matrix(results, field)
     n_models = max(len(rows), 1)
     width = 0.8 / n_models
@@ -151,7 +144,7 @@ def plot_normalized_vs_candidates(records: Sequence[dict], path: str, title: Opt
     """
     if not records:
         raise ValueError("no records to plot")
-    plt = _pyplot()
+    plt = pyplot()
     panels: Dict[int, Dict[str, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         panels[int(r.get("n_irrelevant", 0))][str(r["method"])].append(

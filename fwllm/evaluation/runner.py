@@ -1,7 +1,7 @@
 """`evaluate_models`: score model folders on fwllm's task suites, with result caching.
 
 Causal LMs go through lm-eval's Python API with the model already in memory
-(`HFLM(pretrained=model, tokenizer=...)`), using a copy of eval/tasks with absolute
+(`HFLM(pretrained=model, tokenizer=...)`), using a copy of fwllm/_data/eval_tasks with absolute
 data paths. Encoders (``*ForSequenceClassification``) go to `encoder.evaluate_encoder`
 on the GLUE tasks they have heads for. Each (model fingerprint, task, settings)
 result is cached, so a re-run only evaluates what changed.
@@ -21,9 +21,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from fwllm.errors import FwllmError
+from fwllm.core.errors import FwllmError
 from fwllm.evaluation import metrics
 from fwllm.evaluation.cache import ResultCache
+from fwllm.evaluation.encoder import evaluate_encoder, heads_tasks, is_encoder_dir, load_task_info
+from fwllm.evaluation.report import write_reports
 from fwllm.evaluation.tasks import (
     GLUE_TASKS,
     UNSAFE_TASKS,
@@ -154,8 +156,6 @@ def _run_lm_eval(model_dir, tasks, task_folder, limit, device, batch_size, num_f
 
 
 def _encoder_results(model_dir, tasks, data, batch_size, device, limit, progress):
-    from fwllm.evaluation.encoder import evaluate_encoder
-
     raw = evaluate_encoder(
         model_dir, tasks=tasks, data=data, batch_size=batch_size, device=device, limit=limit, progress=progress
     )
@@ -198,8 +198,6 @@ def evaluate_models(
                             "skipped": [...], "averages": {...}}}}
     """
     from tqdm.auto import tqdm
-
-    from fwllm.evaluation.encoder import heads_tasks, is_encoder_dir, load_task_info
 
     if not model_dirs:
         raise FwllmError("no model folders given")
@@ -286,8 +284,6 @@ def evaluate_models(
         "models": models,
     }
     if out_dir:
-        from fwllm.evaluation.report import write_reports
-
         results["files"] = write_reports(results, out_dir)
     return results
 

@@ -1,9 +1,9 @@
 """Where the lm-eval task YAMLs and their data live, and the suite/task names.
 
-The committed YAMLs in ``<repo>/eval/tasks`` point at the data with paths relative
-to the repository root (``../shared/data/...``), because lm-eval hands `data_files`
-to `datasets`, which resolves them against the current directory. That suits
-``lm_eval ... --include_path eval/tasks`` run from the repo root. For the Python API
+The YAMLs ship inside the package (``fwllm/_data/eval_tasks``) and point at the data
+with paths relative to the repository root (``../shared/data/...``), because lm-eval
+hands `data_files` to `datasets`, which resolves them against the current directory.
+That suits ``lm_eval ... --include_path fwllm/_data/eval_tasks`` run from the repo root. For the Python API
 (and `fwllm eval`) from anywhere, `materialize_tasks` writes a copy of the folder
 with absolute data paths into a cache directory.
 
@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fwllm import paths
-from fwllm.errors import FwllmError
+from fwllm.core import paths
+from fwllm.core.errors import FwllmError
 
 # The prefix every committed YAML uses for its data files (relative to the repo root).
 REPO_DATA_PREFIX = "../shared/data/"
@@ -61,8 +61,8 @@ UNSAFE_TASKS = frozenset({"fwllm_humaneval"})
 
 
 def tasks_dir() -> Path:
-    """The task YAML folder (see fwllm.paths: $FWLLM_EVAL_TASKS, ./eval/tasks, installed copy)."""
-    return Path(paths.eval_tasks_dir())
+    """The task YAML folder (package data: fwllm/_data/eval_tasks)."""
+    return paths.eval_tasks_dir()
 
 
 def data_root(override: Optional[str] = None) -> Path:
@@ -129,7 +129,7 @@ def _rewrite(text: str, root: Path) -> str:
 
 
 def materialize_tasks(data: Optional[str] = None, cache_root: Optional[str] = None) -> Path:
-    """A copy of eval/tasks whose YAMLs reference `data` (see `data_root`) absolutely.
+    """A copy of the task folder whose YAMLs reference `data` (see `data_root`) absolutely.
 
     The copy lives in ``<cache_root>/tasks/<digest>``; the digest covers the YAML and
     hook sources and the data root, so edits produce a fresh copy and concurrent
@@ -172,7 +172,7 @@ def default_cache_root() -> Path:
 def _main(argv: List[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write eval/tasks with absolute data paths and print its folder.")
+    parser = argparse.ArgumentParser(description="Write fwllm's lm-eval tasks with absolute data paths and print its folder.")
     parser.add_argument("--data", help="data root (default $FWLLM_DATA or <repo>/../shared/data)")
     parser.add_argument("--out", help="cache root to write under (default $FWLLM_CACHE or ~/.cache/fwllm)")
     args = parser.parse_args(argv)

@@ -10,8 +10,10 @@ import contextlib
 import time
 from typing import Optional
 
-from fwllm.errors import FwllmError
+from fwllm.core.errors import FwllmError
 from fwllm.experts.pool import Expert, ExpertPool, TaskData, build_cached, pool_folder
+from fwllm.experts.smol import build_smol
+from fwllm.experts.tiny import BUILDERS as TINY_BUILDERS
 from fwllm.experts.train import causal_lm_loss, dev_loss
 
 __all__ = ["build_pool", "ExpertPool", "Expert", "TaskData", "FAMILIES", "causal_lm_loss", "dev_loss"]
@@ -46,11 +48,7 @@ def build_pool(profile: str, family: str = "llama", root: Optional[str] = None, 
         raise FwllmError(f"unknown expert profile {profile!r}; choose from {sorted(FAMILIES)}")
     if family not in FAMILIES[profile]:
         raise FwllmError(f"profile {profile!r} has families {list(FAMILIES[profile])}, not {family!r}")
-    if profile == "tiny":
-        from fwllm.experts.tiny import BUILDERS
-        builder = BUILDERS[family]
-    else:
-        from fwllm.experts.smol import build_smol as builder
+    builder = TINY_BUILDERS[family] if profile == "tiny" else build_smol
 
     folder = pool_folder(profile, family, root)
 

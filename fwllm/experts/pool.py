@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from fwllm.errors import FwllmError
-from fwllm.paths import cache_root
+from fwllm.core.errors import FwllmError
+from fwllm.core.paths import cache_root
 
 MANIFEST = "manifest.json"
 

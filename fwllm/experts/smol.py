@@ -16,11 +16,11 @@ from typing import Tuple
 import torch
 from tqdm.auto import tqdm
 
-from fwllm.errors import FwllmError
+from fwllm.core.errors import FwllmError
 from fwllm.experts.pool import Expert, ExpertPool, TaskData
 from fwllm.experts.rows import CAUSAL, write_rows
 from fwllm.experts.smol_data import SmolTask, irrelevant_tasks, relevant_tasks
-from fwllm.paths import data_root
+from fwllm.core.paths import data_root
 from fwllm.experts.train import train
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

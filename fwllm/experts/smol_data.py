@@ -1,6 +1,6 @@
 """Training / calibration / dev rows for the `smol` pool, cut from the shared real data.
 
-Prompt layouts follow fwllm's lm-eval tasks (eval/tasks), so an expert's training helps
+Prompt layouts follow fwllm's lm-eval tasks (fwllm/_data/eval_tasks), so an expert's training helps
 on the very prompts it is later scored on. Every split is a fixed slice of its source
 file, disjoint from the other splits of the same task.
 """

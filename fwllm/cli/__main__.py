@@ -1,0 +1,5 @@
+import sys
+
+from fwllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,23 @@
+"""One exception type for problems caused by the user's input.
+
+The CLI turns a `FwllmError` into a single `Error: ...` line and a non-zero exit;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FwllmError(Exception):
+    """Bad input (recipe, model, calibration data, ...) explained in one line."""
+
+
+def check_finite(what: str, name: str, tensor) -> None:
+    """One clear error for NaN/inf in a statistic, a weight or a task vector."""
+    import torch
+
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise FwllmError(
+            f"{what} is not finite in {name} ({bad} NaN/inf entries): check the checkpoint for NaN/inf "
+            f"weights, or solve in float32"
+        )

@@ -1,0 +1,69 @@
+"""Recipe parameters of fwllm's methods, with their ranges in the schema.
+
+A recipe is checked against these models when it loads: by `fwllm merge` before any
+model is read, and under plain `mergekit-yaml` when mergekit's planner binds each
+parameter (the adapter hands mergekit the same constrained types). A misspelt key is an
+error (`extra="forbid"`): mergekit itself would drop it silently.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MethodParams(BaseModel):
+    """Scalar parameters every data-informed method takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calibration: Optional[str] = None  # .jsonl file or folder of .jsonl files (one per task); required
+    max_rows: Optional[int] = Field(None, ge=1)  # per task; None = all rows
+    max_length: int = Field(256, ge=2)  # tokens per calibration row
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    device: Optional[str] = None  # solve device; default: mergekit's --device, else cpu
+    plan: Optional[str] = None  # reuse (or keep) the plan in this folder
+
+
+LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
+
+
+class FWParams(MethodParams):
+    """FW-Merging; the one settings object the solver reads too."""
+
+    iterations: int = Field(10, ge=1)
+    step_size: float = Field(0.1, gt=0, le=1)  # gamma_t = step_size * 2 / (t + 2)
+    granularity: Literal["layer", "model"] = "layer"
+    variant: Literal["hard", "soft"] = "hard"
+    top_k: int = Field(2, ge=1)  # soft: vertices mixed per step
+    soft_steps: int = Field(2, ge=0)  # soft: projected-gradient steps on the mix
+    local_merge: LocalMerge = "task_arithmetic"
+    scaling: float = Field(0.3, gt=0)  # lambda: vertices theta_0 + lambda * tau_i
+    density: float = Field(0.2, gt=0, le=1)  # ties: fraction kept by trim
+    drop_rate: float = Field(0.5, ge=0, lt=1)  # dare: drop probability
+    init: Literal["task_arithmetic", "base"] = "task_arithmetic"
+    sketch_ratio: float = Field(32.0, ge=1)  # 1 = exact inner products
+    rescore: float = Field(0.0, ge=0)  # z: re-check contenders within z sketch errors (0 = off)
+    gradient: Literal["full", "layerwise"] = "full"
+    batches_per_iteration: int = Field(0, ge=0)  # stochastic FW: micro-batches per task (0 = all)
+
+
+class FisherParams(MethodParams):
+    fisher: Literal["exact", "empirical"] = "exact"
+    top_k: int = Field(5, ge=0)  # exact causal-LM Fisher: most likely tokens per position; 0 = all
+    epsilon: float = Field(1e-8, gt=0)  # floor on every Fisher entry (keeps the merge defined)
+    normalize_fisher: bool = False  # divide each model's Fisher by its mean first
+
+
+class RegMeanParams(MethodParams):
+    alpha: float = Field(0.9, ge=0, le=1)  # off-diagonal scale of the Grams (1 = exact least squares)
+    ridge: float = Field(1e-5, ge=0)  # singular Gram sums only: + ridge * mean(diag) * I
+
+
+class AdaMergingParams(MethodParams):
+    steps: int = Field(16, ge=0)  # Adam steps, one full pass over the calibration rows each
+    lr: float = Field(0.01, gt=0)  # the paper uses 1e-3 over 500 steps; a short run needs more
+    init_lambda: float = 0.3  # every coefficient's starting value (the paper's)
+    clamp: bool = True  # keep coefficients in [0, 1] after every step

@@ -1,0 +1,2 @@
+"""Calibration data: reading rows, tokenizing them into micro-batches, and the objective
+every data-informed method minimises or measures."""

@@ -1,0 +1,2 @@
+"""Experiments over expert pools: the recipes each method merges a pool with, dev losses,
+the merge matrix, and the demo (what `fwllm demo` and the eval/ scripts run)."""

@@ -1,0 +1,97 @@
+"""Merged tensors kept in a plan folder, and the streamed pass that writes them.
+
+A data-informed method can finish its merge before mergekit runs. FW-Merging ends its
+solve holding the merged blocks. Fisher and RegMean merge tensor by tensor from their
+statistics, and `execute_streamed` does that here, reading each candidate's tensor
+through fwllm's readers. Those readers close the shard after every read, so mapped pages
+do not pile up, and only one candidate tensor is alive at a time. `fwllm merge` then
+hands mergekit a base-only graph, and the method's kernel returns the stored tensor. The
+memory of the whole merge therefore does not grow with the number of candidates.
+
+Layout: ``<plan>/merged/NNNNN.safetensors`` shards of about `SHARD_BYTES`, and
+``<plan>/merged/index.json`` ({tensor name: shard file}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from fwllm.io.candidates import Candidate, LazyCandidates
+from fwllm.io.tensors import TensorReader
+
+MERGED_DIR = "merged"
+INDEX = "index.json"
+SHARD_BYTES = 1 << 30
+
+
+def write_merged(plan_dir: str, tensors: Iterable[Tuple[str, torch.Tensor]]) -> str:
+    """Write (name, tensor) pairs as shards, holding at most one shard's worth in memory."""
+    folder = os.path.join(plan_dir, MERGED_DIR)
+    os.makedirs(folder, exist_ok=True)
+    index: Dict[str, str] = {}
+    shard: Dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            fname = f"{len(set(index.values())):05d}.safetensors"
+            save_file(shard, os.path.join(folder, fname))
+            index.update({n: fname for n in shard})
+        shard, size = {}, 0
+
+    for name, t in tensors:
+        shard[name] = t.detach().to("cpu").contiguous()
+        size += t.numel() * t.element_size()
+        if size >= SHARD_BYTES:
+            flush()
+    flush()
+    with open(os.path.join(folder, INDEX), "w", encoding="utf-8") as fp:
+        json.dump(index, fp)
+    return folder
+
+
+def merged_index(plan_dir: str) -> Optional[Dict[str, str]]:
+    """{name: shard path} of the stored merged tensors, or None when the plan stores none."""
+    path = os.path.join(plan_dir, MERGED_DIR, INDEX)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fp:
+        return {n: os.path.join(plan_dir, MERGED_DIR, f) for n, f in json.load(fp).items()}
+
+
+def read_merged(index: Dict[str, str], name: str) -> Optional[torch.Tensor]:
+    if name not in index:
+        return None
+    with safe_open(index[name], framework="pt") as fp:
+        return fp.get_tensor(name).clone()
+
+
+MergeFn = Callable[[str, torch.Tensor, Mapping], torch.Tensor]
+
+
+def execute_streamed(plan_dir: str, base_dir: str, candidates: Dict[str, Candidate], merge: MergeFn,
+                     progress: bool = True) -> str:
+    """Run `merge(name, base_tensor, lazy_candidates)` for every tensor the base shares with the
+    full-checkpoint candidates, and store the results. A base tensor that some candidate lacks
+    (a masked-LM head under classifier experts) is not part of the merge: mergekit's graph
+    never asks for it, and the kernel falls back to the base should it ever be asked."""
+    base = TensorReader(base_dir)
+    full = [c.reader for c in candidates.values() if c.adapter is None]
+    names = [n for n in base.names() if all(n in r for r in full)]
+
+    def tensors():
+        for name in tqdm(names, desc="merging tensors (streamed)", disable=not progress):
+            b = base.get(name, dtype=None)
+            out = merge(name, b, LazyCandidates(candidates, name, b))
+            yield name, out.float() if out.is_floating_point() else out  # mergekit casts to the recipe dtype
+
+    return write_merged(plan_dir, tensors())

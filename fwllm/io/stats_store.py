@@ -1,0 +1,107 @@
+"""Per-candidate statistics on disk (Fisher diagonals, Gram matrices).
+
+A statistic lives in ``<plan>/<kind>/<i>.safetensors``, one entry per tensor name, and the
+merge reads one tensor's entry per call. It depends on the base, the candidate, its
+task's rows and the statistic's settings, never on the merge weights, so it is also kept
+in a cache (``$FWLLM_CACHE/stats``) and hard-linked into new plans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fwllm.core.job import CandidateSpec
+from fwllm.core.paths import cache_root
+from fwllm.io.models import resolve_model_path
+
+
+def save_stats(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """Write atomically: a half-written file must never look like a finished statistic."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def read_stat(path: str, name: str) -> Optional[torch.Tensor]:
+    """One entry of a statistics file (None when the file has none for `name`)."""
+    with safe_open(path, framework="pt") as fp:
+        if name not in fp.keys():
+            return None
+        return fp.get_tensor(name)
+
+
+def has_stat(path: str, name: str) -> bool:
+    with safe_open(path, framework="pt") as fp:
+        return name in fp.keys()
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.exists(dst):
+        os.remove(dst)
+    try:
+        os.link(src, dst)  # no second copy of a model-sized file when both sit on one disk
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _folder_signature(path: Optional[str]) -> List[tuple]:
+    """Files of a model folder by name, size and mtime: a rebuilt checkpoint gets a new key."""
+    if not path:
+        return []
+    out = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            st = os.stat(full)
+            out.append((name, st.st_size, st.st_mtime_ns))
+    return out
+
+
+class StatsCache:
+    """Content-keyed statistics: `<root>/<kind>/<key>.safetensors` plus `<key>.json` (the meta)."""
+
+    def __init__(self, kind: str, root: Optional[str] = None):
+        self.kind = kind
+        self.folder = os.path.join(root or os.path.join(cache_root(), "stats"), kind)
+
+    def key(self, settings: dict, base_dir: str, spec: CandidateSpec, task_name: str, rows: list) -> str:
+        model_dir = resolve_model_path(spec.model)
+        payload = {
+            "kind": self.kind,
+            "settings": settings,
+            "base": [base_dir, _folder_signature(base_dir)],
+            "model": [model_dir, _folder_signature(model_dir)],
+            "lora": [spec.lora, _folder_signature(resolve_model_path(spec.lora) if spec.lora else None)],
+            "task": task_name,
+            "rows": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def paths(self, key: str) -> Tuple[str, str]:
+        return os.path.join(self.folder, key + ".safetensors"), os.path.join(self.folder, key + ".json")
+
+    def get(self, key: str) -> Optional[dict]:
+        """The cached statistic's meta, or None when it is not cached."""
+        tensors, meta = self.paths(key)
+        if not (os.path.isfile(tensors) and os.path.isfile(meta)):
+            return None
+        with open(meta, encoding="utf-8") as fp:
+            return json.load(fp)
+
+    def put(self, key: str, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
+        path, meta_path = self.paths(key)
+        save_stats(path, tensors)
+        tmp = meta_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fp:
+            json.dump(meta, fp)
+        os.replace(tmp, meta_path)

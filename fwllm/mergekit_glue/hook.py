@@ -1,0 +1,78 @@
+"""Startup hook (loaded from fwllm_mergekit.pth) that lets plain `mergekit-yaml` see fwllm.
+
+mergekit has no plugin entry points. This module only installs a meta-path finder,
+so programs that never import mergekit pay one tiny import and nothing else. When
+`mergekit.merge_methods` finishes importing, fwllm's methods are registered; when
+`mergekit.card` is imported, its Hub check treats an existing local folder as local
+(otherwise a relative path triggers a Hub request, which fails offline).
+Set FWLLM_NO_MERGEKIT_HOOK=1 to disable.
+"""
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+_AFTER = {}
+
+
+def _after(module_name):
+    def register(fn):
+        _AFTER[module_name] = fn
+        return fn
+    return register
+
+
+@_after("mergekit.merge_methods")
+def _register_methods(module):
+    from fwllm.mergekit_glue.adapter import register_all  # only once mergekit itself is being imported
+
+    register_all()
+
+
+@_after("mergekit.card")
+def _offline_safe_card(module):
+    original = module.is_hf
+
+    def is_hf(path: str) -> bool:
+        if os.path.exists(path):
+            return False  # a local folder is local, whatever the Hub holds under that name
+        return original(path)
+
+    module.is_hf = is_hf
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, inner, hook):
+        self.inner, self.hook = inner, hook
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        try:
+            self.hook(module)
+        except Exception as err:  # never break mergekit because of fwllm
+            print(f"fwllm: mergekit hook failed ({err}); use `fwllm merge`", file=sys.stderr)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        hook = _AFTER.get(name)
+        if hook is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _Loader(spec.loader, hook)
+                return spec
+        return None
+
+
+def install():
+    if os.environ.get("FWLLM_NO_MERGEKIT_HOOK") or any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _Finder())
