@@ -139,8 +139,6 @@ def two_head_encoder_pool(root, body_noise: float = 0.0):
     their calibration rows in root/calib; `body_noise` perturbs each expert's body (x std)."""
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 
-    from test_encoder_pool import WORDS as ENC_WORDS, roberta_tokenizer
-
     cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
     tok = roberta_tokenizer()
@@ -184,3 +182,54 @@ def write_recipe(path, method, base, models, parameters=None, dtype="float32", p
         recipe["parameters"] = parameters
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def tiny_llama(layers=3, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=18, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+ENC_WORDS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + [f"w{i}" for i in range(20)]
+
+
+def roberta_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(ENC_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
+def encoder_rows(task, n, seed):
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [r.randint(0, 19) for _ in range(6)]
+        label = int(ids[0] >= 10) if task == "first_high" else sum(ids) % 3
+        out.append({"sentence": " ".join(f"w{i}" for i in ids), "label": label})
+    return out
+
+
+def merge(tmp_path, name, method, pool, models, parameters=None, per_model=None):
+    """Write a recipe over `pool["base"]` and merge it with `fwllm merge`; returns the output folder."""
+    recipe = write_recipe(tmp_path / f"{name}.yml", method, pool["base"], models, parameters, per_model=per_model)
+    out = tmp_path / name
+    from mergekit.options import MergeOptions
+
+    from fwllm.mergekit_glue.merge import merge_recipe
+
+    merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
+    return out
+
+
+def fw_params(pool, **kw):
+    return {"calibration": str(pool["calib"]), "iterations": 5, "step_size": 0.5, "scaling": 1.0, **kw}

@@ -135,6 +135,7 @@ def head_module(model: torch.nn.Module, head: TaskHead) -> torch.nn.Module:
     prefix = attr + "."
     module.load_state_dict({k[len(prefix):]: v for k, v in head.tensors.items()})
     module.requires_grad_(False)
+    module.eval()  # a freshly built model starts in training mode: its head's dropout would be on
     return module.to(next(model.parameters()).device)
 
 

@@ -6,8 +6,9 @@ from the adapter's own config. The variants peft writes are handled as peft merg
 
 * ``fan_in_fan_out`` (GPT-2 style Conv1D weights): Delta W = (B A)^T * s;
 * ``lora_embedding_A/B`` (embedding layers): Delta W = (B A)^T * s;
-* DoRA (``use_dora``, ``lora_magnitude_vector`` m): W' = m / ||W + B A s||_row * (W + B A s),
-  so the task vector depends on the base weight and is formed densely;
+* DoRA (``use_dora``, ``lora_magnitude_vector`` m): W' = m / ||W + Delta W|| * (W + Delta W), the
+  norm taken per output feature (rows of a Linear weight, columns of a transposed one), so the
+  task vector depends on the base weight and is formed densely;
 * ``modules_to_save`` and saved ``base_layer`` weights: full tensors that replace the base's.
 
 Per-module rank or alpha patterns and trained LoRA biases are refused with one clear error.
@@ -48,9 +49,11 @@ class LoraFactors:
     def delta(self, base: torch.Tensor) -> torch.Tensor:
         d = self.low_rank_delta()
         if self.magnitude is not None:
+            # DoRA normalises each output feature: a row of a Linear weight [out, in], a column of
+            # a transposed one (Conv1D [in, out], embedding [num_embeddings, dim]), as peft does
             w = base.float() + d
-            norm = torch.linalg.norm(w, dim=1)
-            d = (self.magnitude.float() / norm).unsqueeze(1) * w - base.float()
+            norm = torch.linalg.norm(w, dim=0 if self.transposed else 1, keepdim=True)
+            d = self.magnitude.float().reshape(norm.shape) / norm * w - base.float()
         return d
 
 
@@ -88,8 +91,6 @@ class AdapterReader:
         r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
         self.scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-        if self.fan_in_fan_out and cfg.get("use_dora"):
-            raise FwllmError(f"{adapter_dir}: DoRA with fan_in_fan_out weights is not supported")
         weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
         if not os.path.isfile(weights):
             raise FwllmError(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (fwllm reads safetensors only)")

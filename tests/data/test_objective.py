@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import task_rows, tiny_tokenizer
+from conftest import tiny_llama, task_rows, tiny_tokenizer
 from fwllm.data.calibration import CAUSAL, CalibrationTask
 from fwllm.arch.kinds import PLAIN_HEAD_CAUSAL_LMS
 from fwllm.data.objective import batch_loss_sum, encode_tasks
-from test_layerwise_gradient import tiny_llama
 
 
 def hand_loss(model, batch):
@@ -110,3 +109,61 @@ def test_a_sampled_objective_is_the_mean_over_the_rows_it_drew():
         per_task.append(total / sum(int((b["labels"][:, 1:] != -100).sum()) for b in task.batches))
     assert sample.value(model) == pytest.approx(sum(per_task) / 2, rel=1e-5)
     assert sample.value(model) != pytest.approx(objective.value(model), rel=1e-6)
+
+
+# -- unlabeled {"text"} rows: the mean entropy of the model's own predictions -----------------
+def text_rows(words, n, seed):
+    """Unlabeled rows of 1 to 7 words, so micro-batches need padding."""
+    import random
+
+    r = random.Random(seed)
+    return [{"text": " ".join(r.choice(words) for _ in range(r.randint(1, 7)))} for _ in range(n)]
+
+
+def entropies(logits):
+    """Entropy of softmax(logits) per row of [P, C], written out: -sum_c p_c log p_c."""
+    p = torch.softmax(logits.double(), dim=-1)
+    return -(p * torch.log(p)).sum(-1)
+
+
+def test_unlabeled_text_on_a_sequence_classifier_is_the_mean_entropy_per_row():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from conftest import ENC_WORDS, roberta_tokenizer
+    from fwllm.data.calibration import UNLABELED
+
+    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1, num_labels=3)
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(cfg).eval()
+    tok = roberta_tokenizer()
+    rows = text_rows(ENC_WORDS[5:], 7, seed=1)
+    objective = encode_tasks([CalibrationTask("u", UNLABELED, rows)], tok, model, batch_size=3)
+    assert len({b["input_ids"].shape[1] for b in objective.tasks[0].batches}) > 1  # padded batches
+    # by hand: each row alone (no padding), one prediction per row
+    with torch.no_grad():
+        per_row = [float(entropies(model(**tok(r["text"], return_tensors="pt")).logits)[0]) for r in rows]
+    assert objective.value(model) == pytest.approx(sum(per_row) / len(rows), rel=1e-5)
+
+
+def test_unlabeled_text_on_a_causal_lm_is_the_mean_next_token_entropy():
+    from fwllm.data.calibration import UNLABELED
+
+    model = tiny_llama(layers=2)
+    with torch.no_grad():  # sharper predictions: entropies that differ from position to position
+        model.lm_head.weight.mul_(30.0)
+    tok = tiny_tokenizer()
+    rows = text_rows([str(d) for d in range(10)] + ["copy", "rev", "=", ":"], 9, seed=2)
+    objective = encode_tasks([CalibrationTask("u", UNLABELED, rows)], tok, model, batch_size=4)
+    assert len({b["input_ids"].shape[1] for b in objective.tasks[0].batches}) > 1  # padded batches
+    # by hand: each row alone; position t predicts token t + 1, so a row of L tokens makes
+    # L - 1 predictions (the last position predicts nothing that is there)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids = tok(r["text"], return_tensors="pt")["input_ids"]
+            logits = model(input_ids=ids).logits[0]
+            total += float(entropies(logits[: ids.shape[1] - 1]).sum())
+            count += ids.shape[1] - 1
+    assert count > 0
+    assert objective.value(model) == pytest.approx(total / count, rel=1e-5)

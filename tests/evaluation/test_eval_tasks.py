@@ -102,7 +102,7 @@ def test_materialized_yamls_use_absolute_data_paths(task_folder):
 def test_committed_yamls_resolve_from_the_repo_root(monkeypatch):
     from lm_eval.tasks import TaskManager
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)
     manager = TaskManager(include_path=str(repo / "fwllm" / "_data" / "eval_tasks"), include_defaults=False)
     task = manager.load(["fwllm_glue_rte"])["tasks"]["fwllm_glue_rte"]

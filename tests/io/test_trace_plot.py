@@ -32,7 +32,7 @@ def test_plot_is_a_png(tmp_path):
 
 
 def test_fw_merge_writes_its_trace_plot(tmp_path, tiny_pool):
-    from test_frank_wolfe import fw_params, merge
+    from conftest import fw_params, merge
 
     e = tiny_pool["experts"]
     out = merge(tmp_path, "plot", "fw_merging", tiny_pool, [e["copy"], e["rev"]], fw_params(tiny_pool, iterations=2))

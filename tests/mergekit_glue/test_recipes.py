@@ -9,7 +9,7 @@ from mergekit.config import MergeConfiguration
 
 from fwllm.methods.registry import METHODS
 
-RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yml")))
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "*.yml")))
 
 
 def test_there_are_recipes():

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_tensors, task_rows, tiny_tokenizer, write_recipe
+from conftest import tiny_llama, load_tensors, task_rows, tiny_tokenizer, write_recipe
 from fwllm.data.calibration import CAUSAL, CLASSIFICATION, CalibrationTask
 from fwllm.core.errors import FwllmError
 from fwllm.arch.layer_stack import LayerOffload, layer_stack
@@ -28,16 +28,6 @@ def layerwise_gradient(model, objective):
     grads = {}
     value = LayerwiseGradient(model, offload, objective, blocks)(lambda n, g: grads.__setitem__(n, g.clone()))
     return value, grads, offload
-
-
-def tiny_llama(layers=3, tie=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=18, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def causal_objective(model):
@@ -63,7 +53,7 @@ def test_layerwise_gradient_equals_full_backward_llama(tie):
 def test_layerwise_gradient_equals_full_backward_roberta_classifier_with_task_heads():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from test_encoder_pool import roberta_tokenizer, rows
+    from conftest import encoder_rows as rows, roberta_tokenizer
 
     cfg = RobertaConfig(vocab_size=25, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=20, pad_token_id=1, num_labels=3)
@@ -195,7 +185,7 @@ def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     from fwllm.data.calibration import UNLABELED
-    from test_encoder_pool import roberta_tokenizer, rows
+    from conftest import encoder_rows as rows, roberta_tokenizer
 
     cfg = RobertaConfig(vocab_size=25, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=20, pad_token_id=1)

@@ -8,7 +8,10 @@ import torch
 import yaml
 from mergekit.options import MergeOptions
 
-from conftest import load_tensors, perturbed_copies, save_tiny_llama_base, task_rows, two_head_encoder_pool, write_jsonl, write_recipe
+from conftest import (
+    load_tensors, perturbed_copies, roberta_tokenizer, save_tiny_llama_base, task_rows, two_head_encoder_pool, write_jsonl,
+    write_recipe,
+)
 from fwllm.core.params import AdaMergingParams
 from fwllm.kernels.adamerging import coefficient_gradient, merged_tensor
 from fwllm.methods.adamerging import AdaMerging
@@ -140,6 +143,41 @@ def test_bad_input(tmp_path, pool):
     assert not os.path.exists(tmp_path / "plan" / "DONE")
 
 
+def entropy_at_init(root, experts, head_of, init_lambda=0.3):
+    """Mean over tasks of the mean prediction entropy of base + init_lambda * sum_i tau_i,
+    each task's rows scored one at a time under the head of the expert `head_of[task]`."""
+    from transformers import RobertaForSequenceClassification
+
+    base, cands, tok = tensors(root / "base"), [tensors(e) for e in experts], roberta_tokenizer()
+    per_task = []
+    for task, head_owner in head_of.items():
+        model = RobertaForSequenceClassification.from_pretrained(head_owner).eval()
+        body = {n: base[n] + init_lambda * sum(c[n] - base[n] for c in cands)
+                for n, _ in model.named_parameters() if not n.startswith("classifier.")}
+        model.load_state_dict(body, strict=False)
+        rows = [json.loads(line) for line in (root / "calib" / f"{task}.jsonl").read_text().splitlines()]
+        with torch.no_grad():
+            logps = [torch.log_softmax(model(**tok(r["sentence"], return_tensors="pt")).logits[0], -1) for r in rows]
+        per_task.append(sum(float(-(lp.exp() * lp).sum()) for lp in logps) / len(rows))
+    return sum(per_task) / len(per_task)
+
+
+def sharpen_heads(experts):
+    """Redraw each expert's head so its logits are O(1) and move with the body's features (the
+    fixture's near-zero heads give every row ~ln(classes), whichever head scores it)."""
+    from transformers import RobertaForSequenceClassification
+
+    for seed, path in enumerate(experts):
+        model = RobertaForSequenceClassification.from_pretrained(path)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for prm in model.classifier.dense.parameters():
+                prm.normal_(0.0, 0.25)  # tanh stays off saturation, so it passes on row differences
+            for prm in model.classifier.out_proj.parameters():
+                prm.normal_(0.0, 3.0)
+        model.save_pretrained(path)
+
+
 def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
     from transformers import RobertaForSequenceClassification
 
@@ -147,6 +185,11 @@ def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     experts = two_head_encoder_pool(tmp_path, body_noise=0.2)
+    sharpen_heads(experts)
+    # one-word rows for one task, twelve-word rows for the other: the body's features differ between them
+    write_jsonl(tmp_path / "calib" / "two.jsonl", [{"sentence": f"w{i}", "label": i % 2} for i in range(6)])
+    write_jsonl(tmp_path / "calib" / "three.jsonl",
+                [{"sentence": " ".join(f"w{(i * 7 + j) % 20}" for j in range(12)), "label": i % 3} for i in range(6)])
     recipe = write_recipe(tmp_path / "enc.yml", "adamerging", tmp_path / "base", experts,
                           {"calibration": str(tmp_path / "calib"), "steps": 3, "lr": 0.05},
                           per_model=[{"task": "two"}, {"task": "three"}])
@@ -155,6 +198,13 @@ def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
     assert set(load_heads(str(out))) == {"two", "three"}
     entropy = json.loads((out / "fwllm_plan" / "trace.json").read_text())["entropy"]
     assert entropy[-1] < entropy[0]
+    # the first entry is the entropy at lambda = 0.3 everywhere, each task under its own head (in
+    # eval mode: no dropout); swapped heads, or one head for both tasks, give other values
+    two, three = experts
+    own = entropy_at_init(tmp_path, experts, {"two": two, "three": three})
+    assert entropy[0] == pytest.approx(own, rel=1e-5)
+    for wrong in ({"two": three, "three": two}, {"two": two, "three": two}, {"two": three, "three": three}):
+        assert abs(entropy_at_init(tmp_path, experts, wrong) - own) > 1e-3 > 1e-5 * own, wrong
     coefficients = json.loads((out / "fwllm_plan" / "coefficients.json").read_text())["coefficients"]
     assert not any(n.startswith("classifier.") for n in coefficients)
     RobertaForSequenceClassification.from_pretrained(out)

@@ -8,7 +8,7 @@ import torch
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from conftest import WORDS, load_tensors, save_tiny_llama_base, task_rows, write_jsonl, write_recipe
+from conftest import WORDS, load_tensors, save_tiny_llama_base, task_rows, tiny_tokenizer, write_jsonl, write_recipe
 from fwllm.data.calibration import load_calibration
 from fwllm.core.job import CandidateSpec, MergeJob
 from fwllm.core.plan import CandidateStats, Plan, StatsPlanRecord
@@ -128,7 +128,41 @@ def test_tied_lm_head_is_left_to_averaging():
     assert "lm_head.weight" not in linear_layers(LlamaForCausalLM(cfg))
 
 
-def test_merge_is_the_closed_form_over_stored_grams(tmp_path, pool, monkeypatch, caplog):
+def grams_by_hand(model_dir, calib_file, names):
+    """X^T X of each named linear layer's inputs over every token of every row (prompt,
+    response, EOS), one row at a time so no padding is ever seen; captured by our own hooks."""
+    from transformers import LlamaForCausalLM
+
+    model, tok = LlamaForCausalLM.from_pretrained(model_dir).eval(), tiny_tokenizer()
+    grams = {n: None for n in names}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0][0].double()  # [tokens, in]
+            grams[name] = x.T @ x if grams[name] is None else grams[name] + x.T @ x
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[n[: -len(".weight")]].register_forward_pre_hook(hook_for(n)) for n in names]
+    with torch.no_grad():
+        for line in calib_file.read_text().splitlines():
+            row = json.loads(line)
+            ids = tok(row["prompt"])["input_ids"] + tok(row["response"], add_special_tokens=False)["input_ids"]
+            model(input_ids=torch.tensor([ids + [tok.eos_token_id]]))
+    for h in handles:
+        h.remove()
+    return grams
+
+
+def regmean_by_hand(ws, grams, weights, alpha):
+    """Jin et al.: W^T = (sum_i c_i G~_i)^-1 sum_i c_i G~_i W_i^T, G~ = alpha G + (1 - alpha) diag(G)."""
+    reduced = [c * (alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))) for g, c in zip(grams, weights)]
+    lhs = sum(reduced)
+    rhs = sum(g @ w.double().T for g, w in zip(reduced, ws))
+    return torch.linalg.solve(lhs, rhs).T.float()
+
+
+def test_merge_is_the_closed_form_over_each_candidates_layer_inputs(tmp_path, pool, monkeypatch, caplog):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     recipe = write_recipe(tmp_path / "r.yml", "regmean", pool["base"], pool["models"],
                           {"calibration": str(pool["calib"]), "batch_size": 3},
@@ -140,12 +174,16 @@ def test_merge_is_the_closed_form_over_stored_grams(tmp_path, pool, monkeypatch,
     plan = json.loads((plan_dir / "plan.json").read_text())
     assert [c["file"] for c in plan["candidates"]] == ["gram/0.safetensors", "gram/1.safetensors"]
     assert (plan_dir / "DONE").exists()
-    grams = [load_file(plan_dir / c["file"]) for c in plan["candidates"]]
+    checked = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight")
+    grams = [grams_by_hand(m, pool["calib"] / f"{t}.jsonl", checked) for m, t in zip(pool["models"], ("copy", "rev"))]
+    for c, g in zip(plan["candidates"], grams):  # what the plan stored: the same sums, padding left out
+        stored = load_file(plan_dir / c["file"])
+        assert all(torch.allclose(stored[n].double(), g[n], rtol=1e-4, atol=1e-3) for n in checked)
     cands = [tensors(m) for m in pool["models"]]
     merged = tensors(out)
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight"):
-        expected, _ = regmean_merge([(c[name], g[name], w) for c, g, w in zip(cands, grams, (1.0, 2.0))], 0.9, 1e-5)
-        assert torch.allclose(merged[name], expected, atol=1e-5), name
+    for name in checked:
+        expected = regmean_by_hand([c[name] for c in cands], [g[name] for g in grams], (1.0, 2.0), alpha=0.9)
+        assert torch.allclose(merged[name], expected, rtol=1e-4, atol=1e-5), name
         assert not torch.allclose(merged[name], (cands[0][name] + 2 * cands[1][name]) / 3, atol=1e-4)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert torch.allclose(merged[name], (cands[0][name] + 2 * cands[1][name]) / 3, atol=1e-6), name

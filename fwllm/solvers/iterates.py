@@ -1,0 +1,139 @@
+"""Where the FW iterate theta_t lives, per block.
+
+* `ModelIterate`: in the parameters of a model held in RAM (`gradient: full`).
+* `StoreIterate`: in an on-disk iterate store (full-checkpoint pools, `gradient: layerwise`);
+  the streamed gradient fetches the trainable blocks from it.
+* `LoraIterate`: nowhere as tensors. A LoRA pool's iterate is theta_0 + sum_i c_i s_i B_i A_i
+  per block, and only the coefficients c (from the atoms) are kept; the layers run it as
+  base weight plus low-rank terms (`fwllm.solvers.lora_terms`).
+
+`at(points)` evaluates at another point for a while (soft FW's mixed vertex), given per
+block as atoms; `realize(name, atoms)` turns atoms into a dense block (FW reads the
+candidates for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+
+import torch
+
+from fwllm.core.plan import Atom
+from fwllm.io.iterate_store import IterateStore
+from fwllm.kernels.atoms import ta_coefficients
+from fwllm.solvers.lora_terms import LoraTerms
+
+Realize = Callable[[str, Sequence[Atom]], torch.Tensor]
+
+
+class ModelIterate:
+    implicit = False
+
+    def __init__(self, params: Dict[str, torch.nn.Parameter]):
+        self.params = params
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.params[name].detach().to("cpu", torch.float32)
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        p = self.params[name]
+        p.data.copy_(value.to(p.device, p.dtype))
+
+    @contextlib.contextmanager
+    def at(self, points: Dict[str, Sequence[Atom]], realize: Realize):
+        saved = {n: self.read(n).clone() for n in points}
+        for name, atoms in points.items():
+            self.write(name, realize(name, atoms))
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                self.write(name, value)
+
+    def merged(self, names: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.read(name)
+
+
+class _LazyPoint(Mapping):
+    """block name -> its value at a point, computed on access (one block at a time)."""
+
+    def __init__(self, points: Dict[str, Sequence[Atom]], realize: Realize, fallback: Mapping):
+        self.points, self.realize, self.fallback = points, realize, fallback
+
+    def __getitem__(self, name):
+        if name in self.points:
+            return self.realize(name, self.points[name])
+        return self.fallback[name]
+
+    def __contains__(self, name):
+        return name in self.points or name in self.fallback
+
+    def __iter__(self):
+        return iter(set(self.points) | set(self.fallback))
+
+    def __len__(self):
+        return len(set(self.points) | set(self.fallback))
+
+
+class StoreIterate:
+    implicit = False
+
+    def __init__(self, store: IterateStore):
+        self.store = store
+        self._view: Mapping = store.loader()
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.store.read(name)
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        self.store.write(name, value)
+        self._view = self.store.loader()
+
+    def weights(self) -> Mapping:
+        """What the streamed gradient fetches trainable blocks from."""
+        return self._view
+
+    @contextlib.contextmanager
+    def at(self, points: Dict[str, Sequence[Atom]], realize: Realize):
+        saved, self._view = self._view, _LazyPoint(points, realize, self._view)
+        try:
+            yield
+        finally:
+            self._view = saved
+
+    def merged(self, names: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.read(name)
+
+
+class LoraIterate:
+    implicit = True
+
+    def __init__(self, lora: LoraTerms, weights: Sequence[float], scaling: float, base: Callable[[str], torch.Tensor]):
+        self.lora, self.weights, self.scaling, self.base = lora, list(weights), scaling, base
+
+    def set_atoms(self, name: str, atoms: Sequence[Atom]) -> None:
+        self.lora.set_coefficients(name, ta_coefficients(atoms, self.weights, self.scaling))
+
+    def coefficients(self) -> Dict[str, List[float]]:
+        return {n: b.coefficients.tolist() for n, b in self.lora.blocks.items()}
+
+    def weights_map(self) -> Mapping:
+        return {}  # no dense block: every layer runs on the base's weights plus the low-rank terms
+
+    @contextlib.contextmanager
+    def at(self, points: Dict[str, Sequence[Atom]], realize: Realize = None):
+        saved = {n: self.lora.blocks[n].coefficients for n in points}
+        for name, atoms in points.items():
+            self.set_atoms(name, atoms)
+        try:
+            yield
+        finally:
+            for name, c in saved.items():
+                self.lora.blocks[name].coefficients = c
+
+    def merged(self, names: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.base(name) + self.lora.delta(name)

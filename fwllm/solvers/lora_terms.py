@@ -1,0 +1,131 @@
+"""A LoRA pool's iterate and oracle without ever forming a weight delta or a weight gradient.
+
+For an adapted linear layer with base weight W_0 and candidates' factors (A_i [r_i, in],
+B_i [out, r_i], scale s_i = alpha_i / r_i), the iterate's layer computes
+
+    y = x W_0^T + sum_i c_i s_i (x A_i^T) B_i^T
+
+as peft runs several weighted adapters at once, and the oracle's score of candidate i is
+
+    <dL/dW, w_i s_i B_i A_i> = w_i s_i sum_t (B_i^T delta_t) . (A_i x_t),   delta_t = dL/dy_t,
+
+read off the layer's input and output gradient by hooks: G = sum_t delta_t x_t^T is never
+formed, and the base weight needs no gradient (the backward skips that matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from fwllm.io.adapters import AdapterReader
+
+
+@dataclass
+class LoraBlock:
+    """Every candidate's factors for one linear weight, stacked along the rank."""
+
+    a: torch.Tensor  # [R, in], R = sum of the ranks of the candidates that adapt this weight
+    b: torch.Tensor  # [out, R]
+    owner: torch.Tensor  # [R]: the candidate each rank column belongs to
+    scale: torch.Tensor  # [R]: s_i of that candidate
+    coefficients: torch.Tensor = field(default=None)  # [N]: c_i, the iterate's weight on tau_i
+
+    @property
+    def nbytes(self) -> int:
+        return (self.a.numel() + self.b.numel()) * self.a.element_size()
+
+
+def low_rank_candidate(adapter: Optional[AdapterReader], name: str) -> bool:
+    """Whether candidate's tau for `name` is exactly s B A (so the score needs no sketch)."""
+    if adapter is None:
+        return False
+    f = adapter.factors.get(name)
+    return f is not None and f.magnitude is None and not f.transposed and name not in adapter.full
+
+
+def pool_is_low_rank(adapters: Sequence[Optional[AdapterReader]]) -> bool:
+    """Every candidate is a plain LoRA adapter (no DoRA, no full tensors, no transposed factors)."""
+    return all(a is not None and not a.full and all(f.magnitude is None and not f.transposed
+                                                    for f in a.factors.values()) for a in adapters)
+
+
+class LoraTerms:
+    """The low-rank terms of a LoRA pool, attached to the linear modules of a model."""
+
+    def __init__(self, adapters: Sequence[AdapterReader], dtype: torch.dtype = torch.float32):
+        self.n = len(adapters)
+        names = sorted({name for a in adapters for name in a.factors})
+        self.blocks: Dict[str, LoraBlock] = {}
+        for name in names:
+            parts = [(i, a.factors[name]) for i, a in enumerate(adapters) if name in a.factors]
+            self.blocks[name] = LoraBlock(
+                a=torch.cat([f.a.to(dtype) for _, f in parts]),
+                b=torch.cat([f.b.to(dtype) for _, f in parts], dim=1),
+                owner=torch.cat([torch.full((f.a.shape[0],), i, dtype=torch.long) for i, f in parts]),
+                scale=torch.cat([torch.full((f.a.shape[0],), f.scale) for _, f in parts]),
+                coefficients=torch.zeros(self.n),
+            )
+        self.scores: Dict[str, torch.Tensor] = {}
+        self.weights = torch.ones(self.n)
+        self.scoring = False
+        self._handles: List = []
+
+    def names(self) -> List[str]:
+        return list(self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks.values())
+
+    def set_coefficients(self, name: str, coefficients: Sequence[float]) -> None:
+        self.blocks[name].coefficients = torch.as_tensor(coefficients, dtype=torch.float32)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """sum_i c_i s_i B_i A_i for one weight (only to write the merged model)."""
+        blk = self.blocks[name]
+        per_rank = blk.coefficients[blk.owner] * blk.scale
+        return (blk.b.float() * per_rank) @ blk.a.float()
+
+    def attach(self, model: torch.nn.Module) -> None:
+        for name in self.blocks:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def start_scoring(self) -> None:
+        self.scores = {name: torch.zeros(self.n) for name in self.blocks}
+        self.scoring = True
+
+    def stop_scoring(self) -> Dict[str, torch.Tensor]:
+        self.scoring = False
+        return self.scores
+
+    def _hook(self, name: str):
+        blk = self.blocks[name]
+
+        def hook(module, args, out):
+            x = args[0]
+            a, b = blk.a.to(x.device, x.dtype), blk.b.to(x.device, x.dtype)
+            u = x @ a.T  # [..., R]
+            per_rank = (blk.coefficients[blk.owner] * blk.scale).to(x.device, x.dtype)
+            out = out + (u * per_rank) @ b.T
+            if self.scoring and out.requires_grad:
+                u_saved = u.detach()
+
+                def score(grad: torch.Tensor) -> None:
+                    v = grad @ b  # [..., R]: B^T delta per token
+                    per_col = (u_saved * v).reshape(-1, v.shape[-1]).sum(0).to("cpu", torch.float32)
+                    contrib = torch.zeros(self.n).index_add_(0, blk.owner, per_col * blk.scale)
+                    self.scores[name] += contrib * self.weights
+
+                out.register_hook(score)
+            return out
+
+        return hook

@@ -1,0 +1,108 @@
+"""The folder tree is the architecture: imports point one way, with no circle and no private names.
+
+Each room may import only the rooms below it. The check reads every module's imports with
+`ast` (top-level and inside functions), so it cannot be fooled by lazy imports.
+"""
+
+import ast
+import os
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fwllm"
+
+# room -> the rooms it may import (itself included)
+ALLOWED = {
+    "core": {"core"},
+    "kernels": {"core", "kernels"},
+    "io": {"core", "io"},
+    "arch": {"core", "io", "arch"},
+    "data": {"core", "io", "arch", "data"},
+    "solvers": {"core", "kernels", "io", "arch", "data", "solvers"},
+    "methods": {"core", "kernels", "io", "arch", "data", "solvers", "methods"},
+    "mergekit_glue": {"core", "kernels", "io", "arch", "data", "solvers", "methods", "mergekit_glue"},
+    "evaluation": {"core", "io", "arch", "evaluation"},
+    "experts": {"core", "io", "arch", "data", "experts"},
+    "experiments": {"core", "io", "arch", "data", "kernels", "solvers", "methods", "mergekit_glue", "evaluation",
+                    "experts", "experiments"},
+    "cli": set(),  # the top: anything
+}
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        if "_data" in rel.parts:
+            continue  # lm-eval hook files shipped as data, not part of the package's import graph
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        yield name, path
+
+
+def imports(path):
+    """(imported module, imported names) for every fwllm import in a file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fwllm"):
+            yield node.module, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("fwllm"):
+                    yield a.name, []
+
+
+def room(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_module_lives_in_a_room():
+    loose = [m for m, _ in modules() if m.count(".") == 1 and m not in {f"fwllm.{r}" for r in ALLOWED}]
+    assert loose == [], f"modules outside the rooms: {loose}"
+
+
+def test_imports_point_down_only():
+    wrong = []
+    for module, path in modules():
+        mine = room(module)
+        if mine not in ALLOWED or mine == "cli":
+            continue
+        for target, _ in imports(path):
+            theirs = room(target)
+            if theirs and theirs not in ALLOWED[mine]:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == [], "imports that point up or sideways:\n" + "\n".join(wrong)
+
+
+def test_no_import_circle():
+    graph = {m: {t for t, _ in imports(p)} for m, p in modules()}
+    known = set(graph)
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in sorted(graph[m]):
+            while t not in known and "." in t:
+                t = t.rsplit(".", 1)[0]  # `from fwllm.io import x`: the package module
+            if t not in known:
+                continue
+            if state.get(t) == "open":
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_no_private_name_is_imported_across_modules():
+    private = [f"{module}: {target}.{n}" for module, path in modules() for target, names in imports(path)
+               for n in names if n.startswith("_") and target != module]
+    assert private == [], private
+
+
+def test_the_rooms_exist_as_documented():
+    rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert set(ALLOWED) <= rooms, set(ALLOWED) - rooms
+    assert os.path.isdir(PACKAGE / "_data" / "eval_tasks")
