@@ -9,6 +9,8 @@ every method through `fwllm merge`, scores each merge on the relevant tasks' dev
 (loss) and on fwllm's lm-eval suites, and writes report.md, results.json and
 vs_candidates.png under --out. Defaults take about 2 h on 2 CPU cores; a GPU
 (--device cuda) is much faster. `--suites ""` keeps the dev losses only.
+For task metrics on hundreds of dev rows with bootstrap intervals and tuned baselines,
+see eval/quality.py.
 """
 
 from __future__ import annotations

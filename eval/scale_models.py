@@ -2,7 +2,8 @@
 
 Speed and memory do not depend on the values, so each model is random bf16 weights of its
 real shapes, written as sharded safetensors with an index, as on the Hub, together with
-a tokenizer (the SmolLM2 one; only token ids matter). LoRA adapters are peft folders with
+a byte-level BPE tokenizer trained here on the calibration text (only token ids matter,
+and they stay below every vocabulary size). LoRA adapters are peft folders with
 random factors of realistic scale (B is not zero, so every adapter changes its layers).
 """
 
@@ -55,6 +56,29 @@ def random_tensor(shape: tuple, gen: torch.Generator) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.bfloat16)  # norms
     std = shape[-1] ** -0.5
     return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+
+
+def write_tokenizer(folder: str, corpus: str, vocab_size: int = 8000) -> str:
+    """A byte-level BPE tokenizer trained on `corpus` (a .jsonl of rows), saved as a transformers tokenizer."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return folder
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    with open(corpus, encoding="utf-8") as fp:
+        for line in fp:
+            row = json.loads(line)
+            texts.append(" ".join(str(v) for v in row.values()))
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.save_pretrained(folder)
+    return folder
 
 
 def write_model(folder: str, name: str, tokenizer_dir: str, seed: int = 0) -> str:

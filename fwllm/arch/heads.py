@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Sequence
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
 from fwllm.arch.kinds import CLASSIFIER_MODEL, architecture_kind
@@ -123,20 +124,19 @@ def using_head(model: torch.nn.Module, head: Optional[torch.nn.Module]) -> Itera
         setattr(model, attr, original)
 
 
-def head_module(model: torch.nn.Module, head: TaskHead) -> torch.nn.Module:
-    """A frozen copy of `model`'s head module carrying `head`'s tensors (its own width)."""
+def head_module(model: torch.nn.Module, head: TaskHead, device) -> torch.nn.Module:
+    """A frozen float32 module of `model`'s head class carrying `head`'s tensors (its own width),
+    built on the meta device and filled by assignment, so `model` may itself be a skeleton."""
     attr = head_attribute(model)
-    if head.num_labels == model.config.num_labels:
-        module = copy.deepcopy(getattr(model, attr))
-    else:
-        cfg = copy.deepcopy(model.config)
-        cfg.num_labels = head.num_labels
+    cfg = copy.deepcopy(model.config)
+    cfg.num_labels = head.num_labels
+    with init_empty_weights(include_buffers=False):
         module = getattr(type(model)(cfg), attr)
     prefix = attr + "."
-    module.load_state_dict({k[len(prefix):]: v for k, v in head.tensors.items()})
+    module.load_state_dict({k[len(prefix):]: v for k, v in head.tensors.items()}, assign=True)
     module.requires_grad_(False)
     module.eval()  # a freshly built model starts in training mode: its head's dropout would be on
-    return module.to(next(model.parameters()).device)
+    return module.to(device=device, dtype=torch.float32)
 
 
 def checkpoint_head(model_dir: str) -> Optional[TaskHead]:

@@ -10,9 +10,7 @@ closes it) and, for blocks that change, over an iterate store (`fwllm.io.iterate
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Dict, Iterable, List, Mapping, Optional, Set
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set
 
 import torch
 from accelerate import init_empty_weights
@@ -22,22 +20,9 @@ from safetensors import safe_open
 from fwllm.core.errors import FwllmError
 from fwllm.io.models import read_config, safetensors_files
 
-INDEX_FILE = "model.safetensors.index.json"
-
-
 def shard_index(model_dir: str, dtype: str = "float32") -> Dict[str, dict]:
-    """accelerate offload-index entries pointing every tensor at its safetensors shard.
-
-    A sharded checkpoint's index must name shards that exist; every tensor is found by
-    opening the shards once (header only)."""
-    index_path = os.path.join(model_dir, INDEX_FILE)
-    if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as fp:
-            weight_map = json.load(fp).get("weight_map", {})
-        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(model_dir, f))})
-        if missing:
-            raise FwllmError(f"{model_dir}: the shard index names {missing[0]}, which is missing "
-                             f"({len(missing)} shard(s) missing); download the model again")
+    """accelerate offload-index entries pointing every tensor at its safetensors shard
+    (found by opening each shard once, header only)."""
     entries = {}
     for shard in safetensors_files(model_dir):
         with safe_open(shard, framework="pt") as fp:
@@ -61,6 +46,7 @@ def skeleton(model_dir: str, architecture: Optional[str] = None) -> torch.nn.Mod
         config.num_labels = max(int(getattr(config, "num_labels", 2)), 1)
     with init_empty_weights(include_buffers=False):
         model = cls(config)
+    model.tie_weights()  # (outside the context, where accelerate re-registers parameters) as a load does
     model.eval()  # the recompute of a layer must see the same function as its forward: no dropout
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False
@@ -75,7 +61,7 @@ class MetaModel:
     (an LM head tied to the embeddings) are fetched once and shared, as in the model."""
 
     def __init__(self, model: torch.nn.Module, weights: Mapping[str, torch.Tensor], device: str = "cpu",
-                 trainable: Iterable[str] = ()):
+                 trainable: Iterable[str] = (), optional: Callable[[str], bool] = lambda name: False):
         self.model, self.weights, self.device = model, weights, torch.device(device)
         self.trainable: Set[str] = set(trainable)
         self.ties: Dict[str, List[str]] = {}
@@ -85,10 +71,18 @@ class MetaModel:
         self.resident: Set[str] = set()  # parameter names on the device now
         self.peak_resident_bytes = 0
         self.fetches = 0
-        missing = [n for n in self.parameter_names() if self.source_name(n) is None]
+        # `optional` tensors (task heads of an encoder pool) are supplied by the caller, never fetched
+        missing = [n for n in self.parameter_names() if self.source_name(n) is None and not optional(n)]
         if missing:
             raise FwllmError(f"the checkpoint has no tensor {missing[0]} ({len(missing)} missing); "
                              f"is it a {type(model).__name__}?")
+
+    def group(self, name: str) -> List[str]:
+        """`name` and the names tied to it."""
+        return self.ties.get(name, [name])
+
+    def is_trainable(self, name: str) -> bool:
+        return any(n in self.trainable for n in self.group(name))
 
     def parameter_names(self) -> List[str]:
         return [n for n, _ in self.model.named_parameters()]  # tied duplicates once
@@ -114,14 +108,15 @@ class MetaModel:
             # a private float32 copy: a view would pin the mapped shard (and must never be written)
             set_module_tensor_to_device(self.model, name, self.device, value=value.to(torch.float32, copy=True))
             param = self.model.get_parameter(name)
-            param.requires_grad_(name in self.trainable)
+            param.requires_grad_(self.is_trainable(name))
             for alias in self.ties.get(name, []):
                 if alias != name:
                     self._set(alias, param)
                     self.resident.add(alias)
             self.resident.add(name)
             self.fetches += 1
-        size = sum(self.model.get_parameter(n).numel() * 4 for n in self.resident)
+        unique = {id(p): p.numel() for p in map(self.model.get_parameter, self.resident)}  # a tie counts once
+        size = 4 * sum(unique.values())
         self.peak_resident_bytes = max(self.peak_resident_bytes, size)
 
     def release(self, names: Iterable[str]) -> None:

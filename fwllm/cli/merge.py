@@ -1,8 +1,17 @@
-"""`fwllm merge RECIPE OUT_DIR`: a drop-in for `mergekit-yaml` that also runs fwllm's methods."""
+"""`fwllm merge RECIPE OUT_DIR`: a drop-in for `mergekit-yaml` that also runs fwllm's methods.
+
+Every failure ends in one `Error: ...` line and a non-zero exit: bad input (`FwllmError`),
+mergekit's own complaints, a full disk, and SIGINT / SIGTERM (SIGTERM is turned into an
+exception, so the staged output is cleaned up as on Ctrl-C).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
+import threading
 
 import click
 from mergekit.options import MergeOptions, add_merge_options
@@ -10,23 +19,71 @@ from mergekit.options import MergeOptions, add_merge_options
 from fwllm.core.errors import FwllmError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python next gets control (a KeyboardInterrupt, so cleanup is the same)."""
+
+
+class _Interrupted(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text  # safetensors' writer errors
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 @click.command("merge")
 @click.argument("recipe", type=click.Path())
 @click.argument("out_dir", type=click.Path())
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Solve afresh: reuse no cached or `plan:` plan, statistic or merged adapter.")
 @add_merge_options
-def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool):
+def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool, no_cache: bool):
     """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
     from fwllm.mergekit_glue.merge import merge_recipe
 
     merge_options.apply_global_options()
     try:
-        path = merge_recipe(recipe, out_dir, merge_options, force=force)
+        with _sigterm_raises():
+            path = merge_recipe(recipe, out_dir, merge_options, force=force, no_cache=no_cache)
     except FwllmError as err:
         raise click.ClickException(str(err)) from None
-    except (RuntimeError, ValueError, OSError) as err:
-        # mergekit's own complaints (missing tensors, bad shapes): one line, not a traceback
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, _Terminated) else ("SIGINT", 130)
+        raise _Interrupted(f"interrupted ({name}); no unfinished output was left behind", code) from None
+    except Exception as err:
         if os.environ.get("FWLLM_DEBUG"):
             raise
-        raise click.ClickException(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else err}") from None
+        if _disk_full(err):
+            raise click.ClickException(f"no space left on device while writing {out_dir} ({_first_line(err)}): "
+                                       f"free some space or choose another OUT_DIR; nothing was replaced") from None
+        if not isinstance(err, (RuntimeError, ValueError, OSError)):
+            raise
+        # mergekit's own complaints (missing tensors, bad shapes): one line, not a traceback
+        raise click.ClickException(f"{type(err).__name__}: {_first_line(err)}") from None
     click.echo(f"merged model written to {path}")

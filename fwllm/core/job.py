@@ -29,13 +29,16 @@ class MergeJob:
     plan_dir: str
     device: str = "cpu"
     progress: bool = True
+    no_cache: bool = False  # solve afresh: reuse no plan and no cached statistic
 
-    def fingerprint(self) -> str:
-        """Stable id of what the recipe says (for the lazy-solve cache under plain mergekit)."""
+    def fingerprint(self, content: Optional[str] = None) -> str:
+        """Stable id of what the recipe says and, given `content` (the identity of the files it
+        names, `fwllm.mergekit_glue.inputs`), of what those files hold: the plain-mergekit plan cache key."""
         payload = {
             "method": self.method,
             "base": self.base,
             "candidates": [(c.label, sorted(c.params.items())) for c in self.candidates],
-            "params": self.params.model_dump(exclude={"plan", "device"}),
+            "params": self.params.model_dump(exclude={"plan", "device", "no_cache"}),
+            "content": content,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -29,7 +29,7 @@ from fwllm.core.plan import Plan
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def _describe(error: dict) -> str:
+def describe_error(error: dict) -> str:
     """A pydantic error as a range: 'must be >= 1', 'must be one of ...'."""
     ctx = error.get("ctx") or {}
     if error["type"] in _BOUNDS:
@@ -59,7 +59,7 @@ class DataMethod:
             if first["type"] == "extra_forbidden":
                 known = ", ".join(sorted(self.Params.model_fields))
                 raise FwllmError(f"{self.name}: unknown parameter {where!r} (known: {known})") from None
-            raise FwllmError(f"{self.name}: {where} {_describe(first)} (got {first.get('input')!r})") from None
+            raise FwllmError(f"{self.name}: {where} {describe_error(first)} (got {first.get('input')!r})") from None
         if not params.calibration:
             raise FwllmError(f"{self.name} needs `parameters: {{calibration: PATH}}` (a .jsonl file or a folder of them)")
         return params
@@ -69,6 +69,11 @@ class DataMethod:
 
     def load_plan(self, plan_dir: str) -> Plan:
         raise NotImplementedError
+
+    def needs_candidates(self, plan: Plan) -> bool:
+        """Whether executing the plan needs mergekit to hand over the candidates' tensors
+        (False: a base-only graph will do, the plan holds or forms every merged tensor)."""
+        return plan.merged is None
 
     def merge_tensor(self, plan: Plan, name: str, base: torch.Tensor, candidates: Dict[str, torch.Tensor],
                      per_model: Dict[str, Dict[str, Any]]) -> torch.Tensor:

@@ -25,9 +25,10 @@ class MethodParams(BaseModel):
     seed: int = 0
     device: Optional[str] = None  # solve device; default: mergekit's --device, else cpu
     plan: Optional[str] = None  # reuse (or keep) the plan in this folder
+    no_cache: bool = False  # solve afresh (plain mergekit's --no-cache): no cached plan or statistic
 
 
-LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
+LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "regmean"]
 
 
 class FWParams(MethodParams):
@@ -45,9 +46,19 @@ class FWParams(MethodParams):
     drop_rate: float = Field(0.5, ge=0, lt=1)  # dare: drop probability
     init: Literal["task_arithmetic", "base"] = "task_arithmetic"
     sketch_ratio: float = Field(32.0, ge=1)  # 1 = exact inner products
+    sketch_memory: float = Field(2.0, gt=0)  # GiB of sketches held in RAM; beyond, they are memory-mapped from disk
     rescore: float = Field(0.0, ge=0)  # z: re-check contenders within z sketch errors (0 = off)
-    gradient: Literal["full", "layerwise"] = "full"
+    gradient: Literal["auto", "full", "layerwise"] = "auto"  # auto: full if it fits in free RAM, else layerwise
     batches_per_iteration: int = Field(0, ge=0)  # stochastic FW: micro-batches per task (0 = all)
+    step: Literal["open_loop", "line_search"] = "open_loop"  # line_search: gamma from 2 forward evaluations
+    hull: Literal["fixed", "adaptive"] = "fixed"  # adaptive: lambda doubles while the line search hits the hull
+    pairwise: bool = False  # pairwise steps: move mass from the worst active vertex to the FW vertex
+    regmean_alpha: float = Field(0.9, ge=0, le=1)  # local_merge regmean: off-diagonal scale of the Grams
+
+    @property
+    def step_merge(self) -> str:
+        """The local merge of FW's own steps: regmean refines a task-arithmetic solve at its end."""
+        return "task_arithmetic" if self.local_merge == "regmean" else self.local_merge
 
 
 class FisherParams(MethodParams):

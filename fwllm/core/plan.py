@@ -26,16 +26,17 @@ class _Record(BaseModel):
 
 
 class Atom(_Record):
-    """One step of an FW iterate: theta += weight * lambda * combine(method, members, mix).
+    """A vertex of an FW iterate and its weight: theta += weight * scale * combine(method, members, mix).
 
-    `tag` names the step that made it; DARE masks are seeded by (seed, tensor, tag), so
-    executing the plan redraws the masks the solve used."""
+    `tag` names the step that first made it. `scale` is the hull's lambda when the atom was
+    made (None: the recipe's `scaling`); an adaptive hull grows it during the solve."""
 
     weight: float
     method: str
     members: List[int]
     mix: List[float]
     tag: str
+    scale: Optional[float] = None
 
 
 class PlanRecord(_Record):
@@ -48,6 +49,7 @@ class PlanRecord(_Record):
 class FWPlanRecord(PlanRecord):
     candidates: List[str]
     weights: List[float]  # per-model `weight`: candidate i's vertex is theta_0 + lambda * localize(w_i tau_i)
+    adapters: Optional[List[str]] = None  # a LoRA pool's adapter folders: tensors are formed from their factors
     atoms: Dict[str, List[Atom]]
     coefficients: Optional[Dict[str, List[float]]] = None  # per tensor and candidate, when all steps are TA
     objective: Dict[str, float]  # initial, final

@@ -7,7 +7,10 @@ A calibration source is a `.jsonl` file (one task, named after the file) or a fo
 * ``{<text fields>, "label"}``           classification (int label) or regression (float)
 * ``{"text"}``                           unlabeled: entropy of the model's predictions
 
-All rows of one task must be of the same kind; a broken row is reported with its line.
+All rows of one task must be of the same kind; a broken row is reported with its file and
+line: bytes that are not UTF-8, lines over `MAX_ROW_BYTES`, invalid JSON, a key given twice,
+wrong types, and empty `response`, `text` or text fields. `check_labels` then checks
+labels against the head that scores them, from its config alone.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from fwllm.core.errors import FwllmError
 
@@ -24,6 +27,9 @@ CAUSAL = "causal_lm"
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 UNLABELED = "unlabeled"
+
+MAX_ROW_BYTES = 1 << 20  # one example; longer lines are mistakes (a data set on one line, a binary file)
+_BOM = b"\xef\xbb\xbf"
 
 # GLUE-style text field order: the first two present become (text, text_pair).
 TEXT_FIELD_ORDER = (
@@ -39,6 +45,8 @@ class CalibrationTask:
     rows: List[dict]
     text_fields: List[str] = field(default_factory=list)
     source: str = ""
+    lines: List[int] = field(default_factory=list)  # each row's line in `source`
+    float_lines: List[int] = field(default_factory=list)  # lines whose label was written as a float
 
     @property
     def num_labels(self) -> Optional[int]:
@@ -54,6 +62,8 @@ def _row_kind(row: dict, where: str) -> str:
         for key in ("prompt", "response"):
             if not isinstance(row.get(key), str):
                 raise FwllmError(f"{where}: causal-LM rows need string 'prompt' and 'response'")
+        if not row["response"].strip():
+            raise FwllmError(f"{where}: 'response' is empty; there is nothing to score")
         return CAUSAL
     if "label" in row:
         label = row["label"]
@@ -67,28 +77,76 @@ def _row_kind(row: dict, where: str) -> str:
             )
         return REGRESSION if isinstance(label, float) else CLASSIFICATION
     if isinstance(row.get("text"), str):
+        if not row["text"].strip():
+            raise FwllmError(f"{where}: 'text' is empty; there is nothing to score")
         return UNLABELED
     raise FwllmError(
         f"{where}: row has none of 'prompt'+'response', '<text>'+'label' or 'text' (keys: {sorted(row)})"
     )
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object hook: a key given twice is an error (json itself would keep the last)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_row(raw: bytes, where: str) -> Optional[dict]:
+    """One line as a JSON object (None for a blank line); every problem names the file and line."""
+    if len(raw) > MAX_ROW_BYTES:
+        raise FwllmError(f"{where}: the row is longer than {MAX_ROW_BYTES >> 20} MiB; a calibration row is one example")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FwllmError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                         f"calibration files are UTF-8 JSON lines") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise FwllmError(f"{where}: key {err.args[0]!r} appears twice in one row") from None
+    except json.JSONDecodeError as err:
+        raise FwllmError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise FwllmError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise FwllmError(f"{where}: not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(row, dict):
+        raise FwllmError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _check_text_fields(path: str, rows: List[dict], lines: List[int], fields: List[str]) -> None:
+    """Every labelled row carries the task's text fields (those of its first row), non-empty."""
+    for row, lineno in zip(rows, lines):
+        for f in fields:
+            value = row.get(f)
+            if not isinstance(value, str) or not value.strip():
+                raise FwllmError(f"{path}:{lineno}: {f!r} must be a non-empty string (the task's text fields, "
+                                 f"from line {lines[0]}, are {fields})")
+
+
 def read_task(path: str, name: Optional[str] = None, max_rows: Optional[int] = None) -> CalibrationTask:
     """Read one `.jsonl` file as a task; every problem names the file and line."""
     if not os.path.isfile(path):
         raise FwllmError(f"calibration file not found: {path}")
-    rows, kinds = [], set()
-    with open(path, encoding="utf-8") as fp:
-        for lineno, line in enumerate(fp, start=1):
-            if not line.strip():
-                continue
+    rows, lines, float_lines, kinds = [], [], [], set()
+    with open(path, "rb") as fp:
+        # bounded reads: a binary file or a whole data set on one line is refused, not slurped
+        for lineno, raw in enumerate(iter(lambda: fp.readline(MAX_ROW_BYTES + 1), b""), start=1):
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FwllmError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise FwllmError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            row = _parse_row(raw[3:] if lineno == 1 and raw.startswith(_BOM) else raw, where)
+            if row is None:
+                continue
             kind = _row_kind(row, where)
             if kinds and kind not in kinds:
                 # int and float labels may mix in a regression file (e.g. 3 and 2.5).
@@ -99,6 +157,9 @@ def read_task(path: str, name: Optional[str] = None, max_rows: Optional[int] = N
                     raise FwllmError(f"{where}: row kind {kind} differs from earlier rows ({kinds.pop()})")
             kinds.add(kind)
             rows.append(row)
+            lines.append(lineno)
+            if isinstance(row.get("label"), float):
+                float_lines.append(lineno)
             if max_rows is not None and len(rows) >= max_rows:
                 break
     if not rows:
@@ -107,27 +168,60 @@ def read_task(path: str, name: Optional[str] = None, max_rows: Optional[int] = N
     if kind == REGRESSION:
         for row in rows:
             row["label"] = float(row["label"])
-    elif kind == CLASSIFICATION and any(int(r["label"]) < 0 for r in rows):
-        raise FwllmError(f"{path}: classification labels must be >= 0")
+    elif kind == CLASSIFICATION:
+        negative = next((ln for r, ln in zip(rows, lines) if r["label"] < 0), None)
+        if negative is not None:
+            raise FwllmError(f"{path}:{negative}: classification labels must be >= 0")
     fields = [f for f in TEXT_FIELD_ORDER if f in rows[0] and f != "label"][:2] if kind != CAUSAL else []
+    if kind in (CLASSIFICATION, REGRESSION):
+        _check_text_fields(path, rows, lines, fields)
     task_name = name or os.path.splitext(os.path.basename(path))[0]
-    return CalibrationTask(task_name, kind, rows, fields, source=path)
+    return CalibrationTask(task_name, kind, rows, fields, source=path, lines=lines, float_lines=float_lines)
 
 
-def load_calibration(path: str, max_rows: Optional[int] = None) -> List[CalibrationTask]:
-    """All tasks in a `.jsonl` file, a folder of them (task = file stem), or a folder of
-    task folders each holding `calibration.jsonl` (task = folder name, the shared GLUE layout)."""
+def check_labels(task: CalibrationTask, num_labels: int, scorer: str) -> None:
+    """A labelled task against the head that scores it (read from its config, no model loaded).
+
+    A K-class classifier (K > 1) needs integer labels 0..K-1; a one-output head is a
+    regression head and needs float labels (an integer-only file reads as classification)."""
+    if task.kind not in (CLASSIFICATION, REGRESSION):
+        return
+    if num_labels <= 1:
+        if task.kind == CLASSIFICATION:
+            raise FwllmError(f"{task.source}: task {task.name!r} has integer labels, but {scorer} has a one-output "
+                             f"(regression) head: write the labels as floats (3.0, not 3)")
+        return
+    if task.float_lines:
+        line = task.float_lines[0]
+        label = task.rows[task.lines.index(line)]["label"] if line in task.lines else "?"
+        raise FwllmError(f"{task.source}:{line}: label {label!r} is not an integer, but {scorer} is a "
+                         f"{num_labels}-class classifier (labels 0..{num_labels - 1})")
+    for row, line in zip(task.rows, task.lines):
+        if row["label"] >= num_labels:
+            raise FwllmError(f"{task.source}:{line}: label {row['label']} is out of range: {scorer} is a "
+                             f"{num_labels}-class classifier (labels 0..{num_labels - 1})")
+
+
+def calibration_files(path: str) -> List[Tuple[str, str]]:
+    """(task name, file) for every task of a calibration source, as `load_calibration` reads them:
+    a `.jsonl` file, a folder of them (task = file stem), or a folder of task folders each
+    holding `calibration.jsonl` (task = folder name, the shared GLUE layout)."""
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".jsonl"))
         if files:
-            return [read_task(os.path.join(path, f), max_rows=max_rows) for f in files]
+            return [(os.path.splitext(f)[0], os.path.join(path, f)) for f in files]
         nested = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "calibration.jsonl")))
         if not nested:
             raise FwllmError(f"calibration folder {path} holds no .jsonl files (nor <task>/calibration.jsonl)")
-        return [read_task(os.path.join(path, d, "calibration.jsonl"), name=d, max_rows=max_rows) for d in nested]
+        return [(d, os.path.join(path, d, "calibration.jsonl")) for d in nested]
     if not os.path.exists(path):
         raise FwllmError(f"calibration data not found: {path}")
-    return [read_task(path, max_rows=max_rows)]
+    return [(os.path.splitext(os.path.basename(path))[0], path)]
+
+
+def load_calibration(path: str, max_rows: Optional[int] = None) -> List[CalibrationTask]:
+    """All tasks of a calibration source (see `calibration_files`)."""
+    return [read_task(file, name=name, max_rows=max_rows) for name, file in calibration_files(path)]
 
 
 def select_tasks(tasks: Sequence[CalibrationTask], names: Sequence[str]) -> List[CalibrationTask]:

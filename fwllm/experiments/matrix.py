@@ -52,13 +52,13 @@ class MatrixSettings:
     merge: PoolSettings = field(default_factory=PoolSettings)
 
 
-def _ordered_members(pool) -> List[Member]:
+def ordered_members(pool) -> List[Member]:
     relevant = [e for e in pool.experts if e.relevant]
     others = [e for e in pool.experts if not e.relevant]
     return [Member(e.path, e.task if e.relevant else None) for e in relevant + others]
 
 
-def _write_calibration(pool, tasks: Sequence[str], folder: str, with_mix: bool) -> str:
+def write_pool_calibration(pool, tasks: Sequence[str], folder: str, with_mix: bool) -> str:
     """One .jsonl per task (a file stem names a task); `with_mix` adds FALLBACK_TASK, the
     tasks' rows interleaved, for candidates that have no calibration task of their own."""
     os.makedirs(folder, exist_ok=True)
@@ -121,7 +121,7 @@ def run_matrix(pool, out_dir: str, s: MatrixSettings, progress: bool = True) -> 
     unknown = [m for m in s.methods if m not in RECIPE_METHODS]
     if unknown:
         raise FwllmError(f"unknown method(s) {unknown}; choose from {', '.join(RECIPE_METHODS)}")
-    members = _ordered_members(pool)
+    members = ordered_members(pool)
     if not s.sizes or any(n < 1 or n > len(members) for n in s.sizes):
         raise FwllmError(f"pool sizes must be in 1..{len(members)} (the pool has {len(members)} experts)")
     start = time.time()
@@ -132,8 +132,8 @@ def run_matrix(pool, out_dir: str, s: MatrixSettings, progress: bool = True) -> 
         tasks = [m.task for m in chosen if m.task]
         if not tasks:
             raise FwllmError(f"a pool of {n} has no relevant expert: nothing is held in")
-        calib = _write_calibration(pool, tasks, os.path.join(out_dir, f"pool{n}", "calibration"), False)
-        calib_mix = _write_calibration(pool, tasks, os.path.join(out_dir, f"pool{n}", "calibration_per_model"), True)
+        calib = write_pool_calibration(pool, tasks, os.path.join(out_dir, f"pool{n}", "calibration"), False)
+        calib_mix = write_pool_calibration(pool, tasks, os.path.join(out_dir, f"pool{n}", "calibration_per_model"), True)
         for method in s.methods:
             label = f"{method}@{n}"
             folder = calib_mix if method in ("fisher", "regmean") else calib

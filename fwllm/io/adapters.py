@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -124,12 +124,24 @@ class AdapterReader:
         """The base tensors this adapter changes."""
         return sorted(set(self.factors) | set(self.full))
 
-    def check_targets(self, base_names: Iterable[str], label: str) -> None:
-        known = set(base_names)
+    def check_targets(self, base: Union[Iterable[str], Mapping[str, tuple]], label: str) -> None:
+        """Every target exists in the base and, given the base's shapes, fits it: a clear error
+        before any solve (a LoRA pool's iterate never forms the delta that would reveal it)."""
+        known = base if isinstance(base, Mapping) else {n: None for n in base}
         missing = [n for n in self.targets() if n not in known]
         if missing:
             raise FwllmError(f"{label}: the adapter targets {missing[0]}, which the base model does not have "
                              f"({len(missing)} such tensor(s); was it trained on another base?)")
+        for name in self.targets():
+            shape = known[name]
+            if shape is None:
+                continue
+            f, full = self.factors.get(name), self.full.get(name)
+            got = tuple(full.shape) if full is not None else (
+                (f.a.shape[1], f.b.shape[0]) if f.transposed else (f.b.shape[0], f.a.shape[1]))
+            if got != tuple(shape):
+                raise FwllmError(f"{label}: the adapter's {name} is {got}, the base's is {tuple(shape)} "
+                                 f"(an adapter for another base model?)")
 
     def delta(self, name: str, base: torch.Tensor) -> Optional[torch.Tensor]:
         """tau for one tensor, or None where the adapter leaves the base unchanged."""

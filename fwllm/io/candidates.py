@@ -19,6 +19,14 @@ from fwllm.io.models import is_adapter_dir, resolve_model_path
 from fwllm.io.tensors import TensorReader
 
 
+def _check_finite(label: str, name: str, tensor: torch.Tensor) -> None:
+    """A corrupt candidate is an error, never a silent merge: a NaN would poison (or, dropped
+    by a trim or a mask, quietly vanish from) the merged tensor."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise FwllmError(f"candidate {label}: {name} holds {bad} NaN/inf value(s); the checkpoint is corrupt")
+
+
 @dataclass
 class Candidate:
     """One merge candidate: a full checkpoint folder, or a LoRA adapter on the base."""
@@ -32,8 +40,11 @@ class Candidate:
         """tau for one tensor (zeros where the candidate leaves the base unchanged)."""
         if self.adapter is not None:
             d = self.adapter.delta(name, base)
-            return torch.zeros_like(base, dtype=torch.float32) if d is None else d
-        theta = self.reader.get(name)
+            if d is None:
+                return torch.zeros_like(base, dtype=torch.float32)
+            _check_finite(self.label, name, d)
+            return d
+        theta = self._weight(name)
         if theta.shape != base.shape:
             raise FwllmError(f"{self.label}: {name} has shape {tuple(theta.shape)} but the base has {tuple(base.shape)}")
         theta -= base
@@ -42,8 +53,13 @@ class Candidate:
     def tensor(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """theta_i for one tensor, as mergekit would hand it (base + tau for an adapter)."""
         if self.adapter is None:
-            return self.reader.get(name)
+            return self._weight(name)
         return base.float() + self.task_vector(name, base.float())
+
+    def _weight(self, name: str) -> torch.Tensor:
+        theta = self.reader.get(name)
+        _check_finite(self.label, name, theta)
+        return theta
 
     @property
     def bytes_read(self) -> int:

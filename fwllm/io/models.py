@@ -35,7 +35,22 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
 
 
+SHARD_INDEX = "model.safetensors.index.json"
+
+
 def safetensors_files(model_dir: str) -> List[str]:
+    """The checkpoint's shards; a sharded checkpoint's index must not name a shard that is missing."""
+    index = os.path.join(model_dir, SHARD_INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as fp:
+                named = set(json.load(fp).get("weight_map", {}).values())
+        except ValueError as err:
+            raise FwllmError(f"{index} is not valid JSON ({err})") from None
+        missing = sorted(f for f in named if not os.path.isfile(os.path.join(model_dir, f)))
+        if missing:
+            raise FwllmError(f"{model_dir}: the shard index names {missing[0]}, which is missing "
+                             f"({len(missing)} shard(s) missing); download the model again")
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
         raise FwllmError(f"{model_dir} holds no .safetensors weights (fwllm reads safetensors only)")

@@ -3,7 +3,8 @@
 A statistic lives in ``<plan>/<kind>/<i>.safetensors``, one entry per tensor name, and the
 merge reads one tensor's entry per call. It depends on the base, the candidate, its
 task's rows and the statistic's settings, never on the merge weights, so it is also kept
-in a cache (``$FWLLM_CACHE/stats``) and hard-linked into new plans.
+in a cache (``$FWLLM_CACHE/stats``) and hard-linked into new plans. The cache is keyed by
+the content identities of the models (`fwllm.io.identity`), not their paths or mtimes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+import threading
+from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -20,15 +22,20 @@ from safetensors.torch import save_file
 
 from fwllm.core.job import CandidateSpec
 from fwllm.core.paths import cache_root
-from fwllm.io.models import resolve_model_path
+from fwllm.io.identity import model_identity
 
 
 def save_stats(path: str, tensors: Dict[str, torch.Tensor]) -> None:
     """Write atomically: a half-written file must never look like a finished statistic."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = _private_tmp(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
+
+
+def _private_tmp(path: str) -> str:
+    """A temporary name no other writer uses (two runs may compute one statistic at once)."""
+    return f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
 
 
 def read_stat(path: str, name: str) -> Optional[torch.Tensor]:
@@ -54,19 +61,6 @@ def link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def _folder_signature(path: Optional[str]) -> List[tuple]:
-    """Files of a model folder by name, size and mtime: a rebuilt checkpoint gets a new key."""
-    if not path:
-        return []
-    out = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            st = os.stat(full)
-            out.append((name, st.st_size, st.st_mtime_ns))
-    return out
-
-
 class StatsCache:
     """Content-keyed statistics: `<root>/<kind>/<key>.safetensors` plus `<key>.json` (the meta)."""
 
@@ -75,13 +69,12 @@ class StatsCache:
         self.folder = os.path.join(root or os.path.join(cache_root(), "stats"), kind)
 
     def key(self, settings: dict, base_dir: str, spec: CandidateSpec, task_name: str, rows: list) -> str:
-        model_dir = resolve_model_path(spec.model)
         payload = {
             "kind": self.kind,
             "settings": settings,
-            "base": [base_dir, _folder_signature(base_dir)],
-            "model": [model_dir, _folder_signature(model_dir)],
-            "lora": [spec.lora, _folder_signature(resolve_model_path(spec.lora) if spec.lora else None)],
+            "base": model_identity(base_dir),
+            "model": model_identity(spec.model),
+            "lora": model_identity(spec.lora) if spec.lora else None,
             "task": task_name,
             "rows": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
         }
@@ -101,7 +94,7 @@ class StatsCache:
     def put(self, key: str, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
         path, meta_path = self.paths(key)
         save_stats(path, tensors)
-        tmp = meta_path + ".tmp"
+        tmp = _private_tmp(meta_path)
         with open(tmp, "w", encoding="utf-8") as fp:
             json.dump(meta, fp)
         os.replace(tmp, meta_path)

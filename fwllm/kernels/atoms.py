@@ -31,10 +31,31 @@ def local_vertex(method: str, name: str, i: int, tau: TaskVector, labels: Sequen
     return localize(method, tau(i), p.density, p.drop_rate, gen)
 
 
+def atom_scale(atom: Atom, p: FWParams) -> float:
+    return p.scaling if atom.scale is None else atom.scale
+
+
 def atom_delta(atom: Atom, name: str, tau: TaskVector, labels: Sequence[str], p: FWParams) -> torch.Tensor:
     """lambda * combine(atom's members, mix) for one tensor (the atom's weight not applied)."""
     local = (local_vertex(atom.method, name, i, tau, labels, p) for i in atom.members)  # lazily: one at a time
-    return p.scaling * combine_local(atom.method, local, atom.mix)
+    return atom_scale(atom, p) * combine_local(atom.method, local, atom.mix)
+
+
+def vertex_key(atom: Atom, p: FWParams) -> tuple:
+    """Atoms with one key are one vertex (DARE masks belong to the candidate, not the step)."""
+    return atom.method, tuple(atom.members), tuple(round(m, 12) for m in atom.mix), atom_scale(atom, p)
+
+
+def compact(atoms: Sequence[Atom], p: FWParams) -> List[Atom]:
+    """One atom per vertex, its weight the sum of theirs (zero weights dropped); order of first use."""
+    merged: dict = {}
+    for a in atoms:
+        key = vertex_key(a, p)
+        if key in merged:
+            merged[key].weight += a.weight
+        else:
+            merged[key] = a.model_copy()
+    return [a for a in merged.values() if abs(a.weight) > 1e-15]
 
 
 def block_delta(atoms: Sequence[Atom], name: str, tau: TaskVector, labels: Sequence[str], like: torch.Tensor,
@@ -53,6 +74,7 @@ def ta_coefficients(atoms: Sequence[Atom], weights: Sequence[float], scaling: fl
         return None
     coef = [0.0] * len(weights)
     for atom in atoms:
+        scale = scaling if atom.scale is None else atom.scale
         for i, m in zip(atom.members, atom.mix):
-            coef[i] += atom.weight * scaling * m * weights[i]
+            coef[i] += atom.weight * scale * m * weights[i]
     return coef

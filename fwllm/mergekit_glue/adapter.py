@@ -2,10 +2,17 @@
 
 Each `DataMethod` becomes a mergekit `GroupMergeMethod`. Its parameters carry their schema
 ranges (`fwllm.core.params`), so mergekit's planner rejects `iterations: 0` before any
-tensor is read. The kernel finds the method's plan: the folder named by the hidden `plan`
-parameter (set by `fwllm merge`), else a cache folder keyed by the job's fingerprint,
-solving there on first use; that is what lets plain `mergekit-yaml` run fwllm recipes
-once the startup hook has registered them.
+tensor is read. The kernel finds the method's plan: the folder named by the `plan`
+parameter (set by `fwllm merge`, or by the user), else a cache folder keyed by the recipe
+and by the content of every file it names (`fwllm.mergekit_glue.inputs`), solving there on
+first use; that is what lets plain `mergekit-yaml` run fwllm recipes once the startup hook
+has registered them.
+
+A cached plan is reused only when its recorded inputs match (a user's `plan:` folder that
+does not match is one clear error); `no_cache: true` solves again. Runs that want the same
+plan folder take its lock, so two concurrent `mergekit-yaml` runs of one recipe solve once.
+Within one mergekit run a recipe keeps the plan it started with (`start_run`, called by the
+startup hook at each `run_merge`), so an edit during a run cannot mix two plans.
 """
 
 from __future__ import annotations
@@ -16,27 +23,43 @@ import threading
 from typing import Annotated, Any, Dict
 
 import torch
+from pydantic import PlainValidator, TypeAdapter, ValidationError
 from mergekit.merge_methods import base as mk
 from mergekit.merge_methods import registry
 
 from fwllm.core.job import CandidateSpec, MergeJob
-from fwllm.core.method import DataMethod
+from fwllm.core.method import DataMethod, describe_error
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import Plan, plan_is_complete
+from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
+from fwllm.mergekit_glue.inputs import changes, check_plan_inputs, content_key, job_inputs, read_inputs, solve_recorded
+from fwllm.mergekit_glue.preflight import check_job
 from fwllm.methods.registry import METHODS
 
 LOG = logging.getLogger(__name__)
 _LOCK = threading.RLock()
-_PLANS: Dict[str, Plan] = {}  # plan folder -> loaded plan
+_PLANS: Dict[str, Plan] = {}  # plan folder -> plan installed by `fwllm merge` for its run
+_RUN: Dict[str, Plan] = {}  # (plan parameter, recipe fingerprint) -> the plan this mergekit run uses
 
 
 def default_plan_root() -> str:
     return os.path.join(cache_root(), "plans")
 
 
-def _constrained(field) -> Any:
-    """The field's type with its schema constraints (ge, le, ...), for mergekit's validator."""
-    return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+def _constrained(method: str, name: str, field) -> Any:
+    """The field's type with its schema range, for mergekit's validator: out of range is one
+    clear message that names the parameter ("fw_merging: iterations must be >= 1 (got 0)")."""
+    if not field.metadata:
+        return field.annotation
+    checked = TypeAdapter(Annotated[(field.annotation, *field.metadata)])
+
+    def validate(value):
+        try:
+            return checked.validate_python(value)
+        except ValidationError as err:
+            raise ValueError(f"{method}: {name} {describe_error(err.errors()[0])} (got {value!r})") from None
+
+    return Annotated[field.annotation, PlainValidator(validate)]
 
 
 class MergekitAdapter(mk.GroupMergeMethod):
@@ -44,7 +67,7 @@ class MergekitAdapter(mk.GroupMergeMethod):
 
     def __init__(self, method: DataMethod):
         self.method = method
-        shared = [mk.ParameterSpec(name, _constrained(field), mk.ParameterScope.SHARED, default=field.default)
+        shared = [mk.ParameterSpec(name, _constrained(method.name, name, field), mk.ParameterScope.SHARED, default=field.default)
                   for name, field in method.Params.model_fields.items()]
         per_model = [mk.ParameterSpec(name, typ, mk.ParameterScope.NON_BASE, default=default)
                      for name, (typ, default) in method.per_model.items()]
@@ -65,8 +88,8 @@ class MergekitAdapter(mk.GroupMergeMethod):
             for e in group.non_base
         ]
         job = MergeJob(self.method.name, str(group.base.id), candidates, params, plan_dir="")
-        job.plan_dir = params.plan or os.path.join(default_plan_root(), f"{self.method.name}-{job.fingerprint()}")
         job.device = params.device or "cpu"
+        job.no_cache = params.no_cache
         return job
 
     def _plan_for(self, group: mk.TensorGroup, parameters: Dict[str, Any]) -> Plan:
@@ -75,13 +98,33 @@ class MergekitAdapter(mk.GroupMergeMethod):
             if plan_dir and plan_dir in _PLANS:
                 return _PLANS[plan_dir]
             job = self._job(group, parameters)
-            if job.plan_dir in _PLANS:
-                return _PLANS[job.plan_dir]
-            if not plan_is_complete(job.plan_dir):
-                LOG.warning("fwllm: no plan yet for %s; solving into %s", self.method.name, job.plan_dir)
-                self.method.solve(job)
-            _PLANS[job.plan_dir] = self.method.load_plan(job.plan_dir)
-            return _PLANS[job.plan_dir]
+            run_key = f"{plan_dir}|{job.fingerprint()}"
+            if run_key not in _RUN:
+                _RUN[run_key] = self._resolve(job)
+            return _RUN[run_key]
+
+    def _resolve(self, job: MergeJob) -> Plan:
+        """The plan for `job`: the cached one if it was made from these very inputs, else a fresh solve."""
+        check_job(job)
+        inputs = job_inputs(job)
+        user_plan = job.params.plan
+        key = job.fingerprint(content_key(inputs))
+        target = user_plan or os.path.join(default_plan_root(), f"{self.method.name}-{key}")
+        with folder_lock(target, "plan folder", lock_timeout(PLAN_WAIT)):
+            if plan_is_complete(target) and not job.no_cache:
+                if user_plan:
+                    check_plan_inputs(target, inputs)
+                    return self.method.load_plan(target)
+                recorded = read_inputs(target)
+                if recorded is not None and not changes(recorded, inputs):
+                    return self.method.load_plan(target)
+                LOG.warning("fwllm: the cached plan %s does not record these inputs; solving again", target)
+            LOG.warning("fwllm: no plan yet for %s; solving into %s", self.method.name, target)
+            with staged_output(target, force=True, lock=False, what="plan folder") as staging:
+                job.plan_dir = staging
+                solve_recorded(self.method, job, inputs)
+            job.plan_dir = target
+            return self.method.load_plan(target)
 
     def merge_group(self, group: mk.TensorGroup, /, **parameters: Any) -> torch.Tensor:
         plan = self._plan_for(group, parameters)
@@ -95,6 +138,21 @@ def forget_plans() -> None:
     """Drop loaded plans (tests and repeated in-process merges)."""
     with _LOCK:
         _PLANS.clear()
+        _RUN.clear()
+
+
+def start_run() -> None:
+    """A new mergekit run: each recipe finds its plan afresh (its inputs may have changed since),
+    and mergekit's own process-wide tensor loaders, which it keys by model reference rather
+    than content and keeps across runs, are dropped (an in-process rerun after an expert or
+    adapter was replaced in place would read the old files, or the old merged LoRA copy)."""
+    from mergekit.io.tasks import LoaderCache
+
+    with _LOCK:
+        _RUN.clear()
+        cache = LoaderCache()
+        cache.flush_all()
+        cache.loaders.clear()
 
 
 def install_plan(plan_dir: str, plan: Plan) -> None:

@@ -4,7 +4,9 @@ mergekit has no plugin entry points. This module only installs a meta-path finde
 so programs that never import mergekit pay one tiny import and nothing else. When
 `mergekit.merge_methods` finishes importing, fwllm's methods are registered; when
 `mergekit.card` is imported, its Hub check treats an existing local folder as local
-(otherwise a relative path triggers a Hub request, which fails offline).
+(otherwise a relative path triggers a Hub request, which fails offline). Each
+`mergekit.merge.run_merge` starts a new run for the adapter's plans (`start_run`), so an
+in-process rerun after an edit sees the edit, while one run keeps one plan.
 Set FWLLM_NO_MERGEKIT_HOOK=1 to disable.
 """
 
@@ -25,6 +27,9 @@ def _after(module_name):
 
 @_after("mergekit.merge_methods")
 def _register_methods(module):
+    partial = sys.modules.get("fwllm.mergekit_glue.adapter")
+    if partial is not None and not hasattr(partial, "register_all"):
+        return  # fwllm's own adapter is importing mergekit: it registers the methods when it is used
     from fwllm.mergekit_glue.adapter import register_all  # only once mergekit itself is being imported
 
     register_all()
@@ -40,6 +45,20 @@ def _offline_safe_card(module):
         return original(path)
 
     module.is_hf = is_hf
+
+
+@_after("mergekit.merge")
+def _plans_per_run(module):
+    original = module.run_merge
+
+    def run_merge(*args, **kwargs):
+        from fwllm.mergekit_glue.adapter import start_run
+
+        start_run()
+        return original(*args, **kwargs)
+
+    run_merge.__doc__, run_merge.__wrapped__ = original.__doc__, original
+    module.run_merge = run_merge
 
 
 class _Loader(importlib.abc.Loader):

@@ -1,15 +1,24 @@
 """`merge_recipe`: the library entry point behind `fwllm merge`.
 
 Same recipe language and options as `mergekit-yaml`. For fwllm's data-informed methods it
-solves first (the plan lands in OUT_DIR/fwllm_plan), then lets mergekit's own executor
-write the tensors. Output is staged and renamed into place at the end.
+checks every input first (`preflight`: the calibration rows, the pool's tensors, adapters,
+labels; before any model is loaded), solves (the plan lands in OUT_DIR/fwllm_plan, with the
+identities of what it was made from in `inputs.json`), then lets mergekit's own executor
+write the tensors. Output is staged and renamed into place at the end, under OUT_DIR's lock.
+
+Caches are keyed by content (`fwllm.io.identity`): a `plan:` folder is reused only when its
+recorded inputs match, and the LoRA merge cache (mergekit's `--lora-merge-cache`, which
+mergekit itself keys by folder name) gets a sub-folder per content key. `no_cache` solves
+and merges adapters afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from typing import Iterator, Optional
 
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
@@ -20,49 +29,98 @@ from fwllm.arch.encoder_pool import (
 from fwllm.arch.heads import HEADS_DIR
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import plan_is_complete
-from fwllm.io.staged_output import staged_output
-from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all
+from fwllm.io.identity import digest, model_identity
+from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
+from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all, start_run
+from fwllm.mergekit_glue.inputs import check_plan_inputs, job_inputs, solve_recorded
+from fwllm.mergekit_glue.preflight import check_job
 from fwllm.mergekit_glue.recipe import load_recipe, merge_job
 
 PLAN_SUBDIR = "fwllm_plan"
+LORA_DONE = "COMPLETE"  # written once mergekit has merged every adapter of the folder
 
 
-def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: bool = False) -> str:
-    """Merge `recipe_path` into `out_dir`; returns out_dir."""
+def _lora_key(config, options: MergeOptions) -> str:
+    refs = sorted({(str(r), r.model.path, r.model.revision, r.lora.path, r.lora.revision)
+                   for r in config.referenced_models() if r.lora}, key=lambda r: r[0])
+    parts = {ref: model_identity(m, mr) + "+" + model_identity(a, ar) for ref, m, mr, a, ar in refs}
+    parts["dtype"] = str(options.lora_merge_dtype)
+    return digest(parts)[len("sha256:"):][:24]
+
+
+@contextlib.contextmanager
+def lora_merge_cache(config, options: MergeOptions, no_cache: bool) -> Iterator[MergeOptions]:
+    """The options with a content-keyed LoRA merge cache (when the recipe names adapters).
+
+    mergekit reuses `<cache>/<model name>_<adapter name>` whatever it now holds, and keeps a
+    half-written one after an interrupt. The key folder is complete only once marked so."""
+    if not any(ref.lora for ref in config.referenced_models()):
+        yield options
+        return
+    root = options.lora_merge_cache or os.path.join(cache_root(), "lora_merged")
+    folder = os.path.join(root, _lora_key(config, options))
+    with folder_lock(folder, "LoRA merge cache", lock_timeout(PLAN_WAIT)):
+        if no_cache or not os.path.isfile(os.path.join(folder, LORA_DONE)):
+            shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+        yield options.model_copy(update={"lora_merge_cache": folder})
+        with open(os.path.join(folder, LORA_DONE), "w", encoding="utf-8") as fp:
+            fp.write("ok\n")
+
+
+def _plan_lock(user_plan: Optional[str]):
+    if not user_plan:
+        return contextlib.nullcontext()
+    return folder_lock(user_plan, "plan folder", lock_timeout(PLAN_WAIT))
+
+
+def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: bool = False,
+                 no_cache: bool = False) -> str:
+    """Merge `recipe_path` into `out_dir`; returns out_dir. `no_cache` reuses no plan or statistic."""
     register_all()
     recipe = load_recipe(recipe_path)
     config = recipe.config
-    encoder_arch, job = None, None
-    if options.lora_merge_cache is None and any(ref.lora for ref in config.referenced_models()):
-        # mergekit refuses BASE+ADAPTER references without a folder for the merged copies
-        options = options.model_copy(update={"lora_merge_cache": os.path.join(cache_root(), "lora_merged")})
-    with staged_output(out_dir, force=force) as staging:
-        if recipe.method is not None:
-            job = merge_job(recipe, os.path.join(staging, PLAN_SUBDIR), options.device or "cpu", not options.quiet)
-            user_plan = job.params.plan
-            if user_plan and plan_is_complete(user_plan):
-                logging.info("reusing plan %s", user_plan)
-                shutil.copytree(user_plan, job.plan_dir)
-            else:
-                recipe.method.solve(job)
-                if user_plan:
-                    shutil.copytree(job.plan_dir, user_plan, dirs_exist_ok=True)
-            forget_plans()
-            plan = recipe.method.load_plan(job.plan_dir)
-            install_plan(job.plan_dir, plan)
-            update = {"parameters": dict(config.parameters or {}, plan=job.plan_dir)}
-            if plan.merged is not None:
-                # the plan already holds the merged tensors: mergekit needs no candidate inputs
-                update["models"] = [m for m in config.models if m.model == config.base_model] or [
-                    type(config.models[0])(model=config.base_model)]
-            config = config.model_copy(update=update)
-            encoder_arch = classifier_arch([c.model for c in job.candidates if not c.lora and os.path.isdir(c.model)])
-            if encoder_arch:
-                config = with_body_architecture(config, register_body_architecture(encoder_arch))
-        run_merge(config, staging, options=options, config_source=recipe.source)
-        heads = os.path.join(staging, PLAN_SUBDIR, HEADS_DIR)
-        if os.path.isdir(heads):
-            shutil.copytree(heads, os.path.join(staging, HEADS_DIR))
-            if encoder_arch:
-                attach_first_task_head(staging, job.candidates)
+    encoder_arch, job, inputs, user_plan = None, None, None, None
+    if recipe.method is not None:
+        job = merge_job(recipe, "", options.device or "cpu", not options.quiet)
+        job.no_cache = no_cache or job.params.no_cache
+        check_job(job)
+        inputs = job_inputs(job)
+        user_plan = job.params.plan
+    with _plan_lock(user_plan):
+        reuse = bool(user_plan) and plan_is_complete(user_plan) and not job.no_cache
+        if reuse:
+            check_plan_inputs(user_plan, inputs)
+        fresh = no_cache or bool(job and job.no_cache)
+        with lora_merge_cache(config, options, fresh) as options, staged_output(out_dir, force=force) as staging:
+            if recipe.method is not None:
+                job.plan_dir = os.path.join(staging, PLAN_SUBDIR)
+                if reuse:
+                    logging.info("reusing plan %s", user_plan)
+                    shutil.copytree(user_plan, job.plan_dir)
+                else:
+                    solve_recorded(recipe.method, job, inputs)
+                    if user_plan:
+                        with staged_output(user_plan, force=True, lock=False) as kept:
+                            shutil.copytree(job.plan_dir, kept, dirs_exist_ok=True)
+                forget_plans()
+                plan = recipe.method.load_plan(job.plan_dir)
+                install_plan(job.plan_dir, plan)
+                update = {"parameters": dict(config.parameters or {}, plan=job.plan_dir)}
+                if not recipe.method.needs_candidates(plan):
+                    # the plan already holds the merged tensors: mergekit needs no candidate inputs
+                    update["models"] = [m for m in config.models if m.model == config.base_model] or [
+                        type(config.models[0])(model=config.base_model)]
+                config = config.model_copy(update=update)
+                full = [c.model for c in job.candidates if not c.lora and os.path.isdir(c.model)]
+                encoder_arch = classifier_arch(full)
+                if encoder_arch:
+                    config = with_body_architecture(config, register_body_architecture(encoder_arch))
+            start_run()  # (the startup hook does this too, when it is installed)
+            run_merge(config, staging, options=options, config_source=recipe.source)
+            heads = os.path.join(staging, PLAN_SUBDIR, HEADS_DIR)
+            if os.path.isdir(heads):
+                shutil.copytree(heads, os.path.join(staging, HEADS_DIR))
+                if encoder_arch:
+                    attach_first_task_head(staging, job.candidates)
     return os.path.abspath(out_dir)

@@ -31,6 +31,24 @@ class Recipe:
     method: Optional[DataMethod]  # set for fwllm's data-informed methods
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a recipe that gives a key twice is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> Tuple[str, Dict[str, Any]]:
     """The recipe's text and its mapping; one clear error for a missing, binary or malformed file."""
     if not os.path.isfile(path):
@@ -41,7 +59,7 @@ def read_yaml(path: str) -> Tuple[str, Dict[str, Any]]:
     except UnicodeDecodeError as err:
         raise FwllmError(f"{path} is not a text (UTF-8) file: byte {err.start} cannot be decoded") from None
     try:
-        raw = yaml.safe_load(source)
+        raw = yaml.load(source, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -65,6 +83,8 @@ def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
 
     def fix(ref: Any) -> Any:
         if isinstance(ref, str):
+            if not ref.strip():
+                raise FwllmError("recipe: a model reference is empty")
             parts = ref.split("+")
             for p in parts:
                 resolved = _absolute(p, recipe_dir)
@@ -90,6 +110,9 @@ def _localise_files(params: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
     params = dict(params)
     for key in ("calibration", "plan"):
         value = params.get(key)
+        if isinstance(value, str) and not value.strip():
+            # an empty path is no path: joined to the recipe's folder it would name that folder
+            raise FwllmError(f"recipe: parameters.{key} is empty")
         if isinstance(value, str) and value.startswith("~"):
             value = params[key] = os.path.expanduser(value)
         if isinstance(value, str) and not os.path.exists(value):
@@ -99,11 +122,24 @@ def _localise_files(params: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
     return params
 
 
+def _check_mappings(path: str, raw: Dict[str, Any]) -> None:
+    """`parameters` (of the recipe and of each model) must be mappings: fwllm reads them as such."""
+    if raw.get("parameters") is not None and not isinstance(raw["parameters"], dict):
+        raise FwllmError(f"{path}: `parameters` must be a mapping of name: value")
+    for i, entry in enumerate(raw.get("models") or [] if isinstance(raw.get("models"), list) else []):
+        given = entry.get("parameters") if isinstance(entry, dict) else None
+        if given is not None and not isinstance(given, dict):
+            raise FwllmError(f"{path}: models[{i}].parameters must be a mapping of name: value")
+
+
 def load_recipe(path: str) -> Recipe:
     source, raw = read_yaml(path)
     name = raw.get("merge_method")
     if not name:
         raise FwllmError(f"{path}: no merge_method given")
+    if not isinstance(name, str):
+        raise FwllmError(f"{path}: merge_method must be a method name, got {name!r}")
+    _check_mappings(path, raw)
     methods = available_methods()
     if name not in methods:
         raise FwllmError(f"unknown merge_method {name!r}; available: {', '.join(methods)}")
@@ -124,6 +160,8 @@ def load_recipe(path: str) -> Recipe:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise FwllmError(f"{path}: {where}: {first['msg']}") from None
+    except (RuntimeError, TypeError, ValueError) as err:  # mergekit's own validators raise these
+        raise FwllmError(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     _check_models(config)
     return Recipe(source, raw, config, method)
 

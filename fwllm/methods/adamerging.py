@@ -74,7 +74,7 @@ class AdaMerging(DataMethod):
         model = load_pool_model(pool, job.device)
         tokenizer = load_tokenizer(pool.base_dir)
         heads = pool_heads(pool, job, tasks)
-        modules = head_modules(model, heads)
+        modules = head_modules(model, heads, job.device)
         encoded = []
         for task in tasks:
             enc = encode_task(task, tokenizer, p.max_length, p.batch_size, pool.kind)

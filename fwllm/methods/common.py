@@ -47,10 +47,11 @@ def open_pool(job: MergeJob, usable: Optional[Callable[[List[CalibrationTask]], 
     base_dir = resolve_model_path(job.base)
     candidates = [open_candidate(c.model, c.lora) for c in job.candidates]
     check_same_architecture(base_dir, [c.model_dir for c in candidates if c.model_dir])
-    base_names = TensorReader(base_dir).names()
+    reader = TensorReader(base_dir)
+    base_shapes = {n: reader.shape(n) for n in reader.names()}
     for c in candidates:
         if c.adapter is not None:
-            c.adapter.check_targets(base_names, c.label)
+            c.adapter.check_targets(base_shapes, c.label)
     # encoder pools: the experts' classifier class, its body initialised from the base
     arch = classifier_arch([c.model_dir for c in candidates if c.model_dir])
     kind = architecture_kind(arch or architecture_of(base_dir))
@@ -75,8 +76,8 @@ def pool_heads(pool: Pool, job: MergeJob, tasks: Sequence[CalibrationTask]) -> D
     return task_heads(owners, [t.name for t in tasks])
 
 
-def head_modules(model: torch.nn.Module, heads: Dict[str, TaskHead]) -> Dict[str, torch.nn.Module]:
-    return {task: head_module(model, head) for task, head in heads.items()}
+def head_modules(model: torch.nn.Module, heads: Dict[str, TaskHead], device) -> Dict[str, torch.nn.Module]:
+    return {task: head_module(model, head, device) for task, head in heads.items()}
 
 
 def primary_head(job: MergeJob, heads: Dict[str, TaskHead]) -> Optional[str]:

@@ -8,19 +8,24 @@ tensor, `granularity: layer`) or for the whole model (`granularity: model`) by t
 is kept in the model being differentiated and, in parallel, as a list of atoms per block:
 the plan mergekit executes.
 
-Memory: the model (theta_t), theta_0 (in bfloat16 where that is exact, as it is for bf16
-checkpoints), the candidates' sketches, and the gradient: all of it with `FullGradient`,
-one layer's with `LayerwiseGradient`. Task vectors are streamed one tensor at a time.
+Where theta_t lives is the iterate's business (`fwllm.solvers.iterates`): a model in RAM, an
+on-disk store, or, for a LoRA pool, nowhere but in the coefficients of its atoms. The
+gradient comes from `FullGradient` (one backward through a model in RAM) or
+`StreamedGradient` (one layer at a time). Scores: a LoRA candidate's <g, s B A> is exact
+(<B^T g, A> from a weight gradient, or from the LoRA hooks when no weight gradient is
+formed); other candidates are scored on sketches. Task vectors stream one tensor at a time.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,10 +33,10 @@ from fwllm.core.params import FWParams
 from fwllm.core.plan import Atom
 from fwllm.data.objective import Objective
 from fwllm.io.candidates import Candidate
-from fwllm.kernels.atoms import TaskVector, atom_delta, block_delta, local_vertex
+from fwllm.kernels.atoms import TaskVector, atom_delta, atom_scale, block_delta, compact, local_vertex, vertex_key
 from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
 from fwllm.kernels.sketch import CountSketch, alignment, rescored, sketch_error
-from fwllm.solvers.gradients import FullGradient
+from fwllm.solvers.lora_terms import LoraTerms, low_rank_candidate
 
 LOG = logging.getLogger(__name__)
 
@@ -52,34 +57,28 @@ def open_loop_gamma(t: int, step_size: float) -> float:
     return min(1.0, step_size * 2.0 / (t + 2))
 
 
-def compact_copy(x: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of x, in bfloat16 when that round-trips exactly (a bf16 checkpoint's base)."""
-    x = x.detach().to("cpu", torch.float32)
-    small = x.to(torch.bfloat16)
-    return small if torch.equal(small.float(), x) else x.clone()
-
-
 class FrankWolfe:
-    def __init__(self, model: torch.nn.Module, objective: Objective, candidates: Sequence[Candidate],
-                 weights: Sequence[float], blocks: Sequence[str], p: FWParams, progress: bool = True, gradient=None):
-        self.model, self.objective, self.candidates, self.p = model, objective, list(candidates), p
+    def __init__(self, iterate, gradient, objective: Objective, candidates: Sequence[Candidate],
+                 weights: Sequence[float], blocks: Sequence[str], p: FWParams, base: Callable[[str], torch.Tensor],
+                 progress: bool = True, lora: Optional[LoraTerms] = None, sketch_dir: Optional[str] = None):
+        self.iterate, self.gradient, self.objective = iterate, gradient, objective
+        self.candidates, self.p, self.progress, self.lora = list(candidates), p, progress, lora
         self.weights = [float(w) for w in weights]
         self.labels = [c.label for c in self.candidates]
-        params = dict(model.named_parameters())
-        self.params = {n: params[n] for n in blocks}
         self.blocks = list(blocks)
-        self.gradient = gradient if gradient is not None else FullGradient(model, objective, blocks)
-        self._base = {n: compact_copy(prm) for n, prm in self.params.items()}
+        self._base = base
         self.sketch = CountSketch(p.sketch_ratio, seed=p.seed)
-        self.progress = progress
         self.v_sketch: Dict[str, torch.Tensor] = {}
         self.v_norm: Dict[str, torch.Tensor] = {}
+        self.exact: Dict[str, List[int]] = {}  # per block: candidates scored exactly from their LoRA factors
+        self.sketch_dir = sketch_dir  # set when the sketches exceed their RAM budget: they live on disk
+        self.scale = p.scaling  # the hull's lambda for new atoms (grows with `hull: adaptive`)
         self.rescored = 0
 
     # -- candidate access -------------------------------------------------------------
     def base(self, name: str) -> torch.Tensor:
         """theta_0 of one block as a fresh float32 tensor (callers may write into it)."""
-        return self._base[name].to(torch.float32, copy=True)
+        return self._base(name)
 
     def tau(self, name: str) -> TaskVector:
         """i -> w_i tau_i for one block; one float32 base copy is shared by the candidates' reads."""
@@ -94,38 +93,61 @@ class FrankWolfe:
     def vertex(self, name: str) -> TaskVector:
         """i -> v_i for one block: what the LMO scores."""
         tau = self.tau(name)
-        return lambda i: local_vertex(self.p.local_merge, name, i, tau, self.labels, self.p)
+        return lambda i: local_vertex(self.p.step_merge, name, i, tau, self.labels, self.p)
 
-    def _set_block(self, name: str, value: torch.Tensor) -> None:
-        prm = self.params[name]
-        prm.data.copy_(value.to(prm.device, prm.dtype))
+    def realize(self, name: str, atoms: Sequence[Atom]) -> torch.Tensor:
+        """The dense block theta_0 + sum of the atoms' deltas."""
+        base = self.base(name)
+        return base + block_delta(atoms, name, self.tau(name), self.labels, base, self.p)
 
     # -- phases ---------------------------------------------------------------------------
     def read_candidates(self) -> Dict[str, List[Atom]]:
-        """One streamed pass: sketch every v_i, and build the initial point."""
+        """One streamed pass: sketch every v_i the oracle cannot score exactly, and set the start."""
         n, p = len(self.candidates), self.p
-        atoms: Dict[str, List[Atom]] = {}
+        init = [Atom(weight=1.0, method="task_arithmetic", members=list(range(n)), mix=[1.0] * n, tag="init")]
+        atoms = {name: [a.model_copy() for a in init] if p.init == "task_arithmetic" else [] for name in self.blocks}
+        if self.iterate.implicit:  # a LoRA pool: the hooks score every candidate exactly, nothing to read
+            for name in self.blocks:
+                self.iterate.set_atoms(name, atoms[name])
+                self.exact[name] = list(range(n))
+            return atoms
+        low_rank = p.step_merge == "task_arithmetic"
         for name in tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress):
+            self.exact[name] = [i for i, c in enumerate(self.candidates) if low_rank and low_rank_candidate(c.adapter, name)]
             rows, norms = [], []
-            total = torch.zeros(self._base[name].shape)  # not a read tensor: one candidate tensor alive at a time
+            total = torch.zeros(self.base(name).shape)  # not a read tensor: one candidate tensor alive at a time
             tau = self.tau(name)
             for i in range(n):
                 t = tau(i)
-                v = local_vertex(p.local_merge, name, i, lambda _, t=t: t, self.labels, p)
-                rows.append(self.sketch(name, v))
+                v = local_vertex(p.step_merge, name, i, lambda _, t=t: t, self.labels, p)
+                rows.append(torch.zeros(0) if i in self.exact[name] else self.sketch(name, v))
                 norms.append(float(v.norm()))
                 if p.init == "task_arithmetic":
                     total += t
                 del t, v
-            self.v_sketch[name] = torch.stack(rows)
+            width = max((r.numel() for r in rows), default=0)
+            self.v_sketch[name] = self._keep(name, torch.stack([r if r.numel() else torch.zeros(width) for r in rows]))
             self.v_norm[name] = torch.tensor(norms)
             if p.init == "task_arithmetic":
-                self._set_block(name, self.base(name) + p.scaling * total)
-                atoms[name] = [Atom(weight=1.0, method="task_arithmetic", members=list(range(n)), mix=[1.0] * n,
-                                    tag="init")]
-            else:
-                atoms[name] = []
+                self.iterate.write(name, self.base(name) + p.scaling * total)
         return atoms
+
+    def _keep(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """A block's sketch rows, in RAM or (over the budget) memory-mapped from the sketch folder."""
+        if self.sketch_dir is None or not rows.numel():
+            return rows
+        path = os.path.join(self.sketch_dir, f"{len(self.v_sketch):06d}.f32")
+        mapped = np.memmap(path, dtype=np.float32, mode="w+", shape=tuple(rows.shape))
+        mapped[:] = rows.numpy()
+        mapped.flush()
+        del mapped
+        return torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r+", shape=tuple(rows.shape)))
+
+    def _exact_scores(self, name: str, g: torch.Tensor, scores: torch.Tensor) -> None:
+        """<g, w_i s_i B_i A_i> = w_i s_i <B_i^T g, A_i> for the LoRA candidates of this block."""
+        for i in self.exact.get(name, []):
+            f = self.candidates[i].adapter.factors.get(name)
+            scores[i] = 0.0 if f is None else self.weights[i] * f.scale * float(torch.sum((f.b.float().T @ g) * f.a.float()))
 
     def _evaluate(self, objective: Optional[Objective] = None) -> Tuple[float, Dict[str, torch.Tensor]]:
         """Objective value at the current iterate, and <g, v_i> per block (the gradient is
@@ -134,21 +156,27 @@ class FrankWolfe:
 
         def consume(name: str, g: torch.Tensor) -> None:
             g = g.detach().to("cpu", torch.float32)
-            sketched = alignment(self.sketch(name, g), self.v_sketch[name])
             m = self.v_sketch[name].shape[1]
-            if self.p.rescore > 0 and m < g.numel():
+            sketched = alignment(self.sketch(name, g), self.v_sketch[name]) if m else torch.zeros(len(self.candidates))
+            if self.p.rescore > 0 and 0 < m < g.numel():
                 sigma = sketch_error(float(g.norm()), self.v_norm[name], m)
                 vertex = self.vertex(name)
                 exact = lambda i: float(torch.sum(g * vertex(i)))  # noqa: E731
                 sketched, checked = rescored(sketched, sigma, self.p.rescore, exact)
                 self.rescored += len(checked)
-            scores[name] = sketched
+            self._exact_scores(name, g, sketched)
+            scores[name] = sketched if name not in scores else scores[name] + sketched  # micro-batch groups add up
 
         value = self.gradient(consume, objective)
+        if self.lora is not None:
+            for name, s in self.lora.scores.items():
+                scores[name] = s.clone()
+        for name in self.blocks:  # a block no gradient reached (e.g. unused by the loss) scores zero
+            scores.setdefault(name, torch.zeros(len(self.candidates)))
         return value, scores
 
     def _model_scores(self, scores: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack(list(scores.values())).sum(0)
+        return torch.stack([scores[n] for n in self.blocks]).sum(0)
 
     def _choose(self, scores: Dict[str, torch.Tensor]) -> Dict[str, List[int]]:
         k = self.p.top_k if self.p.variant == "soft" else 1
@@ -158,8 +186,8 @@ class FrankWolfe:
 
         if self.p.granularity == "model":  # one vertex for the whole model
             members = pick(self._model_scores(scores))
-            return {name: list(members) for name in scores}
-        return {name: pick(s) for name, s in scores.items()}
+            return {name: list(members) for name in self.blocks}
+        return {name: pick(scores[name]) for name in self.blocks}
 
     def _mix(self, chosen: Dict[str, List[int]], scores: Dict[str, torch.Tensor],
              objective: Optional[Objective] = None) -> Dict[str, List[float]]:
@@ -178,13 +206,11 @@ class FrankWolfe:
                 mix[name] = (a / a.sum()).tolist()
         if self.p.variant != "soft" or self.p.soft_steps <= 0:
             return mix
-        current = {n: prm.detach().clone() for n, prm in self.params.items()}
         for _ in range(self.p.soft_steps):
-            for name, members in chosen.items():
-                if members:
-                    atom = Atom(weight=1.0, method=self.p.local_merge, members=members, mix=mix[name], tag="mix")
-                    self._set_block(name, self.base(name) + atom_delta(atom, name, self.tau(name), self.labels, self.p))
-            _, at_s = self._evaluate(objective)
+            points = {name: [Atom(weight=1.0, method=self.p.step_merge, members=members, mix=mix[name], tag="mix")]
+                      for name, members in chosen.items() if members}
+            with self.iterate.at(points, self.realize):
+                _, at_s = self._evaluate(objective)
             for name, members in chosen.items():
                 if len(members) > 1:
                     # d loss / d mix_j = lambda <g, v_j>: exact for a linear combine, a first-order
@@ -192,19 +218,107 @@ class FrankWolfe:
                     grad = alignments(at_s, name, members) * self.p.scaling
                     step = grad / (grad.abs().max() + 1e-12) / len(members)
                     mix[name] = project_simplex(torch.tensor(mix[name]) - step).tolist()
-        for name, value in current.items():
-            self._set_block(name, value)
         return mix
 
     def _materialise(self, atoms: Dict[str, List[Atom]]) -> None:
-        """Put the selected iterate into the model, streaming one tensor at a time."""
+        """Put the selected iterate in place, streaming one tensor at a time."""
         for name in tqdm(self.blocks, desc="fw: restoring best iterate", disable=not self.progress):
-            base = self.base(name)
-            self._set_block(name, base + block_delta(atoms[name], name, self.tau(name), self.labels, base, self.p))
+            if self.iterate.implicit:
+                self.iterate.set_atoms(name, atoms[name])
+            else:
+                self.iterate.write(name, self.realize(name, atoms[name]))
 
-    def merged_state(self) -> Dict[str, torch.Tensor]:
-        """The merged blocks as they stand in the model (after `run`: the selected iterate)."""
-        return {n: prm.detach().to("cpu", torch.float32) for n, prm in self.params.items()}
+    # -- steps ---------------------------------------------------------------------------
+    def _vertex_value(self, name: str, atom: Optional[Atom]) -> torch.Tensor:
+        """A vertex as a dense block: theta_0, or theta_0 + the atom's delta."""
+        value = self.base(name)
+        if atom is not None:
+            value += atom_delta(atom, name, self.tau(name), self.labels, self.p)
+        return value
+
+    def _moves(self, t: int, chosen: Dict[str, List[int]], mix: Dict[str, List[float]], scores: Dict[str, torch.Tensor],
+               atoms: Dict[str, List[Atom]]) -> Dict[str, Tuple[Optional[Atom], Optional[Atom], float]]:
+        """Per block: (toward, away, most gamma). A plain FW step moves toward the FW vertex
+        (away = None: the iterate itself, gamma <= 1); a pairwise step moves mass from the
+        worst active vertex to the FW vertex (gamma <= that vertex's weight)."""
+        moves = {}
+        for name in self.blocks:
+            toward = Atom(weight=0.0, method=self.p.step_merge, members=chosen[name], mix=mix[name], tag=f"t{t}",
+                          scale=self.scale) if chosen[name] else None
+            if not self.p.pairwise:
+                moves[name] = (toward, None, 1.0)
+                continue
+            away, most, worst = None, 1.0 - sum(a.weight for a in atoms[name]), 0.0  # the base vertex scores 0
+            if most <= 1e-12:
+                most = 0.0
+            for a in atoms[name]:
+                score = atom_scale(a, self.p) * float(sum(m * scores[name][i] for i, m in zip(a.members, a.mix)))
+                if a.weight > 1e-12 and (score > worst or most == 0.0):
+                    away, most, worst = a, a.weight, score
+            best = 0.0 if toward is None else self.scale * float(sum(m * scores[name][i]
+                                                                      for i, m in zip(toward.members, toward.mix)))
+            same = (away is None and toward is None) or (
+                away is not None and toward is not None and vertex_key(away, self.p) == vertex_key(toward, self.p))
+            moves[name] = (toward, away, 0.0 if same or best >= worst else most)
+        return moves
+
+    def _point(self, gamma: float, moves, atoms: Dict[str, List[Atom]], relative: bool = False):
+        """The iterate after a step of `gamma` (clipped at each block's most; `relative`: that
+        share of each block's most): atoms per block, and a dense realisation of them from the
+        current block and the two vertices (no candidate is read but those)."""
+        points, deltas = {}, {}
+        for name, (toward, away, most) in moves.items():
+            g = gamma * most if relative else min(gamma, most)
+            if g <= 0.0:
+                continue
+            if away is None and not self.p.pairwise:
+                new = [a.model_copy(update={"weight": a.weight * (1.0 - g)}) for a in atoms[name]]
+            else:
+                new = [a.model_copy() for a in atoms[name]]
+                if away is not None:
+                    new.append(away.model_copy(update={"weight": -g}))
+            if toward is not None:
+                new.append(toward.model_copy(update={"weight": g}))
+            points[name], deltas[name] = compact(new, self.p), (g, toward, away)
+
+        def realize(name: str, _atoms) -> torch.Tensor:
+            g, toward, away = deltas[name]
+            current = self.iterate.read(name)
+            if not self.p.pairwise:
+                return (1.0 - g) * current + g * self._vertex_value(name, toward)
+            return current + g * (self._vertex_value(name, toward) - self._vertex_value(name, away))
+
+        return points, realize
+
+    def _line_search(self, moves, atoms, value: float, objective: Optional[Objective]) -> Tuple[float, List[float]]:
+        """The share of the longest step (each block's most) minimising the parabola through the
+        objective at 0, 1/2 and 1 of it (exact for a quadratic objective); two forward evaluations."""
+        seen = []
+        for g in (0.5, 1.0):
+            points, realize = self._point(g, moves, atoms, relative=True)
+            with self.iterate.at(points, realize):
+                seen.append(self.gradient.value(objective))
+        f0, (f1, f2) = value, seen
+        a = 2.0 * (f2 - 2.0 * f1 + f0)  # f(g) = f0 + b g + a g^2 through (0, f0), (1/2, f1), (1, f2)
+        b = 4.0 * f1 - 3.0 * f0 - f2
+        if a > 0:
+            return min(1.0, max(0.0, -b / (2.0 * a))), seen
+        return (1.0 if f2 < f1 else 0.5) if min(f1, f2) < f0 else 0.0, seen
+
+    def _apply(self, moves, atoms: Dict[str, List[Atom]], gamma: float, relative: bool = False) -> None:
+        points, realize = self._point(gamma, moves, atoms, relative)
+        for name in self.blocks:
+            if name not in points:
+                continue
+            if self.iterate.implicit:
+                self.iterate.set_atoms(name, points[name])
+            else:
+                self.iterate.write(name, realize(name, points[name]))
+            atoms[name] = points[name]
+
+    def merged_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The merged blocks (after `run`: the selected iterate), one at a time."""
+        return self.iterate.merged(self.blocks)
 
     def run(self) -> FWResult:
         start, p = time.time(), self.p
@@ -220,6 +334,7 @@ class FrankWolfe:
         best = (initial, 0, copy.deepcopy(atoms)) if stochastic else (float("inf"), 0, None)
         bar = tqdm(range(p.iterations), desc="fw: iterations", disable=not self.progress)
         for t in bar:
+            began = time.time()
             checked = self.rescored
             objective = self.objective.sample(t, k, p.seed) if stochastic else None
             value, scores = self._evaluate(objective)
@@ -227,24 +342,28 @@ class FrankWolfe:
                 initial = value if t == 0 else initial
                 if value < best[0]:
                     best = (value, t, copy.deepcopy(atoms))
-            gamma = open_loop_gamma(t, p.step_size)
             chosen = self._choose(scores)
             mix = self._mix(chosen, scores, objective)
-            for name in self.blocks:
-                for a in atoms[name]:
-                    a.weight *= 1.0 - gamma
-                vertex = self.base(name)
-                if chosen[name]:
-                    atom = Atom(weight=gamma, method=p.local_merge, members=chosen[name], mix=mix[name], tag=f"t{t}")
-                    vertex += atom_delta(atom, name, self.tau(name), self.labels, p)
-                    atoms[name].append(atom)
-                prm = self.params[name]
-                self._set_block(name, (1.0 - gamma) * prm.detach().float().cpu() + gamma * vertex)
+            moves = self._moves(t, chosen, mix, scores, atoms)
+            searched = None
+            if p.step == "line_search":
+                gamma, searched = self._line_search(moves, atoms, value, objective)
+            else:
+                gamma = open_loop_gamma(t, p.step_size)
+            self._apply(moves, atoms, gamma, relative=searched is not None)
+            hull = self.scale
+            if p.hull == "adaptive" and searched is not None and gamma >= 1.0 and not p.pairwise:
+                self.scale *= 2.0  # the best step reached the hull's boundary: let the hull grow
             step = {"iteration": t, "objective": value, "gamma": gamma, "rescored": self.rescored - checked,
                     "chosen": {n: chosen[n] for n in self.blocks},
-                    "mix": {n: mix[n] for n in self.blocks if n in mix}}
+                    "mix": {n: mix[n] for n in self.blocks if n in mix}, "scaling": hull}
+            if searched is not None:
+                step["line_search"] = searched  # the objective at 1/2 and 1 of the step
+            if p.pairwise:
+                step["away"] = {n: (m[1].members if m[1] is not None else []) for n, m in moves.items() if m[2] > 0}
             if stochastic:
                 step["minibatch"] = True  # `objective` is this iteration's minibatch estimate
+            step["seconds"] = round(time.time() - began, 3)
             trace.append(step)
             bar.set_postfix(objective=f"{value:.4f}")
             LOG.info("fw iteration %d: objective %.5f, gamma %.4f", t, value, gamma)
@@ -253,10 +372,11 @@ class FrankWolfe:
         if best[0] < final:
             final, selected, atoms = best
             self._materialise(atoms)
-        for name in self.blocks:
-            # never left the base, or no candidate changes it: write the base exactly,
-            # not the rounded (1 - gamma) x + gamma x of the loop
-            if not atoms[name] or not self.v_norm[name].any():
-                self._set_block(name, self.base(name))
+        if not self.iterate.implicit:
+            for name in self.blocks:
+                # never left the base, or no candidate changes it: write the base exactly,
+                # not the rounded (1 - gamma) x + gamma x of the loop
+                if not atoms[name] or not self.v_norm[name].any():
+                    self.iterate.write(name, self.base(name))
         read = sum(c.bytes_read for c in self.candidates)
         return FWResult(atoms, trace, final, selected, read, time.time() - start, initial, self.rescored)

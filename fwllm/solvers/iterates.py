@@ -91,7 +91,7 @@ class StoreIterate:
         self.store.write(name, value)
         self._view = self.store.loader()
 
-    def weights(self) -> Mapping:
+    def view(self) -> Mapping:
         """What the streamed gradient fetches trainable blocks from."""
         return self._view
 
@@ -112,15 +112,15 @@ class LoraIterate:
     implicit = True
 
     def __init__(self, lora: LoraTerms, weights: Sequence[float], scaling: float, base: Callable[[str], torch.Tensor]):
-        self.lora, self.weights, self.scaling, self.base = lora, list(weights), scaling, base
+        self.lora, self.candidate_weights, self.scaling, self.base = lora, list(weights), scaling, base
 
     def set_atoms(self, name: str, atoms: Sequence[Atom]) -> None:
-        self.lora.set_coefficients(name, ta_coefficients(atoms, self.weights, self.scaling))
+        self.lora.set_coefficients(name, ta_coefficients(atoms, self.candidate_weights, self.scaling))
 
     def coefficients(self) -> Dict[str, List[float]]:
         return {n: b.coefficients.tolist() for n, b in self.lora.blocks.items()}
 
-    def weights_map(self) -> Mapping:
+    def view(self) -> Mapping:
         return {}  # no dense block: every layer runs on the base's weights plus the low-rank terms
 
     @contextlib.contextmanager

@@ -116,7 +116,9 @@ class LoraTerms:
             u = x @ a.T  # [..., R]
             per_rank = (blk.coefficients[blk.owner] * blk.scale).to(x.device, x.dtype)
             out = out + (u * per_rank) @ b.T
-            if self.scoring and out.requires_grad:
+            if self.scoring and torch.is_grad_enabled():
+                if not out.requires_grad:  # nothing below needs a gradient, but the score needs delta here
+                    out.requires_grad_(True)
                 u_saved = u.detach()
 
                 def score(grad: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,7 +65,7 @@ def load_candidate_model(spec: CandidateSpec, base_dir: str, device: str) -> tor
         return load_model(cand.model_dir, torch.float32, device)
     path = resolve_model_path(spec.model)
     model = load_model(base_dir if is_adapter_dir(path) else path, torch.float32, device)
-    cand.adapter.check_targets(dict(model.named_parameters()), spec.label)
+    cand.adapter.check_targets({n: tuple(p.shape) for n, p in model.named_parameters()}, spec.label)
     with torch.no_grad():
         for name, prm in model.named_parameters():
             delta = cand.adapter.delta(name, prm.detach().cpu())
@@ -74,24 +74,38 @@ def load_candidate_model(spec: CandidateSpec, base_dir: str, device: str) -> tor
     return model
 
 
+def pooled_task(tasks: Sequence[CalibrationTask]) -> CalibrationTask:
+    """Every calibration row of one kind in one task: the data of a candidate that has no task."""
+    kinds = {t.kind for t in tasks}
+    if len(kinds) != 1:
+        raise FwllmError(f"a candidate without a task is measured on all calibration rows, which mix kinds {sorted(kinds)}")
+    fields = tasks[0].text_fields
+    return CalibrationTask("all", tasks[0].kind, [r for t in tasks for r in t.rows], fields, source="")
+
+
 def measure_candidates(job: MergeJob, store: StatsCache, settings: dict, compute: ComputeFn,
-                       what: str) -> List[Measured]:
-    """Run `compute` for each candidate in turn, unless `store` already holds its statistic.
+                       what: str, specs: Optional[Sequence[CandidateSpec]] = None,
+                       without_task: str = "error") -> List[Measured]:
+    """Run `compute` for each candidate (of `specs`, default all) in turn, unless `store`
+    already holds its statistic. A candidate without a per-model `task` is an error, or with
+    `without_task="all"` is measured on every calibration row.
 
     `settings` are whatever changes the statistic (they key the store); `what` names it in
     errors. Every input problem (missing task, rows the model cannot score) is reported
     before any weights are loaded."""
     p = job.params
+    specs = list(job.candidates if specs is None else specs)
     base_dir = resolve_model_path(job.base)
     tasks = load_calibration(p.calibration, p.max_rows)
-    own = [candidate_task(job.method, spec, tasks) for spec in job.candidates]
-    for spec, task in zip(job.candidates, own):
+    own = [pooled_task(tasks) if without_task == "all" and not spec.params.get("task")
+           else candidate_task(job.method, spec, tasks) for spec in specs]
+    for spec, task in zip(specs, own):
         check_rows_fit(task, architecture_kind(candidate_architecture(spec, base_dir)))
     tokenizer = load_tokenizer(base_dir)
     out = []
-    for spec, task in zip(job.candidates, own):
+    for spec, task in zip(specs, own):
         key = store.key(settings, base_dir, spec, task.name, task.rows)
-        meta = store.get(key)
+        meta = None if job.no_cache else store.get(key)
         if meta is not None:
             LOG.info("%s: reusing the cached %s of %s", job.method, what, spec.label)
             out.append(Measured(spec, task, key, meta, True))

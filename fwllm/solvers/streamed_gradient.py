@@ -88,7 +88,7 @@ class StreamedGradient:
         out = []
         for prefix, module in self.model.named_modules():
             names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
-            frozen = [n for n in names if n not in in_stack and n not in self.blocks]
+            frozen = [n for n in names if n not in in_stack and not any(t in self.blocks for t in self.meta.group(n))]
             if frozen:
                 out.append((module, frozen))
         return out

@@ -95,23 +95,37 @@ def test_summary_normalizes_held_in_by_each_tasks_expert():
     assert row["held_out_mean"] == 30.0
 
 
-def test_demo_tiny_end_to_end(pool, tiny_pools_root, tmp_path):
+def test_demo_tiny_end_to_end(pool, tiny_pools_root, tmp_path, monkeypatch):
+    """The demo prints the quality benchmark's table; FW overrides reach the recipe; a second
+    run reuses every merge and score and prints the same table."""
+    from fwllm.experiments import quality_bench
+
+    # others may edit fwllm's sources between the two runs, which rightly voids the cache
+    monkeypatch.setattr(quality_bench, "source_hash", lambda files=None, root=None: "fixed")
     out = tmp_path / "demo"
-    result = CliRunner().invoke(demo_command, ["--profile", "tiny", "--root", tiny_pools_root, "--out", str(out),
-                                               "--iterations", "4"])
+    args = ["--profile", "tiny", "--root", tiny_pools_root, "--out", str(out), "--iterations", "4",
+            "--fw", "step_size=0.4", "--sizes", "7"]
+    result = CliRunner().invoke(demo_command, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "results.json").read_text())
-    rows = summary["results"]
-    assert {"base", "task_arithmetic", "ties", "fw_hard"} <= set(rows)
-    assert sum(k.startswith("expert:") for k in rows) == sum(e.relevant for e in pool.experts)
-    # each relevant expert is the best model on its own task's dev rows
-    for e in pool.experts:
-        if e.relevant:
-            own = rows[f"expert:{e.name}"][f"{e.task} loss"]
-            assert own < rows["base"][f"{e.task} loss"] and own < rows["task_arithmetic"][f"{e.task} loss"]
-    assert rows["fw_hard"]["mean loss"] < rows["task_arithmetic"]["mean loss"]
-    assert "| fw_hard |" in result.output and (out / "results.md").is_file()
-    assert (out / "merged" / "fw_hard" / "fwllm_plan" / "trace.json").is_file()
+    rows = {r["label"]: r for r in summary["summary"]}
+    assert set(rows) == {f"{m}@7" for m in ("base", "task_arithmetic", "regmean", "fw_hard")}
+    for r in rows.values():
+        f = r["held_in_normalized"]
+        assert f["lo"] <= f["point"] <= f["hi"]
+    assert rows["base@7"]["held_in_normalized"]["point"] == 0.0  # loss tasks: the base keeps none of the gain
+    # the pool's irrelevant experts conflict with the relevant ones: FW beats tuned TA there
+    assert rows["fw_hard@7"]["held_in_normalized"]["point"] > rows["task_arithmetic@7"]["held_in_normalized"]["point"]
+    recipe = yaml.safe_load((out / "pool7" / "recipes" / "fw_hard.yml").read_text())
+    assert recipe["parameters"]["iterations"] == 4 and recipe["parameters"]["step_size"] == 0.4
+    assert (out / "pool7" / "merged" / "fw_hard" / "fwllm_plan" / "trace.json").is_file()
+    assert "| 7 (3 irrelevant) | FW-hard |" in result.output and (out / "report.md").is_file()
+
+    again = CliRunner().invoke(demo_command, args)
+    assert again.exit_code == 0, again.output
+    assert "merging" not in again.output and "scored" not in again.output
+    table = lambda text: [line for line in text.splitlines() if line.startswith("| ")]  # noqa: E731
+    assert table(again.output) == table(result.output)
 
 
 def test_pool_calibration_dir_has_one_file_per_relevant_task(pool):

@@ -1,6 +1,8 @@
-"""`gradient: layerwise`: the same gradient as one full backward, one layer on the device at a time."""
+"""`gradient: layerwise`: the same gradient as one full backward, over a model that is never
+whole in memory (a meta skeleton, one layer materialised at a time from the checkpoint)."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +11,9 @@ import torch
 from conftest import tiny_llama, load_tensors, task_rows, tiny_tokenizer, write_recipe
 from fwllm.data.calibration import CAUSAL, CLASSIFICATION, CalibrationTask
 from fwllm.core.errors import FwllmError
-from fwllm.arch.layer_stack import LayerOffload, layer_stack
-from fwllm.solvers.gradients import LayerwiseGradient
+from fwllm.arch.layer_stack import layer_stack
+from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+from fwllm.solvers.streamed_gradient import StreamedGradient
 from fwllm.mergekit_glue.merge import merge_recipe
 from fwllm.data.objective import encode_tasks
 from mergekit.options import MergeOptions
@@ -22,12 +25,19 @@ def full_gradient(model, objective):
     return value, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def layerwise_gradient(model, objective):
-    offload = LayerOffload(model, "cpu")
+def layerwise_gradient(model, objective, tmp_path, heads=None):
+    """The streamed gradient of `model` (saved to disk and read back through a skeleton)."""
+    from fwllm.data.objective import Objective
+
+    model.save_pretrained(tmp_path / "m")
+    meta_model = skeleton(str(tmp_path / "m"))
     blocks = [n for n, _ in model.named_parameters()]
+    meta = MetaModel(meta_model, base_weights(str(tmp_path / "m")), "cpu", trainable=blocks)
+    streamed = Objective([dataclasses.replace(t, head=(heads or {}).get(t.name)) for t in objective.tasks])
+    gradient = StreamedGradient(meta, streamed, blocks, lambda: {})
     grads = {}
-    value = LayerwiseGradient(model, offload, objective, blocks)(lambda n, g: grads.__setitem__(n, g.clone()))
-    return value, grads, offload
+    value = gradient(lambda n, g: grads.__setitem__(n, g.clone()))
+    return value, grads, gradient
 
 
 def causal_objective(model):
@@ -36,21 +46,23 @@ def causal_objective(model):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_layerwise_gradient_equals_full_backward_llama(tie):
+def test_layerwise_gradient_equals_full_backward_llama(tie, tmp_path):
     model = tiny_llama(tie=tie)
     objective = causal_objective(model)
     v_full, g_full = full_gradient(model, objective)
-    v_layer, g_layer, offload = layerwise_gradient(copy.deepcopy(model), objective)
+    v_layer, g_layer, gradient = layerwise_gradient(copy.deepcopy(model), objective, tmp_path)
     assert v_layer == pytest.approx(v_full, rel=1e-6)
     assert set(g_layer) == set(g_full)
     for name, g in g_full.items():
         assert torch.allclose(g_layer[name], g, atol=1e-6, rtol=1e-5), name
-    assert offload.peak_resident == 1  # never two layers on the device
-    micro_batches = sum(len(t.batches) for t in objective.tasks)
-    assert offload.fetches == len(offload.layers) * (micro_batches + 1)  # forward per micro-batch, backward once
+    # what was materialised at once: the trainable blocks outside the stack plus one layer, never two
+    layer = 4 * sum(p.numel() for p in model.model.layers[0].parameters())
+    outer = 4 * sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
+    assert gradient.meta.peak_resident_bytes == outer + layer
+    assert not gradient.meta.resident  # everything is back on the meta device
 
 
-def test_layerwise_gradient_equals_full_backward_roberta_classifier_with_task_heads():
+def test_layerwise_gradient_equals_full_backward_roberta_classifier_with_task_heads(tmp_path):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     from conftest import encoder_rows as rows, roberta_tokenizer
@@ -66,24 +78,12 @@ def test_layerwise_gradient_equals_full_backward_roberta_classifier_with_task_he
              CalibrationTask("other", CLASSIFICATION, rows("sum_mod3", 4, 2), ["sentence"])]
     objective = encode_tasks(tasks, roberta_tokenizer(), model, batch_size=2, heads={"other": other_head})
     v_full, g_full = full_gradient(model, objective)
-    v_layer, g_layer, offload = layerwise_gradient(copy.deepcopy(model), objective)
-    assert offload.stack_name == "roberta.encoder.layer"
+    v_layer, g_layer, gradient = layerwise_gradient(copy.deepcopy(model), objective, tmp_path,
+                                                    heads={"other": other_head})
+    assert gradient.stack_name == "roberta.encoder.layer"
     assert v_layer == pytest.approx(v_full, rel=1e-6)
     for name, g in g_full.items():
         assert torch.allclose(g_layer[name], g, atol=1e-6, rtol=1e-5), name
-
-
-def test_released_layers_point_at_host_weights_and_updates_reach_the_next_fetch():
-    model = tiny_llama(layers=2)
-    offload = LayerOffload(model, "cpu")
-    weight = offload.layers[1].mlp.up_proj.weight
-    before = float(weight.detach().sum())
-    with torch.no_grad():
-        weight.data.add_(1.0)  # what FW's update does to a released layer
-    offload.fetch(1)
-    assert float(offload.layers[1].mlp.up_proj.weight.sum()) == pytest.approx(before + weight.numel(), rel=1e-5)
-    offload.release(1)
-    assert offload.resident == 0
 
 
 def test_layer_stack_is_the_largest_repeated_block_list():
@@ -93,25 +93,28 @@ def test_layer_stack_is_the_largest_repeated_block_list():
         layer_stack(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_a_layer_fed_something_other_than_the_previous_output_is_refused():
+def test_a_layer_fed_something_other_than_the_previous_output_is_refused(tmp_path):
     class Odd(torch.nn.Module):  # a residual around the stack: layer 1 input != layer 0 output
         def __init__(self):
             super().__init__()
             self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+            self.config = type("Cfg", (), {"hidden_size": 4})()
 
-        def forward(self, x):
+        def forward(self, input_ids=None, attention_mask=None, **kw):
+            x = torch.ones(1, 4)
             return self.layers[1](self.layers[0](x) + x)
 
-    from fwllm.solvers.gradients import _MicroBatch
+    from fwllm.data.calibration import UNLABELED
+    from fwllm.solvers.streamed_gradient import _Term
 
     model = Odd()
-    grad = LayerwiseGradient.__new__(LayerwiseGradient)  # just the forward wrapper, no objective
-    grad.model, grad.offload = model, LayerOffload(model, "cpu")
-    grad._forwards = [layer.forward for layer in grad.offload.layers]
-    current = [_MicroBatch()]
+    meta = MetaModel(model, {n: p.detach() for n, p in model.named_parameters()}, "cpu")
+    gradient = StreamedGradient.__new__(StreamedGradient)  # only the capture pass
+    gradient.meta, gradient.model, gradient.layers = meta, model, model.layers
+    term = _Term(CalibrationTask("t", UNLABELED, [{"text": "x"}]), 1.0,
+                 {"input_ids": torch.ones(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1)})
     with pytest.raises(FwllmError, match="output directly"):
-        with grad._streaming(current):
-            model(torch.ones(1, 4, requires_grad=True))
+        gradient._capture(term)
 
 
 def fw_merge(tmp_path, pool, models, label, **params):
@@ -132,42 +135,29 @@ def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool, vari
     for name in full:
         assert torch.allclose(full[name], layer[name], atol=1e-5), name
     plan = json.load(open(outs["layerwise"] / "fwllm_plan" / "plan.json"))
-    assert plan["gradient"]["mode"] == "layerwise" and plan["gradient"]["peak_layers_on_device"] == 1
+    assert plan["gradient"]["mode"] == "layerwise" and plan["gradient"]["iterate"] == "on-disk store"
     trace_full = json.load(open(outs["full"] / "fwllm_plan" / "trace.json"))["trace"]
     trace_layer = json.load(open(outs["layerwise"] / "fwllm_plan" / "trace.json"))["trace"]
     assert [t["chosen"] for t in trace_full] == [t["chosen"] for t in trace_layer]
-
-
-def test_device_weight_bytes_count_the_outer_modules_and_one_layer():
-    model = tiny_llama(layers=3)
-    numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    layer = numel(model.model.layers[0])
-    outer = numel(model) - 3 * layer
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary frequencies (outside the stack)
-    offload = LayerOffload(model, "cpu")
-    assert offload.device_weight_bytes == 4 * (outer + layer) + buffers  # fp32
-    assert offload.model_weight_bytes == 4 * numel(model) + buffers
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on a device machine)")
 
 
 @needs_cuda
-def test_layerwise_on_cuda_keeps_the_stack_on_the_host_and_matches_cpu():
+def test_layerwise_on_cuda_matches_the_cpu_backward(tmp_path):
     model = tiny_llama()
     objective = causal_objective(model)
     v_full, g_full = full_gradient(model, objective)
-    gpu_model = copy.deepcopy(model)
-    offload = LayerOffload(gpu_model, "cuda")
-    assert gpu_model.lm_head.weight.device.type == "cuda"
-    assert all(p.device.type == "cpu" for p in offload.layers.parameters())
+    model.save_pretrained(tmp_path / "m")
+    blocks = [n for n, _ in model.named_parameters()]
+    meta = MetaModel(skeleton(str(tmp_path / "m")), base_weights(str(tmp_path / "m")), "cuda", trainable=blocks)
     grads = {}
-    blocks = [n for n, _ in gpu_model.named_parameters()]
-    value = LayerwiseGradient(gpu_model, offload, objective, blocks)(lambda n, g: grads.__setitem__(n, g.cpu()))
+    value = StreamedGradient(meta, objective, blocks, lambda: {})(lambda n, g: grads.__setitem__(n, g.cpu()))
     assert value == pytest.approx(v_full, rel=1e-5)
     for name, g in g_full.items():
         assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-4), name
-    assert all(p.device.type == "cpu" for p in offload.layers.parameters())  # released again
+    assert not meta.resident  # nothing left on the GPU
 
 
 @needs_cuda
@@ -181,7 +171,7 @@ def test_fw_merge_on_cuda_matches_cpu(tmp_path, tiny_pool, gradient):
         assert torch.allclose(cpu[name], gpu[name], atol=1e-4), name
 
 
-def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_text():
+def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_text(tmp_path):
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     from fwllm.data.calibration import UNLABELED
@@ -194,7 +184,7 @@ def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_
     texts = [{"text": r["sentence"]} for r in rows("sum_mod3", 5, 3)]
     objective = encode_tasks([CalibrationTask("mlm", UNLABELED, texts)], roberta_tokenizer(), model, batch_size=2)
     v_full, g_full = full_gradient(model, objective)
-    v_layer, g_layer, offload = layerwise_gradient(copy.deepcopy(model), objective)
+    v_layer, g_layer, _ = layerwise_gradient(copy.deepcopy(model), objective, tmp_path)
     assert v_layer == pytest.approx(v_full, rel=1e-6)
     assert set(g_layer) == set(g_full)
     for name, g in g_full.items():

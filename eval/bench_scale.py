@@ -1,0 +1,302 @@
+"""FW-Merging at real model sizes: SmolLM2-135M, TinyLlama-1.1B and LLaMA-2-7B shapes.
+
+Each model is random bf16 weights of the real shapes, sharded like a Hub download
+(`eval/scale_models.py`); the LoRA pool is 16 adapters (8 of r=8 on q_proj, v_proj and 8 of
+r=16 on all seven projections) with random factors. FW hard runs with `gradient: layerwise`
+(the bounded path: one layer materialised at a time, the LoRA iterate implicit) on 4
+calibration rows of 64 tokens. Every run is its own child process; the parent samples the
+child's anonymous RSS, the child reports ru_maxrss (mapped file pages included) and
+/proc/self/io. Beside FW: mergekit `task_arithmetic` on the same pool where it can run here,
+else what it would need, computed; and "floor": one layer-by-layer forward+backward of the
+same rows, with no FW around it.
+
+    python eval/bench_scale.py [--models smol-135m tinyllama-1.1b llama2-7b] [--iterations 2]
+                               [--full-pool 2 4 8] [--work DIR] [--out eval/reports]
+
+Writes eval/reports/bench_scale.md and .json. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import scale_models  # noqa: E402
+
+GIB = 1 << 30
+
+CHILD = r"""
+import json, os, resource, sys, time
+kind, args = sys.argv[1], json.loads(sys.argv[2])
+start = time.time()
+extra = {}
+if kind == "fwllm":
+    from mergekit.options import MergeOptions
+    from fwllm.mergekit_glue.merge import merge_recipe
+    merge_recipe(args["recipe"], args["out"], MergeOptions(quiet=True, out_shard_size=args.get("shard", 2 * 2**30)))
+    plan = json.load(open(os.path.join(args["out"], "fwllm_plan", "plan.json")))
+    trace = json.load(open(os.path.join(args["out"], "fwllm_plan", "trace.json")))["trace"]
+    extra = {"gradient": plan["gradient"], "solve_s": plan["solve_seconds"],
+             "iteration_s": [t.get("seconds") for t in trace], "candidate_bytes_read": plan["candidate_bytes_read"]}
+elif kind == "mergekit":
+    import subprocess
+    r = subprocess.run([args["mergekit"], args["recipe"], args["out"], "--lora-merge-cache", args["cache"],
+                        "--out-shard-size", "2B"], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr[-2000:])
+elif kind == "floor":
+    import torch
+    from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+    from fwllm.data.calibration import load_calibration
+    from fwllm.data.objective import encode_tasks
+    from fwllm.io.adapters import AdapterReader
+    from fwllm.io.models import load_tokenizer
+    from fwllm.solvers.lora_terms import LoraTerms
+    from fwllm.solvers.streamed_gradient import StreamedGradient
+    model = skeleton(args["base"])
+    lora = LoraTerms([AdapterReader(a) for a in args["adapters"]])
+    lora.attach(model)
+    objective = encode_tasks(load_calibration(args["calibration"]), load_tokenizer(args["base"]), model,
+                             args["max_length"], args["batch_size"])
+    grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), "cpu"), objective, [], lambda: {}, lora)
+    t0 = time.time()
+    grad(lambda n, g: None)
+    extra = {"evaluation_s": time.time() - t0}
+io = {}
+with open("/proc/self/io") as fp:
+    for line in fp:
+        key, value = line.split(":")
+        io[key] = int(value)
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print("RESULT " + json.dumps(dict(extra, wall_s=time.time() - start,
+      peak_rss_gib=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, children) / 2**20,
+      read_gib=io["read_bytes"] / 2**30, written_gib=io["write_bytes"] / 2**30,
+      rchar_gib=io["rchar"] / 2**30)))
+"""
+
+
+def _anon_gib(pids) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fp:
+                for line in fp:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total / GIB
+
+
+def run_child(kind: str, args: dict) -> dict:
+    """The child's figures, and its peak anonymous RSS (itself and its children), sampled."""
+    import psutil
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    peak_anon = 0.0
+    watched = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            pids = [proc.pid] + [c.pid for c in watched.children(recursive=True)]
+        except psutil.Error:
+            pids = [proc.pid]
+        peak_anon = max(peak_anon, _anon_gib(pids))
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise SystemExit(f"{kind} run failed:\n{err[-3000:]}")
+    return dict(json.loads(line[len("RESULT "):]), peak_anon_gib=peak_anon)
+
+
+def calibration(folder: str, rows: int = 4, tokens: int = 64) -> str:
+    """`rows` causal rows of about `tokens` tokens (prompt and response halves), from the shared code prompts."""
+    from fwllm.core.paths import data_root
+
+    os.makedirs(folder, exist_ok=True)
+    src = os.path.join(data_root(), "calibration", "code.jsonl")
+    out = []
+    with open(src, encoding="utf-8") as fp:
+        for line in fp:
+            row = json.loads(line)
+            words = (row.get("prompt", "") + " " + row.get("response", "")).split()
+            if len(words) >= tokens:
+                out.append({"prompt": " ".join(words[: tokens // 2]), "response": " ".join(words[tokens // 2: tokens])})
+            if len(out) == rows:
+                break
+    path = os.path.join(folder, "code.jsonl")
+    with open(path, "w", encoding="utf-8") as fp:
+        fp.writelines(json.dumps(r) + "\n" for r in out)
+    return folder
+
+
+def write_recipe(path: str, method: str, base: str, models: list, params: dict) -> str:
+    import yaml
+
+    recipe = {"merge_method": method, "base_model": base, "dtype": "bfloat16", "parameters": params,
+              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}
+    if method == "fw_merging":
+        for m in recipe["models"]:
+            del m["parameters"]
+    with open(path, "w", encoding="utf-8") as fp:
+        yaml.safe_dump(recipe, fp, sort_keys=False)
+    return path
+
+
+def model_bytes(base: str) -> int:
+    return sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors"))
+
+
+def lora_runs(name: str, work: str, calib: str, iterations: int, tokenizer: str, mergekit: str,
+              mergekit_cache_gib: float) -> dict:
+    base = scale_models.write_model(os.path.join(work, name, "base"), name, tokenizer)
+    adapters = scale_models.paper_pool(os.path.join(work, name, "adapters"), scale_models.config_of(name))
+    refs = [f"{base}+{a}" for a in adapters]
+    params = {"calibration": calib, "iterations": iterations, "max_length": 64, "batch_size": 4, "gradient": "layerwise",
+              "scaling": 0.3}
+    recipe = write_recipe(os.path.join(work, name, "fw.yml"), "fw_merging", base, refs, params)
+    out = os.path.join(work, name, "out_fw")
+    shutil.rmtree(out, ignore_errors=True)
+    fw = run_child("fwllm", {"recipe": recipe, "out": out})
+    shutil.rmtree(out, ignore_errors=True)
+    floor = run_child("floor", {"base": base, "adapters": adapters, "calibration": calib, "max_length": 64,
+                                "batch_size": 4})
+    size = model_bytes(base)
+    adapters_size = sum(model_bytes(a) for a in adapters)
+    row = {"model": name, "model_gib": size / GIB, "adapters_gib": adapters_size / GIB, "fw": fw, "floor": floor}
+    cache_need = len(adapters) * size  # mergekit writes a merged copy of the model per adapter
+    free = shutil.disk_usage(work).free
+    # mergekit's LoRA cache at 1.1B and 7B is tens to hundreds of GiB and hours of writing here: computed instead
+    if cache_need < min(0.5 * free, mergekit_cache_gib * GIB):
+        ta = write_recipe(os.path.join(work, name, "ta.yml"), "task_arithmetic", base, refs, {"lambda": 0.3})
+        cache = os.path.join(work, name, "lora_cache")
+        mk_out = os.path.join(work, name, "out_ta")
+        shutil.rmtree(mk_out, ignore_errors=True)
+        row["mergekit_ta"] = run_child("mergekit", {"mergekit": mergekit, "recipe": ta, "out": mk_out, "cache": cache})
+        shutil.rmtree(mk_out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    else:
+        row["mergekit_ta"] = {"computed": True, "lora_cache_gib": cache_need / GIB, "free_disk_gib": free / GIB}
+    return row
+
+
+def full_pool_runs(work: str, calib: str, sizes: list, tokenizer: str, mergekit: str) -> list:
+    """Full-checkpoint candidates at 1.1B (base + a dense random delta): FW vs mergekit ties."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = "tinyllama-1.1b"
+    base = scale_models.write_model(os.path.join(work, name, "base"), name, tokenizer)
+    cands = []
+    for i in range(max(sizes)):
+        folder = os.path.join(work, name, "full", f"c{i}")
+        if not os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+            os.makedirs(folder, exist_ok=True)
+            gen = torch.Generator().manual_seed(1000 + i)
+            for f in os.listdir(base):
+                src = os.path.join(base, f)
+                if f.endswith(".safetensors"):
+                    tensors = load_file(src)
+                    save_file({k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=gen)).to(v.dtype)
+                               for k, v in tensors.items()}, os.path.join(folder, f), metadata={"format": "pt"})
+                    del tensors
+                elif os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(folder, f))
+        cands.append(folder)
+    rows = []
+    for n in sizes:
+        fw_recipe = write_recipe(os.path.join(work, name, f"fw{n}.yml"), "fw_merging", base, cands[:n],
+                                 {"calibration": calib, "iterations": 2, "max_length": 64, "batch_size": 4,
+                                  "gradient": "layerwise"})
+        ties_recipe = write_recipe(os.path.join(work, name, f"ties{n}.yml"), "ties", base, cands[:n],
+                                   {"lambda": 1.0, "density": 0.2})
+        out = os.path.join(work, name, "out_full")
+        shutil.rmtree(out, ignore_errors=True)
+        fw = run_child("fwllm", {"recipe": fw_recipe, "out": out})
+        shutil.rmtree(out, ignore_errors=True)
+        ties = run_child("mergekit", {"mergekit": mergekit, "recipe": ties_recipe, "out": out,
+                                      "cache": os.path.join(work, "unused_cache")})
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append({"n": n, "fw": fw, "ties": ties})
+    return rows
+
+
+def render(lora: list, full: list, iterations: int) -> str:
+    lines = [f"# FW-Merging at scale ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores)", "",
+             f"FW hard, `gradient: layerwise`, T = {iterations}, 4 calibration rows of 64 tokens; models are random bf16 "
+             "weights of the real shapes. RSS = peak resident set (mapped file pages included); anon = peak "
+             "anonymous RSS. I/O from /proc (read = from storage, page-cache hits excluded).", "",
+             "## 16 LoRA adapters (8 x r8 on q,v; 8 x r16 on all projections)", "",
+             "| model | model GiB | FW wall s | FW peak RSS GiB | FW peak anon GiB | FW GiB read / written | "
+             "one FW iteration / floor | floor s | mergekit TA peak RSS GiB | mergekit TA wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in lora:
+        fw, floor, mk = r["fw"], r["floor"], r["mergekit_ta"]
+        its = [s for s in fw.get("iteration_s") or [] if s]
+        per_it = sum(its) / len(its) if its else float("nan")
+        mk_rss = f"needs {mk['lora_cache_gib']:.0f} GiB of LoRA cache (free: {mk['free_disk_gib']:.0f})" \
+            if mk.get("computed") else f"{mk['peak_rss_gib']:.2f}"
+        mk_wall = "-" if mk.get("computed") else f"{mk['wall_s']:.0f}"
+        lines.append(f"| {r['model']} | {r['model_gib']:.2f} | {fw['wall_s']:.0f} | {fw['peak_rss_gib']:.2f} | "
+                     f"{fw['peak_anon_gib']:.2f} | {fw['read_gib']:.1f} / {fw['written_gib']:.1f} | "
+                     f"{per_it / floor['evaluation_s']:.2f} | {floor['evaluation_s']:.0f} | {mk_rss} | {mk_wall} |")
+    if len(lora) > 1:
+        small, big = lora[0]["fw"], lora[-1]["fw"]
+        lines += ["", f"RSS({lora[-1]['model']}) / RSS({lora[0]['model']}) = "
+                      f"{big['peak_rss_gib'] / small['peak_rss_gib']:.2f} (anon: "
+                      f"{big['peak_anon_gib'] / small['peak_anon_gib']:.2f})"]
+    if full:
+        lines += ["", "## Full-checkpoint pool at TinyLlama-1.1B (FW vs mergekit ties)", "",
+                  "| N | FW peak RSS GiB | FW RSS / N=min | ties peak RSS GiB | FW / ties RSS | FW anon GiB | ties anon GiB | "
+                  "FW wall s | ties wall s |", "|---|---|---|---|---|---|---|---|---|"]
+        first = full[0]["fw"]["peak_rss_gib"]
+        for r in full:
+            fw, ties = r["fw"], r["ties"]
+            lines.append(f"| {r['n']} | {fw['peak_rss_gib']:.2f} | {fw['peak_rss_gib'] / first:.2f} | "
+                         f"{ties['peak_rss_gib']:.2f} | {fw['peak_rss_gib'] / ties['peak_rss_gib']:.2f} | "
+                         f"{fw['peak_anon_gib']:.2f} | {ties['peak_anon_gib']:.2f} | {fw['wall_s']:.0f} | "
+                         f"{ties['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["smol-135m", "tinyllama-1.1b", "llama2-7b"],
+                    choices=sorted(scale_models.SHAPES))
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--full-pool", nargs="*", type=int, default=[2, 4, 8])
+    ap.add_argument("--mergekit-cache-gib", type=float, default=8.0,
+                    help="run mergekit on a LoRA pool only when its lora_merge_cache needs less (else: computed)")
+    ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fwllm", "bench_scale"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "reports"))
+    args = ap.parse_args(argv)
+    from fwllm.core.paths import data_root
+
+    tokenizer = scale_models.write_tokenizer(os.path.join(args.work, "tokenizer"),
+                                             os.path.join(data_root(), "calibration", "code.jsonl"))
+    mergekit = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    calib = calibration(os.path.join(args.work, "calib"))
+    lora = []
+    for name in args.models:
+        print(f"== {name}: 16 LoRA adapters", flush=True)
+        lora.append(lora_runs(name, args.work, calib, args.iterations, tokenizer, mergekit, args.mergekit_cache_gib))
+    full = full_pool_runs(args.work, calib, args.full_pool, tokenizer, mergekit) if args.full_pool else []
+    table = render(lora, full, args.iterations)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_scale.md"), "w", encoding="utf-8") as fp:
+        fp.write(table)
+    with open(os.path.join(args.out, "bench_scale.json"), "w", encoding="utf-8") as fp:
+        json.dump({"lora": lora, "full": full, "iterations": args.iterations}, fp, indent=1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

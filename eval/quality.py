@@ -1,0 +1,82 @@
+"""The quality benchmark on the `smol` experts: merges scored with task metrics on held-out
+dev rows, 95% bootstrap intervals, tuned baselines.
+
+    python eval/quality.py [--sizes 2 4 8] [--methods task_arithmetic ties ...]
+                           [--fw key=value ...] [--rows task=N ...] [--out eval/reports/quality]
+                           [--profile smol|tiny] [--no-cache]
+
+Builds (or reuses) the expert pool; for N = 2, 4, 8 (relevant experts first, then the
+irrelevant ones) merges the first N experts with every method; scores base, experts and
+merges on the relevant tasks' dev rows (PubMedQA / SST-2 choice accuracy, GSM8K / code
+response NLL) and on held-out GLUE tasks; writes report.md, results.json and
+vs_candidates.png under --out. `--fw iterations=12 --fw hard.step_size=0.5` overrides
+fw_merging recipe parameters (both variants, or the one named). Scores and merges are
+cached under --work (runs/quality): a rerun recomputes only what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fwllm.core.errors import FwllmError
+from fwllm.experiments.pool_recipes import PoolSettings
+from fwllm.experiments.quality_bench import (DEFAULT_METHODS, RECIPE_ONLY, SMOL_ROWS, QualitySettings, parse_overrides,
+                                             run_quality)
+from fwllm.experiments.quality_data import DevBudget
+from fwllm.experiments.tuning import TUNED_METHODS
+
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="smol", choices=["smol", "tiny"])
+    ap.add_argument("--root", default=None, help="expert cache folder")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="pool sizes N (default 2 4 8; tiny 2 4 7)")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(TUNED_METHODS + RECIPE_ONLY))
+    ap.add_argument("--fw", action="append", default=[], metavar="KEY=VALUE",
+                    help="fw_merging recipe parameter override (hard.KEY / soft.KEY for one variant)")
+    ap.add_argument("--rows", action="append", default=[], metavar="TASK=N", help="dev rows of a task (all: -1)")
+    ap.add_argument("--held-out", nargs="*", default=["rte", "cola"], help="held-out GLUE tasks")
+    ap.add_argument("--max-rows", type=int, default=None, help="calibration rows per task (every method)")
+    ap.add_argument("--no-best-expert", action="store_true", help="skip the best-single-expert baseline")
+    ap.add_argument("--no-cache", action="store_true", help="recompute every merge and score")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=os.path.join("eval", "reports", "quality"), help="report folder")
+    ap.add_argument("--work", default=os.path.join("runs", "quality"), help="merges, recipes and score cache")
+    args = ap.parse_args(argv)
+
+    from fwllm.experts import build_pool
+
+    if not os.environ.get("FWLLM_VERBOSE"):  # transformers' per-load bars drown the benchmark's progress lines
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+    try:
+        pool = build_pool(args.profile, "llama", root=args.root, device=args.device)
+        tiny = args.profile == "tiny"
+        merge = PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32") if tiny \
+            else PoolSettings()
+        if args.max_rows:
+            merge.max_rows = args.max_rows
+        rows = {} if tiny else dict(SMOL_ROWS)
+        for task, n in parse_overrides(args.rows).items():
+            rows[task] = None if int(n) < 0 else int(n)
+        s = QualitySettings(sizes=args.sizes or ((2, 4, 7) if tiny else (2, 4, 8)), methods=args.methods,
+                            held_out=args.held_out, budget=DevBudget(rows=rows), merge=merge,
+                            fw=parse_overrides(args.fw), best_single=not args.no_best_expert, device=args.device,
+                            cache=not args.no_cache)
+        report = run_quality(pool, args.out, s, work_dir=args.work)
+    except FwllmError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
+    print("\n" + report["table"])
+    print(f"\nreport: {os.path.join(args.out, 'report.md')} ({report['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""FW's step rules on a quadratic objective whose minimiser is known: line search, the adaptive
+hull and pairwise steps, checked against closed forms and the feasible set."""
+
+import pytest
+import torch
+
+from fwllm.core.params import FWParams
+from fwllm.kernels.atoms import ta_coefficients
+from fwllm.solvers.frank_wolfe import FrankWolfe
+from fwllm.solvers.iterates import ModelIterate
+
+SHAPE = (3, 4)
+
+
+class Candidate:
+    """A candidate whose task vector is a fixed tensor (what the solver reads of a checkpoint)."""
+
+    def __init__(self, label, tau):
+        self.label, self.tau, self.adapter, self.bytes_read = label, tau, None, 0
+
+    def task_vector(self, name, base):
+        return self.tau.clone()
+
+
+class Quadratic:
+    """f(theta) = 1/2 ||theta - target||^2 for one block: gradient theta - target."""
+
+    def __init__(self, param, target):
+        self.param, self.target = param, target
+        self.values = []
+
+    def __call__(self, consume, objective=None):
+        consume("w", (self.param.detach() - self.target).clone())
+        return self.value()
+
+    def value(self, objective=None):
+        return float(0.5 * (self.param.detach() - self.target).square().sum())
+
+
+class NoSampling:
+    def is_sampled_by(self, k):
+        return False
+
+
+def solver(taus, target, **params):
+    p = FWParams(calibration="unused", sketch_ratio=1, init="base", **params)
+    w = torch.nn.Parameter(torch.zeros(SHAPE))  # theta_0 = 0
+    candidates = [Candidate(f"c{i}", t) for i, t in enumerate(taus)]
+    fw = FrankWolfe(ModelIterate({"w": w}), Quadratic(w, target), NoSampling(), candidates, [1.0] * len(taus),
+                    ["w"], p, lambda name: torch.zeros(SHAPE), progress=False)
+    return fw, w
+
+
+def taus_and_target(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    taus = [torch.randn(SHAPE, generator=g) for _ in range(n)]
+    return taus, 0.4 * taus[0] + 0.3 * taus[1] + 0.05 * torch.randn(SHAPE, generator=g)
+
+
+def test_line_search_takes_the_exact_minimiser_along_each_step():
+    taus, target = taus_and_target()
+    fw, w = solver(taus, target, iterations=5, step="line_search", scaling=1.0)
+    trace, thetas = [], []
+    original = fw._apply
+
+    def apply(moves, atoms, gamma, relative=False):
+        thetas.append(w.detach().clone())
+        original(moves, atoms, gamma, relative)
+
+    fw._apply = apply
+    result = fw.run()
+    for step, theta in zip(result.trace, thetas):
+        chosen = step["chosen"]["w"]
+        s = taus[chosen[0]] if chosen else torch.zeros(SHAPE)  # vertex theta_0 + lambda v, lambda = 1
+        d = s - theta
+        exact = float(((target - theta) * d).sum() / d.square().sum()) if d.any() else 0.0
+        assert step["gamma"] == pytest.approx(min(1.0, max(0.0, exact)), abs=1e-5)
+        trace.append(step["objective"])
+    assert all(b <= a + 1e-9 for a, b in zip(trace, trace[1:]))  # exact line search never goes up
+
+
+def test_adaptive_hull_reaches_the_one_dimensional_optimum():
+    """One candidate, target c* tau with c* = 3.7: a fixed hull of scale 0.3 stops at 0.3 tau, a
+    free one grows until the line search finds c*."""
+    tau = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    off = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    off -= (off * tau).sum() / tau.square().sum() * tau  # orthogonal to tau: the 1-D optimum stays c*
+    target = 3.7 * tau + off
+    fixed, w_fixed = solver([tau], target, iterations=6, step="line_search", scaling=0.3)
+    fixed.run()
+    assert torch.allclose(w_fixed.detach(), 0.3 * tau, atol=1e-5)
+    free, w_free = solver([tau], target, iterations=12, step="line_search", scaling=0.3, hull="adaptive")
+    result = free.run()
+    assert torch.allclose(w_free.detach(), 3.7 * tau, atol=1e-4)
+    assert ta_coefficients(result.atoms["w"], [1.0], 0.3) == pytest.approx([3.7], abs=1e-4)
+
+
+def decoy_pool():
+    """tau_1 = e_1, tau_2 = e_2, target = (e_1 + e_2) / 2 (in the hull, weights 1/2, 1/2); the decoy
+    tau_0 = 0.9 (e_1 + e_2) + 0.8 e_3 aligns best with -g at the start, so FW takes it first, but its
+    e_3 part only hurts: at the optimum it has no weight."""
+    e = torch.eye(12).reshape(12, *SHAPE)
+    return [0.9 * (e[0] + e[1]) + 0.8 * e[2], e[0], e[1]], 0.5 * (e[0] + e[1])
+
+
+def run_recording(fw):
+    """Run, and record each candidate's total weight after every step."""
+    seen = []
+    original = fw._apply
+
+    def apply(moves, atoms, gamma, relative=False):
+        original(moves, atoms, gamma, relative)
+        weights = {}
+        for a in atoms["w"]:
+            assert len(a.members) == 1 and a.mix == [1.0]
+            weights[a.members[0]] = weights.get(a.members[0], 0.0) + a.weight
+        seen.append(weights)
+
+    fw._apply = apply
+    return fw.run(), seen
+
+
+@pytest.mark.parametrize("step", ["open_loop", "line_search"])
+def test_pairwise_steps_never_leave_the_hull(step):
+    taus, target = decoy_pool()
+    fw, _ = solver(taus, target, iterations=20, step=step, step_size=1.0, pairwise=True, scaling=1.0)
+    _, seen = run_recording(fw)
+    for weights in seen:  # a point of the convex hull at every step
+        assert all(v >= -1e-9 for v in weights.values()) and sum(weights.values()) <= 1 + 1e-9
+
+
+def test_pairwise_steps_drop_a_vertex_that_stopped_helping():
+    taus, target = decoy_pool()
+    pair, _ = solver(taus, target, iterations=30, step="line_search", pairwise=True, scaling=1.0)
+    result, seen = run_recording(pair)
+    assert seen[0].get(0, 0) > 0.3  # FW took the decoy first ...
+    final = seen[-1]
+    assert final.get(0, 0.0) < 1e-3  # ... and the pairwise steps took its mass away again
+    assert final.get(1, 0) == pytest.approx(0.5, abs=1e-2) and final.get(2, 0) == pytest.approx(0.5, abs=1e-2)
+    plain, _ = solver(taus, target, iterations=30, step="line_search", scaling=1.0)
+    plain_result, plain_seen = run_recording(plain)
+    assert plain_seen[-1].get(0, 0) > 0.02  # vanilla FW keeps a share of its first vertex
+    assert result.final_objective < plain_result.final_objective
