@@ -19,6 +19,7 @@ Writes eval/reports/bench_scale.md and .json. Not run in CI.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -81,40 +82,58 @@ print("RESULT " + json.dumps(dict(extra, wall_s=time.time() - start,
 """
 
 
-def _anon_gib(pids) -> float:
-    total = 0
+def _rss_gib(pids) -> tuple:
+    """(anonymous RSS, total RSS) of `pids` in GiB, from /proc."""
+    anon = total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/status") as fp:
                 for line in fp:
                     if line.startswith("RssAnon:"):
+                        anon += int(line.split()[1]) * 1024
+                    elif line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total / GIB
+    return anon / GIB, total / GIB
+
+
+def _solved(out: str) -> bool:
+    """Whether the merge into `out` has finished its solve (its staged plan is marked DONE)."""
+    parent, name = os.path.split(out)
+    return bool(glob.glob(os.path.join(parent, f".{name}.partial-*", "fwllm_plan", "DONE"))) or \
+        os.path.isfile(os.path.join(out, "fwllm_plan", "DONE"))
 
 
 def run_child(kind: str, args: dict) -> dict:
-    """The child's figures, and its peak anonymous RSS (itself and its children), sampled."""
+    """The child's figures, its peak anonymous and total RSS (itself and its children), sampled, and for an
+    fwllm merge the same peaks during the solve alone (until the staged plan is marked DONE)."""
     import psutil
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, json.dumps(args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    peak_anon = 0.0
-    watched = psutil.Process(proc.pid)
+    peak = {"anon": 0.0, "rss": 0.0, "solve_anon": 0.0, "solve_rss": 0.0}
+    watched, solving = psutil.Process(proc.pid), kind == "fwllm"
     while proc.poll() is None:
         try:
             pids = [proc.pid] + [c.pid for c in watched.children(recursive=True)]
         except psutil.Error:
             pids = [proc.pid]
-        peak_anon = max(peak_anon, _anon_gib(pids))
+        anon, rss = _rss_gib(pids)
+        peak["anon"], peak["rss"] = max(peak["anon"], anon), max(peak["rss"], rss)
+        if solving:
+            solving = not _solved(args["out"])
+            peak["solve_anon"], peak["solve_rss"] = max(peak["solve_anon"], anon), max(peak["solve_rss"], rss)
         time.sleep(0.05)
     out, err = proc.communicate()
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         raise SystemExit(f"{kind} run failed:\n{err[-3000:]}")
-    return dict(json.loads(line[len("RESULT "):]), peak_anon_gib=peak_anon)
+    result = dict(json.loads(line[len("RESULT "):]), peak_anon_gib=peak["anon"], sampled_rss_gib=peak["rss"])
+    if kind == "fwllm":
+        result.update(solve_anon_gib=peak["solve_anon"], solve_rss_gib=peak["solve_rss"])
+    return result
 
 
 def calibration(folder: str, rows: int = 4, tokens: int = 64) -> str:
@@ -233,9 +252,10 @@ def render(lora: list, full: list, iterations: int) -> str:
     lines = [f"# FW-Merging at scale ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores)", "",
              f"FW hard, `gradient: layerwise`, T = {iterations}, 4 calibration rows of 64 tokens; models are random bf16 "
              "weights of the real shapes. RSS = peak resident set (mapped file pages included); anon = peak "
-             "anonymous RSS. I/O from /proc (read = from storage, page-cache hits excluded).", "",
+             "anonymous RSS; *solve* = during the solve alone (until the plan is written), *run* = the whole merge "
+             "including mergekit writing the output. I/O from /proc (read = from storage, page-cache hits excluded).", "",
              "## 16 LoRA adapters (8 x r8 on q,v; 8 x r16 on all projections)", "",
-             "| model | model GiB | FW wall s | FW peak RSS GiB | FW peak anon GiB | FW GiB read / written | "
+             "| model | model GiB | FW wall s | FW solve RSS / anon GiB | FW run RSS / anon GiB | FW GiB read / written | "
              "one FW iteration / floor | floor s | mergekit TA peak RSS GiB | mergekit TA wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in lora:
@@ -245,22 +265,26 @@ def render(lora: list, full: list, iterations: int) -> str:
         mk_rss = f"needs {mk['lora_cache_gib']:.0f} GiB of LoRA cache (free: {mk['free_disk_gib']:.0f})" \
             if mk.get("computed") else f"{mk['peak_rss_gib']:.2f}"
         mk_wall = "-" if mk.get("computed") else f"{mk['wall_s']:.0f}"
-        lines.append(f"| {r['model']} | {r['model_gib']:.2f} | {fw['wall_s']:.0f} | {fw['peak_rss_gib']:.2f} | "
-                     f"{fw['peak_anon_gib']:.2f} | {fw['read_gib']:.1f} / {fw['written_gib']:.1f} | "
+        lines.append(f"| {r['model']} | {r['model_gib']:.2f} | {fw['wall_s']:.0f} | "
+                     f"{fw['solve_rss_gib']:.2f} / {fw['solve_anon_gib']:.2f} | "
+                     f"{fw['peak_rss_gib']:.2f} / {fw['peak_anon_gib']:.2f} | {fw['read_gib']:.1f} / {fw['written_gib']:.1f} | "
                      f"{per_it / floor['evaluation_s']:.2f} | {floor['evaluation_s']:.0f} | {mk_rss} | {mk_wall} |")
     if len(lora) > 1:
         small, big = lora[0]["fw"], lora[-1]["fw"]
-        lines += ["", f"RSS({lora[-1]['model']}) / RSS({lora[0]['model']}) = "
-                      f"{big['peak_rss_gib'] / small['peak_rss_gib']:.2f} (anon: "
+        lines += ["", f"RSS({lora[-1]['model']}) / RSS({lora[0]['model']}): solve "
+                      f"{big['solve_rss_gib'] / small['solve_rss_gib']:.2f} (anon "
+                      f"{big['solve_anon_gib'] / small['solve_anon_gib']:.2f}), whole run "
+                      f"{big['peak_rss_gib'] / small['peak_rss_gib']:.2f} (anon "
                       f"{big['peak_anon_gib'] / small['peak_anon_gib']:.2f})"]
     if full:
         lines += ["", "## Full-checkpoint pool at TinyLlama-1.1B (FW vs mergekit ties)", "",
-                  "| N | FW peak RSS GiB | FW RSS / N=min | ties peak RSS GiB | FW / ties RSS | FW anon GiB | ties anon GiB | "
-                  "FW wall s | ties wall s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| N | FW solve RSS GiB | FW peak RSS GiB | FW RSS / N=min | ties peak RSS GiB | FW / ties RSS | FW anon GiB | ties anon GiB | "
+                  "FW wall s | ties wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
         first = full[0]["fw"]["peak_rss_gib"]
         for r in full:
             fw, ties = r["fw"], r["ties"]
-            lines.append(f"| {r['n']} | {fw['peak_rss_gib']:.2f} | {fw['peak_rss_gib'] / first:.2f} | "
+            lines.append(f"| {r['n']} | {fw['solve_rss_gib']:.2f} | {fw['peak_rss_gib']:.2f} | "
+                         f"{fw['peak_rss_gib'] / first:.2f} | "
                          f"{ties['peak_rss_gib']:.2f} | {fw['peak_rss_gib'] / ties['peak_rss_gib']:.2f} | "
                          f"{fw['peak_anon_gib']:.2f} | {ties['peak_anon_gib']:.2f} | {fw['wall_s']:.0f} | "
                          f"{ties['wall_s']:.0f} |")
@@ -288,6 +312,7 @@ def main(argv=None) -> None:
     for name in args.models:
         print(f"== {name}: 16 LoRA adapters", flush=True)
         lora.append(lora_runs(name, args.work, calib, args.iterations, tokenizer, mergekit, args.mergekit_cache_gib))
+        print(json.dumps(lora[-1]), flush=True)  # a later failure keeps what is measured
     full = full_pool_runs(args.work, calib, args.full_pool, tokenizer, mergekit) if args.full_pool else []
     table = render(lora, full, args.iterations)
     os.makedirs(args.out, exist_ok=True)
