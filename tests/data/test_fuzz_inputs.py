@@ -292,4 +292,4 @@ def test_a_misspelt_key_fails_before_any_model_loads_in_import_time(pools, senti
     line = run_broken(recipe, {}, str(tmp_path))
     seconds = time.perf_counter() - start
     assert "unknown parameter 'iteratons'" in line
-    assert seconds < 3.0, seconds
+    assert seconds < 10.0, seconds  # generous for a loaded CI machine; the sentinels already prove no model loaded
