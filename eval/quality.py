@@ -10,7 +10,8 @@ irrelevant ones) merges the first N experts with every method; scores base, expe
 merges on the relevant tasks' dev rows (PubMedQA / SST-2 choice accuracy, GSM8K / code
 response NLL) and on held-out GLUE tasks; writes report.md, results.json and
 vs_candidates.png under --out. `--fw iterations=12 --fw hard.step_size=0.5` overrides
-fw_merging recipe parameters (both variants, or the one named). Scores and merges are
+fw_merging recipe parameters (both variants, or the one named) on top of the smol
+benchmark's FW settings (`SMOL_FW`: line search, adaptive hull, RegMean local merge). Scores and merges are
 cached under --work (runs/quality): a rerun recomputes only what changed.
 """
 
@@ -22,8 +23,8 @@ import sys
 
 from fwllm.core.errors import FwllmError
 from fwllm.experiments.pool_recipes import PoolSettings
-from fwllm.experiments.quality_bench import (DEFAULT_METHODS, RECIPE_ONLY, SMOL_ROWS, QualitySettings, parse_overrides,
-                                             run_quality)
+from fwllm.experiments.quality_bench import (DEFAULT_METHODS, RECIPE_ONLY, SMOL_FW, SMOL_ROWS, QualitySettings,
+                                             parse_overrides, run_quality)
 from fwllm.experiments.quality_data import DevBudget
 from fwllm.experiments.tuning import TUNED_METHODS
 
@@ -67,8 +68,8 @@ def main(argv=None) -> int:
             rows[task] = None if int(n) < 0 else int(n)
         s = QualitySettings(sizes=args.sizes or ((2, 4, 7) if tiny else (2, 4, 8)), methods=args.methods,
                             held_out=args.held_out, budget=DevBudget(rows=rows), merge=merge,
-                            fw=parse_overrides(args.fw), best_single=not args.no_best_expert, device=args.device,
-                            cache=not args.no_cache)
+                            fw=parse_overrides(args.fw) if tiny else {**SMOL_FW, **parse_overrides(args.fw)},
+                            best_single=not args.no_best_expert, device=args.device, cache=not args.no_cache)
         report = run_quality(pool, args.out, s, work_dir=args.work)
     except FwllmError as err:
         print(f"Error: {err}", file=sys.stderr)

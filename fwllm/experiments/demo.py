@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence
 import click
 
 from fwllm.experiments.pool_recipes import PoolSettings
-from fwllm.experiments.quality_bench import QualitySettings, run_quality
+from fwllm.experiments.quality_bench import SMOL_FW, QualitySettings, run_quality
 from fwllm.experiments.quality_data import DevBudget
 from fwllm.experts import build_pool
 
@@ -36,7 +36,8 @@ def demo_settings(profile: str, sizes: Optional[Sequence[int]], fw: Dict[str, ob
     merge = PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32") if tiny \
         else PoolSettings()
     return QualitySettings(sizes=tuple(sizes or ((4, 7) if tiny else (8,))), methods=METHODS, held_out=(),
-                           budget=DevBudget(rows=dict(TINY_ROWS if tiny else SMOL_ROWS)), merge=merge, fw=dict(fw),
+                           budget=DevBudget(rows=dict(TINY_ROWS if tiny else SMOL_ROWS)), merge=merge,
+                           fw=dict(fw) if tiny else {**SMOL_FW, **fw},
                            best_single=False, resamples=1000, device=device, cache=cache)
 
 

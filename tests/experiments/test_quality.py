@@ -329,6 +329,19 @@ def test_fw_overrides_reach_the_right_variant():
         parse_overrides(["iterations"])
 
 
+def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them():
+    from fwllm.experiments.demo import demo_settings
+    from fwllm.experiments.pool_recipes import recipe_for
+    from fwllm.experiments.quality_bench import with_fw_overrides
+
+    smol = demo_settings("smol", None, {"step": "open_loop"}, "cpu")
+    hard = recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(smol.merge, smol.fw))["parameters"]
+    assert (hard["step"], hard["hull"], hard["local_merge"]) == ("open_loop", "adaptive", "regmean")
+    tiny = demo_settings("tiny", None, {}, "cpu")  # the tiny pool keeps the recipe defaults
+    assert "step" not in recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(tiny.merge, tiny.fw))[
+        "parameters"]
+
+
 def test_source_hash_follows_file_contents(tmp_path):
     from fwllm.experiments.quality_bench import source_hash
 

@@ -86,6 +86,8 @@ def test_an_interrupt_during_the_commit_waits_for_it(tmp_path, monkeypatch):
     out.mkdir()
     (out / "mine.txt").write_text("old")
     real_rename = os.rename
+    # a terminal's Ctrl-C, also when pytest runs as a background job (which inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def rename(src, dst):
         if os.fspath(dst) == str(out):
@@ -94,9 +96,12 @@ def test_an_interrupt_during_the_commit_waits_for_it(tmp_path, monkeypatch):
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
-        with staged_output(str(out), force=True) as staging:
-            open(os.path.join(staging, "new.txt"), "w").write("new")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with staged_output(str(out), force=True) as staging:
+                open(os.path.join(staging, "new.txt"), "w").write("new")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert os.listdir(out) == ["new.txt"]
     assert siblings(tmp_path, "out") == []
 

@@ -12,9 +12,14 @@ CONTROL/result-<i>.json and waits for CONTROL/next-<i>, while the test looks at 
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
+
+# Ctrl-C as a terminal delivers it, even when the test run was started in the background (a
+# background job inherits SIGINT ignored, and Python then keeps it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_for(path, seconds=600):
