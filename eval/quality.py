@@ -11,7 +11,8 @@ merges on the relevant tasks' dev rows (PubMedQA / SST-2 choice accuracy, GSM8K 
 response NLL) and on held-out GLUE tasks; writes report.md, results.json and
 vs_candidates.png under --out. `--fw iterations=12 --fw hard.step_size=0.5` overrides
 fw_merging recipe parameters (both variants, or the one named) on top of the smol
-benchmark's FW settings (`SMOL_FW`: line search, adaptive hull, RegMean local merge). Scores and merges are
+benchmark's FW settings (`SMOL_FW`: line search, adaptive hull, T = 12, the support chosen for the whole
+model and merged by RegMean with equal weights). Scores and merges are
 cached under --work (runs/quality): a rerun recomputes only what changed.
 """
 

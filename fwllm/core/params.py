@@ -54,6 +54,9 @@ class FWParams(MethodParams):
     hull: Literal["fixed", "adaptive"] = "fixed"  # adaptive: lambda doubles while the line search hits the hull
     pairwise: bool = False  # pairwise steps: move mass from the worst active vertex to the FW vertex
     regmean_alpha: float = Field(0.9, ge=0, le=1)  # local_merge regmean: off-diagonal scale of the Grams
+    # local_merge regmean: "fw" weighs each candidate by FW's coefficient and keeps FW's mass;
+    # "uniform": FW only picks the support, RegMean merges it with equal weights (RegMean's own)
+    regmean_weights: Literal["fw", "uniform"] = "fw"
 
     @property
     def step_merge(self) -> str:

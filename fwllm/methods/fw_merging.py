@@ -212,7 +212,8 @@ class FWMerging(DataMethod):
                 base = fw.base(name)
                 return lambda i: pool.candidates[i].task_vector(name, base)
 
-            merged = refine(merged, coefficients, gram_files, raw_tau, fw.base, p.regmean_alpha)
+            merged = refine(merged, coefficients, gram_files, raw_tau, fw.base, p.regmean_alpha,
+                            weights=p.regmean_weights)
         all_ta = not refined and all(c is not None for c in coefficients.values())
         record = FWPlanRecord(
             method=self.name, base=job.base, settings=p.model_dump(), primary_head=primary_head(job, heads),

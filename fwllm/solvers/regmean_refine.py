@@ -8,7 +8,9 @@ and rescaled by FW's mass, in task-vector space:
     W = W_0 + (sum_i c_i) * (sum_i c_i G~_i)^-1 sum_i c_i G~_i tau_i,   G~ = alpha G + (1 - alpha) diag G
 
 With equal Grams this is FW's own W_0 + sum_i c_i tau_i; with alpha = 1 and two experts fitted on
-disjoint data it is their joint least-squares solution. G_i comes from candidate i run on its own
+disjoint data it is their joint least-squares solution. `weights: uniform` keeps only FW's
+support: every used candidate gets c_i = 1 and the mass is 1, so over the whole pool it is
+RegMean itself, and FW's part is to leave out the candidates that do not help. G_i comes from candidate i run on its own
 task's calibration rows (all rows for a candidate without a task), cached by content like RegMean's.
 Tensors that are not linear weights, and linear weights FW left alone, keep FW's merge.
 """
@@ -45,9 +47,10 @@ def measure_grams(job: MergeJob, used: Sequence[int]) -> Dict[int, str]:
 
 def refine(merged: Iterable[Tuple[str, torch.Tensor]], coefficients: Dict[str, List[float]],
            gram_files: Dict[int, str], tau: Callable[[str], Callable[[int], torch.Tensor]],
-           base: Callable[[str], torch.Tensor], alpha: float, ridge: float = 1e-5
+           base: Callable[[str], torch.Tensor], alpha: float, ridge: float = 1e-5, weights: str = "fw"
            ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """FW's merged tensors, with every linear weight FW used re-merged in RegMean's closed form."""
+    """FW's merged tensors, with every linear weight FW used re-merged in RegMean's closed form
+    (`weights`: "fw" or "uniform", see the module docstring)."""
     refined = 0
     for name, value in merged:
         coef = coefficients.get(name) or []
@@ -59,8 +62,9 @@ def refine(merged: Iterable[Tuple[str, torch.Tensor]], coefficients: Dict[str, L
             yield name, value
             continue
         t = tau(name)
-        mass = sum(coef[i] for i in used)
-        layers = ((t(i), gram[i], coef[i]) for i in used)  # one task vector in memory at a time
+        weight = {i: 1.0 if weights == "uniform" else coef[i] for i in used}
+        mass = 1.0 if weights == "uniform" else sum(coef[i] for i in used)
+        layers = ((t(i), gram[i], weight[i]) for i in used)  # one task vector in memory at a time
         delta, lam = regmean_merge(layers, alpha, ridge)
         if lam:
             LOG.warning("fw regmean: the Gram sum of %s is singular; ridge %.3g (towards FW's merge)", name, lam)

@@ -60,3 +60,20 @@ def test_what_is_not_a_used_linear_weight_keeps_fws_merge(tmp_path):
     with pytest.raises(FwllmError, match="coefficients >= 0"):
         list(refine([("lin.weight", torch.ones(2, 3))], {"lin.weight": [-0.1]}, files,
                     lambda n: (lambda i: torch.zeros(2, 3)), lambda n: torch.zeros(2, 3), alpha=0.9))
+
+
+def test_uniform_weights_fit_the_supports_data_jointly_whatever_fws_coefficients(tmp_path):
+    # weights: uniform keeps only FW's support: experts 0 and 2 fitted on disjoint data merge to
+    # the least-squares fit of their data together, however unevenly FW weighed them, and the
+    # expert FW left out (1) plays no part
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (30, 25, 50)]
+    ys = [x @ torch.randn(4, 2, generator=g, dtype=torch.float64) for x in xs]
+    taus = [fit(x, y).float() for x, y in zip(xs, ys)]
+    name = "layer.weight"
+    files = {i: gram_file(tmp_path, i, name, x) for i, x in enumerate(xs)}
+    (_, merged), = refine([(name, torch.zeros(2, 4))], {name: [0.1, 0.0, 0.6]}, files,
+                          lambda n: (lambda i: taus[i].clone()), lambda n: torch.zeros(2, 4), alpha=1.0,
+                          weights="uniform")
+    joint = fit(torch.cat([xs[0], xs[2]]), torch.cat([ys[0], ys[2]]))
+    assert torch.allclose(merged.double(), joint, atol=1e-4)
