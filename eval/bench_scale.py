@@ -10,8 +10,9 @@ child's anonymous RSS, the child reports ru_maxrss (mapped file pages included) 
 else what it would need, computed; and "floor": one layer-by-layer forward+backward of the
 same rows, with no FW around it.
 
-    python eval/bench_scale.py [--models smol-135m tinyllama-1.1b llama2-7b] [--iterations 2]
-                               [--full-pool 2 4 8] [--work DIR] [--out eval/reports]
+    python eval/bench_scale.py [--models smol-135m tinyllama-1.1b llama2-7b] [--iterations 2] [--repeats 1]
+                               [--full-pool 2 4 8 | 0] [--full-pool-model tinyllama-1.1b]
+                               [--work DIR] [--out eval/reports]
 
 Writes eval/reports/bench_scale.md and .json. Not run in CI.
 """
@@ -136,6 +137,30 @@ def run_child(kind: str, args: dict) -> dict:
     return result
 
 
+def repeated(kind: str, args: dict, repeats: int, out: str = None) -> dict:
+    """The median of each figure over `repeats` runs of the child (these machines are noisy); `out` is
+    cleared before and after each run. The per-run figures stay under "runs"."""
+    import statistics
+
+    runs = []
+    for _ in range(repeats):
+        if out:
+            shutil.rmtree(out, ignore_errors=True)
+        run = run_child(kind, args)
+        its = [s for s in run.get("iteration_s") or [] if s]
+        if its:
+            run["per_iteration_s"] = sum(its) / len(its)
+        runs.append(run)
+        if out:
+            shutil.rmtree(out, ignore_errors=True)
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(r[key] for r in runs)
+    merged["repeats"], merged["runs"] = repeats, runs
+    return merged
+
+
 def calibration(folder: str, rows: int = 4, tokens: int = 64) -> str:
     """`rows` causal rows of about `tokens` tokens (prompt and response halves), from the shared code prompts."""
     from fwllm.core.paths import data_root
@@ -175,7 +200,7 @@ def model_bytes(base: str) -> int:
 
 
 def lora_runs(name: str, work: str, calib: str, iterations: int, tokenizer: str, mergekit: str,
-              mergekit_cache_gib: float) -> dict:
+              mergekit_cache_gib: float, repeats: int = 1) -> dict:
     base = scale_models.write_model(os.path.join(work, name, "base"), name, tokenizer)
     adapters = scale_models.paper_pool(os.path.join(work, name, "adapters"), scale_models.config_of(name))
     refs = [f"{base}+{a}" for a in adapters]
@@ -183,11 +208,9 @@ def lora_runs(name: str, work: str, calib: str, iterations: int, tokenizer: str,
               "scaling": 0.3}
     recipe = write_recipe(os.path.join(work, name, "fw.yml"), "fw_merging", base, refs, params)
     out = os.path.join(work, name, "out_fw")
-    shutil.rmtree(out, ignore_errors=True)
-    fw = run_child("fwllm", {"recipe": recipe, "out": out})
-    shutil.rmtree(out, ignore_errors=True)
-    floor = run_child("floor", {"base": base, "adapters": adapters, "calibration": calib, "max_length": 64,
-                                "batch_size": 4})
+    fw = repeated("fwllm", {"recipe": recipe, "out": out}, repeats, out)
+    floor = repeated("floor", {"base": base, "adapters": adapters, "calibration": calib, "max_length": 64,
+                               "batch_size": 4}, repeats)
     size = model_bytes(base)
     adapters_size = sum(model_bytes(a) for a in adapters)
     row = {"model": name, "model_gib": size / GIB, "adapters_gib": adapters_size / GIB, "fw": fw, "floor": floor}
@@ -207,12 +230,12 @@ def lora_runs(name: str, work: str, calib: str, iterations: int, tokenizer: str,
     return row
 
 
-def full_pool_runs(work: str, calib: str, sizes: list, tokenizer: str, mergekit: str) -> list:
-    """Full-checkpoint candidates at 1.1B (base + a dense random delta): FW vs mergekit ties."""
+def full_pool_runs(work: str, calib: str, sizes: list, tokenizer: str, mergekit: str,
+                   name: str = "tinyllama-1.1b") -> list:
+    """Full-checkpoint candidates (base + a dense random delta): FW vs mergekit ties."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    name = "tinyllama-1.1b"
     base = scale_models.write_model(os.path.join(work, name, "base"), name, tokenizer)
     cands = []
     for i in range(max(sizes)):
@@ -244,24 +267,24 @@ def full_pool_runs(work: str, calib: str, sizes: list, tokenizer: str, mergekit:
         ties = run_child("mergekit", {"mergekit": mergekit, "recipe": ties_recipe, "out": out,
                                       "cache": os.path.join(work, "unused_cache")})
         shutil.rmtree(out, ignore_errors=True)
-        rows.append({"n": n, "fw": fw, "ties": ties})
+        rows.append({"model": name, "n": n, "fw": fw, "ties": ties})
     return rows
 
 
-def render(lora: list, full: list, iterations: int) -> str:
+def render(lora: list, full: list, iterations: int, repeats: int = 1) -> str:
     lines = [f"# FW-Merging at scale ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores)", "",
              f"FW hard, `gradient: layerwise`, T = {iterations}, 4 calibration rows of 64 tokens; models are random bf16 "
              "weights of the real shapes. RSS = peak resident set (mapped file pages included); anon = peak "
              "anonymous RSS; *solve* = during the solve alone (until the plan is written), *run* = the whole merge "
-             "including mergekit writing the output. I/O from /proc (read = from storage, page-cache hits excluded).", "",
+             "including mergekit writing the output. I/O from /proc (read = from storage, page-cache hits excluded). "
+             f"LoRA rows: median of {repeats} run(s) of FW and of the floor.", "",
              "## 16 LoRA adapters (8 x r8 on q,v; 8 x r16 on all projections)", "",
              "| model | model GiB | FW wall s | FW solve RSS / anon GiB | FW run RSS / anon GiB | FW GiB read / written | "
              "one FW iteration / floor | floor s | mergekit TA peak RSS GiB | mergekit TA wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in lora:
         fw, floor, mk = r["fw"], r["floor"], r["mergekit_ta"]
-        its = [s for s in fw.get("iteration_s") or [] if s]
-        per_it = sum(its) / len(its) if its else float("nan")
+        per_it = fw.get("per_iteration_s", float("nan"))
         mk_rss = f"needs {mk['lora_cache_gib']:.0f} GiB of LoRA cache (free: {mk['free_disk_gib']:.0f})" \
             if mk.get("computed") else f"{mk['peak_rss_gib']:.2f}"
         mk_wall = "-" if mk.get("computed") else f"{mk['wall_s']:.0f}"
@@ -277,7 +300,7 @@ def render(lora: list, full: list, iterations: int) -> str:
                       f"{big['peak_rss_gib'] / small['peak_rss_gib']:.2f} (anon "
                       f"{big['peak_anon_gib'] / small['peak_anon_gib']:.2f})"]
     if full:
-        lines += ["", "## Full-checkpoint pool at TinyLlama-1.1B (FW vs mergekit ties)", "",
+        lines += ["", f"## Full-checkpoint pool at {full[0].get('model', 'tinyllama-1.1b')} (FW vs mergekit ties)", "",
                   "| N | FW solve RSS GiB | FW peak RSS GiB | FW RSS / N=min | ties peak RSS GiB | FW / ties RSS | FW anon GiB | ties anon GiB | "
                   "FW wall s | ties wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
         first = full[0]["fw"]["peak_rss_gib"]
@@ -296,7 +319,10 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["smol-135m", "tinyllama-1.1b", "llama2-7b"],
                     choices=sorted(scale_models.SHAPES))
     ap.add_argument("--iterations", type=int, default=2)
-    ap.add_argument("--full-pool", nargs="*", type=int, default=[2, 4, 8])
+    ap.add_argument("--repeats", type=int, default=1, help="runs per LoRA measurement; the table shows medians")
+    ap.add_argument("--full-pool", nargs="+", type=int, default=[2, 4, 8],
+                    help="pool sizes N of the full-checkpoint comparison with mergekit ties (0: skip it)")
+    ap.add_argument("--full-pool-model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
     ap.add_argument("--mergekit-cache-gib", type=float, default=8.0,
                     help="run mergekit on a LoRA pool only when its lora_merge_cache needs less (else: computed)")
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fwllm", "bench_scale"))
@@ -311,10 +337,12 @@ def main(argv=None) -> None:
     lora = []
     for name in args.models:
         print(f"== {name}: 16 LoRA adapters", flush=True)
-        lora.append(lora_runs(name, args.work, calib, args.iterations, tokenizer, mergekit, args.mergekit_cache_gib))
+        lora.append(lora_runs(name, args.work, calib, args.iterations, tokenizer, mergekit, args.mergekit_cache_gib,
+                              args.repeats))
         print(json.dumps(lora[-1]), flush=True)  # a later failure keeps what is measured
-    full = full_pool_runs(args.work, calib, args.full_pool, tokenizer, mergekit) if args.full_pool else []
-    table = render(lora, full, args.iterations)
+    sizes = [n for n in args.full_pool if n > 0]
+    full = full_pool_runs(args.work, calib, sizes, tokenizer, mergekit, args.full_pool_model) if sizes else []
+    table = render(lora, full, args.iterations, args.repeats)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_scale.md"), "w", encoding="utf-8") as fp:
         fp.write(table)

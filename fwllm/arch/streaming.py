@@ -63,6 +63,8 @@ class MetaModel:
     def __init__(self, model: torch.nn.Module, weights: Mapping[str, torch.Tensor], device: str = "cpu",
                  trainable: Iterable[str] = (), optional: Callable[[str], bool] = lambda name: False):
         self.model, self.weights, self.device = model, weights, torch.device(device)
+        # a Mapping's `in` reads the tensor (accelerate's loader has no __contains__): test names against a set
+        self.stored: Set[str] = set(weights)
         self.trainable: Set[str] = set(trainable)
         self.ties: Dict[str, List[str]] = {}
         for group in find_tied_parameters(model):
@@ -90,7 +92,7 @@ class MetaModel:
     def source_name(self, name: str) -> Optional[str]:
         """The weights-map key holding `name` (a tied head is stored under the embeddings)."""
         for candidate in [name] + self.ties.get(name, []):
-            if candidate in self.weights:
+            if candidate in self.stored:
                 return candidate
         return None
 
@@ -104,7 +106,8 @@ class MetaModel:
         for name in names:
             if name in self.resident:
                 continue
-            value = source[name] if name in source else self.weights[self.source_name(name)]
+            present = name in self.stored if source is self.weights else name in source
+            value = source[name] if present else self.weights[self.source_name(name)]
             # a private float32 copy: a view would pin the mapped shard (and must never be written)
             set_module_tensor_to_device(self.model, name, self.device, value=value.to(torch.float32, copy=True))
             param = self.model.get_parameter(name)

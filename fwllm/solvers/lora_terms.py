@@ -52,18 +52,29 @@ def pool_is_low_rank(adapters: Sequence[Optional[AdapterReader]]) -> bool:
                                                     for f in a.factors.values()) for a in adapters)
 
 
+def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype that holds every one of `tensors` exactly (bf16 and fp16 together: fp32)."""
+    out = tensors[0].dtype
+    for t in tensors[1:]:
+        out = torch.promote_types(out, t.dtype)
+    return out
+
+
 class LoraTerms:
     """The low-rank terms of a LoRA pool, attached to the linear modules of a model."""
 
-    def __init__(self, adapters: Sequence[AdapterReader], dtype: torch.dtype = torch.float32):
+    def __init__(self, adapters: Sequence[AdapterReader], dtype: Optional[torch.dtype] = None):
+        # stored in the adapters' own dtype (`dtype=None`) and cast where used: bf16 -> fp32 is exact, and an
+        # fp32 stack of a bf16 pool would double what a 7B pool's factors hold in RAM (1.3 -> 2.6 GB)
         self.n = len(adapters)
         names = sorted({name for a in adapters for name in a.factors})
         self.blocks: Dict[str, LoraBlock] = {}
         for name in names:
             parts = [(i, a.factors[name]) for i, a in enumerate(adapters) if name in a.factors]
+            common = dtype or _common_dtype([t for _, f in parts for t in (f.a, f.b)])
             self.blocks[name] = LoraBlock(
-                a=torch.cat([f.a.to(dtype) for _, f in parts]),
-                b=torch.cat([f.b.to(dtype) for _, f in parts], dim=1),
+                a=torch.cat([f.a.to(common) for _, f in parts]),
+                b=torch.cat([f.b.to(common) for _, f in parts], dim=1),
                 owner=torch.cat([torch.full((f.a.shape[0],), i, dtype=torch.long) for i, f in parts]),
                 scale=torch.cat([torch.full((f.a.shape[0],), f.scale) for _, f in parts]),
                 coefficients=torch.zeros(self.n),

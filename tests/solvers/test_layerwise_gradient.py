@@ -201,3 +201,34 @@ def test_stochastic_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny
     traces = [json.load(open(outs[m] / "fwllm_plan" / "trace.json"))["trace"] for m in ("full", "layerwise")]
     assert [t["objective"] for t in traces[0]] == pytest.approx([t["objective"] for t in traces[1]], rel=1e-5)
     assert [t["chosen"] for t in traces[0]] == [t["chosen"] for t in traces[1]]
+
+
+def test_each_fetch_reads_one_tensor_from_a_mapping_without_contains(tmp_path):
+    """accelerate's weights loader is a plain Mapping: `name in loader` would read the tensor. A
+    layer-by-layer pass must read every tensor it materialises once, and nothing to test membership."""
+    from collections.abc import Mapping
+
+    class Counting(Mapping):
+        def __init__(self, inner):
+            self.inner, self.reads = inner, 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.inner[key]
+
+        def __iter__(self):
+            return iter(self.inner)
+
+        def __len__(self):
+            return len(self.inner)
+
+    model = tiny_llama(tie=True)
+    objective = causal_objective(model)
+    model.save_pretrained(tmp_path / "m")
+    weights = Counting(base_weights(str(tmp_path / "m")))
+    blocks = [n for n, _ in model.named_parameters()]
+    meta = MetaModel(skeleton(str(tmp_path / "m")), weights, "cpu", trainable=blocks)
+    assert weights.reads == 0  # checking that every parameter is stored reads nothing
+    StreamedGradient(meta, objective, blocks, lambda: {})(lambda n, g: None)
+    assert meta.fetches > len(blocks)  # layers come back for the backward
+    assert weights.reads == meta.fetches

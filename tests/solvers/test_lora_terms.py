@@ -67,3 +67,28 @@ def test_the_merged_delta_is_the_coefficient_weighted_sum_of_the_adapters():
     expected = sum(c * a.factors[name].scale * a.factors[name].b @ a.factors[name].a
                    for c, a in zip([0.7, 0.1], adapters))
     assert torch.allclose(terms.delta(name), expected, atol=1e-6)
+
+
+def test_a_bf16_pool_is_held_in_bf16_and_computes_what_fp32_factors_compute():
+    """Held as stored (half the RAM of an fp32 stack) and cast where used: bf16 -> fp32 is exact, so the
+    layer's output is the one that the same factors, upcast beforehand, give."""
+    name = "0.weight"
+    half = [_Adapter({name: LoraFactors(f.a.bfloat16(), f.b.bfloat16(), f.scale)})
+            for f in (_factors(6, 5, 2, 4.0, False, 7), _factors(6, 5, 3, 6.0, False, 8))]
+    upcast = [_Adapter({name: LoraFactors(a.factors[name].a.float(), a.factors[name].b.float(), a.factors[name].scale)})
+              for a in half]
+    mixed = [half[0], _Adapter({name: LoraFactors(half[1].factors[name].a.half(), half[1].factors[name].b.half(), 1.0)})]
+    terms, reference = LoraTerms(half), LoraTerms(upcast)
+    assert terms.blocks[name].a.dtype == torch.bfloat16 and reference.blocks[name].a.dtype == torch.float32
+    assert terms.nbytes * 2 == reference.nbytes
+    assert LoraTerms(mixed).blocks[name].a.dtype == torch.float32  # bf16 with fp16: nothing narrower holds both
+    x = torch.randn(3, 5)
+    outs = []
+    for t in (terms, reference):
+        layer = torch.nn.Linear(5, 6, bias=False)
+        torch.nn.init.zeros_(layer.weight)
+        t.set_coefficients(name, [0.4, -0.3])
+        t.attach(torch.nn.Sequential(layer))
+        outs.append(layer(x))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(terms.delta(name), reference.delta(name))
