@@ -46,7 +46,9 @@ class FWParams(MethodParams):
     drop_rate: float = Field(0.5, ge=0, lt=1)  # dare: drop probability
     init: Literal["task_arithmetic", "base"] = "task_arithmetic"
     sketch_ratio: float = Field(32.0, ge=1)  # 1 = exact inner products
-    sketch_memory: float = Field(2.0, gt=0)  # GiB of sketches held in RAM; beyond, they are memory-mapped from disk
+    # GiB of sketches held in RAM; beyond, they are kept on disk and read block by block at every
+    # iteration, so RAM stays flat in N (at 1.1B, 1/32 of each candidate is 0.14 GiB)
+    sketch_memory: float = Field(0.5, gt=0)
     rescore: float = Field(0.0, ge=0)  # z: re-check contenders within z sketch errors (0 = off)
     gradient: Literal["auto", "full", "layerwise"] = "auto"  # auto: full if it fits in free RAM, else layerwise
     batches_per_iteration: int = Field(0, ge=0)  # stochastic FW: micro-batches per task (0 = all)

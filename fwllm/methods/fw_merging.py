@@ -181,7 +181,8 @@ class FWMerging(DataMethod):
                         base, job.progress, lora, sketch_dir)
         info = {"model_weight_bytes": 4 * sum(int(torch.Size(s).numel()) for s in shapes.values()),
                 "iterate": "lora coefficients" if lora else "on-disk store",
-                "lora_factor_bytes": lora.nbytes if lora else None}
+                "lora_factor_bytes": lora.nbytes if lora else None,
+                "sketches": None if lora else ("on disk, read per block" if sketch_dir else "in RAM")}
         return fw, info
 
     @staticmethod
@@ -193,7 +194,8 @@ class FWMerging(DataMethod):
             return None
         folder = os.path.join(job.plan_dir, SKETCH_DIR)
         check_free_space(folder, need, "the LMO sketches")
-        LOG.info("fw_merging: %.1f GiB of sketches go to %s", need / 2**30, folder)
+        LOG.info("fw_merging: %.2f GiB of sketches (over sketch_memory = %g GiB) go to %s and are read per block",
+                 need / 2**30, job.params.sketch_memory, folder)
         return folder
 
     def _write_plan(self, job: MergeJob, pool: Pool, fw: FrankWolfe, result: FWResult, weights: List[float],

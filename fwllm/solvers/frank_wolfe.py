@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,6 +31,7 @@ from fwllm.core.params import FWParams
 from fwllm.core.plan import Atom
 from fwllm.data.objective import Objective
 from fwllm.io.candidates import Candidate
+from fwllm.io.sketch_store import SketchStore
 from fwllm.kernels.atoms import TaskVector, atom_delta, atom_scale, block_delta, compact, local_vertex, vertex_key
 from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
 from fwllm.kernels.sketch import CountSketch, alignment, rescored, sketch_error
@@ -68,10 +67,9 @@ class FrankWolfe:
         self.blocks = list(blocks)
         self._base = base
         self.sketch = CountSketch(p.sketch_ratio, seed=p.seed)
-        self.v_sketch: Dict[str, torch.Tensor] = {}
+        self.v_sketch = SketchStore(sketch_dir)  # on disk when the sketches exceed their RAM budget
         self.v_norm: Dict[str, torch.Tensor] = {}
         self.exact: Dict[str, List[int]] = {}  # per block: candidates scored exactly from their LoRA factors
-        self.sketch_dir = sketch_dir  # set when the sketches exceed their RAM budget: they live on disk
         self.scale = p.scaling  # the hull's lambda for new atoms (grows with `hull: adaptive`)
         self.rescored = 0
 
@@ -126,22 +124,11 @@ class FrankWolfe:
                     total += t
                 del t, v
             width = max((r.numel() for r in rows), default=0)
-            self.v_sketch[name] = self._keep(name, torch.stack([r if r.numel() else torch.zeros(width) for r in rows]))
+            self.v_sketch[name] = torch.stack([r if r.numel() else torch.zeros(width) for r in rows])
             self.v_norm[name] = torch.tensor(norms)
             if p.init == "task_arithmetic":
                 self.iterate.write(name, self.base(name) + p.scaling * total)
         return atoms
-
-    def _keep(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """A block's sketch rows, in RAM or (over the budget) memory-mapped from the sketch folder."""
-        if self.sketch_dir is None or not rows.numel():
-            return rows
-        path = os.path.join(self.sketch_dir, f"{len(self.v_sketch):06d}.f32")
-        mapped = np.memmap(path, dtype=np.float32, mode="w+", shape=tuple(rows.shape))
-        mapped[:] = rows.numpy()
-        mapped.flush()
-        del mapped
-        return torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r+", shape=tuple(rows.shape)))
 
     def _exact_scores(self, name: str, g: torch.Tensor, scores: torch.Tensor) -> None:
         """<g, w_i s_i B_i A_i> = w_i s_i <B_i^T g, A_i> for the LoRA candidates of this block."""
@@ -156,7 +143,7 @@ class FrankWolfe:
 
         def consume(name: str, g: torch.Tensor) -> None:
             g = g.detach().to("cpu", torch.float32)
-            m = self.v_sketch[name].shape[1]
+            m = self.v_sketch.width(name)
             sketched = alignment(self.sketch(name, g), self.v_sketch[name]) if m else torch.zeros(len(self.candidates))
             if self.p.rescore > 0 and 0 < m < g.numel():
                 sigma = sketch_error(float(g.norm()), self.v_norm[name], m)

@@ -93,7 +93,7 @@ def test_encoder_pool_matches_the_in_ram_solve(tmp_path):
     assert_same_merge(outs, traces)
 
 
-def test_sketches_memory_mapped_from_disk_give_the_same_merge(tmp_path):
+def test_sketches_kept_on_disk_give_the_same_merge(tmp_path):
     base = save_tiny_llama_base(tmp_path, intermediate_size=512)  # MLP weights of 16384 entries: sketched
     write_jsonl(tmp_path / "calib" / "copy.jsonl", task_rows("copy", 8, seed=1))
     pool = {"base": base, "calib": tmp_path / "calib"}
