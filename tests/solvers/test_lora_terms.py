@@ -92,3 +92,22 @@ def test_a_bf16_pool_is_held_in_bf16_and_computes_what_fp32_factors_compute():
         outs.append(layer(x))
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(terms.delta(name), reference.delta(name))
+
+
+def test_the_readers_factors_become_rows_of_the_stack_with_their_values_unchanged():
+    """A pool's factors are held once: each reader's A and B are views of LoraTerms' stack afterwards."""
+    name = "0.weight"
+    adapters = [_Adapter({name: _factors(6, 5, r, 2.0, False, seed)}) for r, seed in ((2, 1), (3, 2))]
+    before = [(a.factors[name].a.clone(), a.factors[name].b.clone()) for a in adapters]
+    terms = LoraTerms(adapters)
+    blk = terms.blocks[name]
+    for (a0, b0), ad in zip(before, adapters):
+        f = ad.factors[name]
+        assert torch.equal(f.a, a0) and torch.equal(f.b, b0)
+        assert f.a.untyped_storage().data_ptr() == blk.a.untyped_storage().data_ptr()
+        assert f.b.untyped_storage().data_ptr() == blk.b.untyped_storage().data_ptr()
+    # the dense delta read from the readers is still the one the stack gives
+    c = [0.5, 0.25]
+    terms.set_coefficients(name, c)
+    dense = sum(ci * ad.factors[name].low_rank_delta() for ci, ad in zip(c, adapters))
+    assert torch.allclose(terms.delta(name), dense, atol=1e-6)
