@@ -18,6 +18,7 @@ from accelerate.utils import OffloadedWeightsLoader, find_tied_parameters, set_m
 from safetensors import safe_open
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.memory import return_free_memory
 from fwllm.io.models import read_config, safetensors_files
 
 def shard_index(model_dir: str, dtype: str = "float32") -> Dict[str, dict]:
@@ -133,6 +134,7 @@ class MetaModel:
                     self._set(alias, meta)
                     self.resident.discard(alias)
             self.resident.discard(name)
+        return_free_memory()  # else the freed layer stays resident, fragmented in the heap
 
     def _set(self, name: str, param: torch.nn.Parameter) -> None:
         module_name, _, attr = name.rpartition(".")

@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from fwllm.core.memory import return_free_memory
 from fwllm.core.params import FWParams
 from fwllm.core.plan import Atom
 from fwllm.data.objective import Objective
@@ -128,6 +129,8 @@ class FrankWolfe:
             self.v_norm[name] = torch.tensor(norms)
             if p.init == "task_arithmetic":
                 self.iterate.write(name, self.base(name) + p.scaling * total)
+            del total
+            return_free_memory()  # the block's reads, freed between the long-lived sketches
         return atoms
 
     def _exact_scores(self, name: str, g: torch.Tensor, scores: torch.Tensor) -> None:
@@ -301,6 +304,7 @@ class FrankWolfe:
                 self.iterate.set_atoms(name, points[name])
             else:
                 self.iterate.write(name, realize(name, points[name]))
+                return_free_memory()
             atoms[name] = points[name]
 
     def merged_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
