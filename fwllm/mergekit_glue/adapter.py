@@ -28,6 +28,7 @@ from mergekit.merge_methods import base as mk
 from mergekit.merge_methods import registry
 
 from fwllm.core.job import CandidateSpec, MergeJob
+from fwllm.core.memory import return_free_memory
 from fwllm.core.method import DataMethod, describe_error
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import Plan, plan_is_complete
@@ -131,7 +132,10 @@ class MergekitAdapter(mk.GroupMergeMethod):
         candidates = {str(e.id): e.tensor for e in group.non_base}
         per_model = {str(e.id): {n: parameters[n][e.id] for n in self.method.per_model} for e in group.non_base}
         out = self.method.merge_tensor(plan, group.metadata.name, group.base.tensor, candidates, per_model)
-        return out.to(group.base.tensor.dtype)
+        merged = out.to(group.base.tensor.dtype)
+        del out
+        return_free_memory()  # the float32 work tensors, between the output tensors mergekit buffers
+        return merged
 
 
 def forget_plans() -> None:
