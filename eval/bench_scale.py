@@ -67,9 +67,16 @@ elif kind == "floor":
     objective = encode_tasks(load_calibration(args["calibration"]), load_tokenizer(args["base"]), model,
                              args["max_length"], args["batch_size"])
     grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), "cpu"), objective, [], lambda: {}, lora)
-    t0 = time.time()
-    grad(lambda n, g: None)
-    extra = {"evaluation_s": time.time() - t0}
+    import fwllm.core.memory as memory
+    if args.get("min_free") is not None:  # eval/bench_heap_trim.py: -1 turns the trim off
+        memory.MIN_FREE = args["min_free"]
+        memory._TRIM = memory._TRIM if args["min_free"] >= 0 else None
+    times = []
+    for _ in range(args.get("evaluations", 1)):
+        t0 = time.time()
+        grad(lambda n, g: None)
+        times.append(time.time() - t0)
+    extra = {"evaluation_s": times[0], "evaluations_s": times}
 io = {}
 with open("/proc/self/io") as fp:
     for line in fp:

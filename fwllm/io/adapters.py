@@ -69,10 +69,33 @@ def _split_key(key: str):
     return name.replace(".base_layer.", "."), "FULL"
 
 
-class AdapterReader:
-    """A LoRA adapter folder, read once: its factors and full tensors stay in RAM (they are small)."""
+class _Stored(Mapping):
+    """target -> its tensors, read from the adapter file at each access and not kept (a lazy reader)."""
 
-    def __init__(self, adapter_dir: str):
+    def __init__(self, reader: "AdapterReader", keys: Dict[str, Dict[str, str]], make):
+        self._reader, self._keys, self._make = reader, keys, make
+
+    def __getitem__(self, target: str):
+        with safe_open(self._reader.weights_path, framework="pt") as fp:
+            tensors = {part: self._reader._read(fp, key) for part, key in self._keys[target].items()}
+        return self._make(target, tensors)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, target) -> bool:
+        return target in self._keys
+
+
+class AdapterReader:
+    """A LoRA adapter folder. Its factors and full tensors are read once and stay in RAM (they are
+    small), or, `lazy`, are read from the file each time one target is asked for (a plan's execution
+    reads each target once: 16 adapters of a 7B pool hold 1.3 GB less)."""
+
+    def __init__(self, adapter_dir: str, lazy: bool = False):
         path = os.path.join(adapter_dir, ADAPTER_CONFIG)
         try:
             with open(path, encoding="utf-8") as fp:
@@ -91,34 +114,48 @@ class AdapterReader:
         r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
         self.scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-        weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-        if not os.path.isfile(weights):
+        self.weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+        if not os.path.isfile(self.weights_path):
             raise FwllmError(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (fwllm reads safetensors only)")
-        parts: Dict[str, Dict[str, torch.Tensor]] = {}
+        parts: Dict[str, Dict[str, str]] = {}  # target -> part -> key in the file
+        full: Dict[str, Dict[str, str]] = {}  # modules_to_save / saved base layers
         embedded = set()
-        self.full: Dict[str, torch.Tensor] = {}  # modules_to_save / saved base layers
         self.bytes_read = 0
-        with safe_open(weights, framework="pt") as fp:
+        with safe_open(self.weights_path, framework="pt") as fp:
             for key in fp.keys():
                 target, part = _split_key(key)
                 if part == "UNKNOWN":
                     raise FwllmError(f"{adapter_dir}: unsupported adapter tensor {key}")
-                t = fp.get_tensor(key).clone()
-                self.bytes_read += t.numel() * t.element_size()
                 if part == "FULL":
-                    self.full[target] = t
+                    full[target] = {"FULL": key}
                 else:
                     # embedding factors multiply the other way round: Delta W = (B A)^T
-                    parts.setdefault(target, {})[part.lstrip("E")] = t
+                    parts.setdefault(target, {})[part.lstrip("E")] = key
                     if part.startswith("E"):
                         embedded.add(target)
-        self.factors: Dict[str, LoraFactors] = {}
-        for name, ab in parts.items():
-            if not {"A", "B"} <= set(ab):
-                raise FwllmError(f"{adapter_dir}: {name} has only {sorted(ab)} of lora_A/lora_B")
-            self.factors[name] = LoraFactors(ab["A"], ab["B"], self.scale,
-                                             transposed=self.fan_in_fan_out or name in embedded,
-                                             magnitude=ab.get("M"))
+            for name, ab in parts.items():
+                if not {"A", "B"} <= set(ab):
+                    raise FwllmError(f"{adapter_dir}: {name} has only {sorted(ab)} of lora_A/lora_B")
+
+            def factors(name: str, t: Dict[str, torch.Tensor]) -> LoraFactors:
+                return LoraFactors(t["A"], t["B"], self.scale, transposed=self.fan_in_fan_out or name in embedded,
+                                   magnitude=t.get("M"))
+
+            def whole(name: str, t: Dict[str, torch.Tensor]) -> torch.Tensor:
+                return t["FULL"]
+
+            if lazy:
+                self.factors: Mapping[str, LoraFactors] = _Stored(self, parts, factors)
+                self.full: Mapping[str, torch.Tensor] = _Stored(self, full, whole)
+            else:
+                self.full = {n: whole(n, {p: self._read(fp, k) for p, k in keys.items()}) for n, keys in full.items()}
+                self.factors = {n: factors(n, {p: self._read(fp, k) for p, k in keys.items()})
+                                for n, keys in parts.items()}
+
+    def _read(self, fp, key: str) -> torch.Tensor:
+        t = fp.get_tensor(key).clone()
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
     def targets(self) -> List[str]:
         """The base tensors this adapter changes."""

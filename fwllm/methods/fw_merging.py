@@ -252,7 +252,7 @@ class FWMerging(DataMethod):
 
     def _adapter(self, folder: str) -> AdapterReader:
         if folder not in self._adapters:
-            self._adapters[folder] = AdapterReader(folder)
+            self._adapters[folder] = AdapterReader(folder, lazy=True)  # each target is read once: keep nothing
         return self._adapters[folder]
 
     def merge_tensor(self, plan, name, base, candidates, per_model) -> torch.Tensor:

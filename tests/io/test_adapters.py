@@ -126,6 +126,15 @@ def test_task_vectors_equal_peft_merge_and_unload(adapters, variant):
         assert torch.allclose(theta0 + tau, truth[name], atol=1e-5, rtol=1e-5), name
         # the LazyCandidates route (theta_i as mergekit would hand it) agrees
         assert torch.allclose(cand.tensor(name, theta0), truth[name], atol=1e-5, rtol=1e-5), name
+    # a lazy reader (a plan's execution) keeps no tensor and gives peft's merge too, reading each target on demand
+    lazy = AdapterReader(str(adapter), lazy=True)
+    assert lazy.bytes_read == 0 and set(lazy.targets()) == changed
+    for name, theta0 in base.items():
+        d = lazy.delta(name, theta0)
+        assert (d is None) == (name not in changed), name
+        if d is not None:
+            assert torch.allclose(theta0 + d, truth[name], atol=1e-5, rtol=1e-5), name
+    assert lazy.bytes_read == reader.bytes_read  # each target read exactly once
 
 
 def test_saved_embedding_base_layer_replaces_the_base(tmp_path, adapters):
