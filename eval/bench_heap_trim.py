@@ -1,6 +1,6 @@
 """What handing freed heap pages back costs and saves: the layer-by-layer floor (one forward+backward
-of the bench_scale calibration rows through a 16-LoRA pool), with the trim off, after every release,
-and once `MIN_FREE` bytes of the heap are free (fwllm's default).
+of the bench_scale calibration rows through a 16-LoRA pool), with the heap trim of `fwllm.core.memory`
+off and on (after every released layer, fwllm's behaviour).
 
     python eval/bench_heap_trim.py [--model tinyllama-1.1b] [--evaluations 2] [--repeats 2] [--out eval/reports]
 
@@ -27,11 +27,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
     ap.add_argument("--evaluations", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fwllm", "bench_scale"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "reports"))
     args = ap.parse_args(argv)
-    from fwllm.core import memory
     from fwllm.core.paths import data_root
 
     tokenizer = scale_models.write_tokenizer(os.path.join(args.work, "tokenizer"),
@@ -39,18 +38,18 @@ def main(argv=None) -> None:
     calib = bench_scale.calibration(os.path.join(args.work, "calib"))
     base = scale_models.write_model(os.path.join(args.work, args.model, "base"), args.model, tokenizer)
     adapters = scale_models.paper_pool(os.path.join(args.work, args.model, "adapters"), scale_models.config_of(args.model))
-    variants = [("off", -1), ("after every release", 0), (f"default (>= {memory.MIN_FREE >> 20} MiB free)", None)]
+    variants = [("off", False), ("after every released layer (fwllm)", True)]
     runs = {label: [] for label, _ in variants}
     for _ in range(args.repeats):  # variants interleaved, so a slow spell of the machine hits them alike
-        for label, min_free in variants:
+        for label, trim in variants:
             runs[label].append(bench_scale.run_child("floor", {
                 "base": base, "adapters": adapters, "calibration": calib, "max_length": 64, "batch_size": 4,
-                "min_free": min_free, "evaluations": args.evaluations}))
+                "trim": trim, "evaluations": args.evaluations}))
             print(label, json.dumps(runs[label][-1]), flush=True)
-    rows = [{"variant": label, "min_free": min_free, "runs": runs[label],
+    rows = [{"variant": label, "trim": trim, "runs": runs[label],
              "evaluation_s": statistics.median(statistics.mean(r["evaluations_s"]) for r in runs[label]),
              "peak_anon_gib": statistics.median(r["peak_anon_gib"] for r in runs[label]),
-             "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in runs[label])} for label, min_free in variants]
+             "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in runs[label])} for label, trim in variants]
     off = rows[0]
     lines = [f"# Heap trim on the layer-by-layer floor ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores)",
              "", f"{args.model} + 16 LoRA adapters, {args.evaluations} forward+backward evaluations per run, medians of "

@@ -68,9 +68,8 @@ elif kind == "floor":
                              args["max_length"], args["batch_size"])
     grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), "cpu"), objective, [], lambda: {}, lora)
     import fwllm.core.memory as memory
-    if args.get("min_free") is not None:  # eval/bench_heap_trim.py: -1 turns the trim off
-        memory.MIN_FREE = args["min_free"]
-        memory._TRIM = memory._TRIM if args["min_free"] >= 0 else None
+    if args.get("trim") is False:  # eval/bench_heap_trim.py: fwllm's heap trim off
+        memory._TRIM = None
     times = []
     for _ in range(args.get("evaluations", 1)):
         t0 = time.time()

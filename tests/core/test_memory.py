@@ -24,18 +24,8 @@ def test_freed_heap_blocks_between_live_ones_go_back_to_the_system():
     kept = blocks[1::2]
     del blocks
     before = _anon_bytes()
-    assert memory.free_heap_bytes() is None or memory.free_heap_bytes() >= memory.MIN_FREE
     memory.return_free_memory()
     after = _anon_bytes()
     assert before - after > 96 << 20, (before, after)  # most of the 192 MB freed between the kept blocks
     assert all(float(k[0]) == 1.0 for k in kept)
 
-
-@pytest.mark.skipif(memory._INFO is None, reason="glibc >= 2.33 only")
-def test_free_heap_bytes_counts_what_is_freed_inside_the_heap():
-    torch.empty(24 << 20, dtype=torch.uint8)
-    memory.return_free_memory()
-    blocks = [torch.ones(1 << 20) for _ in range(32)]
-    before = memory.free_heap_bytes()
-    del blocks[::2]
-    assert memory.free_heap_bytes() - before >= 15 * (4 << 20)  # 16 blocks of 4 MB, a little coalesced
