@@ -1,6 +1,6 @@
 """What handing freed heap pages back costs and saves: the layer-by-layer floor (one forward+backward
 of the bench_scale calibration rows through a 16-LoRA pool), with the heap trim of `fwllm.core.memory`
-off and on (after every released layer, fwllm's behaviour).
+off, after every released layer, and once per evaluation (`TRIM_EVERY`).
 
     python eval/bench_heap_trim.py [--model tinyllama-1.1b] [--evaluations 2] [--repeats 2] [--out eval/reports]
 
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     calib = bench_scale.calibration(os.path.join(args.work, "calib"))
     base = scale_models.write_model(os.path.join(args.work, args.model, "base"), args.model, tokenizer)
     adapters = scale_models.paper_pool(os.path.join(args.work, args.model, "adapters"), scale_models.config_of(args.model))
-    variants = [("off", False), ("after every released layer (fwllm)", True)]
+    variants = [("off", "off"), ("after every released layer", "layer"), ("once per evaluation", "evaluation")]
     runs = {label: [] for label, _ in variants}
     for _ in range(args.repeats):  # variants interleaved, so a slow spell of the machine hits them alike
         for label, trim in variants:

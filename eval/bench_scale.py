@@ -68,8 +68,10 @@ elif kind == "floor":
                              args["max_length"], args["batch_size"])
     grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), "cpu"), objective, [], lambda: {}, lora)
     import fwllm.core.memory as memory
-    if args.get("trim") is False:  # eval/bench_heap_trim.py: fwllm's heap trim off
+    if args.get("trim") == "off":  # eval/bench_heap_trim.py: fwllm's heap trim off, or how often it runs
         memory._TRIM = None
+    elif args.get("trim"):
+        memory.TRIM_EVERY = args["trim"]
     times = []
     for _ in range(args.get("evaluations", 1)):
         t0 = time.time()

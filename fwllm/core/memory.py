@@ -5,7 +5,9 @@ times. glibc serves tensors of up to 32 MB from its heap (its mmap threshold ada
 that) and returns heap memory to the system only from the top, so the freed layers stay
 in the resident set, scattered between live blocks: at 1.1B the solve's anonymous peak
 rose from 1.2 to 2.0 GiB by the second iteration. `malloc_trim(0)` releases every free
-page of the heap. Elsewhere than glibc it is a no-op.
+page of the heap. Pages handed back cost a page fault when the heap reuses them, so how
+often to trim is a trade (`TRIM_EVERY`: after each released "layer", or once per
+"evaluation"; eval/bench_heap_trim.py measures both). Elsewhere than glibc it is a no-op.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from typing import Callable, Optional
+
+TRIM_EVERY = "layer"
 
 
 def _find_trim() -> Optional[Callable[[int], int]]:
@@ -26,7 +30,8 @@ def _find_trim() -> Optional[Callable[[int], int]]:
 _TRIM = _find_trim()
 
 
-def return_free_memory() -> None:
-    """Give the heap's free pages back to the system (glibc; elsewhere nothing)."""
-    if _TRIM is not None:
+def return_free_memory(moment: str = "layer") -> None:
+    """Give the heap's free pages back to the system (glibc; elsewhere nothing). `moment`: what just
+    ended, "layer" (a released layer or block) or "evaluation" (a whole forward or forward+backward)."""
+    if _TRIM is not None and (moment == "evaluation" or TRIM_EVERY == "layer"):
         _TRIM(0)

@@ -31,6 +31,7 @@ from fwllm.arch.heads import using_head
 from fwllm.arch.layer_stack import layer_stack
 from fwllm.arch.streaming import MetaModel
 from fwllm.core.errors import FwllmError
+from fwllm.core.memory import return_free_memory
 from fwllm.data.objective import Objective, batch_loss_sum
 from fwllm.solvers.lora_terms import LoraTerms
 
@@ -237,6 +238,12 @@ class StreamedGradient:
         return groups
 
     def _run(self, objective: Objective, consume: Optional[Consume], backward: bool) -> float:
+        try:
+            return self._evaluate(objective, consume, backward)
+        finally:
+            return_free_memory("evaluation")
+
+    def _evaluate(self, objective: Objective, consume: Optional[Consume], backward: bool) -> float:
         total = 0.0
         groups = self._groups(objective)
         self.groups_last = len(groups)
