@@ -24,6 +24,7 @@ from typing import Annotated, Any, Dict
 
 import torch
 from pydantic import PlainValidator, TypeAdapter, ValidationError
+from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods import base as mk
 from mergekit.merge_methods import registry
 
@@ -134,6 +135,9 @@ class MergekitAdapter(mk.GroupMergeMethod):
         out = self.method.merge_tensor(plan, group.metadata.name, group.base.tensor, candidates, per_model)
         merged = out.to(group.base.tensor.dtype)
         del out
+        # mergekit's loaders keep the current shard of every input mapped, and each page read stays resident
+        # until the shard is closed (at 7B up to a whole base shard); reopening costs a header read
+        LoaderCache().flush_all()
         return_free_memory()  # the float32 work tensors, between the output tensors mergekit buffers
         return merged
 
