@@ -4,7 +4,8 @@ Same recipe language and options as `mergekit-yaml`. For fwllm's data-informed m
 checks every input first (`preflight`: the calibration rows, the pool's tensors, adapters,
 labels; before any model is loaded), solves (the plan lands in OUT_DIR/fwllm_plan, with the
 identities of what it was made from in `inputs.json`), then lets mergekit's own executor
-write the tensors. Output is staged and renamed into place at the end, under OUT_DIR's lock.
+write the tensors (through `StreamingTensorWriter`, so `--out-shard-size` costs no memory).
+Output is staged and renamed into place at the end, under OUT_DIR's lock.
 
 Caches are keyed by content (`fwllm.io.identity`): a `plan:` folder is reused only when its
 recorded inputs match, and the LoRA merge cache (mergekit's `--lora-merge-cache`, which
@@ -35,6 +36,7 @@ from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all
 from fwllm.mergekit_glue.inputs import check_plan_inputs, job_inputs, solve_recorded
 from fwllm.mergekit_glue.preflight import check_job
 from fwllm.mergekit_glue.recipe import load_recipe, merge_job
+from fwllm.mergekit_glue.streaming_writer import streaming_output
 
 PLAN_SUBDIR = "fwllm_plan"
 LORA_DONE = "COMPLETE"  # written once mergekit has merged every adapter of the folder
@@ -117,7 +119,8 @@ def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: b
                 if encoder_arch:
                     config = with_body_architecture(config, register_body_architecture(encoder_arch))
             start_run()  # (the startup hook does this too, when it is installed)
-            run_merge(config, staging, options=options, config_source=recipe.source)
+            with streaming_output():  # no output shard is ever held whole in memory
+                run_merge(config, staging, options=options, config_source=recipe.source)
             heads = os.path.join(staging, PLAN_SUBDIR, HEADS_DIR)
             if os.path.isdir(heads):
                 shutil.copytree(heads, os.path.join(staging, HEADS_DIR))
