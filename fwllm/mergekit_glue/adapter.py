@@ -177,6 +177,10 @@ def register_all() -> None:
                 registry.register(MergekitAdapter(method))
 
 
+def is_fwllm_method(name) -> bool:
+    return any(method.name == name for method in METHODS)
+
+
 def available_methods() -> list:
     register_all()
     return sorted(m.spec.name for m in registry.registered_methods())

@@ -6,7 +6,8 @@ so programs that never import mergekit pay one tiny import and nothing else. Whe
 `mergekit.card` is imported, its Hub check treats an existing local folder as local
 (otherwise a relative path triggers a Hub request, which fails offline). Each
 `mergekit.merge.run_merge` starts a new run for the adapter's plans (`start_run`), so an
-in-process rerun after an edit sees the edit, while one run keeps one plan.
+in-process rerun after an edit sees the edit, while one run keeps one plan; a run of one of
+fwllm's methods writes its output through `StreamingTensorWriter`.
 Set FWLLM_NO_MERGEKIT_HOOK=1 to disable.
 """
 
@@ -51,11 +52,15 @@ def _offline_safe_card(module):
 def _plans_per_run(module):
     original = module.run_merge
 
-    def run_merge(*args, **kwargs):
-        from fwllm.mergekit_glue.adapter import start_run
+    def run_merge(merge_config, *args, **kwargs):
+        from fwllm.mergekit_glue.adapter import is_fwllm_method, start_run
+        from fwllm.mergekit_glue.streaming_writer import streaming_output
 
         start_run()
-        return original(*args, **kwargs)
+        if not is_fwllm_method(getattr(merge_config, "merge_method", None)):
+            return original(merge_config, *args, **kwargs)
+        with streaming_output():  # fwllm's merges write one tensor at a time; others keep mergekit's writer
+            return original(merge_config, *args, **kwargs)
 
     run_merge.__doc__, run_merge.__wrapped__ = original.__doc__, original
     module.run_merge = run_merge

@@ -118,3 +118,20 @@ def test_fwllm_merge_writes_what_plain_mergekit_writes(tmp_path, tiny_pool, monk
     weights = lambda d: {f: b for f, b in _files(d).items() if "safetensors" in f}
     ours, plain = weights(tmp_path / "ours"), weights(tmp_path / "plain")
     assert used and len(ours) > 2 and ours == plain
+
+
+def test_startup_hook_streams_only_fwllm_methods():
+    """Plain `mergekit-yaml` keeps mergekit's writer for its own methods and streams fwllm's."""
+    import types
+
+    from mergekit.io import tasks
+
+    from fwllm.mergekit_glue import hook
+
+    seen = []
+    module = types.SimpleNamespace(run_merge=lambda config, *a, **k: seen.append(tasks.TensorWriter))
+    hook._plans_per_run(module)
+    for method in ("fw_merging", "regmean", "task_arithmetic", "ties"):
+        module.run_merge(types.SimpleNamespace(merge_method=method), "out")
+    assert seen[:2] == [StreamingTensorWriter] * 2
+    assert seen[2:] == [TensorWriter] * 2 and tasks.TensorWriter is TensorWriter
