@@ -2,7 +2,7 @@
 dev rows, 95% bootstrap intervals, tuned baselines.
 
     python eval/quality.py [--sizes 2 4 8] [--methods task_arithmetic ties ...]
-                           [--fw key=value ...] [--rows task=N ...] [--out eval/reports/quality]
+                           [--fw key=value ...] [--set regmean.alpha=0.7 ...] [--rows task=N ...] [--out eval/reports/quality]
                            [--profile smol|tiny] [--no-cache]
 
 Builds (or reuses) the expert pool; for N = 2, 4, 8 (relevant experts first, then the
@@ -25,7 +25,7 @@ import sys
 from fwllm.core.errors import FwllmError
 from fwllm.experiments.pool_recipes import PoolSettings
 from fwllm.experiments.quality_bench import (DEFAULT_METHODS, RECIPE_ONLY, SMOL_FW, SMOL_ROWS, QualitySettings,
-                                             parse_overrides, run_quality)
+                                             parse_overrides, run_quality, with_method_overrides)
 from fwllm.experiments.quality_data import DevBudget
 from fwllm.experiments.tuning import TUNED_METHODS
 
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(TUNED_METHODS + RECIPE_ONLY))
     ap.add_argument("--fw", action="append", default=[], metavar="KEY=VALUE",
                     help="fw_merging recipe parameter override (hard.KEY / soft.KEY for one variant)")
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="method_params",
+                    help="recipe parameter of regmean / fisher (e.g. regmean.alpha=0.7)")
     ap.add_argument("--rows", action="append", default=[], metavar="TASK=N", help="dev rows of a task (all: -1)")
     ap.add_argument("--held-out", nargs="*", default=["rte", "cola"], help="held-out GLUE tasks")
     ap.add_argument("--max-rows", type=int, default=None, help="calibration rows per task (every method)")
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
             else PoolSettings()
         if args.max_rows:
             merge.max_rows = args.max_rows
+        merge = with_method_overrides(merge, parse_overrides(args.method_params))
         rows = {} if tiny else dict(SMOL_ROWS)
         for task, n in parse_overrides(args.rows).items():
             rows[task] = None if int(n) < 0 else int(n)

@@ -106,6 +106,17 @@ def with_fw_overrides(merge: PoolSettings, fw: Dict[str, object]) -> PoolSetting
     return replace(merge, extra=extra)
 
 
+def with_method_overrides(merge: PoolSettings, params: Dict[str, object]) -> PoolSettings:
+    """`regmean.alpha=0.7`-style recipe parameter overrides of the untuned data-informed baselines."""
+    extra = {k: dict(v) for k, v in merge.extra.items()}
+    for key, value in params.items():
+        method, dot, name = key.partition(".")
+        if not dot or method not in ("regmean", "fisher") or not name:
+            raise FwllmError(f"override {key!r}: write regmean.KEY or fisher.KEY (FW's go through --fw)")
+        extra.setdefault(method, {})[name] = value
+    return replace(merge, extra=extra)
+
+
 def scales_of(s: QualitySettings, method: str) -> Sequence[float]:
     return {"task_arithmetic": s.ta_scales, "ties": s.ties_scales, "dare_ties": s.dare_scales}[method]
 

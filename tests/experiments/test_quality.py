@@ -329,6 +329,19 @@ def test_fw_overrides_reach_the_right_variant():
         parse_overrides(["iterations"])
 
 
+def test_method_overrides_reach_only_their_method():
+    from fwllm.experiments.pool_recipes import PoolSettings, recipe_for
+    from fwllm.experiments.quality_bench import parse_overrides, with_method_overrides
+
+    merge = with_method_overrides(PoolSettings(), parse_overrides(["regmean.alpha=0.7", "fisher.fisher=exact"]))
+    assert recipe_for("regmean", "base", [], "calib", merge)["parameters"]["alpha"] == 0.7
+    assert recipe_for("fisher", "base", [], "calib", merge)["parameters"]["fisher"] == "exact"
+    assert "alpha" not in recipe_for("fw_hard", "base", [], "calib", merge)["parameters"]
+    for bad in ("alpha=0.7", "ties.density=0.3", "regmean.=1"):
+        with pytest.raises(FwllmError, match="regmean.KEY"):
+            with_method_overrides(PoolSettings(), parse_overrides([bad]))
+
+
 def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them():
     from fwllm.experiments.demo import demo_settings
     from fwllm.experiments.pool_recipes import recipe_for

@@ -57,10 +57,10 @@ def install(point, pause, out_dir=None):
             pause()
             return original(self, *a, **k)
     elif point == "write":
-        from mergekit.io.tensor_writer import TensorWriter
+        from fwllm.mergekit_glue.streaming_writer import StreamingTensorWriter
 
-        owner, name = TensorWriter, "_write_shard_task"
-        original = TensorWriter._write_shard_task
+        owner, name = StreamingTensorWriter, "_flush_current_shard"
+        original = StreamingTensorWriter._flush_current_shard
 
         def patched(self, *a, **k):
             out = original(self, *a, **k)

@@ -262,15 +262,15 @@ def test_a_broken_candidate_is_one_error_line(pool, monkeypatch, how, message):
 
 # --------------------------------------------------------------------------- full disk
 def test_a_full_disk_during_the_tensor_write_is_one_error_and_keeps_the_old_output(pool, monkeypatch):
-    from mergekit.io.tensor_writer import TensorWriter
-    from safetensors import SafetensorError
+    import errno
 
-    def full_disk(self, shard_data, shard_path):
-        with open(shard_path, "wb") as fp:
-            fp.write(b"\0" * 1000)  # what fit before the disk filled up
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    from fwllm.mergekit_glue import streaming_writer
 
-    monkeypatch.setattr(TensorWriter, "_save_st", full_disk)
+    def full_disk(src, dst, offset, nbytes):
+        dst.write(b"\0" * 1000)  # what fit before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streaming_writer, "_copy_range", full_disk)
     (pool / "out").mkdir()
     (pool / "out" / "mine.txt").write_text("precious")
     line = one_error_line(fwllm(fw_recipe(pool), pool / "out", "--force"))
