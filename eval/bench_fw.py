@@ -25,7 +25,7 @@ import tempfile
 import time
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 import mergekit.io.lazy_tensor_loader as lazy
 counted = {"bytes": 0}
 original = lazy.LazyTensorLoader.get_tensor
@@ -48,7 +48,8 @@ if os.path.exists(plan):
     solve_bytes, gradient = plan["candidate_bytes_read"], plan.get("gradient")
 print("RESULT " + json.dumps({
     "wall_s": wall,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, not ru_maxrss: exec carries the parent's peak over into a child's ru_maxrss
+    "peak_rss_mb": next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")) / 1024,
     "bytes_read": counted["bytes"] + solve_bytes,
     "gradient": gradient,
 }))

@@ -7,7 +7,7 @@ AdaMerging keeps every task vector in memory, so its peak grows linearly, by des
 
 Candidates are a small LlamaForCausalLM base plus distinct random perturbations. Each
 (method, N) is one `python -m fwllm.cli merge RECIPE OUT` child process; its own peak
-RSS comes from os.wait4 (the kernel's ru_maxrss for that child alone), its peak
+RSS is its VmHWM, written at exit (not ru_maxrss, which exec inherits from the spawning process), its peak
 anonymous RSS from polling /proc (what the process allocated, without mapped files: mergekit
 keeps every input model's shard mapped, so file pages grow with N for any method).
 
@@ -108,6 +108,21 @@ def write_recipe(method: str, n: int, paths: dict, path: str) -> str:
     return path
 
 
+# `python -m fwllm.cli ...` that writes its own peak RSS (VmHWM, KiB) to $BENCH_PEAK_FILE at exit. Not the
+# child's ru_maxrss: exec carries the spawning process's peak over into it (subprocess spawns with vfork).
+OWN_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def _write_peak():
+    with open("/proc/self/status") as fp:
+        kib = next(ln.split()[1] for ln in fp if ln.startswith("VmHWM:"))
+    with open(os.environ["BENCH_PEAK_FILE"], "w") as out:
+        out.write(kib)
+atexit.register(_write_peak)
+sys.argv = ["fwllm"] + sys.argv[1:]
+runpy.run_module("fwllm.cli", run_name="__main__")
+"""
+
+
 def measure(method_name: str, n: int, workdir: str, threads: int = 1) -> dict:
     """One `fwllm merge` of the first n candidates in a child process: its peak RSS and wall time."""
     paths = prepare(workdir, n)
@@ -116,13 +131,15 @@ def measure(method_name: str, n: int, workdir: str, threads: int = 1) -> dict:
     recipe = write_recipe(method_name, n, paths, os.path.join(run_dir, "recipe.yml"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
            "FWLLM_CACHE": os.path.join(run_dir, "cache")}  # no statistics reused across runs
-    cmd = [sys.executable, "-m", "fwllm.cli", "merge", recipe, os.path.join(run_dir, "out"), "--force"]
+    peak_file = os.path.join(run_dir, "peak_kib")
+    env["BENCH_PEAK_FILE"] = peak_file
+    cmd = [sys.executable, "-c", OWN_PEAK_WRAPPER, "merge", recipe, os.path.join(run_dir, "out"), "--force"]
     anon = 0.0
     with open(os.path.join(run_dir, "log.txt"), "w", encoding="utf-8") as log:
         start = time.time()
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage
+            pid, status, _ = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
             anon = max(anon, _rss_anon_mb(child.pid))
@@ -131,7 +148,9 @@ def measure(method_name: str, n: int, workdir: str, threads: int = 1) -> dict:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise RuntimeError(f"{method_name} N={n} failed (exit {child.returncode}); see {run_dir}/log.txt")
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": anon, "wall_s": wall}  # ru_maxrss: KiB
+    with open(peak_file, encoding="utf-8") as fp:
+        peak_kib = int(fp.read())
+    return {"peak_rss_mb": peak_kib / 1024, "peak_anon_mb": anon, "wall_s": wall}
 
 
 def _rss_anon_mb(pid: int) -> float:

@@ -5,7 +5,7 @@ Each model is random bf16 weights of the real shapes, sharded like a Hub downloa
 r=16 on all seven projections) with random factors. FW hard runs with `gradient: layerwise`
 (the bounded path: one layer materialised at a time, the LoRA iterate implicit) on 4
 calibration rows of 64 tokens. Every run is its own child process; the parent samples the
-child's anonymous RSS, the child reports ru_maxrss (mapped file pages included) and
+child's anonymous RSS, the child reports its own peak RSS (VmHWM, mapped file pages included) and
 /proc/self/io. Beside FW: mergekit `task_arithmetic` on the same pool where it can run here,
 else what it would need, computed; and "floor": one layer-by-layer forward+backward of the
 same rows, with no FW around it.
@@ -83,9 +83,12 @@ with open("/proc/self/io") as fp:
     for line in fp:
         key, value = line.split(":")
         io[key] = int(value)
-children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# VmHWM, not ru_maxrss: exec carries the spawning process's peak over into a child's ru_maxrss (subprocess
+# spawns with vfork), so ru_maxrss would never be below what the benchmark itself held when it spawned us
+own = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # ours: at most `own` at their spawn
 print("RESULT " + json.dumps(dict(extra, wall_s=time.time() - start,
-      peak_rss_gib=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, children) / 2**20,
+      peak_rss_gib=max(own, children) / 2**20,
       read_gib=io["read_bytes"] / 2**30, written_gib=io["write_bytes"] / 2**30,
       rchar_gib=io["rchar"] / 2**30)))
 """
