@@ -211,7 +211,7 @@ def main() -> None:
                      f"({time.strftime('%Y-%m-%d %H:%M')})\n\n"
                      f"`python eval/bench_memory_family.py --n {' '.join(map(str, ns))}`; model `{json.dumps(MODEL)}` "
                      f"(~14M parameters, float32), {args.threads} thread(s) per child, {os.cpu_count()} cores.\n\n"
-                     "RSS = the child's ru_maxrss (mapped file pages included); anon = peak RssAnon (what the "
+                     "RSS = the child's own peak resident set, VmHWM (mapped file pages included); anon = peak RssAnon (what the "
                      "process allocated). (x) = ratio to the smallest N.\n\n" + table(results, ns) + "\n")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fp:
