@@ -3,7 +3,7 @@ dev rows, 95% bootstrap intervals, tuned baselines.
 
     python eval/quality.py [--sizes 2 4 8] [--methods task_arithmetic ties ...]
                            [--fw key=value ...] [--set regmean.alpha=0.7 ...] [--rows task=N ...] [--out eval/reports/quality]
-                           [--profile smol|tiny] [--no-cache]
+                           [--profile smol|tiny] [--score-dtype auto|float32|bfloat16] [--no-cache]
 
 Builds (or reuses) the expert pool; for N = 2, 4, 8 (relevant experts first, then the
 irrelevant ones) merges the first N experts with every method; scores base, experts and
@@ -27,6 +27,7 @@ from fwllm.experiments.pool_recipes import PoolSettings
 from fwllm.experiments.quality_bench import (DEFAULT_METHODS, RECIPE_ONLY, SMOL_FW, SMOL_ROWS, QualitySettings,
                                              parse_overrides, run_quality, with_method_overrides)
 from fwllm.experiments.quality_data import DevBudget
+from fwllm.experiments.scoring import SCORE_DTYPES
 from fwllm.experiments.tuning import TUNED_METHODS
 
 
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-best-expert", action="store_true", help="skip the best-single-expert baseline")
     ap.add_argument("--no-cache", action="store_true", help="recompute every merge and score")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--score-dtype", default="auto", choices=list(SCORE_DTYPES),
+                    help="dtype models are scored in (auto: bfloat16 where the hardware has it)")
     ap.add_argument("--out", default=os.path.join("eval", "reports", "quality"), help="report folder")
     ap.add_argument("--work", default=os.path.join("runs", "quality"), help="merges, recipes and score cache")
     args = ap.parse_args(argv)
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
         s = QualitySettings(sizes=args.sizes or ((2, 4, 7) if tiny else (2, 4, 8)), methods=args.methods,
                             held_out=args.held_out, budget=DevBudget(rows=rows), merge=merge,
                             fw=parse_overrides(args.fw) if tiny else {**SMOL_FW, **parse_overrides(args.fw)},
-                            best_single=not args.no_best_expert, device=args.device, cache=not args.no_cache)
+                            best_single=not args.no_best_expert, device=args.device, cache=not args.no_cache,
+                            score_dtype=args.score_dtype)
         report = run_quality(pool, args.out, s, work_dir=args.work)
     except FwllmError as err:
         print(f"Error: {err}", file=sys.stderr)

@@ -37,7 +37,7 @@ from fwllm.experiments import quality as q
 from fwllm.experiments.matrix import FALLBACK_TASK, ordered_members, write_pool_calibration
 from fwllm.experiments.pool_recipes import Member, PoolSettings, recipe_for
 from fwllm.experiments.quality_data import DevBudget, DevTask, check_disjoint, held_out_tasks, pool_dev_tasks
-from fwllm.experiments.scoring import choice_logprobs, response_nll
+from fwllm.experiments.scoring import choice_logprobs, response_nll, scoring_dtype
 from fwllm.experiments.tuning import TUNED_METHODS, Tuned, base_state, calibration_objective, merged_delta, \
     set_scaled, tune
 from fwllm.io.models import load_model, load_tokenizer
@@ -49,9 +49,9 @@ NAMES = {"task_arithmetic": "TA (tuned)", "ties": "TIES (tuned)", "dare_ties": "
          "fisher": "Fisher", "fw_hard": "FW-hard", "fw_soft": "FW-soft", "base": "base",
          "best_expert": "best single expert"}
 PACKAGE = Path(__file__).resolve().parent.parent
-# dev rows per task of the smol benchmark (None = all), sized so that `python eval/quality.py` fits
-# 90 min on 2 CPU cores; the report gives the rows used and how many there are
-SMOL_ROWS = {"math": 40, "pubmedqa": 60, "sst2": 160, "code": None, "rte": 40, "cola": 100}
+# dev rows per task of the smol benchmark: every one there is (scoring in bfloat16 keeps
+# `python eval/quality.py` within 90 min on 2 CPU cores); `--rows task=N` cuts a task
+SMOL_ROWS: Dict[str, Optional[int]] = {}
 # FW settings of the smol benchmark and demo (`--fw` overrides them). On the demo's 8-expert pool
 # line search with a growing hull lifted FW-hard from 68 to 82 held-in points, RegMean's closed form
 # over FW's per-layer support to 91; choosing the support for the whole model (12 steps) and merging
@@ -81,6 +81,7 @@ class QualitySettings:
     device: str = "cpu"
     cache: bool = True
     max_batch_tokens: int = 1024
+    score_dtype: str = "auto"  # fwllm.experiments.scoring.scoring_dtype
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -158,10 +159,10 @@ def model_stamp(folder: str) -> str:
 class ScoreStore:
     """Per-row scores on disk: OUT/scores/<model key>/<task>-<rows+scoring fingerprint>.json."""
 
-    def __init__(self, folder: str, budget: DevBudget, enabled: bool = True):
+    def __init__(self, folder: str, budget: DevBudget, enabled: bool = True, dtype: torch.dtype = torch.float32):
         self.folder, self.enabled = folder, enabled
         scoring = [PACKAGE / "experiments" / n for n in ("scoring.py", "quality_data.py")]
-        self.salt = _sha(budget.max_prompt_tokens, budget.max_length, source_hash(scoring))
+        self.salt = _sha(budget.max_prompt_tokens, budget.max_length, source_hash(scoring), str(dtype))
 
     def _path(self, key: str, task: DevTask) -> str:
         return os.path.join(self.folder, key, f"{task.name}-{_sha(task.fingerprint(), self.salt)}.json")
@@ -195,8 +196,9 @@ def score_task(model, tokenizer, task: DevTask, budget: DevBudget, max_batch_tok
 class Scorer:
     """Scores models on tasks through the store; a model is loaded only when a score is missing."""
 
-    def __init__(self, store: ScoreStore, tokenizer, s: QualitySettings, log: Callable[[str], None]):
-        self.store, self.tokenizer, self.s, self.log = store, tokenizer, s, log
+    def __init__(self, store: ScoreStore, tokenizer, s: QualitySettings, log: Callable[[str], None],
+                 dtype: torch.dtype = torch.float32):
+        self.store, self.tokenizer, self.s, self.log, self.dtype = store, tokenizer, s, log, dtype
         self.tokens = 0
         self.seconds = 0.0
 
@@ -207,7 +209,7 @@ class Scorer:
                ) -> Dict[str, q.RowScores]:
         todo = self.missing(key, tasks)
         if todo:
-            model = model_fn()
+            model = model_fn().to(self.dtype)
             model.eval()
             for task in todo:
                 t0 = time.time()
@@ -400,13 +402,17 @@ class QualityBench:
         self.members = ordered_members(pool)
         if not s.sizes or any(n < 1 or n > len(self.members) for n in s.sizes):
             raise FwllmError(f"pool sizes must be in 1..{len(self.members)} (the pool has {len(self.members)} experts)")
+        try:
+            dtype = scoring_dtype(s.score_dtype, s.device)
+        except ValueError as err:
+            raise FwllmError(str(err)) from None
         os.makedirs(out_dir, exist_ok=True)
         os.makedirs(self.work_dir, exist_ok=True)
         self.tokenizer = load_tokenizer(pool.base)
         self.code_hash = source_hash()
         self.base_key = model_stamp(pool.base)
-        self.scorer = Scorer(ScoreStore(os.path.join(self.work_dir, "scores"), s.budget, s.cache), self.tokenizer, s,
-                             log)
+        self.scorer = Scorer(ScoreStore(os.path.join(self.work_dir, "scores"), s.budget, s.cache, dtype),
+                             self.tokenizer, s, log, dtype)
         relevant = [m.task for m in self.members if m.task]
         root = shared_data_root(required=pool.profile == "smol")
         self.dev = {t.name: t for t in pool_dev_tasks(pool, relevant, s.budget, root)}
@@ -606,7 +612,7 @@ def write_report(bench: QualityBench, refs, cells: Sequence[Cell], summary: dict
               "merge_settings": asdict(with_fw_overrides(s.merge, s.fw)), "budget": asdict(s.budget),
               "tasks": task_info,
               "calibration_rows_checked": bench.calibration_rows_checked,
-              "scoring": {"seconds": round(bench.scorer.seconds, 1)},
+              "scoring": {"seconds": round(bench.scorer.seconds, 1), "dtype": str(bench.scorer.dtype)},
               "cells": [{"label": c.label, "key": c.key, "info": c.info, "seconds": c.seconds} for c in cells],
               "summary": _fig_json(summary["rows"]), "references": _fig_json(summary["references"]),
               "differences": _fig_json(summary["differences"]), "plot": plot_path}
@@ -691,6 +697,8 @@ def report_markdown(bench: QualityBench, cells: Sequence[Cell], summary: dict, r
            f"Calibration: the first {merge['max_rows']} rows of each held-in task's calibration file (up to "
            f"{merge['max_length']} tokens), the same rows for every data-informed method and for every tuning step. "
            f"{result['calibration_rows_checked']} calibration prompts checked: none is a dev prompt.", "",
+           f"Models are scored in {result['scoring']['dtype'].replace('torch.', '')} (`--score-dtype`; "
+           "eval/reports/score_dtype.md compares it with float32). "
            f"Multiple-choice prompts keep their last {s.budget.max_prompt_tokens} tokens; response rows at most "
            f"{s.budget.max_length} tokens. GSM8K and code are scored by the NLL of the reference answer only: greedy "
            "generation of ~200-token solutions for every row and model (exact match) is not affordable on 2 CPU cores.",

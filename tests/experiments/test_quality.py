@@ -365,3 +365,38 @@ def test_source_hash_follows_file_contents(tmp_path):
     assert source_hash(root=tmp_path) == first
     (tmp_path / "b.py").write_text("y = 3\n")
     assert source_hash(root=tmp_path) != first
+
+
+def test_scoring_dtype_auto_follows_the_hardware_and_rejects_unknown_names(monkeypatch):
+    from fwllm.experiments import scoring
+
+    assert scoring.scoring_dtype("float32", "cuda") == torch.float32
+    assert scoring.scoring_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert scoring.scoring_dtype("auto", "cuda:0") == torch.bfloat16
+    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: False)
+    assert scoring.scoring_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: True)
+    assert scoring.scoring_dtype("auto", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        scoring.scoring_dtype("float16", "cpu")
+
+
+def test_scores_of_one_dtype_are_never_served_to_another(tmp_path):
+    from fwllm.experiments.quality_bench import QualitySettings, Scorer, ScoreStore
+
+    task = DevTask("t", q.ACCURACY, [{"prompt": "copy : 1 2 =", "choices": [" 1", " 2"], "gold": 0}], True)
+    budget, tok = DevBudget(), tiny_tokenizer()
+    seen = []
+
+    def model_fn():
+        model = tiny_llama()
+        seen.append(model)
+        return model
+
+    for dtype in (torch.float32, torch.bfloat16):
+        store = ScoreStore(str(tmp_path), budget, dtype=dtype)
+        assert store.get("m", task) is None  # the float32 entry does not answer for bfloat16
+        Scorer(store, tok, QualitySettings(budget=budget), lambda *_: None, dtype).scores("m", [task], model_fn)
+        assert next(seen[-1].parameters()).dtype == dtype
+        assert store.get("m", task) is not None
+    assert len(seen) == 2
