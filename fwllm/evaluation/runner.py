@@ -39,7 +39,7 @@ from fwllm.evaluation.tasks import (
 
 DEFAULT_SUITES = ("math", "pubmedqa", "glue")
 # Bump when a change here alters results that are already cached.
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: per-row values ("rows") beside the aggregates
 
 PRIMARY_METRIC = {
     "fwllm_gsm8k": "exact_match,strict-match",
@@ -136,7 +136,7 @@ def _run_lm_eval(model_dir, tasks, task_folder, limit, device, batch_size, num_f
         num_fewshot=num_fewshot,
         task_manager=manager,
         bootstrap_iters=0,  # stderr by bootstrap is slow and not reported
-        log_samples=False,
+        log_samples=True,  # per-row values, for paired bootstrap intervals downstream
         confirm_run_unsafe_code=confirm,
     )
     results = {}
@@ -148,11 +148,26 @@ def _run_lm_eval(model_dir, tasks, task_folder, limit, device, batch_size, num_f
             # Metric entries read "metric,filter"; alias, sample_len and stderrs are not scores.
             if "," in k and "_stderr" not in k and isinstance(v, (int, float))
         }
-        results[task] = {"metrics": task_metrics, "n": int(out["n-samples"][task]["effective"])}
+        results[task] = {"metrics": task_metrics, "n": int(out["n-samples"][task]["effective"]),
+                         "rows": sample_rows(out.get("samples", {}).get(task, []))}
     del lm, model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # the next model in the comparison needs the memory
     return results
+
+
+def sample_rows(samples: Sequence[dict]) -> Dict[str, List[float]]:
+    """{"metric,filter": per-row values x100 in doc order} from lm-eval's logged samples.
+
+    Only metrics whose per-row item is a number (exact match, pass@1 per problem) have rows;
+    corpus metrics such as F1 or MCC aggregate (gold, prediction) pairs and are left out."""
+    rows: Dict[str, Dict[int, float]] = {}
+    for sample in samples:
+        for metric in sample.get("metrics", []):
+            value = sample.get(metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.setdefault(f"{metric},{sample['filter']}", {})[int(sample["doc_id"])] = float(value) * 100.0
+    return {key: [by_doc[i] for i in sorted(by_doc)] for key, by_doc in rows.items()}
 
 
 def _encoder_results(model_dir, tasks, data, batch_size, device, limit, progress):

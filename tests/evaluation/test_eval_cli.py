@@ -114,6 +114,28 @@ def test_humaneval_pass_at_1_of_known_completions(models, monkeypatch):
     assert sorted(doc["task_id"] for _, doc, _ in seen) == ["HumanEval/0", "HumanEval/1"]
     assert humaneval["n"] == 2
     assert humaneval["metrics"]["pass@1,none"] == 50.0 and humaneval["score"] == 50.0
+    assert humaneval["rows"] == {"pass@1,none": [100.0, 0.0]}
+
+
+def test_gsm8k_rows_of_known_completions(models, monkeypatch):
+    # rows 0 and 2 end in their reference number after "####", row 1 in a wrong one with the right
+    # number earlier: strict and flexible both read 1/0/1, in doc order, whatever order lm-eval ran them
+    import json as _json
+
+    from fwllm.evaluation.answers import gold_answer
+    from fwllm.evaluation.tasks import data_root
+
+    with open(data_root() / "gsm8k" / "dev.jsonl", encoding="utf-8") as fp:
+        gold = [gold_answer(_json.loads(next(fp))["answer"]) for _ in range(3)]
+    answer = {gold[0]: f"so #### {gold[0]}", gold[1]: f"first {gold[1]}, then #### {gold[1]}1",
+              gold[2]: f"#### {gold[2]}"}
+    _record_generations(monkeypatch, lambda doc: answer[gold_answer(doc["answer"])])
+    results = evaluate_models([models["llama"]], suites=["math"], limit=3, device="cpu", batch_size=2,
+                              use_cache=False, progress=False)
+    gsm8k = results["models"]["tiny-llama"]["tasks"]["fwllm_gsm8k"]
+    assert gsm8k["rows"] == {"exact_match,strict-match": [100.0, 0.0, 100.0],
+                             "exact_match,flexible-extract": [100.0, 0.0, 100.0]}
+    assert gsm8k["metrics"]["exact_match,strict-match"] == pytest.approx(200.0 / 3)
 
 
 @pytest.mark.parametrize(
