@@ -4,13 +4,15 @@ Each model is random bf16 weights of the real shapes, sharded like a Hub downloa
 (`eval/scale_models.py`); the LoRA pool is 16 adapters (8 of r=8 on q_proj, v_proj and 8 of
 r=16 on all seven projections) with random factors. FW hard runs with `gradient: layerwise`
 (the bounded path: one layer materialised at a time, the LoRA iterate implicit) on 4
-calibration rows of 64 tokens. Every run is its own child process; the parent samples the
-child's anonymous RSS, the child reports its own peak RSS (VmHWM, mapped file pages included) and
+calibration rows of 64 tokens (`--rows`, `--tokens`; the paper's size is `--rows 96 --tokens
+512`, 32 rows of 3 tasks), on the CPU or, with `--device cuda`, on a GPU. Every run is its own
+child process; the parent samples the child's anonymous RSS, the child reports its own peak RSS (VmHWM, mapped file pages included) and
 /proc/self/io. Beside FW: mergekit `task_arithmetic` on the same pool where it can run here,
 else what it would need, computed; and "floor": one layer-by-layer forward+backward of the
 same rows, with no FW around it.
 
     python eval/bench_scale.py [--models smol-135m tinyllama-1.1b llama2-7b] [--iterations 2] [--repeats 1]
+                               [--device cpu|cuda] [--rows 4] [--tokens 64]
                                [--full-pool 2 4 8 | 0] [--full-pool-model tinyllama-1.1b]
                                [--work DIR] [--out eval/reports]
 
@@ -66,7 +68,8 @@ elif kind == "floor":
     lora.attach(model)
     objective = encode_tasks(load_calibration(args["calibration"]), load_tokenizer(args["base"]), model,
                              args["max_length"], args["batch_size"])
-    grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), "cpu"), objective, [], lambda: {}, lora)
+    grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), args.get("device", "cpu")), objective, [],
+                            lambda: {}, lora, checkpoint_bytes=int(args.get("checkpoint_gib", 1.0) * 2**30))
     import fwllm.core.memory as memory
     if args.get("trim") == "off":  # eval/bench_heap_trim.py: fwllm's heap trim off, or how often it runs
         memory._TRIM = None
@@ -76,6 +79,8 @@ elif kind == "floor":
     for _ in range(args.get("evaluations", 1)):
         t0 = time.time()
         grad(lambda n, g: None)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.time() - t0)
     extra = {"evaluation_s": times[0], "evaluations_s": times}
 io = {}
@@ -173,20 +178,22 @@ def repeated(kind: str, args: dict, repeats: int, out: str = None) -> dict:
 
 
 def calibration(folder: str, rows: int = 4, tokens: int = 64) -> str:
-    """`rows` causal rows of about `tokens` tokens (prompt and response halves), from the shared code prompts."""
+    """`rows` causal rows of `tokens` words (prompt and response halves) from the shared code prompts: the first
+    prompts that long, else (the paper's 512-token rows are longer than most prompts) consecutive prompts joined."""
     from fwllm.core.paths import data_root
 
     os.makedirs(folder, exist_ok=True)
     src = os.path.join(data_root(), "calibration", "code.jsonl")
-    out = []
     with open(src, encoding="utf-8") as fp:
-        for line in fp:
-            row = json.loads(line)
-            words = (row.get("prompt", "") + " " + row.get("response", "")).split()
-            if len(words) >= tokens:
-                out.append({"prompt": " ".join(words[: tokens // 2]), "response": " ".join(words[tokens // 2: tokens])})
-            if len(out) == rows:
-                break
+        texts = [(r.get("prompt", "") + " " + r.get("response", "")).split() for r in map(json.loads, fp)]
+    long_enough = [w for w in texts if len(w) >= tokens]
+    if len(long_enough) < rows:
+        joined = [w for t in texts for w in t]
+        long_enough = [joined[i: i + tokens] for i in range(0, len(joined) - tokens + 1, tokens)]
+    if len(long_enough) < rows:
+        raise SystemExit(f"{src} holds too few words for {rows} rows of {tokens}")
+    out = [{"prompt": " ".join(w[: tokens // 2]), "response": " ".join(w[tokens // 2: tokens])}
+           for w in long_enough[:rows]]
     path = os.path.join(folder, "code.jsonl")
     with open(path, "w", encoding="utf-8") as fp:
         fp.writelines(json.dumps(r) + "\n" for r in out)
@@ -211,17 +218,18 @@ def model_bytes(base: str) -> int:
 
 
 def lora_runs(name: str, work: str, calib: str, iterations: int, tokenizer: str, mergekit: str,
-              mergekit_cache_gib: float, repeats: int = 1) -> dict:
+              mergekit_cache_gib: float, repeats: int = 1, device: str = "cpu", max_length: int = 64,
+              checkpoint_memory: float = 1.0) -> dict:
     base = scale_models.write_model(os.path.join(work, name, "base"), name, tokenizer)
     adapters = scale_models.paper_pool(os.path.join(work, name, "adapters"), scale_models.config_of(name))
     refs = [f"{base}+{a}" for a in adapters]
-    params = {"calibration": calib, "iterations": iterations, "max_length": 64, "batch_size": 4, "gradient": "layerwise",
-              "scaling": 0.3}
+    params = {"calibration": calib, "iterations": iterations, "max_length": max_length, "batch_size": 4,
+              "gradient": "layerwise", "scaling": 0.3, "device": device, "checkpoint_memory": checkpoint_memory}
     recipe = write_recipe(os.path.join(work, name, "fw.yml"), "fw_merging", base, refs, params)
     out = os.path.join(work, name, "out_fw")
     fw = repeated("fwllm", {"recipe": recipe, "out": out}, repeats, out)
-    floor = repeated("floor", {"base": base, "adapters": adapters, "calibration": calib, "max_length": 64,
-                               "batch_size": 4}, repeats)
+    floor = repeated("floor", {"base": base, "adapters": adapters, "calibration": calib, "max_length": max_length,
+                               "batch_size": 4, "device": device, "checkpoint_gib": checkpoint_memory}, repeats)
     size = model_bytes(base)
     adapters_size = sum(model_bytes(a) for a in adapters)
     row = {"model": name, "model_gib": size / GIB, "adapters_gib": adapters_size / GIB, "fw": fw, "floor": floor}
@@ -282,9 +290,12 @@ def full_pool_runs(work: str, calib: str, sizes: list, tokenizer: str, mergekit:
     return rows
 
 
-def render(lora: list, full: list, iterations: int, repeats: int = 1) -> str:
-    lines = [f"# FW-Merging at scale ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores)", "",
-             f"FW hard, `gradient: layerwise`, T = {iterations}, 4 calibration rows of 64 tokens; models are random bf16 "
+def render(lora: list, full: list, iterations: int, repeats: int = 1, rows: int = 4, tokens: int = 64,
+           device: str = "cpu") -> str:
+    where = f"{os.cpu_count()} CPU cores" + (f", solve on {_gpu_name()}" if device.startswith("cuda") else "")
+    lines = [f"# FW-Merging at scale ({time.strftime('%Y-%m-%d %H:%M')}, {where})", "",
+             f"FW hard, `gradient: layerwise`, T = {iterations}, {rows} calibration rows of {tokens} words; "
+             "models are random bf16 "
              "weights of the real shapes. RSS = peak resident set (mapped file pages included); anon = peak "
              "anonymous RSS; *solve* = during the solve alone (until the plan is written), *run* = the whole merge "
              "including mergekit writing the output. I/O from /proc (read = from storage, page-cache hits excluded). "
@@ -325,6 +336,12 @@ def render(lora: list, full: list, iterations: int, repeats: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not available)"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smol-135m", "tinyllama-1.1b", "llama2-7b"],
@@ -336,6 +353,10 @@ def main(argv=None) -> None:
     ap.add_argument("--full-pool-model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
     ap.add_argument("--mergekit-cache-gib", type=float, default=8.0,
                     help="run mergekit on a LoRA pool only when its lora_merge_cache needs less (else: computed)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the LoRA runs' solve device")
+    ap.add_argument("--rows", type=int, default=4, help="calibration rows of the LoRA runs")
+    ap.add_argument("--tokens", type=int, default=64, help="words per calibration row (and max_length)")
+    ap.add_argument("--checkpoint-memory", type=float, default=1.0, help="FW's checkpoint_memory (GiB)")
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fwllm", "bench_scale"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "reports"))
     args = ap.parse_args(argv)
@@ -344,21 +365,25 @@ def main(argv=None) -> None:
     tokenizer = scale_models.write_tokenizer(os.path.join(args.work, "tokenizer"),
                                              os.path.join(data_root(), "calibration", "code.jsonl"))
     mergekit = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-    calib = calibration(os.path.join(args.work, "calib"))
+    calib = calibration(os.path.join(args.work, "calib"))  # the full-pool runs keep the small rows
+    lora_calib = calib if (args.rows, args.tokens) == (4, 64) else \
+        calibration(os.path.join(args.work, f"calib_{args.rows}x{args.tokens}"), args.rows, args.tokens)
     lora = []
     for name in args.models:
         print(f"== {name}: 16 LoRA adapters", flush=True)
-        lora.append(lora_runs(name, args.work, calib, args.iterations, tokenizer, mergekit, args.mergekit_cache_gib,
-                              args.repeats))
+        lora.append(lora_runs(name, args.work, lora_calib, args.iterations, tokenizer, mergekit,
+                              args.mergekit_cache_gib, args.repeats, args.device, args.tokens,
+                              args.checkpoint_memory))
         print(json.dumps(lora[-1]), flush=True)  # a later failure keeps what is measured
     sizes = [n for n in args.full_pool if n > 0]
     full = full_pool_runs(args.work, calib, sizes, tokenizer, mergekit, args.full_pool_model) if sizes else []
-    table = render(lora, full, args.iterations, args.repeats)
+    table = render(lora, full, args.iterations, args.repeats, args.rows, args.tokens, args.device)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_scale.md"), "w", encoding="utf-8") as fp:
         fp.write(table)
     with open(os.path.join(args.out, "bench_scale.json"), "w", encoding="utf-8") as fp:
-        json.dump({"lora": lora, "full": full, "iterations": args.iterations}, fp, indent=1)
+        json.dump({"lora": lora, "full": full, "iterations": args.iterations, "rows": args.rows,
+                   "tokens": args.tokens, "device": args.device}, fp, indent=1)
     print(table)
 
 

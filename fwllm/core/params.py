@@ -49,6 +49,10 @@ class FWParams(MethodParams):
     # GiB of sketches held in RAM; beyond, they are kept on disk and read block by block at every
     # iteration, so RAM stays flat in N (at 1.1B, 1/32 of each candidate is 0.14 GiB)
     sketch_memory: float = Field(0.5, gt=0)
+    # GiB of per-layer activation checkpoints (layerwise gradient) held on the host: micro-batches are
+    # grouped to fit, and every group reads the model twice, so more memory means fewer model reads
+    # (7B at 4 x 512 tokens: 1 GiB per micro-batch)
+    checkpoint_memory: float = Field(1.0, gt=0)
     rescore: float = Field(0.0, ge=0)  # z: re-check contenders within z sketch errors (0 = off)
     gradient: Literal["auto", "full", "layerwise"] = "auto"  # auto: full if it fits in free RAM, else layerwise
     batches_per_iteration: int = Field(0, ge=0)  # stochastic FW: micro-batches per task (0 = all)

@@ -175,7 +175,8 @@ class FWMerging(DataMethod):
             store = IterateStore(os.path.join(job.plan_dir, ITERATE_DIR), {n: shapes[n] for n in blocks})
             iterate, dense = StoreIterate(store), blocks
         meta = MetaModel(model, base_map, job.device, trainable=dense, optional=is_head_tensor)
-        gradient = StreamedGradient(meta, objective, dense, iterate.view, lora)
+        gradient = StreamedGradient(meta, objective, dense, iterate.view, lora,
+                                    checkpoint_bytes=int(p.checkpoint_memory * 2**30))
         sketch_dir = None if lora else self._sketch_folder(job, [shapes[n] for n in blocks], len(pool.candidates))
         fw = FrankWolfe(iterate, gradient, objective, pool.candidates, weights, lora.names() if lora else blocks, p,
                         base, job.progress, lora, sketch_dir)

@@ -4,6 +4,7 @@ whole in memory (a meta skeleton, one layer materialised at a time from the chec
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -139,6 +140,31 @@ def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool, vari
     trace_full = json.load(open(outs["full"] / "fwllm_plan" / "trace.json"))["trace"]
     trace_layer = json.load(open(outs["layerwise"] / "fwllm_plan" / "trace.json"))["trace"]
     assert [t["chosen"] for t in trace_full] == [t["chosen"] for t in trace_layer]
+
+
+def test_checkpoint_memory_groups_micro_batches_and_changes_nothing_else(tmp_path, tiny_pool):
+    # Below one micro-batch's checkpoints, each micro-batch is its own group and re-reads every layer;
+    # the merge stays that of one group (gradients of the groups add up)
+    import math
+
+    models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]]
+    outs = {label: fw_merge(tmp_path, tiny_pool, models, label, iterations=3, gradient="layerwise", batch_size=2,
+                            checkpoint_memory=memory) for label, memory in (("one", 1.0), ("each", 1e-9))}
+    rows = [sum(1 for _ in open(f)) for f in sorted(pool_files(tiny_pool["calib"]))]
+    micro_batches = sum(math.ceil(n / 2) for n in rows)
+    plans = {k: json.load(open(v / "fwllm_plan" / "plan.json"))["gradient"] for k, v in outs.items()}
+    assert micro_batches > 1
+    assert plans["one"]["checkpoint_groups"] == 1 and plans["each"]["checkpoint_groups"] == micro_batches
+    assert plans["each"]["layer_fetches"] > plans["one"]["layer_fetches"]
+    one, each = load_tensors(outs["one"]), load_tensors(outs["each"])
+    for name in one:
+        assert torch.allclose(one[name], each[name], atol=1e-6), name
+
+
+def pool_files(folder):
+    import glob
+
+    return glob.glob(os.path.join(str(folder), "*.jsonl"))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on a device machine)")
