@@ -8,7 +8,8 @@
 #   on the lent machine, the device tool's run with carry [".whl", ".device_data"] and
 #       command "bash eval/device_check.sh", timeout_s 600: logs and the bench report come back in $OUT.
 #
-# ITERATIONS, ROWS, TOKENS and CHECKPOINT_GIB override the sizes (a shorter first run: ITERATIONS=2).
+# ITERATIONS, ROWS, TOKENS, CHECKPOINT_GIB and BENCH_TIMEOUT override the defaults (a shorter first run:
+# ITERATIONS=2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +39,8 @@ python3 -m pytest -q -p no:cacheprovider -rs tests/solvers/test_layerwise_gradie
     | tee "$OUT/cuda_tests.log"
 
 # 2. the 7B LoRA pool on the GPU; host RAM there is 128 GiB, so the checkpoints of all rows fit in one group
-python3 eval/bench_scale.py --models llama2-7b --device cuda --iterations "${ITERATIONS:-10}" \
+# (stopped after BENCH_TIMEOUT s, so that the logs still come back inside the tool's 600-s limit)
+timeout "${BENCH_TIMEOUT:-480}" python3 eval/bench_scale.py --models llama2-7b --device cuda --iterations "${ITERATIONS:-10}" \
     --rows "${ROWS:-96}" --tokens "${TOKENS:-512}" --checkpoint-memory "${CHECKPOINT_GIB:-40}" --full-pool 0 \
     --work /tmp/bench_scale --out "$OUT" 2>&1 | grep -v -e "Loading" -e "Writing" -e "Executing" \
     | tee "$OUT/bench_scale.log"
