@@ -85,11 +85,11 @@ def plan_factors(plan: Union[str, Plan, FWPlanRecord]) -> Tuple[Dict[str, LowRan
         plan = read_record(plan, "fw_merging", FWPlanRecord)
     record = plan.record if isinstance(plan, Plan) else plan
     if not getattr(record, "adapters", None):
-        raise FwllmError("the plan is not over a LoRA pool (its candidates are full checkpoints), so its merge "
-                         "is not low-rank; write the full merged model instead")
+        raise FwllmError("the plan is not over a LoRA pool (its candidates are full checkpoints), so its "
+                         "merge is not low-rank; write the full merged model instead")
     if record.coefficients is None:
-        raise FwllmError("the plan's merge is not task arithmetic in every step (it has no coefficients), so it "
-                         "is not low-rank; write the full merged model instead")
+        raise FwllmError("the plan's merge is not task arithmetic in every step (it has no coefficients), "
+                         "so it is not low-rank; write the full merged model instead")
     readers = [AdapterReader(folder, lazy=True) for folder in record.adapters]
     terms: Dict[str, List[Tuple[float, FactorsLike]]] = {}
     for name, coefs in record.coefficients.items():
@@ -97,8 +97,8 @@ def plan_factors(plan: Union[str, Plan, FWPlanRecord]) -> Tuple[Dict[str, LowRan
             if not c:
                 continue
             if name in reader.full:
-                raise FwllmError(f"{reader.adapter_dir} stores a full {name} (modules_to_save or a saved base "
-                                 f"layer): the merge has a dense term, so it is not low-rank")
+                raise FwllmError(f"{reader.adapter_dir} stores a full {name} (modules_to_save or a saved "
+                                 f"base layer): the merge has a dense term, so it is not low-rank")
             if name in reader.factors:
                 terms.setdefault(name, []).append((c, reader.factors[name]))
     return task_arithmetic_factors(terms), record.base

@@ -113,7 +113,8 @@ class RegMeanSums:
         inv = 1.0 / self.weight_sum
         low = None
         if num.plain_a:
-            low = LowRank((torch.cat(num.plain_a, dim=1) * inv).T.float(), torch.cat(num.scaled_b, dim=0).T.float())
+            a_t = torch.cat(num.plain_a, dim=1) * inv
+            low = LowRank(a_t.T.float(), torch.cat(num.scaled_b, dim=0).T.float())
         if num.dense_avg is None:
             return low
         dense = (num.dense_avg * inv).T.float()

@@ -29,7 +29,8 @@ def pool(tmp_path_factory, one_thread):
     adapters = {}
     for seed, (name, targets, alpha) in enumerate((("qv", ["q_proj", "v_proj"], 4), ("all", ALL, 6))):
         model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                               LoraConfig(r=RANKS[name], lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+                               LoraConfig(r=RANKS[name], lora_alpha=alpha, target_modules=targets,
+                                          lora_dropout=0.0))
         torch.manual_seed(10 + seed)
         with torch.no_grad():
             for pname, prm in model.named_parameters():
@@ -57,14 +58,15 @@ def merged_state(base, adapter_dir, **load):
 
 
 def adapted(pool):
-    return sorted(set(AdapterReader(pool["adapters"]["all"]).factors) | set(AdapterReader(pool["adapters"]["qv"]).factors))
+    return sorted(set(pool_factors(pool, "all")) | set(pool_factors(pool, "qv")))
 
 
 def ta_truth(pool, coefficients):
     """W_0 + sum_i c_i (W_i - W_0), with W_i peft's merged model of adapter i."""
     w0, out = pool["w0"], {}
     for name, coefs in coefficients.items():
-        out[name] = w0[name] + sum(c * (pool["states"][a][name] - w0[name]) for a, c in zip(("qv", "all"), coefs))
+        taus = [pool["states"][a][name] - w0[name] for a in ("qv", "all")]
+        out[name] = w0[name] + sum(c * t for c, t in zip(coefs, taus))
     return out
 
 
@@ -176,7 +178,8 @@ def test_truncation_is_eckart_young_optimal(pool, tmp_path, k):
         sigma = torch.linalg.svdvals(delta)
         optimal = float(sigma[k:].square().sum().sqrt() / sigma.square().sum().sqrt())
         assert report.errors[name] == pytest.approx(optimal, rel=1e-4, abs=1e-6)
-        written = float(torch.linalg.norm(got[name].double() - truth[name].double()) / torch.linalg.norm(delta))
+        residual = got[name].double() - truth[name].double()
+        written = float(torch.linalg.norm(residual) / torch.linalg.norm(delta))
         assert written == pytest.approx(optimal, rel=1e-3, abs=1e-5)  # the file holds the optimal factors
         assert tensors[f"base_model.model.{name[:-7]}.lora_A.weight"].shape[0] == report.ranks[name] <= k
     if k == 1:

@@ -40,7 +40,8 @@ def test_dense_equals_existing_closed_form_with_shared_input():
     merged, lam = sums.solve()
     assert lam == 0.0
     for n in OUTS:
-        want, _ = regmean_merge(((e[n], g, c) for e, g, c in zip(experts, grams, coef)), alpha=0.7, ridge=1e-5)
+        layers = ((e[n], g, c) for e, g, c in zip(experts, grams, coef))
+        want, _ = regmean_merge(layers, alpha=0.7, ridge=1e-5)
         assert isinstance(merged[n], torch.Tensor)
         torch.testing.assert_close(base[n] + merged[n], want, rtol=1e-5, atol=1e-5)
 
