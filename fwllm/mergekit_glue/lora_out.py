@@ -27,7 +27,7 @@ def _lora_candidates(recipe_path: str):
     job = merge_job(recipe, "", "cpu", False)
     if job.params.local_merge != "task_arithmetic":
         raise FwllmError(f"--lora-out needs local_merge task_arithmetic (got {job.params.local_merge!r}): "
-                         f"only that merge of a LoRA pool is low-rank")
+                         f"the plan stores other local merges as dense tensors")
     full = [c.label for c in job.candidates if not c.lora]
     if full:
         raise FwllmError(f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full[0]} is a full "

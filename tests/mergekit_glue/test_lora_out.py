@@ -1,0 +1,87 @@
+"""`fwllm merge --lora-out DIR`: the adapter, merged by peft, is the full model fwllm wrote."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import load_tensors, save_tiny_llama_base, task_rows, write_jsonl, write_recipe
+from fwllm.cli import main
+
+
+@pytest.fixture
+def lora_pool(tmp_path, monkeypatch, one_thread):
+    """A tiny LLaMA base, calibration rows and two random LoRA adapters of ranks 2 (q/v) and 3 (q/k/v/o)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    base = save_tiny_llama_base(tmp_path)
+    write_jsonl(tmp_path / "calib" / "copy.jsonl", task_rows("copy", 8, seed=1))
+    adapters = []
+    shapes = ((2, ["q_proj", "v_proj"]), (3, ["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for seed, (rank, targets) in enumerate(shapes):
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(base), cfg)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, prm in model.named_parameters():
+                if "lora_" in name:
+                    prm.copy_(0.2 * torch.randn_like(prm))
+        model.save_pretrained(tmp_path / f"lora{seed}")
+        adapters.append(tmp_path / f"lora{seed}")
+    return tmp_path, base, adapters
+
+
+def fwllm(*args):
+    return CliRunner().invoke(main, ["merge", *map(str, args)])
+
+
+@pytest.mark.parametrize("gradient", ["full", "layerwise"])
+def test_lora_out_equals_the_merged_model(lora_pool, gradient):
+    """A full-gradient plan records no adapter folders (they come from the recipe); a layerwise one does."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    root, base, adapters = lora_pool
+    params = {"calibration": str(root / "calib"), "iterations": 3, "scaling": 1.0, "step_size": 0.5,
+              "gradient": gradient}
+    recipe = write_recipe(root / "fw.yml", "fw_merging", base, [f"{base}+{a}" for a in adapters], params)
+    result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
+    assert result.exit_code == 0, result.output
+    assert "LoRA adapter written to" in result.output
+    plan = json.loads((root / "out" / "fwllm_plan" / "plan.json").read_text())
+    assert (plan["adapters"] is None) == (gradient == "full")
+    assert plan["coefficients"] and any(c > 0 for cs in plan["coefficients"].values() for c in cs)
+    full = load_tensors(root / "out")
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), str(root / "lora_out"))
+    state = merged.merge_and_unload().state_dict()
+    changed = 0
+    for name, w in full.items():
+        torch.testing.assert_close(state[name], w.float(), atol=1e-5, rtol=0)
+        changed += name.endswith("q_proj.weight") and not torch.equal(w, load_tensors(base)[name])
+    assert changed  # the merge moved the base: the comparison is not trivially base == base
+    cfg = json.loads((root / "lora_out" / "adapter_config.json").read_text())
+    assert max([cfg["r"], *cfg["rank_pattern"].values()]) <= 5
+
+
+@pytest.mark.parametrize("case", ["full model", "regmean"])
+def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool, case):
+    root, base, adapters = lora_pool
+    full = shutil.copytree(base, root / "full")
+    models = [f"{base}+{adapters[0]}", full if case == "full model" else f"{base}+{adapters[1]}"]
+    params = {"calibration": str(root / "calib"), "iterations": 3}
+    if case == "regmean":
+        params["local_merge"] = "regmean"
+    result = fwllm(write_recipe(root / "r.yml", "fw_merging", base, models, params), root / "out",
+                   "--lora-out", root / "lora_out")
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    regmean = "--lora-out needs local_merge task_arithmetic (got 'regmean'): the plan stores other local merges"
+    want = (f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full} is a full model"
+            if case == "full model" else f"{regmean} as dense tensors")
+    assert lines == [f"Error: {want}"]
+    assert not (root / "out").exists() and not (root / "lora_out").exists()
