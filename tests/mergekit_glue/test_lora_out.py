@@ -80,8 +80,8 @@ def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool
                    "--lora-out", root / "lora_out")
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
-    regmean = "--lora-out needs local_merge task_arithmetic (got 'regmean'): the plan stores other local merges"
+    regmean = "--lora-out needs local_merge task_arithmetic (got 'regmean'): the plan stores other"
     want = (f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full} is a full model"
-            if case == "full model" else f"{regmean} as dense tensors")
+            if case == "full model" else f"{regmean} local merges as dense tensors")
     assert lines == [f"Error: {want}"]
     assert not (root / "out").exists() and not (root / "lora_out").exists()
