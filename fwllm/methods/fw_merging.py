@@ -17,7 +17,8 @@ merge:  the stored tensor, or base + sum_a beta_a * atom_a(taus).
   layerwise  the bounded path: a meta-device skeleton, one layer materialised at a time from
              the base's shards; a LoRA pool's iterate is implicit (base weight plus low-rank
              terms), a full-checkpoint pool's iterate lives in an on-disk store;
-  auto       full when the in-RAM solve fits comfortably in the free memory, else layerwise.
+  auto       full when the in-RAM solve (weights, and one micro-batch's activations and logits,
+             `fwllm.core.footprint`) fits comfortably in the free memory, else layerwise.
 """
 
 from __future__ import annotations
