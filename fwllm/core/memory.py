@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 from typing import Callable, Optional
 
+import psutil
+
 TRIM_EVERY = "layer"
 
 
@@ -35,3 +37,9 @@ def return_free_memory(moment: str = "layer") -> None:
     ended, "layer" (a released layer or block) or "evaluation" (a whole forward or forward+backward)."""
     if _TRIM is not None and (moment == "evaluation" or TRIM_EVERY == "layer"):
         _TRIM(0)
+
+
+def available_memory() -> int:
+    """Bytes the system can hand out now without swapping (psutil's `available`): what the
+    preflight memory check and `gradient: auto` compare their estimates with."""
+    return int(psutil.virtual_memory().available)

@@ -12,6 +12,16 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Ceilings no real merge reaches, so a typo (iterations: 1000000) is one error, not a run of
+# years: 10,000 FW iterations or Adam steps is 20x AdaMerging's 500 steps and far beyond
+# FW-Merging's tens of iterations; 100,000 rows per task is
+# fwllm.data.calibration.MAX_TASK_ROWS; 131,072 tokens is the longest context of common models
+# (the model's own context is checked in preflight); 1,024 rows per micro-batch.
+MAX_STEPS = 10_000
+MAX_ROWS = 100_000
+MAX_LENGTH = 131_072
+MAX_BATCH = 1_024
+
 
 class MethodParams(BaseModel):
     """Scalar parameters every data-informed method takes."""
@@ -19,9 +29,9 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     calibration: Optional[str] = None  # .jsonl file or folder of .jsonl files (one per task); required
-    max_rows: Optional[int] = Field(None, ge=1)  # per task; None = all rows
-    max_length: int = Field(256, ge=2)  # tokens per calibration row
-    batch_size: int = Field(8, ge=1)
+    max_rows: Optional[int] = Field(None, ge=1, le=MAX_ROWS)  # per task; None = all rows
+    max_length: int = Field(256, ge=2, le=MAX_LENGTH)  # tokens per row (default: capped at the context)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     seed: int = 0
     device: Optional[str] = None  # solve device; default: mergekit's --device, else cpu
     plan: Optional[str] = None  # reuse (or keep) the plan in this folder
@@ -34,7 +44,7 @@ LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "reg
 class FWParams(MethodParams):
     """FW-Merging; the one settings object the solver reads too."""
 
-    iterations: int = Field(10, ge=1)
+    iterations: int = Field(10, ge=1, le=MAX_STEPS)
     step_size: float = Field(0.1, gt=0, le=1)  # gamma_t = step_size * 2 / (t + 2)
     granularity: Literal["layer", "model"] = "layer"
     variant: Literal["hard", "soft"] = "hard"
@@ -83,7 +93,7 @@ class RegMeanParams(MethodParams):
 
 
 class AdaMergingParams(MethodParams):
-    steps: int = Field(16, ge=0)  # Adam steps, one full pass over the calibration rows each
+    steps: int = Field(16, ge=0, le=MAX_STEPS)  # Adam steps, one full pass over the calibration rows each
     lr: float = Field(0.01, gt=0)  # the paper uses 1e-3 over 500 steps; a short run needs more
     init_lambda: float = 0.3  # every coefficient's starting value (the paper's)
     clamp: bool = True  # keep coefficients in [0, 1] after every step

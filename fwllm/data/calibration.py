@@ -10,7 +10,9 @@ A calibration source is a `.jsonl` file (one task, named after the file) or a fo
 All rows of one task must be of the same kind; a broken row is reported with its file and
 line: bytes that are not UTF-8, lines over `MAX_ROW_BYTES`, invalid JSON, a key given twice,
 wrong types, and empty `response`, `text` or text fields. `check_labels` then checks
-labels against the head that scores them, from its config alone.
+labels against the head that scores them, from its config alone. A source of more than
+`MAX_TASKS` tasks, or a task of more than `MAX_TASK_ROWS` rows (unless `max_rows` reads
+fewer), is refused before it is read: every task and row costs every iteration.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ REGRESSION = "regression"
 UNLABELED = "unlabeled"
 
 MAX_ROW_BYTES = 1 << 20  # one example; longer lines are mistakes (a data set on one line, a binary file)
+MAX_TASKS = 256  # tasks of one source: more than any pool has experts (not a folder of one-row files)
+MAX_TASK_ROWS = 100_000  # rows of one task (fwllm.core.params.MAX_ROWS bounds max_rows alike)
 _BOM = b"\xef\xbb\xbf"
 
 # GLUE-style text field order: the first two present become (text, text_pair).
@@ -162,6 +166,9 @@ def read_task(path: str, name: Optional[str] = None, max_rows: Optional[int] = N
                 float_lines.append(lineno)
             if max_rows is not None and len(rows) >= max_rows:
                 break
+            if len(rows) > MAX_TASK_ROWS:
+                raise FwllmError(f"{where}: the task has over {MAX_TASK_ROWS} rows, each scored at every "
+                                 f"iteration: set max_rows (at most {MAX_TASK_ROWS}) to read its first rows")
     if not rows:
         raise FwllmError(f"{path}: no calibration rows")
     kind = kinds.pop()
@@ -220,8 +227,33 @@ def calibration_files(path: str) -> List[Tuple[str, str]]:
 
 
 def load_calibration(path: str, max_rows: Optional[int] = None) -> List[CalibrationTask]:
-    """All tasks of a calibration source (see `calibration_files`)."""
-    return [read_task(file, name=name, max_rows=max_rows) for name, file in calibration_files(path)]
+    """All tasks of a calibration source (see `calibration_files`); at most `MAX_TASKS`, counted
+    before any file is read."""
+    files = calibration_files(path)
+    if len(files) > MAX_TASKS:
+        raise FwllmError(f"calibration source {path} holds {len(files)} tasks (one per .jsonl file); at most "
+                         f"{MAX_TASKS} are allowed: put a task's rows in one file")
+    return [read_task(file, name=name, max_rows=max_rows) for name, file in files]
+
+
+def token_bound(task: CalibrationTask) -> int:
+    """An upper bound of the tokens of the task's longest row, from its UTF-8 bytes: a tokenizer makes
+    at most one token per byte (byte-level BPE, byte fallback, WordPiece) plus a lone word-start
+    marker per text and a few special tokens; doubled for normalisations that expand a character."""
+    if task.kind == CAUSAL:
+        fields = ["prompt", "response"]
+    else:
+        fields = task.text_fields or ["text"]
+    longest = max(sum(len(str(r.get(f, "")).encode("utf-8")) for f in fields) for r in task.rows)
+    return 2 * longest + 8
+
+
+def micro_batch_shape(tasks: Sequence[CalibrationTask], batch_size: int, max_length: int) -> Tuple[int, int]:
+    """(rows, tokens) of the largest micro-batch the tasks can make: rows are batched by length, so
+    the longest rows pad to at most `max_length` in a batch of at most `batch_size` rows."""
+    rows = min(batch_size, max(len(t.rows) for t in tasks))
+    tokens = min(max_length, max(token_bound(t) for t in tasks))
+    return rows, tokens
 
 
 def select_tasks(tasks: Sequence[CalibrationTask], names: Sequence[str]) -> List[CalibrationTask]:

@@ -21,6 +21,7 @@ from fwllm.core.errors import FwllmError
 from fwllm.core.job import CandidateSpec, MergeJob
 from fwllm.data.calibration import CalibrationTask, check_labels, load_calibration
 from fwllm.io.adapters import AdapterReader
+from fwllm.mergekit_glue.bounds import check_bounds
 from fwllm.io.models import ADAPTER_CONFIG, architecture_of, is_adapter_dir, read_config, resolve_model_path, \
     safetensors_files
 
@@ -124,4 +125,5 @@ def check_job(job: MergeJob) -> List[CalibrationTask]:
     for spec in job.candidates:
         _candidate(spec, base, base_class)
     check_task_labels(tasks, job, base_dir)
+    check_bounds(job, tasks, base_dir, base)  # context and memory; may lower the default max_length
     return tasks

@@ -17,7 +17,8 @@ merge:  the stored tensor, or base + sum_a beta_a * atom_a(taus).
   layerwise  the bounded path: a meta-device skeleton, one layer materialised at a time from
              the base's shards; a LoRA pool's iterate is implicit (base weight plus low-rank
              terms), a full-checkpoint pool's iterate lives in an on-disk store;
-  auto       full when the in-RAM solve fits comfortably in the free memory, else layerwise.
+  auto       full when the in-RAM solve (weights, and one micro-batch's activations and logits,
+             `fwllm.core.footprint`) fits comfortably in the free memory, else layerwise.
 """
 
 from __future__ import annotations
@@ -28,21 +29,23 @@ import os
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import psutil
 import torch
 
 from fwllm.arch.heads import is_head_tensor, save_heads
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.core.errors import FwllmError
+from fwllm.core.footprint import ModelSizes
 from fwllm.core.job import MergeJob
+from fwllm.core.memory import available_memory
 from fwllm.core.method import DataMethod
 from fwllm.core.params import FWParams
 from fwllm.core.plan import FWPlanRecord, Plan, mark_plan_complete, read_record, write_record
+from fwllm.data.calibration import micro_batch_shape
 from fwllm.data.objective import encode_tasks
 from fwllm.io.adapters import AdapterReader
 from fwllm.io.iterate_store import IterateStore, check_free_space
 from fwllm.io.merged_store import merged_index, read_merged, write_merged
-from fwllm.io.models import load_tokenizer
+from fwllm.io.models import load_tokenizer, read_config
 from fwllm.io.tensors import TensorReader
 from fwllm.io.trace_plot import plot_trace
 from fwllm.kernels.atoms import block_delta, ta_coefficients
@@ -91,7 +94,7 @@ def in_ram_bytes(shapes: Dict[str, tuple], blocks: Sequence[str], n: int, ratio:
 def choose_gradient(p: FWParams, need: int) -> Tuple[str, str]:
     if p.gradient != "auto":
         return p.gradient, "set in the recipe"
-    free = psutil.virtual_memory().available
+    free = available_memory()
     if need <= AUTO_RAM_SHARE * free:
         return "full", f"the in-RAM solve needs {need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free"
     return "layerwise", f"the in-RAM solve would need {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB are free"
@@ -124,7 +127,11 @@ class FWMerging(DataMethod):
         names = [n for n, _ in skeleton(pool.base_dir, pool.architecture).named_parameters()]
         blocks = trainable_blocks(pool, shapes, names)
         weights = [float(c.params.get("weight", 1.0)) for c in job.candidates]
-        mode, reason = choose_gradient(p, in_ram_bytes(shapes, blocks, len(pool.candidates), p.sketch_ratio))
+        rows, tokens = micro_batch_shape(pool.tasks, p.batch_size, p.max_length)
+        sizes = ModelSizes.from_config(read_config(pool.base_dir))  # + one micro-batch's backward
+        need = in_ram_bytes(shapes, blocks, len(pool.candidates), p.sketch_ratio) + \
+            sizes.activation_bytes(rows, tokens) + sizes.logits_bytes(rows, tokens)
+        mode, reason = choose_gradient(p, need)
         LOG.info("fw_merging: gradient %s (%s)", mode, reason)
         heads = pool_heads(pool, job, pool.tasks)
         tokenizer = load_tokenizer(pool.base_dir)

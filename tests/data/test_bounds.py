@@ -1,0 +1,248 @@
+"""Bounded inputs: each red-team finding (issue 24, item 6) is one FwllmError before any model loads.
+
+1. `iterations: 1e12`          -> the schema's ceiling (fwllm.core.params.MAX_STEPS)
+2. 10,000 one-row task files   -> at most MAX_TASKS tasks, counted before any file is read
+3. `max_length: 1e9` / beyond the base's context -> schema ceiling / refused; the default is lowered
+4. a micro-batch too large for RAM -> refused with the numbers; `gradient: auto` counts activations
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+from conftest import write_jsonl, write_recipe
+from fwllm.core import memory
+from fwllm.core.errors import FwllmError
+from fwllm.core.footprint import ModelSizes, context_length
+from fwllm.data import calibration
+from fwllm.data.calibration import CAUSAL, CalibrationTask, load_calibration, micro_batch_shape, read_task
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import fwllm.io.models as models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def _job(tmp_path, pool, method="fw_merging", **params):
+    from fwllm.mergekit_glue.recipe import load_recipe, merge_job
+
+    recipe = write_recipe(tmp_path / "r.yml", method, pool["base"], [pool["experts"]["copy"]],
+                          {"calibration": str(pool["calib"]), **params})
+    return merge_job(load_recipe(str(recipe)), "", "cpu", False)
+
+
+def _check(job):
+    from fwllm.mergekit_glue.preflight import check_job
+
+    return check_job(job)
+
+
+# -- 1. iterations -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [10**12, 1e12, 10_001])
+def test_iterations_beyond_the_ceiling_are_one_error_at_recipe_load(tmp_path, tiny_pool, no_model, value):
+    with pytest.raises(FwllmError, match=r"fw_merging: iterations must be <= 10000 \(got"):
+        _job(tmp_path, tiny_pool, iterations=value)
+
+
+def test_the_ceilings_themselves_are_accepted(tmp_path, tiny_pool):
+    job = _job(tmp_path, tiny_pool, iterations=10_000, batch_size=1024, max_rows=100_000)
+    assert (job.params.iterations, job.params.batch_size, job.params.max_rows) == (10_000, 1024, 100_000)
+
+
+def test_adamerging_steps_have_the_same_ceiling(tmp_path, tiny_pool):
+    with pytest.raises(FwllmError, match=r"adamerging: steps must be <= 10000"):
+        _job(tmp_path, tiny_pool, "adamerging", steps=50_000)
+
+
+# -- 2. task count -------------------------------------------------------------------------------------------
+def test_ten_thousand_one_row_files_are_refused_before_any_is_read(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(10_000):
+        (folder / f"t{i:05d}.jsonl").write_text("not json\n")  # reading any of them would fail differently
+    with pytest.raises(FwllmError, match=r"holds 10000 tasks \(one per \.jsonl file\); at most 256 are allowed"):
+        load_calibration(str(folder))
+
+
+def test_the_task_count_is_refused_in_preflight_without_a_model(tmp_path, tiny_pool, no_model):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(257):
+        write_jsonl(folder / f"t{i}.jsonl", [{"prompt": "copy : 1 =", "response": "1"}])
+    job = _job(tmp_path, {**tiny_pool, "calib": folder})
+    with pytest.raises(FwllmError, match="holds 257 tasks"):
+        _check(job)
+    (folder / "t256.jsonl").unlink()
+    assert len(_check(job)) == 256  # the ceiling itself is accepted
+
+
+def test_a_task_over_the_row_ceiling_needs_max_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "MAX_TASK_ROWS", 5)
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, [{"text": f"row {i}"} for i in range(6)])
+    with pytest.raises(FwllmError, match=r"t.jsonl:6: the task has over 5 rows.*set max_rows \(at most 5\)"):
+        read_task(str(path))
+    assert len(read_task(str(path), max_rows=5).rows) == 5
+    write_jsonl(path, [{"text": f"row {i}"} for i in range(5)])
+    assert len(read_task(str(path)).rows) == 5
+
+
+# -- 3. max_length -------------------------------------------------------------------------------------------
+def test_a_huge_max_length_is_one_error_at_recipe_load(tmp_path, tiny_pool, no_model):
+    with pytest.raises(FwllmError, match=r"max_length must be <= 131072 \(got 1000000000"):
+        _job(tmp_path, tiny_pool, max_length=10**9)
+
+
+def test_a_written_max_length_beyond_the_context_is_refused(tmp_path, tiny_pool, no_model):
+    job = _job(tmp_path, tiny_pool, max_length=65)  # the tiny LLaMA has max_position_embeddings = 64
+    with pytest.raises(FwllmError, match=r"max_length 65 exceeds the base's context of 64 tokens .*max_length <= 64"):
+        _check(job)
+    job = _job(tmp_path, tiny_pool, max_length=64)
+    _check(job)
+    assert job.params.max_length == 64
+
+
+def test_the_default_max_length_is_lowered_to_the_context_with_a_warning(tmp_path, tiny_pool, no_model, caplog):
+    job = _job(tmp_path, tiny_pool)
+    assert job.params.max_length == 256
+    with caplog.at_level(logging.WARNING):
+        _check(job)
+    assert job.params.max_length == 64
+    assert [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()] == [
+        "fwllm: max_length 256 lowered to the base's context of 64 tokens"]
+
+
+@pytest.mark.parametrize("cfg, context", [
+    ({"model_type": "llama", "max_position_embeddings": 2048}, 2048),
+    ({"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024}, 1024),
+    ({"model_type": "mpt", "max_seq_len": 4096}, 4096),
+    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),  # roberta-base: 512
+    ({"model_type": "llava", "text_config": {"max_position_embeddings": 4096}}, 4096),
+    ({"model_type": "t5"}, None),  # relative positions: no table to run past
+])
+def test_context_length_from_the_config(cfg, context):
+    assert context_length(cfg) == context
+
+
+def test_plain_mergekit_yaml_refuses_a_max_length_beyond_the_context(tmp_path, tiny_pool):
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    if not os.path.exists(exe):
+        pytest.skip("mergekit-yaml is not installed beside this Python")
+    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", tiny_pool["base"], [tiny_pool["experts"]["copy"]],
+                          {"calibration": str(tiny_pool["calib"]), "max_length": 100})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FWLLM_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([exe, str(recipe), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert "max_length 100 exceeds the base's context of 64 tokens" in r.stdout + r.stderr
+    assert not os.path.exists(tmp_path / "cache" / "plans") or not os.listdir(tmp_path / "cache" / "plans")
+
+
+# -- 4. memory -----------------------------------------------------------------------------------------------
+class _PeakAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of tensor storage created under this mode and alive at once (weights made before it are not
+    counted): the peak of a forward+backward's activations, logits and gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.alive = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.alive:
+                    self.alive.add(storage.data_ptr())
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def _free(self, key, nbytes):
+        self.alive.discard(key)
+        self.live -= nbytes
+
+
+@pytest.mark.parametrize("batch, tokens, hidden, inter, layers, heads, kv, vocab", [
+    (4, 64, 64, 160, 2, 4, 2, 100),
+    (2, 128, 128, 344, 3, 8, 8, 50),
+    (4, 64, 64, 160, 2, 4, 2, 5000),  # logits dominate
+])
+def test_the_estimate_bounds_a_measured_llama_forward_backward_within_1_5x(batch, tokens, hidden, inter, layers,
+                                                                           heads, kv, vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=tokens)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, vocab, (batch, tokens))
+    mask = torch.ones_like(ids)
+    mask[0, tokens // 2:] = 0  # padding: the 4-D attention mask is built
+    with _PeakAllocation() as peak:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="sum").backward()
+    sizes = ModelSizes.from_config(cfg.to_dict())
+    grads = 4 * sum(p.numel() for p in model.parameters())  # counted by fw_merging.in_ram_bytes
+    estimate = sizes.activation_bytes(batch, tokens) + sizes.logits_bytes(batch, tokens) + grads
+    assert peak.peak <= estimate <= 1.5 * peak.peak, (peak.peak, estimate)
+
+
+def test_micro_batch_shape_from_the_rows():
+    rows = [{"prompt": "a" * 10, "response": "b" * 5}, {"prompt": "c", "response": "d"}]
+    task = CalibrationTask("t", CAUSAL, rows)
+    assert micro_batch_shape([task], batch_size=8, max_length=256) == (2, 2 * 15 + 8)  # 2 rows; 15 bytes
+    assert micro_batch_shape([task], batch_size=1, max_length=20) == (1, 20)
+
+
+def test_a_micro_batch_too_large_for_memory_is_refused_with_the_numbers(tmp_path, tiny_pool, no_model,
+                                                                          monkeypatch):
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)  # 1 MiB
+    job = _job(tmp_path, tiny_pool, batch_size=8)
+    with pytest.raises(FwllmError) as err:
+        _check(job)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("fw_merging: a micro-batch of 8 rows x 54 tokens needs about ")  # 23-byte rows
+    assert "(gradient: layerwise: weights" in message and "1 MiB of memory is available" in message
+    assert "lower batch_size (now 8) or max_length (now 64)" in message
+    monkeypatch.setattr(memory, "available_memory", lambda: 64 << 20)
+    _check(_job(tmp_path, tiny_pool, batch_size=8))  # fits in 64 MiB
+    _check(_job(tmp_path, tiny_pool, batch_size=1, max_length=8))  # a smaller micro-batch fits in 1 MiB
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
+    _check(_job(tmp_path, tiny_pool, batch_size=1, max_length=8))
+
+
+def test_gradient_full_is_refused_where_layerwise_would_fit(tmp_path, tiny_pool, no_model, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 << 20)
+    _check(_job(tmp_path, tiny_pool))
+    with pytest.raises(FwllmError, match=r"needs about .* \(gradient: full: weights"):
+        _check(_job(tmp_path, tiny_pool, gradient="full"))
+
+
+def test_gradient_auto_counts_the_micro_batch(tmp_path, tiny_pool, monkeypatch):
+    """3 MiB available: the weights alone (under 0.3 MiB in RAM) would pick `full` (they need under half the
+    free memory); with one micro-batch's activations (8 x 54 tokens, about 3 MiB) `auto` goes layerwise."""
+    from fwllm.methods import fw_merging
+    from conftest import merge
+
+    monkeypatch.setattr(fw_merging, "available_memory", lambda: 3 << 20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 << 20)
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    out = merge(tmp_path, "out", "fw_merging", tiny_pool, [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]],
+                {"calibration": str(tiny_pool["calib"]), "iterations": 1})
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text()) if (out / "fwllm_plan").is_dir() else None
+    text = json.dumps(plan)
+    assert '"mode": "layerwise"' in text, text[:2000]
