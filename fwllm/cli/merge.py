@@ -62,15 +62,19 @@ def _first_line(err: BaseException) -> str:
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Solve afresh: reuse no cached or `plan:` plan, statistic or merged adapter.")
+@click.option("--allow-pickle", "allow_pickle", is_flag=True,
+              help="Also read models whose weights are pickles only (.bin/.pt/.pth); loading a pickle can run code.")
 @add_merge_options
-def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool, no_cache: bool):
+def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool, no_cache: bool,
+                  allow_pickle: bool):
     """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
     from fwllm.mergekit_glue.merge import merge_recipe
 
     merge_options.apply_global_options()
     try:
         with _sigterm_raises():
-            path = merge_recipe(recipe, out_dir, merge_options, force=force, no_cache=no_cache)
+            path = merge_recipe(recipe, out_dir, merge_options, force=force, no_cache=no_cache,
+                                allow_pickle=allow_pickle)
     except FwllmError as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt as err:
