@@ -3,7 +3,7 @@
 A plan is the "why" of a merge and everything mergekit's executor needs per tensor.
 Each method has its record type; `read_record` refuses a folder that holds no plan, an
 unfinished one, another method's plan, a plan folder that is not trusted, and a plan that
-names a file outside its folder (`fwllm.io.trust`).
+names a file outside its folder (`fwllm.core.trust`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.params import MethodParams
-from fwllm.io.trust import check_trusted, inside
+from fwllm.core.trust import check_trusted, inside
 
 PLAN_FILE = "plan.json"
 PLAN_DONE = "DONE"  # written last: a plan folder without it is unfinished

@@ -19,7 +19,7 @@ mtime, ctime). The kernel sets ctime on every write and no user or copy tool can
 so the memo never outlives a change. A file changed within the last `RACY_SECONDS` is not
 memoised, since timestamps are coarser than the time an edit takes (git's "racily clean"
 files), nor is one whose stat changed while it was hashed. The memo file is used only
-when it is trusted (`fwllm.io.trust`: yours, writable by no one else); otherwise every
+when it is trusted (`fwllm.core.trust`: yours, writable by no one else); otherwise every
 file is hashed afresh, with a warning.
 """
 
@@ -37,7 +37,7 @@ from typing import Dict, Iterable, List, Optional
 
 from fwllm.core.paths import cache_root
 from fwllm.io.models import resolve_model_path
-from fwllm.io.trust import untrusted_reason
+from fwllm.core.trust import untrusted_reason
 
 LOG = logging.getLogger(__name__)
 RACY_SECONDS = 2.0

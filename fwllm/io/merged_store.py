@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fwllm.core.errors import FwllmError
 from fwllm.io.candidates import Candidate, LazyCandidates
 from fwllm.io.tensors import TensorReader
-from fwllm.io.trust import inside
+from fwllm.core.trust import inside
 
 MERGED_DIR = "merged"
 INDEX = "index.json"

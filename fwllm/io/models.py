@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.trust import inside
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -47,8 +48,6 @@ def safetensors_files(model_dir: str) -> List[str]:
                 named = set(json.load(fp).get("weight_map", {}).values())
         except ValueError as err:
             raise FwllmError(f"{index} is not valid JSON ({err})") from None
-        from fwllm.io.trust import inside
-
         # a shard of another folder would be read as this model's (the index may not leave its folder)
         named = {f: inside(model_dir, f, f"{index} (weight_map)") for f in named}
         missing = sorted(f for f, path in named.items() if not os.path.isfile(path))

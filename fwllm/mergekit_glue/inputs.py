@@ -18,7 +18,7 @@ from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.data.calibration import calibration_files
 from fwllm.io.identity import digest, file_identity, model_identity
-from fwllm.io.trust import check_trusted
+from fwllm.core.trust import check_trusted
 
 INPUTS_FILE = "inputs.json"
 

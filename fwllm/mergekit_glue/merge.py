@@ -30,9 +30,9 @@ from fwllm.arch.encoder_pool import (
 from fwllm.arch.heads import HEADS_DIR
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import plan_is_complete
+from fwllm.core.trust import check_trusted
 from fwllm.io.identity import digest, model_identity
 from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
-from fwllm.io.trust import check_trusted
 from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all, start_run
 from fwllm.mergekit_glue.inputs import check_plan_inputs, job_inputs, solve_recorded
 from fwllm.mergekit_glue.preflight import check_job

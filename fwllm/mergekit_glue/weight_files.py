@@ -23,7 +23,7 @@ from typing import Iterable, List, Optional
 
 from fwllm.core.errors import FwllmError
 from fwllm.io.models import SHARD_INDEX
-from fwllm.io.trust import inside
+from fwllm.core.trust import inside
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header

@@ -1,4 +1,4 @@
-"""Nothing is read from outside what the user named (fwllm.io.trust and where it is applied).
+"""Nothing is read from outside what the user named (fwllm.core.trust and where it is applied).
 
 The truth is the construction: a plan folder planted by another account (another owner, or
 writable by others) and a plan that names files outside its folder are each refused with
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import task_rows, write_jsonl, write_recipe
 from fwllm.core.errors import FwllmError
 from fwllm.core.plan import CandidateStats, StatsPlanRecord, mark_plan_complete, read_record, write_record
-from fwllm.io import trust
+from fwllm.core import trust
 from fwllm.io.merged_store import merged_index, write_merged
 from fwllm.io.stats_store import StatsCache
 from fwllm.mergekit_glue.inputs import read_inputs, write_inputs
