@@ -48,7 +48,8 @@ def drop_pages(folder: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", help="a model folder (default: write shards with --write-gib)")
     parser.add_argument("--write-gib", type=float, default=0.2, help="GiB of random bf16 shards to write")
     args = parser.parse_args()

@@ -63,7 +63,8 @@ def _first_line(err: BaseException) -> str:
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Solve afresh: reuse no cached or `plan:` plan, statistic or merged adapter.")
 @click.option("--allow-pickle", "allow_pickle", is_flag=True,
-              help="Also read models whose weights are pickles only (.bin/.pt/.pth); loading a pickle can run code.")
+              help="Also read models whose weights are pickles only (.bin/.pt/.pth); "
+                   "loading a pickle can run code.")
 @add_merge_options
 def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool, no_cache: bool,
                   allow_pickle: bool):

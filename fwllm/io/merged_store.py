@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.trust import inside
 from fwllm.io.candidates import Candidate, LazyCandidates
 from fwllm.io.tensors import TensorReader
-from fwllm.core.trust import inside
 
 MERGED_DIR = "merged"
 INDEX = "index.json"

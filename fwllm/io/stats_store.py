@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from fwllm.core.job import CandidateSpec
 from fwllm.core.paths import cache_root
-from fwllm.io.identity import model_identity
 from fwllm.core.trust import check_trusted
+from fwllm.io.identity import model_identity
 
 
 def save_stats(path: str, tensors: Dict[str, torch.Tensor]) -> None:

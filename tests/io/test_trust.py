@@ -134,12 +134,13 @@ def test_a_plan_planted_in_the_cache_under_the_right_key_is_refused(tiny_pool, t
     plans = [p for p in os.listdir(tmp_path / "cache" / "plans") if not p.startswith(".")]
     plan = tmp_path / "cache" / "plans" / plans[0]
     names = list(load_file(str(tmp_path / "first" / "model.safetensors")))
-    evil = {n: torch.full_like(t, 7.0) for n, t in load_file(str(tmp_path / "first" / "model.safetensors")).items()}
+    first = load_file(str(tmp_path / "first" / "model.safetensors"))
+    evil = {n: torch.full_like(t, 7.0) for n, t in first.items()}
     (tmp_path / "attacker").mkdir()
     save_file(evil, str(tmp_path / "attacker" / "evil.safetensors"))
     write_merged(str(plan), [])
-    (plan / "merged" / "index.json").write_text(json.dumps({n: str(tmp_path / "attacker" / "evil.safetensors")
-                                                            for n in names}))
+    planted = str(tmp_path / "attacker" / "evil.safetensors")
+    (plan / "merged" / "index.json").write_text(json.dumps({n: planted for n in names}))
     as_other_user(str(plan), monkeypatch)
 
     with pytest.raises(FwllmError, match="not trusted") as err:
