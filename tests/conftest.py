@@ -8,12 +8,15 @@ outputs), so their task vectors conflict; a third expert trains on shuffled targ
 import json
 import os
 import random
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# fwllm's caches (plans, statistics, the identity memo) never land in the real ~/.cache
+os.environ["FWLLM_CACHE"] = tempfile.mkdtemp(prefix="fwllm-tests-cache-")
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [str(d) for d in range(10)] + ["copy", "rev", "=", ":"]
 

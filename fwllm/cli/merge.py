@@ -62,11 +62,14 @@ def _first_line(err: BaseException) -> str:
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Solve afresh: reuse no cached or `plan:` plan, statistic or merged adapter.")
+@click.option("--allow-pickle", "allow_pickle", is_flag=True,
+              help="Also read models whose weights are pickles only (.bin/.pt/.pth); "
+                   "loading a pickle can run code.")
 @click.option("--lora-out", type=click.Path(), help="fw_merging of LoRA adapters: also write a peft adapter.")
 @click.option("--lora-rank", type=int, help="With --lora-out: truncate each delta to this rank (SVD).")
 @add_merge_options
 def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool, no_cache: bool,
-                  lora_out, lora_rank):
+                  allow_pickle: bool, lora_out, lora_rank):
     """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
     from fwllm.mergekit_glue.lora_out import check_lora_out, write_lora_out
     from fwllm.mergekit_glue.merge import merge_recipe
@@ -76,7 +79,8 @@ def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force:
         with _sigterm_raises():
             if lora_out:
                 check_lora_out(recipe, out_dir, lora_out, force)
-            path = merge_recipe(recipe, out_dir, merge_options, force=force, no_cache=no_cache)
+            path = merge_recipe(recipe, out_dir, merge_options, force=force, no_cache=no_cache,
+                                allow_pickle=allow_pickle)
             if lora_out:
                 click.echo(write_lora_out(recipe, path, lora_out, force, lora_rank))
     except FwllmError as err:

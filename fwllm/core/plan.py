@@ -2,7 +2,8 @@
 
 A plan is the "why" of a merge and everything mergekit's executor needs per tensor.
 Each method has its record type; `read_record` refuses a folder that holds no plan, an
-unfinished one, or another method's plan.
+unfinished one, another method's plan, a plan folder that is not trusted, and a plan that
+names a file outside its folder (`fwllm.core.trust`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.params import MethodParams
+from fwllm.core.trust import check_trusted, inside
 
 PLAN_FILE = "plan.json"
 PLAN_DONE = "DONE"  # written last: a plan folder without it is unfinished
@@ -116,6 +118,7 @@ def read_record(plan_dir: str, method: str, record_type: Type[R]) -> R:
     path = os.path.join(plan_dir, PLAN_FILE)
     if not os.path.isfile(path):
         raise FwllmError(f"{plan_dir} is not a {method} plan (no {PLAN_FILE})")
+    check_trusted("plan folder", plan_dir)
     with open(path, encoding="utf-8") as fp:
         try:
             raw = json.load(fp)
@@ -125,8 +128,12 @@ def read_record(plan_dir: str, method: str, record_type: Type[R]) -> R:
         found = raw.get("method") if isinstance(raw, dict) else None
         raise FwllmError(f"{plan_dir} holds a {found} plan, not a {method} plan")
     try:
-        return record_type.model_validate(raw)
+        record = record_type.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise FwllmError(f"{path}: {where}: {first['msg']} (a plan from another fwllm version? solve again)") from None
+    for c in getattr(record, "candidates", []):
+        if isinstance(c, CandidateStats):
+            inside(plan_dir, c.file, f"{path} (candidate {c.label})")
+    return record

@@ -2,55 +2,56 @@
 
 The rule (also in docs/design.md, "Caches and identities"):
 
-* A file of at most `FULL_HASH_BYTES` (64 MiB) is hashed whole (SHA-256): calibration files,
-  `config.json`, adapter configs, tokenizer files and the weight shards of small models.
-* A larger safetensors shard is identified by its size, its whole header (every tensor's
-  name, dtype, shape and byte offsets) and sampled bytes: the first and last `SAMPLE_BYTES`
-  of every tensor's data, and `WINDOWS` windows of `WINDOW_BYTES` spread evenly over the
-  file. Training moves essentially every element of every tensor it touches, so a retrained
-  or replaced checkpoint differs inside the sampled ranges; another architecture, dtype or
-  layout differs in the header; a truncated or extended file differs in size.
-* Another large file (`.bin`, `.gguf`): its size and the evenly spread windows.
+* A file is identified by the SHA-256 of every one of its bytes: weight shards, calibration
+  files, `config.json`, adapter configs, tokenizer files. (No sampling: a sign flip of
+  128 KiB in the middle of a shard must give another identity. SHA-256 and BLAKE2b hash
+  at the same speed here, about 0.9 GiB/s a core, and several files hash in parallel.)
 * A model or adapter folder: its relevant files (`MODEL_SUFFIXES` at the top level, and
   `fwllm_heads/`), each by relative name and identity.
 * A Hub id: the commit hash of the snapshot it resolves to (the Hub's own content address).
 
 Paths, file names of the folder itself and mtimes never count: a copy (`cp -p`, `rsync -a`)
-shares its source's identity, and an edit in place changes it. What the rule misses is an
-in-place edit of a few bytes of a large shard outside the sampled ranges; `--no-cache`
-(`no_cache: true` under plain mergekit) solves again regardless of any cache.
+shares its source's identity, and an edit in place changes it.
 
-Identities are memoised in-process by (path, device, inode, size, mtime, ctime). The kernel
-sets ctime on every write and no copy tool can set it, so the memo never outlives a change;
-a file changed within the last `RACY_SECONDS` is not memoised, since timestamps are coarser
-than the time an edit takes (as git treats "racily clean" files).
+Hashing a 7B model's 13 GiB is seconds, so a digest is memoised, in-process and in
+`$FWLLM_CACHE/identity.sqlite`, keyed like git's index by the file's (device, inode, size,
+mtime, ctime). The kernel sets ctime on every write and no user or copy tool can set it,
+so the memo never outlives a change. A file changed within the last `RACY_SECONDS` is not
+memoised, since timestamps are coarser than the time an edit takes (git's "racily clean"
+files), nor is one whose stat changed while it was hashed. The memo file is used only
+when it is trusted (`fwllm.core.trust`: yours, writable by no one else); otherwise every
+file is hashed afresh, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import re
-import struct
+import sqlite3
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterable, List, Optional
 
+from fwllm.core.paths import cache_root
 from fwllm.io.models import resolve_model_path
+from fwllm.core.trust import untrusted_reason
 
-FULL_HASH_BYTES = 64 << 20
-SAMPLE_BYTES = 4096
-WINDOWS, WINDOW_BYTES = 64, 64 << 10
+LOG = logging.getLogger(__name__)
 RACY_SECONDS = 2.0
+MEMO_FILE = "identity.sqlite"
+HASH_THREADS = 4  # hashlib releases the GIL on large updates: shards hash in parallel
 # Files that change what a model computes; docs, logs and eval outputs do not count.
 MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 HEADS_DIR = "fwllm_heads"  # per-task heads beside an encoder checkpoint (fwllm.arch.heads)
-_CHUNK = 1 << 20
+_CHUNK = 4 << 20
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 _MEMO: Dict[tuple, str] = {}
 _MEMO_LOCK = threading.Lock()
+_DB: Dict[str, Optional[sqlite3.Connection]] = {}  # memo file -> connection (None: not usable)
 
 
 def _sha(data: Iterable[bytes]) -> str:
@@ -60,76 +61,78 @@ def _sha(data: Iterable[bytes]) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
-def _whole(fp) -> Iterable[bytes]:
-    return iter(lambda: fp.read(_CHUNK), b"")
+def hash_file(path: str) -> str:
+    """The SHA-256 identity of every byte of `path` (no memo)."""
+    with open(path, "rb", buffering=0) as fp:
+        return _sha(iter(lambda: fp.read(_CHUNK), b""))
 
 
-def _read_at(fp, offset: int, length: int) -> bytes:
-    fp.seek(offset)
-    return fp.read(length)
-
-
-def _windows(size: int) -> List[Tuple[int, int]]:
-    if size <= WINDOW_BYTES:
-        return [(0, size)]
-    return [((size - WINDOW_BYTES) * i // (WINDOWS - 1), WINDOW_BYTES) for i in range(WINDOWS)]
-
-
-def _safetensors_ranges(fp, size: int) -> Optional[Tuple[bytes, List[Tuple[int, int]]]]:
-    """The header bytes and each tensor's first and last SAMPLE_BYTES, or None if not safetensors."""
-    head = _read_at(fp, 0, 8)
-    if len(head) < 8:
-        return None
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8 or n > 100 << 20:
-        return None
-    header = _read_at(fp, 8, n)
+def _memo_db() -> Optional[sqlite3.Connection]:
+    """The persistent memo (call under _MEMO_LOCK); None when it cannot be used or is not trusted."""
+    path = os.path.join(cache_root(), MEMO_FILE)
+    if path in _DB:
+        return _DB[path]
+    db = None
     try:
-        entries = json.loads(header)
-        start = 8 + n
-        ranges = []
-        for name, entry in sorted(entries.items()):
-            if name == "__metadata__":
-                continue
-            lo, hi = (start + int(x) for x in entry["data_offsets"])
-            length = max(0, min(SAMPLE_BYTES, hi - lo))
-            ranges += [(lo, length), (max(lo, hi - SAMPLE_BYTES), length)]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None  # not a safetensors header: the generic rule applies
-    return header, ranges
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        why = untrusted_reason([os.path.dirname(path), path], deep=False)
+        if why:
+            LOG.warning("fwllm: not using the identity memo %s (%s): every input is hashed afresh", path, why)
+        else:
+            db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+            db.execute("CREATE TABLE IF NOT EXISTS memo (dev INTEGER, ino INTEGER, size INTEGER,"
+                       " mtime INTEGER, ctime INTEGER, ident TEXT, PRIMARY KEY (dev, ino, size, mtime, ctime))")
+    except (OSError, sqlite3.Error) as err:  # a read-only cache folder: memoise in-process only
+        LOG.debug("no identity memo at %s: %s", path, err)
+        db = None
+    _DB[path] = db
+    return db
 
 
-def _sampled(path: str, size: int) -> str:
-    with open(path, "rb") as fp:
-        parts = [b"size:%d\0" % size]
-        st = _safetensors_ranges(fp, size) if path.endswith(".safetensors") else None
-        ranges = _windows(size)
-        if st is not None:
-            header, tensor_ranges = st
-            parts.append(header)
-            ranges = tensor_ranges + ranges
-        for offset, length in ranges:
-            parts.append(b"%d:%d\0" % (offset, length))
-            parts.append(_read_at(fp, offset, length))
-    return _sha(parts)
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remembered(key: tuple) -> Optional[str]:
+    with _MEMO_LOCK:
+        if key in _MEMO:
+            return _MEMO[key]
+        db = _memo_db()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT ident FROM memo WHERE dev=? AND ino=? AND size=? AND mtime=?"
+                             " AND ctime=?", key).fetchone()
+        except sqlite3.Error:
+            return None
+        if row:
+            _MEMO[key] = row[0]
+        return row[0] if row else None
+
+
+def _remember(key: tuple, ident: str) -> None:
+    with _MEMO_LOCK:
+        _MEMO[key] = ident
+        db = _memo_db()
+        if db is not None:
+            try:
+                db.execute("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?, ?, ?)", (*key, ident))
+            except sqlite3.Error as err:  # a locked or full disk: the in-process memo still holds it
+                LOG.debug("identity memo not written: %s", err)
 
 
 def file_identity(path: str) -> str:
     """The file's identity under the rule above (memoised while the file is unchanged)."""
     st = os.stat(path)
-    memo_key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _MEMO_LOCK:
-        if memo_key in _MEMO:
-            return _MEMO[memo_key]
-    settled = time.time() - max(st.st_mtime, st.st_ctime) > RACY_SECONDS
-    if st.st_size <= FULL_HASH_BYTES:
-        with open(path, "rb") as fp:
-            ident = _sha(_whole(fp))
-    else:
-        ident = _sampled(path, st.st_size)
-    if settled:
-        with _MEMO_LOCK:
-            _MEMO[memo_key] = ident
+    key = _stat_key(st)
+    ident = _remembered(key)
+    if ident is not None:
+        return ident
+    ident = hash_file(path)
+    after = os.stat(path)
+    settled = time.time() - max(after.st_mtime, after.st_ctime) > RACY_SECONDS
+    if settled and _stat_key(after) == key:
+        _remember(key, ident)
     return ident
 
 
@@ -147,8 +150,13 @@ def model_files(model_dir: str) -> List[str]:
 
 
 def files_identity(root: str, names: Iterable[str]) -> Dict[str, str]:
-    """{relative name: identity} for files under `root`."""
-    return {name: file_identity(os.path.join(root, name)) for name in names}
+    """{relative name: identity} for files under `root` (hashed by a few threads)."""
+    names = list(names)
+    if len(names) <= 1:
+        return {name: file_identity(os.path.join(root, name)) for name in names}
+    with ThreadPoolExecutor(min(HASH_THREADS, len(names))) as pool:
+        idents = pool.map(lambda name: file_identity(os.path.join(root, name)), names)
+        return dict(zip(names, idents))
 
 
 def digest(mapping: Dict[str, str]) -> str:

@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from fwllm.core.errors import FwllmError
+from fwllm.core.trust import inside
 from fwllm.io.candidates import Candidate, LazyCandidates
 from fwllm.io.tensors import TensorReader
 
@@ -64,8 +66,16 @@ def merged_index(plan_dir: str) -> Optional[Dict[str, str]]:
     path = os.path.join(plan_dir, MERGED_DIR, INDEX)
     if not os.path.isfile(path):
         return None
+    folder = os.path.join(plan_dir, MERGED_DIR)
     with open(path, encoding="utf-8") as fp:
-        return {n: os.path.join(plan_dir, MERGED_DIR, f) for n, f in json.load(fp).items()}
+        try:
+            entries = json.load(fp)
+        except ValueError:
+            raise FwllmError(f"{path} is not valid JSON: the plan is damaged; solve again") from None
+    if not isinstance(entries, dict):
+        raise FwllmError(f"{path} is not a {{tensor: shard}} index: the plan is damaged; solve again")
+    # a shard named by an absolute path or by `..` would merge another folder's tensors
+    return {n: inside(folder, f, path) for n, f in entries.items()}
 
 
 def read_merged(index: Dict[str, str], name: str) -> Optional[torch.Tensor]:

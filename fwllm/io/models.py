@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.trust import inside
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -47,7 +48,9 @@ def safetensors_files(model_dir: str) -> List[str]:
                 named = set(json.load(fp).get("weight_map", {}).values())
         except ValueError as err:
             raise FwllmError(f"{index} is not valid JSON ({err})") from None
-        missing = sorted(f for f in named if not os.path.isfile(os.path.join(model_dir, f)))
+        # a shard of another folder would be read as this model's (the index may not leave its folder)
+        named = {f: inside(model_dir, f, f"{index} (weight_map)") for f in named}
+        missing = sorted(f for f, path in named.items() if not os.path.isfile(path))
         if missing:
             raise FwllmError(f"{model_dir}: the shard index names {missing[0]}, which is missing "
                              f"({len(missing)} shard(s) missing); download the model again")

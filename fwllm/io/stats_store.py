@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from fwllm.core.job import CandidateSpec
 from fwllm.core.paths import cache_root
+from fwllm.core.trust import check_trusted
 from fwllm.io.identity import model_identity
 
 
@@ -88,6 +89,7 @@ class StatsCache:
         tensors, meta = self.paths(key)
         if not (os.path.isfile(tensors) and os.path.isfile(meta)):
             return None
+        check_trusted("statistics cache entry", tensors, meta, self.folder, deep=False)
         with open(meta, encoding="utf-8") as fp:
             return json.load(fp)
 

@@ -18,6 +18,7 @@ from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.data.calibration import calibration_files
 from fwllm.io.identity import digest, file_identity, model_identity
+from fwllm.core.trust import check_trusted
 
 INPUTS_FILE = "inputs.json"
 
@@ -58,6 +59,9 @@ def write_inputs(plan_dir: str, inputs: dict) -> None:
 
 
 def read_inputs(plan_dir: str) -> Optional[dict]:
+    """The recorded inputs (None when unreadable); a plan folder that is not trusted is an error,
+    whatever it claims: its record is only as good as whoever could write it."""
+    check_trusted("plan folder", plan_dir)
     try:
         with open(os.path.join(plan_dir, INPUTS_FILE), encoding="utf-8") as fp:
             return json.load(fp)

@@ -30,6 +30,7 @@ from fwllm.arch.encoder_pool import (
 from fwllm.arch.heads import HEADS_DIR
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import plan_is_complete
+from fwllm.core.trust import check_trusted
 from fwllm.io.identity import digest, model_identity
 from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
 from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all, start_run
@@ -37,6 +38,7 @@ from fwllm.mergekit_glue.inputs import check_plan_inputs, job_inputs, solve_reco
 from fwllm.mergekit_glue.preflight import check_job
 from fwllm.mergekit_glue.recipe import load_recipe, merge_job
 from fwllm.mergekit_glue.streaming_writer import streaming_output
+from fwllm.mergekit_glue.weight_files import check_recipe_weights
 
 PLAN_SUBDIR = "fwllm_plan"
 LORA_DONE = "COMPLETE"  # written once mergekit has merged every adapter of the folder
@@ -62,6 +64,8 @@ def lora_merge_cache(config, options: MergeOptions, no_cache: bool) -> Iterator[
     root = options.lora_merge_cache or os.path.join(cache_root(), "lora_merged")
     folder = os.path.join(root, _lora_key(config, options))
     with folder_lock(folder, "LoRA merge cache", lock_timeout(PLAN_WAIT)):
+        if os.path.isfile(os.path.join(folder, LORA_DONE)):
+            check_trusted("LoRA merge cache", folder)  # merged weights another account could have written
         if no_cache or not os.path.isfile(os.path.join(folder, LORA_DONE)):
             shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder, exist_ok=True)
@@ -77,11 +81,13 @@ def _plan_lock(user_plan: Optional[str]):
 
 
 def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: bool = False,
-                 no_cache: bool = False) -> str:
-    """Merge `recipe_path` into `out_dir`; returns out_dir. `no_cache` reuses no plan or statistic."""
+                 no_cache: bool = False, allow_pickle: bool = False) -> str:
+    """Merge `recipe_path` into `out_dir`; returns out_dir. `no_cache` reuses no plan or statistic;
+    `allow_pickle` lets a model with pickle weights only be read."""
     register_all()
     recipe = load_recipe(recipe_path)
     config = recipe.config
+    check_recipe_weights(config.referenced_models(), allow_pickle)
     encoder_arch, job, inputs, user_plan = None, None, None, None
     if recipe.method is not None:
         job = merge_job(recipe, "", options.device or "cpu", not options.quiet)

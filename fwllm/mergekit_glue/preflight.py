@@ -24,6 +24,7 @@ from fwllm.io.adapters import AdapterReader
 from fwllm.mergekit_glue.bounds import check_bounds
 from fwllm.io.models import ADAPTER_CONFIG, architecture_of, is_adapter_dir, read_config, resolve_model_path, \
     safetensors_files
+from fwllm.mergekit_glue.weight_files import check_shard
 
 # Buffers some checkpoints carry and others of the same class do not; no merge reads them.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", ".attn.bias", ".attn.masked_bias")
@@ -33,6 +34,7 @@ def tensor_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
     """{name: shape} from the safetensors headers (no tensor is read)."""
     shapes = {}
     for shard in safetensors_files(model_dir):
+        check_shard(shard)  # a truncated shard is one error line here, not a traceback mid-merge
         try:
             with safe_open(shard, framework="pt") as fp:
                 for name in fp.keys():

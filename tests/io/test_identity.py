@@ -6,6 +6,7 @@ must change it, even when name, size and mtime are kept (`cp -p`, `rsync -a`, an
 followed by `touch -r`).
 """
 
+import hashlib
 import os
 import shutil
 
@@ -69,38 +70,110 @@ def test_copies_share_an_identity_and_edits_in_place_do_not(tmp_path):
     assert identity.model_identity(str(a)) != cfg_before
 
 
-def test_sampled_rule_for_large_shards(tmp_path, monkeypatch):
-    # every file counts as "large" here: the header-and-samples rule is what is checked
-    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 0)
-    monkeypatch.setattr(identity, "WINDOWS", 4)
-    monkeypatch.setattr(identity, "WINDOW_BYTES", 1024)
+def sign_flip(path, offset, length):
+    """Flip the sign bit of every bf16 element in [offset, offset + length); size and mtime kept."""
+    st = os.stat(path)
+    with open(path, "r+b") as fp:
+        fp.seek(offset)
+        data = bytearray(fp.read(length))
+        for i in range(1, len(data), 2):  # little-endian bf16: the sign is the high byte's top bit
+            data[i] ^= 0x80
+        fp.seek(offset)
+        fp.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_sign_flip_inside_a_large_shard_changes_its_identity(tmp_path, monkeypatch):
+    # the red-team case: 128 KiB sign-flipped in the middle of a 72 MB shard, same size and mtime
     monkeypatch.setattr(identity, "_MEMO", {})
-    shapes = ((64, 512), (512,))  # 128 KiB and 2 KiB of float32
-    a = model_folder(tmp_path / "a", shapes=shapes)
-    shard = a / "model.safetensors"
-    base = identity.file_identity(str(shard))
-    header = 8 + int.from_bytes(open(shard, "rb").read(8), "little")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shard = folder / "model.safetensors"
+    save_file({"w": torch.randn(36 << 20, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)},
+              str(shard))
     size = os.path.getsize(shard)
+    assert size > 64 << 20
+    before = identity.model_identity(str(folder))
+    sign_flip(shard, size // 2 - (64 << 10), 128 << 10)
+    assert os.path.getsize(shard) == size
+    assert identity.model_identity(str(folder)) != before
 
-    # a byte inside the first and inside the last sampled range of a tensor; the header itself
-    for offset in (header, size - 1, header + 4096 - 1, 10):
-        flip_byte(shard, offset)
-        assert identity.file_identity(str(shard)) != base, offset
-        flip_byte(shard, offset)
-        assert identity.file_identity(str(shard)) == base, offset
 
-    # another dtype (the header changes) and a retrain (every element moves)
-    assert identity.file_identity(str(model_folder(tmp_path / "h", shapes=shapes, dtype=torch.float64)
-                                      / "model.safetensors")) != base
-    assert identity.file_identity(str(model_folder(tmp_path / "r", seed=3, shapes=shapes)
-                                      / "model.safetensors")) != base
-    # a byte of the data the samples do not cover is the documented blind spot (--no-cache covers it)
-    reads = []
-    original = identity._read_at
-    monkeypatch.setattr(identity, "_read_at", lambda fp, o, n: reads.append(n) or original(fp, o, n))
+def settled(path, monkeypatch):
+    """Let the racy-clean rule memoise files just written (their ctime is now)."""
+    monkeypatch.setattr(identity, "RACY_SECONDS", -1.0)
+
+
+def count_opens(monkeypatch, path):
+    opened = []
+    real = open
+
+    def spy(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            opened.append(file)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    return opened
+
+
+def test_the_persistent_memo_serves_a_later_process_without_reading(tmp_path, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    settled(tmp_path, monkeypatch)
     monkeypatch.setattr(identity, "_MEMO", {})
-    identity.file_identity(str(shard))
-    assert sum(reads) < size  # sampled, not hashed whole
+    f = tmp_path / "calib.jsonl"
+    f.write_bytes(b"x" * 5000)
+    truth = "sha256:" + hashlib.sha256(b"x" * 5000).hexdigest()[:32]
+    assert identity.file_identity(str(f)) == truth
+    assert (tmp_path / "cache" / identity.MEMO_FILE).is_file()
+    monkeypatch.setattr(identity, "_MEMO", {})  # a new process: only the memo file remembers
+    monkeypatch.setattr(identity, "_DB", {})
+    opened = count_opens(monkeypatch, f)
+    assert identity.file_identity(str(f)) == truth
+    assert opened == []
+
+
+def test_a_changed_ctime_invalidates_the_memo(tmp_path, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    settled(tmp_path, monkeypatch)
+    monkeypatch.setattr(identity, "_MEMO", {})
+    f = tmp_path / "shard.bin"
+    f.write_bytes(b"a" * 4096)
+    first = identity.file_identity(str(f))
+    # same bytes count, mtime put back: only ctime tells (the kernel sets it; no user can)
+    st = os.stat(f)
+    with open(f, "r+b") as fp:
+        fp.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(f).st_ctime_ns != st.st_ctime_ns or pytest.skip("ctime did not move (coarse clock)")
+    opened = count_opens(monkeypatch, f)
+    assert identity.file_identity(str(f)) == "sha256:" + hashlib.sha256(b"b" + b"a" * 4095).hexdigest()[:32]
+    assert identity.file_identity(str(f)) != first and len(opened) == 1
+
+
+def test_a_racily_clean_file_is_not_memoised(tmp_path, monkeypatch):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(identity, "_MEMO", {})
+    f = tmp_path / "fresh.json"
+    f.write_text("{}")  # written just now: within RACY_SECONDS
+    identity.file_identity(str(f))
+    opened = count_opens(monkeypatch, f)
+    identity.file_identity(str(f))
+    assert len(opened) == 1
+
+
+def test_an_untrusted_memo_file_is_not_used(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("FWLLM_CACHE", str(cache))
+    settled(tmp_path, monkeypatch)
+    monkeypatch.setattr(identity, "_MEMO", {})
+    monkeypatch.setattr(identity, "_DB", {})
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"abc")
+    os.chmod(cache, 0o777)  # anyone could plant digests here
+    assert identity.file_identity(str(f)) == "sha256:" + hashlib.sha256(b"abc").hexdigest()[:32]
+    assert not (cache / identity.MEMO_FILE).exists()
 
 
 def test_hub_id_is_its_snapshot_commit(tmp_path, monkeypatch):
