@@ -103,7 +103,8 @@ def test_broken_fwllm_leaves_plain_mergekit_working(tmp_path, broken):
     site = site_dir(tmp_path / "site", fwllm_files=BROKEN[broken]())
 
     def config(method):
-        models = [{"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b), "parameters": {"weight": 3.0}}]
+        models = [{"model": str(a), "parameters": {"weight": 1.0}},
+                  {"model": str(b), "parameters": {"weight": 3.0}}]
         return json.dumps({"merge_method": method, "models": models, "dtype": "float32"})
 
     r = python(site, f"""
@@ -112,11 +113,12 @@ def test_broken_fwllm_leaves_plain_mergekit_working(tmp_path, broken):
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
         options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-        run_merge(MergeConfiguration.model_validate_json({config("linear")!r}), {str(tmp_path / "out")!r}, options)
+        linear = MergeConfiguration.model_validate_json({config("linear")!r})
+        run_merge(linear, {str(tmp_path / "out")!r}, options)
         print("linear done", file=sys.stderr)
         try:
-            run_merge(MergeConfiguration.model_validate_json({config("fw_merging")!r}), {str(tmp_path / "fw")!r},
-                      options)
+            fw = MergeConfiguration.model_validate_json({config("fw_merging")!r})
+            run_merge(fw, {str(tmp_path / "fw")!r}, options)
         except RuntimeError as err:
             print("mergekit says:", err, file=sys.stderr)
         """)
