@@ -72,3 +72,79 @@ def test_init_base_full_and_layerwise_give_the_same_merge(tmp_path, arch, one_th
     # the solve left the base: some tensor moved (else the two paths would agree trivially)
     base = load_tensors(pool["base"])
     assert any(not torch.equal(full[n], base[n]) for n in full if n in base)
+
+
+# -- GPT-2 through the other methods: Conv1D weights are [in, out] ------------------------------
+CONV1D_WEIGHTS = ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",  # c_proj: square
+                  "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight")
+
+
+@pytest.fixture(scope="module")
+def gpt2_pool(tmp_path_factory):
+    """A tiny GPT-2 base and two perturbed experts with a task each (copy, rev)."""
+    root = tmp_path_factory.mktemp("gpt2_pool")
+    pool, experts = tiny_arch_pool(root, "gpt2", scale=0.1)
+    write_jsonl(root / "calib" / "rev.jsonl", task_rows("rev", 6, seed=2))
+    return pool, experts
+
+
+def conv1d_grams_by_hand(model_dir, calib_file, names):
+    """X^T X of each Conv1D layer's input over every token of every row, one row at a time (no
+    padding), captured by our own hooks."""
+    from transformers import GPT2LMHeadModel
+
+    model, tok = GPT2LMHeadModel.from_pretrained(model_dir).eval(), tiny_tokenizer()
+    modules, grams = dict(model.named_modules()), {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0][0].double()
+            grams[name] = x.T @ x + grams.get(name, 0)
+        return hook
+
+    handles = [modules[n[: -len(".weight")]].register_forward_pre_hook(hook_for(n)) for n in names]
+    with torch.no_grad():
+        for line in calib_file.read_text().splitlines():
+            row = json.loads(line)
+            ids = tok(row["prompt"])["input_ids"] + tok(row["response"], add_special_tokens=False)["input_ids"]
+            model(input_ids=torch.tensor([ids + [tok.eos_token_id]]))
+    for h in handles:
+        h.remove()
+    return grams
+
+
+def test_gpt2_regmean_merges_conv1d_weights_in_their_own_layout(tmp_path, gpt2_pool, monkeypatch, one_thread):
+    """y = x W (W [in, out]): RegMean's least-squares merge is W = (sum c G~)^-1 sum c G~ W_i, no transpose."""
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    pool, experts = gpt2_pool
+    out = merge(tmp_path, "regmean", "regmean", pool, experts, {"calibration": str(pool["calib"]), "alpha": 0.9},
+                per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}])
+    grams = [conv1d_grams_by_hand(e, pool["calib"] / f"{t}.jsonl", CONV1D_WEIGHTS)
+             for e, t in zip(experts, ("copy", "rev"))]
+    cands, merged = [load_tensors(e) for e in experts], load_tensors(out)
+    for name in CONV1D_WEIGHTS:
+        reduced = [c * (0.9 * g[name] + 0.1 * torch.diag(torch.diagonal(g[name]))) for g, c in zip(grams, (1, 2))]
+        expected = torch.linalg.solve(sum(reduced), sum(r @ w[name].double() for r, w in zip(reduced, cands)))
+        assert torch.allclose(merged[name].double(), expected, rtol=1e-4, atol=1e-4), name
+        assert not torch.allclose(merged[name], (cands[0][name] + 2 * cands[1][name]) / 3, atol=1e-3), name
+
+
+def test_gpt2_fisher_and_adamerging(tmp_path, gpt2_pool, monkeypatch, one_thread):
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    pool, experts = gpt2_pool
+    base, cands = load_tensors(pool["base"]), [load_tensors(e) for e in experts]
+    fisher = load_tensors(merge(tmp_path, "fisher", "fisher", pool, experts, {"calibration": str(pool["calib"])},
+                                per_model=[{"task": "copy"}, {"task": "rev"}]))
+    # a Fisher merge is a per-entry weighted mean with weights >= 0: between the two experts, entry by entry
+    for name, value in fisher.items():
+        lo, hi = torch.minimum(cands[0][name], cands[1][name]), torch.maximum(cands[0][name], cands[1][name])
+        assert bool(((value >= lo - 1e-6) & (value <= hi + 1e-6)).all()), name
+    assert any(not torch.allclose(fisher[n], (cands[0][n] + cands[1][n]) / 2, atol=1e-5) for n in CONV1D_WEIGHTS)
+
+    out = merge(tmp_path, "ada", "adamerging", pool, experts, {"calibration": str(pool["calib"]), "steps": 3})
+    coefficients = json.loads((out / "fwllm_plan" / "coefficients.json").read_text())["coefficients"]
+    merged = load_tensors(out)
+    assert set(CONV1D_WEIGHTS) <= set(coefficients)
+    for name, cs in coefficients.items():
+        expected = base[name] + sum(c * (cand[name] - base[name]) for c, cand in zip(cs, cands))
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
