@@ -165,9 +165,10 @@ def task_heads(owners: Dict[str, Tuple[str, Optional[str]]], tasks: Sequence[str
                 raise FwllmError(f"{needs}: give the candidate trained on it `parameters: {{task: {task}}}` "
                                  "(a full classifier checkpoint, not an adapter)")
             if folder is None:  # the user did name the owner: say why it cannot serve
-                raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is an adapter, which carries no "
-                                 "head fwllm reads; name a full classifier checkpoint trained on the task instead")
-            raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is not a classifier checkpoint with "
-                             "a head (no *ForSequenceClassification head tensors)")
+                raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is an adapter, which "
+                                 "carries no head fwllm reads; name a full classifier checkpoint trained "
+                                 "on the task instead")
+            raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is not a classifier "
+                             "checkpoint with a head (no *ForSequenceClassification head tensors)")
         heads[task] = head
     return heads

@@ -95,7 +95,8 @@ def test_adapter_candidate_named_by_task_gets_a_message_that_does_not_ask_for_ta
     peft_model.save_pretrained(tmp_path / "adapter")
     (tmp_path / "calib").mkdir()
     write_jsonl(tmp_path / "calib" / "first_high.jsonl", rows("first_high", 4, 1))
-    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base, [f"{base}+{tmp_path / 'adapter'}", experts["sum_mod3"]],
+    adapter = f"{base}+{tmp_path / 'adapter'}"
+    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base, [adapter, experts["sum_mod3"]],
                           {"calibration": str(tmp_path / "calib"), "iterations": 1},
                           per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
     with pytest.raises(FwllmError) as err:

@@ -21,8 +21,9 @@ def _configs():
                                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
         "mistral": lambda: MistralConfig(**small, tie_word_embeddings=False),
         "qwen2": lambda: Qwen2Config(**small, tie_word_embeddings=False),
+        # a window shorter than a row: both of Gemma2's layer types matter
         "gemma2": lambda: Gemma2Config(**small, head_dim=8, sliding_window=4, pad_token_id=0, bos_token_id=1,
-                                       eos_token_id=2),  # a window shorter than a row: both layer types matter
+                                       eos_token_id=2),
         "phi3": lambda: Phi3Config(**small, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     }
 
@@ -75,7 +76,8 @@ def test_init_base_full_and_layerwise_give_the_same_merge(tmp_path, arch, one_th
 
 
 # -- GPT-2 through the other methods: Conv1D weights are [in, out] ------------------------------
-CONV1D_WEIGHTS = ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",  # c_proj: square
+# the attention's c_proj is square: its layout cannot be told from its shape
+CONV1D_WEIGHTS = ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
                   "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight")
 
 
@@ -106,7 +108,8 @@ def conv1d_grams_by_hand(model_dir, calib_file, names):
     with torch.no_grad():
         for line in calib_file.read_text().splitlines():
             row = json.loads(line)
-            ids = tok(row["prompt"])["input_ids"] + tok(row["response"], add_special_tokens=False)["input_ids"]
+            response = tok(row["response"], add_special_tokens=False)["input_ids"]
+            ids = tok(row["prompt"])["input_ids"] + response
             model(input_ids=torch.tensor([ids + [tok.eos_token_id]]))
     for h in handles:
         h.remove()
@@ -114,16 +117,18 @@ def conv1d_grams_by_hand(model_dir, calib_file, names):
 
 
 def test_gpt2_regmean_merges_conv1d_weights_in_their_own_layout(tmp_path, gpt2_pool, monkeypatch, one_thread):
-    """y = x W (W [in, out]): RegMean's least-squares merge is W = (sum c G~)^-1 sum c G~ W_i, no transpose."""
+    """y = x W (W [in, out]): RegMean's merge is W = (sum c G~)^-1 sum c G~ W_i, no transpose."""
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     pool, experts = gpt2_pool
-    out = merge(tmp_path, "regmean", "regmean", pool, experts, {"calibration": str(pool["calib"]), "alpha": 0.9},
+    params = {"calibration": str(pool["calib"]), "alpha": 0.9}
+    out = merge(tmp_path, "regmean", "regmean", pool, experts, params,
                 per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}])
     grams = [conv1d_grams_by_hand(e, pool["calib"] / f"{t}.jsonl", CONV1D_WEIGHTS)
              for e, t in zip(experts, ("copy", "rev"))]
     cands, merged = [load_tensors(e) for e in experts], load_tensors(out)
     for name in CONV1D_WEIGHTS:
-        reduced = [c * (0.9 * g[name] + 0.1 * torch.diag(torch.diagonal(g[name]))) for g, c in zip(grams, (1, 2))]
+        reduced = [c * (0.9 * g[name] + 0.1 * torch.diag(torch.diagonal(g[name])))
+                   for g, c in zip(grams, (1, 2))]
         expected = torch.linalg.solve(sum(reduced), sum(r @ w[name].double() for r, w in zip(reduced, cands)))
         assert torch.allclose(merged[name].double(), expected, rtol=1e-4, atol=1e-4), name
         assert not torch.allclose(merged[name], (cands[0][name] + 2 * cands[1][name]) / 3, atol=1e-3), name
@@ -133,13 +138,14 @@ def test_gpt2_fisher_and_adamerging(tmp_path, gpt2_pool, monkeypatch, one_thread
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     pool, experts = gpt2_pool
     base, cands = load_tensors(pool["base"]), [load_tensors(e) for e in experts]
-    fisher = load_tensors(merge(tmp_path, "fisher", "fisher", pool, experts, {"calibration": str(pool["calib"])},
-                                per_model=[{"task": "copy"}, {"task": "rev"}]))
+    tasks, params = [{"task": "copy"}, {"task": "rev"}], {"calibration": str(pool["calib"])}
+    fisher = load_tensors(merge(tmp_path, "fisher", "fisher", pool, experts, params, per_model=tasks))
     # a Fisher merge is a per-entry weighted mean with weights >= 0: between the two experts, entry by entry
     for name, value in fisher.items():
         lo, hi = torch.minimum(cands[0][name], cands[1][name]), torch.maximum(cands[0][name], cands[1][name])
         assert bool(((value >= lo - 1e-6) & (value <= hi + 1e-6)).all()), name
-    assert any(not torch.allclose(fisher[n], (cands[0][n] + cands[1][n]) / 2, atol=1e-5) for n in CONV1D_WEIGHTS)
+    average = {n: (cands[0][n] + cands[1][n]) / 2 for n in CONV1D_WEIGHTS}
+    assert any(not torch.allclose(fisher[n], average[n], atol=1e-5) for n in CONV1D_WEIGHTS)
 
     out = merge(tmp_path, "ada", "adamerging", pool, experts, {"calibration": str(pool["calib"]), "steps": 3})
     coefficients = json.loads((out / "fwllm_plan" / "coefficients.json").read_text())["coefficients"]
