@@ -20,7 +20,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from accelerate import init_empty_weights
@@ -152,16 +152,23 @@ def checkpoint_head(model_dir: str) -> Optional[TaskHead]:
     return TaskHead(tensors, num_labels, cfg.get("problem_type"))
 
 
-def task_heads(owners: Dict[str, Optional[str]], tasks: Sequence[str]) -> Dict[str, TaskHead]:
-    """Each task's head, from the full checkpoint `owners[task]` whose per-model `task` names it."""
+def task_heads(owners: Dict[str, Tuple[str, Optional[str]]], tasks: Sequence[str]) -> Dict[str, TaskHead]:
+    """Each task's head, from the full checkpoint whose per-model `task` names it; `owners[task]` is
+    that candidate's (label, checkpoint folder), the folder None for an adapter."""
     heads = {}
     for task in tasks:
-        owner = owners.get(task)
-        head = checkpoint_head(owner) if owner else None
+        label, folder = owners.get(task, (None, None))
+        head = checkpoint_head(folder) if folder else None
         if head is None:
-            raise FwllmError(
-                f"calibration task {task!r} needs a classification head: give the candidate trained on it "
-                f"`parameters: {{task: {task}}}` (a full classifier checkpoint, not an adapter)"
-            )
+            needs = f"calibration task {task!r} needs a classification head"
+            if label is None:
+                raise FwllmError(f"{needs}: give the candidate trained on it `parameters: {{task: {task}}}` "
+                                 "(a full classifier checkpoint, not an adapter)")
+            if folder is None:  # the user did name the owner: say why it cannot serve
+                raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is an adapter, which "
+                                 "carries no head fwllm reads; name a full classifier checkpoint trained "
+                                 "on the task instead")
+            raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is not a classifier "
+                             "checkpoint with a head (no *ForSequenceClassification head tensors)")
         heads[task] = head
     return heads

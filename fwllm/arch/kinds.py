@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fwllm.core.errors import FwllmError
@@ -15,15 +17,28 @@ CAUSAL_MODEL, CLASSIFIER_MODEL, MASKED_MODEL = "causal", "classifier", "masked"
 PLAIN_HEAD_CAUSAL_LMS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 
 
+@functools.lru_cache(maxsize=1)
+def _causal_lm_classes() -> frozenset:
+    """Causal LM classes named otherwise (GPT-2's `GPT2LMHeadModel`), from transformers' own registry
+    of causal LMs, not a name rule (`*LMHeadModel` is no kind: `BertLMHeadModel` is causal only as
+    a decoder, and the registry says which ones are)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - a transformers without the registry
+        return frozenset()
+    return frozenset(v for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if str(v).endswith("LMHeadModel"))
+
+
 def architecture_kind(name: str) -> str:
     """causal / classifier / masked for a transformers class name (as in config.architectures)."""
-    if name.endswith("ForCausalLM"):
+    if name.endswith("ForCausalLM") or name in _causal_lm_classes():
         return CAUSAL_MODEL
     if name.endswith("ForSequenceClassification"):
         return CLASSIFIER_MODEL
     if name.endswith("ForMaskedLM"):
         return MASKED_MODEL
-    raise FwllmError(f"unsupported model class {name} (need *ForCausalLM, *ForSequenceClassification or *ForMaskedLM)")
+    raise FwllmError(f"unsupported model class {name} (need *ForCausalLM or another causal LM such as "
+                     "GPT2LMHeadModel, *ForSequenceClassification or *ForMaskedLM)")
 
 
 def model_kind(model: torch.nn.Module) -> str:

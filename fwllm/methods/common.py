@@ -71,8 +71,8 @@ def pool_heads(pool: Pool, job: MergeJob, tasks: Sequence[CalibrationTask]) -> D
     """Each task's own expert head (encoder pools; {} otherwise)."""
     if pool.kind != CLASSIFIER_MODEL:
         return {}
-    owners = {spec.params.get("task"): cand.model_dir for spec, cand in zip(job.candidates, pool.candidates)
-              if spec.params.get("task")}
+    owners = {spec.params.get("task"): (cand.label, cand.model_dir)
+              for spec, cand in zip(job.candidates, pool.candidates) if spec.params.get("task")}
     return task_heads(owners, [t.name for t in tasks])
 
 

@@ -33,6 +33,7 @@ import torch
 
 from fwllm.arch.heads import is_head_tensor, save_heads
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+from fwllm.arch.weight_layout import transposed_weights_of
 from fwllm.core.errors import FwllmError
 from fwllm.core.footprint import ModelSizes
 from fwllm.core.job import MergeJob
@@ -223,7 +224,7 @@ class FWMerging(DataMethod):
                 return lambda i: pool.candidates[i].task_vector(name, base)
 
             merged = refine(merged, coefficients, gram_files, raw_tau, fw.base, p.regmean_alpha,
-                            weights=p.regmean_weights)
+                            weights=p.regmean_weights, transposed=transposed_weights_of(pool.base_dir))
         all_ta = not refined and all(c is not None for c in coefficients.values())
         record = FWPlanRecord(
             method=self.name, base=job.base, settings=p.model_dump(), primary_head=primary_head(job, heads),

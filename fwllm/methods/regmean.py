@@ -18,12 +18,14 @@ import logging
 import torch
 
 from fwllm.arch.heads import is_head_tensor
+from fwllm.arch.weight_layout import transposed_weights_of
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.core.params import RegMeanParams
 from fwllm.core.plan import Plan, StatsPlanRecord, read_record
 from fwllm.io.merged_store import merged_index
+from fwllm.io.models import resolve_model_path
 from fwllm.io.stats_store import StatsCache, has_stat, read_stat
 from fwllm.kernels.regmean import regmean_merge
 from fwllm.kernels.weighted_sum import weighted_average
@@ -31,7 +33,7 @@ from fwllm.methods.common import (
     check_candidates, finish_streamed_plan, head_or_base, link_statistics, measured_heads, primary_head,
     stored_or_none, weights_of,
 )
-from fwllm.solvers.grams import candidate_grams
+from fwllm.solvers.grams import GRAM_LAYERS, candidate_grams
 from fwllm.solvers.per_candidate import measure_candidates
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class RegMean(DataMethod):
     def solve(self, job: MergeJob) -> None:
         p: RegMeanParams = job.params  # type: ignore[assignment]
         settings = {k: v for k, v in p.model_dump().items() if k in ("max_length", "batch_size")}
+        settings["layers"] = GRAM_LAYERS
         store = StatsCache("gram")
         measured = measure_candidates(job, store, settings, lambda m, task, tok: candidate_grams(m, task, tok, p),
                                       "Gram")
@@ -74,6 +77,9 @@ class RegMean(DataMethod):
         if base.dim() != 2 or not has_stat(files[labels[0]], name):
             return weighted_average((candidates[lab] for lab in labels), weights)
 
+        # GPT-2's Conv1D weights are [in, out]: the closed form takes [out, in]
+        transposed = name in transposed_weights_of(resolve_model_path(record.base))
+
         def layers():  # one Gram in memory at a time
             for lab, c in zip(labels, weights):
                 gram = read_stat(files[lab], name)
@@ -81,11 +87,12 @@ class RegMean(DataMethod):
                     raise FwllmError(f"regmean: candidate {lab} has no Gram for {name} (plan from another model?)")
                 check_finite(f"Gram of candidate {lab}", name, gram)
                 theta = candidates[lab]  # read once: candidates may be read from disk on each access
-                yield theta, gram.to(theta.device), c
+                yield (theta.T if transposed else theta), gram.to(theta.device), c
                 del theta, gram  # before the next one is read
 
         p: RegMeanParams = plan.params
         merged, lam = regmean_merge(layers(), p.alpha, p.ridge)
+        merged = merged.T.contiguous() if transposed else merged
         if lam == float("inf"):
             LOG.warning("regmean: %s saw no input on any candidate; using the weighted average", name)
         elif lam:

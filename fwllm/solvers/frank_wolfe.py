@@ -127,9 +127,12 @@ class FrankWolfe:
             width = max((r.numel() for r in rows), default=0)
             self.v_sketch[name] = torch.stack([r if r.numel() else torch.zeros(width) for r in rows])
             self.v_norm[name] = torch.tensor(norms)
+            # every start is written: an on-disk store holds nothing until its first write
+            start = self.base(name)
             if p.init == "task_arithmetic":
-                self.iterate.write(name, self.base(name) + p.scaling * total)
-            del total
+                start += p.scaling * total
+            self.iterate.write(name, start)
+            del total, start
             return_free_memory()  # the block's reads, freed between the long-lived sketches
         return atoms
 

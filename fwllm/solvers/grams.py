@@ -12,20 +12,25 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from fwllm.arch.heads import is_head_tensor
+from fwllm.arch.weight_layout import input_features, linear_modules
 from fwllm.core.params import RegMeanParams
 from fwllm.data.calibration import CalibrationTask
 from fwllm.data.encoding import encode_task
 
 
-def linear_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Linear]:
-    """nn.Linear modules merged in closed form, by weight name: not heads, not tied weights."""
+# Which layers get a Gram: part of the statistic's cache key (Grams cached before GPT-2's Conv1D
+# layers were measured lack them).
+GRAM_LAYERS = "linear+conv1d"
+
+
+def linear_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """Linear maps (nn.Linear, GPT-2's Conv1D) merged in closed form, by weight name: not heads, not
+    tied weights."""
     uses: Dict[int, int] = {}
     for _, prm in model.named_parameters(remove_duplicate=False):
         uses[id(prm)] = uses.get(id(prm), 0) + 1
-    return {
-        f"{name}.weight": mod for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and not is_head_tensor(f"{name}.weight") and uses[id(mod.weight)] == 1
-    }
+    return {name: mod for name, mod in linear_modules(model).items()
+            if not is_head_tensor(name) and uses[id(mod.weight)] == 1}
 
 
 @torch.no_grad()
@@ -34,7 +39,7 @@ def collect_grams(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
     """sum over non-padding tokens of x x^T for each linear layer's input x; and the token count."""
     layers = linear_layers(model)
     device = next(model.parameters()).device
-    grams = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in layers.items()}
+    grams = {n: torch.zeros(input_features(m), input_features(m), device=device) for n, m in layers.items()}
     state: Dict[str, Optional[torch.Tensor]] = {"mask": None}
 
     def hook_for(name):

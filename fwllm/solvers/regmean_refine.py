@@ -18,7 +18,7 @@ Tensors that are not linear weights, and linear weights FW left alone, keep FW's
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -27,7 +27,7 @@ from fwllm.core.job import MergeJob
 from fwllm.core.params import RegMeanParams
 from fwllm.io.stats_store import StatsCache, read_stat
 from fwllm.kernels.regmean import regmean_merge
-from fwllm.solvers.grams import candidate_grams
+from fwllm.solvers.grams import GRAM_LAYERS, candidate_grams
 from fwllm.solvers.per_candidate import measure_candidates
 
 LOG = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def measure_grams(job: MergeJob, used: Sequence[int]) -> Dict[int, str]:
     """The Gram file of each used candidate (computed once per content, then cached)."""
     p = job.params
     store = StatsCache("gram")
-    settings = {"max_length": p.max_length, "batch_size": p.batch_size}
+    settings = {"max_length": p.max_length, "batch_size": p.batch_size, "layers": GRAM_LAYERS}
     grams = RegMeanParams(calibration=p.calibration, max_length=p.max_length, batch_size=p.batch_size)
     specs = [job.candidates[i] for i in used]
     measured = measure_candidates(job, store, settings, lambda m, task, tok: candidate_grams(m, task, tok, grams),
@@ -47,10 +47,11 @@ def measure_grams(job: MergeJob, used: Sequence[int]) -> Dict[int, str]:
 
 def refine(merged: Iterable[Tuple[str, torch.Tensor]], coefficients: Dict[str, List[float]],
            gram_files: Dict[int, str], tau: Callable[[str], Callable[[int], torch.Tensor]],
-           base: Callable[[str], torch.Tensor], alpha: float, ridge: float = 1e-5, weights: str = "fw"
-           ) -> Iterator[Tuple[str, torch.Tensor]]:
+           base: Callable[[str], torch.Tensor], alpha: float, ridge: float = 1e-5, weights: str = "fw",
+           transposed: Collection[str] = ()) -> Iterator[Tuple[str, torch.Tensor]]:
     """FW's merged tensors, with every linear weight FW used re-merged in RegMean's closed form
-    (`weights`: "fw" or "uniform", see the module docstring)."""
+    (`weights`: "fw" or "uniform", see the module docstring; `transposed`: weights stored [in, out],
+    GPT-2's Conv1D)."""
     refined = 0
     for name, value in merged:
         coef = coefficients.get(name) or []
@@ -64,8 +65,10 @@ def refine(merged: Iterable[Tuple[str, torch.Tensor]], coefficients: Dict[str, L
         t = tau(name)
         weight = {i: 1.0 if weights == "uniform" else coef[i] for i in used}
         mass = 1.0 if weights == "uniform" else sum(coef[i] for i in used)
-        layers = ((t(i), gram[i], weight[i]) for i in used)  # one task vector in memory at a time
+        flip = name in transposed  # the closed form takes [out, in]
+        layers = ((t(i).T if flip else t(i), gram[i], weight[i]) for i in used)  # one task vector at a time
         delta, lam = regmean_merge(layers, alpha, ridge)
+        delta = delta.T if flip else delta
         if lam:
             LOG.warning("fw regmean: the Gram sum of %s is singular; ridge %.3g (towards FW's merge)", name, lam)
         refined += 1

@@ -37,10 +37,9 @@ VARIANTS = {
     "fan_in_fan_out_dora": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
                                          fan_in_fan_out=True, use_dora=True)),
 }
-# fwllm's data-informed methods take *ForCausalLM / *ForSequenceClassification / *ForMaskedLM
-# classes, and no such transformers class has Conv1D weights (GPT2LMHeadModel does): the
-# fan_in_fan_out variants are checked through Candidate.task_vector only, which every method uses.
+# variants merged end to end on the LLaMA base; GPT-2's Conv1D (fan_in_fan_out) ones on the GPT-2 base
 END_TO_END = ["dora", "modules_to_save", "embedding", "embedding_dora"]
+CONV1D = ["fan_in_fan_out", "fan_in_fan_out_dora"]
 
 
 def model_class(family):
@@ -159,15 +158,18 @@ def test_saved_embedding_base_layer_replaces_the_base(tmp_path, adapters):
     assert torch.allclose(theta0 + tau, truth[name], atol=1e-5, rtol=1e-5)
 
 
-def test_fw_merge_over_base_plus_adapters_uses_peft_task_vectors(tmp_path, adapters):
+@pytest.mark.parametrize("variants,gradient", [(END_TO_END, "full"), (CONV1D, "full"), (CONV1D, "layerwise")],
+                         ids=["llama", "gpt2_conv1d", "gpt2_conv1d_layerwise"])
+def test_fw_merge_over_base_plus_adapters_uses_peft_task_vectors(tmp_path, adapters, variants, gradient):
     # FW over the adapters with plain task-arithmetic vertices: each tensor ends at
     # theta_0 + sum_i c_i tau_i with the coefficients the plan records (each c_i > 0 on its
     # targets, as the iterate starts at theta_0 + sum_i tau_i). fwllm reads the adapters with
-    # its own reader; tau_i here is peft's merged model minus the base.
-    pool = [adapters(v) for v in END_TO_END]
+    # its own reader; tau_i here is peft's merged model minus the base (GPT-2: Conv1D weights
+    # [in, out], LoRA with fan_in_fan_out).
+    pool = [adapters(v) for v in variants]
     base_dir = pool[0][0]
     params = {"calibration": str(base_dir.parent / "calib"), "iterations": 2, "scaling": 1.0, "step_size": 0.5,
-              "init": "task_arithmetic"}
+              "init": "task_arithmetic", "gradient": gradient}
     recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base_dir, [f"{base_dir}+{a[2]}" for a in pool], params)
     out = tmp_path / "out"
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lc")))
@@ -182,7 +184,7 @@ def test_fw_merge_over_base_plus_adapters_uses_peft_task_vectors(tmp_path, adapt
         assert torch.allclose(merged[name], expected, atol=1e-5, rtol=1e-5), name
 
 
-@pytest.mark.parametrize("variant", END_TO_END)
+@pytest.mark.parametrize("variant", END_TO_END + CONV1D)
 def test_per_candidate_model_is_the_peft_merged_model(adapters, variant):
     # Fisher and RegMean measure each candidate on its own model: base weights plus fwllm's deltas
     base_dir, _, adapter, truth = adapters(variant)

@@ -77,3 +77,31 @@ def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool, gradient):
     assert torch.allclose(merged[name], expected, atol=1e-6)
     assert not any(k.startswith("lm_head") for k in merged)
     assert plan["objective"]["final"] < plan["objective"]["initial"]
+
+
+def test_adapter_candidate_named_by_task_gets_a_message_that_does_not_ask_for_task(tmp_path, encoder_pool):
+    """Regression: a LoRA candidate given `task:` was told to add `task:`; the message must name the
+    adapter as the reason (fwllm reads a task's head from a full classifier checkpoint only)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import RobertaForSequenceClassification
+
+    from fwllm.core.errors import FwllmError
+
+    root, experts = encoder_pool
+    base = experts["first_high"]  # a classifier base: the pool is a classifier pool
+    torch.manual_seed(3)
+    peft_model = get_peft_model(RobertaForSequenceClassification.from_pretrained(base),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "calib").mkdir()
+    write_jsonl(tmp_path / "calib" / "first_high.jsonl", rows("first_high", 4, 1))
+    adapter = f"{base}+{tmp_path / 'adapter'}"
+    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base, [adapter, experts["sum_mod3"]],
+                          {"calibration": str(tmp_path / "calib"), "iterations": 1},
+                          per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
+    with pytest.raises(FwllmError) as err:
+        merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
+    message = str(err.value)
+    assert "adapter" in message and "tmp" in message and "first_high" in message
+    assert "give the candidate trained on it" not in message  # it was given: do not ask again
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))

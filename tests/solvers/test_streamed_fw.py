@@ -86,6 +86,22 @@ def test_lora_pool_with_ties_runs_on_the_store_and_matches(tmp_path, tiny_pool, 
     assert_same_merge(outs, traces)
 
 
+@pytest.mark.parametrize("pool_kind", ["full", "lora_store", "lora_implicit"])
+def test_init_base_starts_the_bounded_solve_at_the_base(tmp_path, tiny_pool, lora_pool, pool_kind):
+    """Regression: `init: base` left the on-disk iterate store empty (KeyError on its first read)."""
+    e = tiny_pool["experts"]
+    models = [e["copy"], e["rev"]] if pool_kind == "full" else lora_pool[:2]
+    extra = {"local_merge": "ties", "density": 0.5} if pool_kind == "lora_store" else {}
+    outs, plans, traces = both(tmp_path, tiny_pool, models, f"init_base_{pool_kind}", init="base", **extra)
+    if pool_kind != "lora_implicit":
+        assert plans["layerwise"]["gradient"]["iterate"] == "on-disk store"
+    assert_same_merge(outs, traces)
+    # the start is theta_0: FW's first objective is the base model's, which task arithmetic's start is not
+    ta, _, ta_traces = both(tmp_path, tiny_pool, models, f"init_ta_{pool_kind}", iterations=1, **extra)
+    first = ta_traces["layerwise"][0]["objective"]
+    assert traces["layerwise"][0]["objective"] != pytest.approx(first, rel=1e-4)
+
+
 def test_encoder_pool_matches_the_in_ram_solve(tmp_path):
     experts = two_head_encoder_pool(tmp_path, body_noise=0.3)
     pool = {"base": tmp_path / "base", "calib": tmp_path / "calib"}
