@@ -42,28 +42,42 @@ def tied_groups(model_dir: str) -> List[List[str]]:
     return [sorted(group) for group in find_tied_parameters(skeleton(model_dir))]
 
 
+def saved_copies(adapter: AdapterReader) -> List[str]:
+    """The weights the adapter replaces with a trained copy of their module (`modules_to_save`).
+    A saved base layer (`...base_layer.weight`, e.g. an embedding that carries LoRA factors) or an
+    embedding peft saved because its vocabulary may have changed loads into the module itself,
+    so a tie to it stays."""
+    modules = adapter.config.get("modules_to_save") or []
+    return [n for n in adapter.full
+            if any(n.rsplit(".", 1)[0] == m or n.rsplit(".", 1)[0].endswith("." + m) for m in modules)]
+
+
 def heads_to_untie(base_dir: str, adapters: Sequence[Optional[AdapterReader]]) -> Dict[str, str]:
     """{tied name the base does not store: the stored name it must copy} for the tied weights
     that the adapters save in full (modules_to_save), when every candidate is such an adapter
     pool; {} when the merge keeps every tie."""
-    if not any(a is not None and a.full for a in adapters):
+    copies = [set(saved_copies(a)) if a is not None else set() for a in adapters]
+    if not any(copies):
         return {}
     stored = set(TensorReader(base_dir).names())
     out = {}
     for group in tied_groups(base_dir):
         kept = [n for n in group if n in stored]
-        if len(kept) != 1 or not any(a is not None and kept[0] in a.full for a in adapters):
+        if len(kept) != 1 or not any(kept[0] in c for c in copies):
             continue
         if any(a is None for a in adapters):
             LOG.warning("a candidate adapter saves %s in full but a full-checkpoint candidate ties it to %s: "
                         "the merge keeps the tie", kept[0], [n for n in group if n != kept[0]])
             continue
-        for name in group:
-            if name != kept[0]:
-                if any(a is not None and name in a.targets() for a in adapters):
-                    raise FwllmError(f"an adapter saves {kept[0]} in full and also changes {name}, which the "
-                                     f"base ties to it; fwllm cannot merge that pool as peft would")
-                out[name] = kept[0]
+        heads = [n for n in group if n != kept[0]]
+        # another adapter changing the shared weight in place (or the head itself) would need the
+        # head merged on its own: no pool fwllm can form from the base alone
+        if any(set(heads) & set(a.targets()) or (kept[0] in a.targets() and kept[0] not in c)
+               for a, c in zip(adapters, copies)):
+            raise FwllmError(f"an adapter saves {kept[0]} as its own copy (modules_to_save), untying it from "
+                             f"{heads}, and another adapter changes the tied weights: fwllm cannot merge "
+                             f"that pool as peft would")
+        out.update({name: kept[0] for name in heads})
     return out
 
 
