@@ -2,7 +2,7 @@
 
 * the model card gets the output's name and the recipe's candidates (`card.write_card`);
 * tied embeddings that LoRA adapters save in full are untied as peft does
-  (`fwllm.io.tied_weights`);
+  (`fwllm.arch.tied_weights`);
 * the plan's stored merged tensors are deleted (a float32 copy of the whole merge, 2x a bf16
   model: 27 GB at 7B) unless the recipe says `keep_merged: true`, or the plan cannot form
   them again (FW-Merging's `local_merge: regmean` refines with Grams it does not keep). A plan
@@ -17,11 +17,11 @@ from typing import Optional
 
 from mergekit.options import MergeOptions
 
+from fwllm.arch.tied_weights import untie_saved_heads
 from fwllm.core.job import MergeJob
 from fwllm.io.candidates import open_candidate
 from fwllm.io.merged_store import drop_merged
 from fwllm.io.models import resolve_model_path
-from fwllm.io.tied_weights import untie_saved_heads
 from fwllm.mergekit_glue.card import write_card
 from fwllm.mergekit_glue.recipe import Recipe
 
@@ -42,7 +42,8 @@ def finish_output(staging: str, out_dir: str, recipe: Recipe, job: Optional[Merg
     if plan.merged is None or job.params.keep_merged:
         return
     if not recipe.method.merged_recomputable(plan):
-        LOG.info("%s: the plan keeps its merged tensors (they cannot be formed again from it)", recipe.method.name)
+        LOG.info("%s: the plan keeps its merged tensors (they cannot be formed again from it)",
+                 recipe.method.name)
         return
     for folder in (job.plan_dir, written_plan):
         if folder:

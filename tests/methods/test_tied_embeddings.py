@@ -38,7 +38,8 @@ def make_adapter(root, name, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(root / "base"), LoraConfig(r=4, lora_alpha=8, **lora))
+    base = LlamaForCausalLM.from_pretrained(root / "base")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **lora))
     torch.manual_seed(1)
     with torch.no_grad():
         for prm in model.parameters():
@@ -52,7 +53,8 @@ def peft_merged(root, adapter):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    return PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "base"), str(adapter)).merge_and_unload()
+    base = LlamaForCausalLM.from_pretrained(root / "base")
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def fwllm_merged(root, adapter, method, out):

@@ -19,9 +19,11 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from accelerate.utils import find_tied_parameters
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fwllm.arch.streaming import skeleton
 from fwllm.core.errors import FwllmError
 from fwllm.io.adapters import AdapterReader
 from fwllm.io.models import read_config
@@ -35,10 +37,6 @@ def tied_groups(model_dir: str) -> List[List[str]]:
     """The model's groups of tied parameter names (empty when it ties nothing)."""
     if not read_config(model_dir).get("tie_word_embeddings", False):
         return []
-    from accelerate.utils import find_tied_parameters
-
-    from fwllm.arch.streaming import skeleton
-
     return [sorted(group) for group in find_tied_parameters(skeleton(model_dir))]
 
 
