@@ -75,6 +75,11 @@ class DataMethod:
         (False: a base-only graph will do, the plan holds or forms every merged tensor)."""
         return plan.merged is None
 
+    def merged_recomputable(self, plan: Plan) -> bool:
+        """Whether `merge_tensor` forms the same tensors from the plan and the candidates when the
+        plan's stored merged tensors are deleted (False: they are the only record of the merge)."""
+        return True
+
     def merge_tensor(self, plan: Plan, name: str, base: torch.Tensor, candidates: Dict[str, torch.Tensor],
                      per_model: Dict[str, Dict[str, Any]]) -> torch.Tensor:
         """Merge one output tensor; `candidates` maps CandidateSpec.label -> tensor."""

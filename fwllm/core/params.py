@@ -36,6 +36,7 @@ class MethodParams(BaseModel):
     device: Optional[str] = None  # solve device; default: mergekit's --device, else cpu
     plan: Optional[str] = None  # reuse (or keep) the plan in this folder
     no_cache: bool = False  # solve afresh (plain mergekit's --no-cache): no cached plan or statistic
+    keep_merged: bool = False  # `fwllm merge`: keep the plan's float32 copy of the merged tensors
 
 
 LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "regmean"]

@@ -14,8 +14,10 @@ Layout: ``<plan>/merged/NNNNN.safetensors`` shards of about `SHARD_BYTES`, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
@@ -105,3 +107,16 @@ def execute_streamed(plan_dir: str, base_dir: str, candidates: Dict[str, Candida
             yield name, out.float() if out.is_floating_point() else out  # mergekit casts to the recipe dtype
 
     return write_merged(plan_dir, tensors())
+
+
+def drop_merged(plan_dir: str) -> bool:
+    """Delete the plan's stored merged tensors (a float32 copy of the whole merge: 2x a bf16
+    model). The index goes first, so an interrupted delete leaves a plan that stores no merge
+    (its tensors are formed again from the candidates), never one whose index names lost shards."""
+    folder = os.path.join(plan_dir, MERGED_DIR)
+    if not os.path.isdir(folder):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, INDEX))
+    shutil.rmtree(folder, ignore_errors=True)
+    return True

@@ -34,6 +34,7 @@ from fwllm.core.trust import check_trusted
 from fwllm.io.identity import digest, model_identity
 from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
 from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all, start_run
+from fwllm.mergekit_glue.finish import finish_output
 from fwllm.mergekit_glue.inputs import check_plan_inputs, job_inputs, solve_recorded
 from fwllm.mergekit_glue.preflight import check_job
 from fwllm.mergekit_glue.recipe import load_recipe, merge_job
@@ -127,6 +128,7 @@ def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: b
             start_run()  # (the startup hook does this too, when it is installed)
             with streaming_output():  # no output shard is ever held whole in memory
                 run_merge(config, staging, options=options, config_source=recipe.source)
+            finish_output(staging, out_dir, recipe, job, options, None if reuse else user_plan)
             heads = os.path.join(staging, PLAN_SUBDIR, HEADS_DIR)
             if os.path.isdir(heads):
                 shutil.copytree(heads, os.path.join(staging, HEADS_DIR))

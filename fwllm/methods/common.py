@@ -177,8 +177,27 @@ def reproduce_recipe(base: str, labels: List[str], coefficients: Dict[str, List[
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
+def reproduce_command(labels: Sequence[str]) -> str:
+    """The plain mergekit command that runs reproduce.yml: mergekit merges each BASE+ADAPTER
+    reference into a cache folder first, and refuses to start without one."""
+    from mergekit.common import ModelReference
+
+    lora = any(ModelReference.parse(label).lora for label in labels)
+    return "mergekit-yaml reproduce.yml OUT_DIR" + (" --lora-merge-cache LORA_CACHE_DIR" if lora else "")
+
+
+def reproduce_header(labels: Sequence[str]) -> str:
+    command = reproduce_command(labels)
+    lines = ["A plain mergekit recipe giving the same tensors as this plan's merge. From this folder, run:",
+             "  " + command, "OUT_DIR: a new output folder."]
+    if "--lora-merge-cache" in command:
+        lines += ["LORA_CACHE_DIR: any folder; mergekit writes each adapter merged into the base there",
+                  "(it refuses BASE+ADAPTER references without one)."]
+    return "".join(f"# {line}\n" for line in lines)
+
+
 def write_reproduce_recipe(plan_dir: str, base: str, labels: List[str], coefficients: Dict[str, List[float]],
                            base_dir: str) -> None:
     if reproducible(coefficients, TensorReader(base_dir).names()):
         with open(os.path.join(plan_dir, "reproduce.yml"), "w", encoding="utf-8") as fp:
-            fp.write(reproduce_recipe(base, labels, coefficients, "float32"))
+            fp.write(reproduce_header(labels) + reproduce_recipe(base, labels, coefficients, "float32"))

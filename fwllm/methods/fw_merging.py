@@ -259,6 +259,9 @@ class FWMerging(DataMethod):
     def needs_candidates(self, plan: Plan) -> bool:
         return plan.merged is None and not plan.record.adapters
 
+    def merged_recomputable(self, plan: Plan) -> bool:
+        return plan.params.local_merge != "regmean"  # the refine's Grams are not kept in the plan
+
     def _adapter(self, folder: str) -> AdapterReader:
         if folder not in self._adapters:
             self._adapters[folder] = AdapterReader(folder, lazy=True)  # each target is read once: keep nothing
@@ -269,6 +272,9 @@ class FWMerging(DataMethod):
         if name in record.atoms:
             if plan.merged is not None:
                 return read_merged(plan.merged, name)
+            if not self.merged_recomputable(plan):
+                raise FwllmError(f"plan {plan.folder} stores no merged tensors, and a local_merge: regmean "
+                                 f"plan cannot form them again; solve again (--no-cache)")
             base32 = base.float()
             if record.adapters:  # a LoRA pool: theta_0 + sum_i c_i s_i B_i A_i, from the adapters' factors
                 out = base32.clone()

@@ -281,7 +281,7 @@ def test_streamed_merge_holds_one_candidate_tensor_at_a_time(tmp_path, llama_exp
     peaks = {}
     for n in (1, 6):
         recipe = write_recipe(tmp_path / f"{method}{n}.yml", method, llama_experts["base"], pool[:n],
-                              {"calibration": str(llama_experts["calib"]), "max_rows": 2},
+                              {"calibration": str(llama_experts["calib"]), "max_rows": 2, "keep_merged": True},
                               per_model=[{"task": "copy"}] * n)
         RESIDENT.reset_peak()
         merge_recipe(str(recipe), str(tmp_path / f"out{method}{n}"), MergeOptions(quiet=True))
