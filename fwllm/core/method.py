@@ -70,6 +70,12 @@ class DataMethod:
     def load_plan(self, plan_dir: str) -> Plan:
         raise NotImplementedError
 
+    def bind(self, plan: Plan, job: MergeJob) -> Plan:
+        """The plan as this job executes it. A plan may name input folders (a LoRA pool's adapters):
+        they must be the job's, not the folders the plan was solved from (a copied or reused plan
+        would read those), so a method whose plan names inputs maps them to the job's here."""
+        return plan
+
     def needs_candidates(self, plan: Plan) -> bool:
         """Whether executing the plan needs mergekit to hand over the candidates' tensors
         (False: a base-only graph will do, the plan holds or forms every merged tensor)."""

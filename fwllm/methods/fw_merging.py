@@ -23,6 +23,7 @@ merge:  the stored tensor, or base + sum_a beta_a * atom_a(taus).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ from fwllm.data.objective import encode_tasks
 from fwllm.io.adapters import AdapterReader
 from fwllm.io.iterate_store import IterateStore, check_free_space
 from fwllm.io.merged_store import merged_index, read_merged, write_merged
-from fwllm.io.models import load_tokenizer, read_config
+from fwllm.io.models import load_tokenizer, read_config, resolve_model_path
 from fwllm.io.tensors import TensorReader
 from fwllm.io.trace_plot import plot_trace
 from fwllm.kernels.atoms import block_delta, ta_coefficients
@@ -255,6 +256,18 @@ class FWMerging(DataMethod):
     def load_plan(self, plan_dir: str) -> Plan:
         record = read_record(plan_dir, self.name, FWPlanRecord)
         return Plan(plan_dir, record, FWParams(**record.settings), merged_index(plan_dir))
+
+    def bind(self, plan: Plan, job: MergeJob) -> Plan:
+        """A LoRA plan's adapters become the job's adapter folders, matched by candidate label."""
+        record: FWPlanRecord = plan.record
+        if not record.adapters:
+            return plan
+        by_label = {c.label: c.lora for c in job.candidates}
+        missing = [label for label in record.candidates if not by_label.get(label)]
+        if missing:
+            raise FwllmError(f"plan {plan.folder} needs the adapters of {missing}, which the recipe does not give")
+        folders = [resolve_model_path(by_label[label]) for label in record.candidates]
+        return dataclasses.replace(plan, record=record.model_copy(update={"adapters": folders}))
 
     def needs_candidates(self, plan: Plan) -> bool:
         return plan.merged is None and not plan.record.adapters

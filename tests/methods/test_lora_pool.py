@@ -133,3 +133,28 @@ def test_model_granularity_on_a_lora_pool(tmp_path, tiny_pool, adapters, variant
     assert torch.allclose(merged[TARGET], expected, atol=1e-5)
     assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
     assert plan["objective"]["final"] == pytest.approx(objective_of(out, tiny_pool["calib"]), rel=1e-5)
+
+
+def test_a_reused_lora_plan_reads_the_recipes_adapters_not_the_folders_it_names(tmp_path, tiny_pool, adapters):
+    """A LoRA plan forms its tensors from adapter factors. Reused (`plan:`), it reads the adapters the
+    recipe names, never the folders written in plan.json (a plan must not pull in other files)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    plan = tmp_path / "plan"
+    out = fw_over_adapters(tmp_path, tiny_pool, adapters, "a", gradient="layerwise", plan=str(plan))
+    record = json.loads((plan / "plan.json").read_text())
+    assert record["adapters"]  # the plan forms tensors from adapters
+    elsewhere = []
+    for i, folder in enumerate(record["adapters"]):  # other adapters, with other factors, outside the recipe
+        other = tmp_path / f"other{i}"
+        shutil.copytree(folder, other)
+        path = other / "adapter_model.safetensors"
+        save_file({k: v * 3 for k, v in load_file(path).items()}, path)
+        elsewhere.append(str(other))
+    record["adapters"] = elsewhere
+    (plan / "plan.json").write_text(json.dumps(record))
+    again = fw_over_adapters(tmp_path, tiny_pool, adapters, "b", gradient="layerwise", plan=str(plan))
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
