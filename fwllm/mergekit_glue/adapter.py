@@ -33,7 +33,9 @@ from fwllm.core.memory import return_free_memory
 from fwllm.core.method import DataMethod, describe_error
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import Plan, plan_is_complete
-from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
+from fwllm.io.staged_output import (
+    PLAN_WAIT, check_plan_folder, folder_lock, is_plan_folder, lock_timeout, staged_output,
+)
 from fwllm.mergekit_glue.inputs import changes, check_plan_inputs, content_key, job_inputs, read_inputs, solve_recorded
 from fwllm.mergekit_glue.preflight import check_job
 from fwllm.methods.registry import METHODS
@@ -110,6 +112,8 @@ class MergekitAdapter(mk.GroupMergeMethod):
         check_job(job)
         inputs = job_inputs(job)
         user_plan = job.params.plan
+        if user_plan:
+            check_plan_folder(user_plan)  # a folder of the user's is never replaced by a plan
         key = job.fingerprint(content_key(inputs))
         target = user_plan or os.path.join(default_plan_root(), f"{self.method.name}-{key}")
         with folder_lock(target, "plan folder", lock_timeout(PLAN_WAIT)):
@@ -122,7 +126,8 @@ class MergekitAdapter(mk.GroupMergeMethod):
                     return self.method.load_plan(target)
                 LOG.warning("fwllm: the cached plan %s does not record these inputs; solving again", target)
             LOG.warning("fwllm: no plan yet for %s; solving into %s", self.method.name, target)
-            with staged_output(target, force=True, lock=False, what="plan folder") as staging:
+            with staged_output(target, force=True, lock=False, what="plan folder",
+                               replaceable=is_plan_folder) as staging:
                 job.plan_dir = staging
                 solve_recorded(self.method, job, inputs)
             job.plan_dir = target
