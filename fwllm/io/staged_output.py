@@ -111,7 +111,7 @@ def folder_lock(target: str, what: str = "output folder", timeout: Optional[floa
         yield
         return
     timeout = lock_timeout(OUT_DIR_WAIT) if timeout is None else timeout
-    path = _sibling(target, "lock")
+    path = _sibling(os.path.realpath(target), "lock")  # one lock per folder, whichever link names it
     os.makedirs(os.path.dirname(path), exist_ok=True)
     deadline, waited = time.monotonic() + timeout, False
     while True:
@@ -239,8 +239,9 @@ def check_target(out_dir: str, force: bool, what: str = "output folder",
                              f"pass --force to replace it")
         return
     foreign = foreign_files(out_dir) or []
-    found = f"holds files fwllm did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})" \
-        if foreign else f"was not written by fwllm (it has no {MANIFEST})"
+    more = ", ..." if len(foreign) > 3 else ""
+    found = f"holds files fwllm did not write ({', '.join(foreign[:3])}{more})" if foreign \
+        else f"was not written by fwllm (it has no {MANIFEST})"
     raise FwllmError(f"{what} {out_dir} exists and is not empty, and {found}: --force replaces only an "
                      f"earlier fwllm output; choose a new or empty folder, or move those files away")
 
@@ -311,7 +312,7 @@ def staged_output(out_dir: str, force: bool = False, lock: bool = True, what: st
         try:
             yield staging
             _write_manifest(staging)
-            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp made it 0700; a folder mkdir makes follows the umask
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp made it 0700; mkdir's folders follow the umask
             _commit(staging, out_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # gone already when the commit went through
@@ -362,7 +363,7 @@ def check_plan_folder(plan: str) -> None:
     real = os.path.realpath(plan)
     refuse_mount_point(real, "plan folder")
     if os.path.exists(real) and not os.path.isdir(real):
-        raise FwllmError(f"plan: {plan} is a file; `plan:` names a folder for the plan (new, empty, or a plan)")
+        raise FwllmError(f"plan: {plan} is a file; `plan:` names a folder (new, empty, or holding a plan)")
     if os.path.isdir(real) and os.listdir(real) and not is_plan_folder(real):
         raise FwllmError(f"plan: {plan} holds files that are not an fwllm plan: fwllm would replace them; "
                          f"point `plan:` at a new or empty folder, or at one that holds a plan")

@@ -66,10 +66,10 @@ def _plans_per_run(module):
         if isinstance(plan, str) and plan:
             check_plan_folder(plan)  # a user's folder is refused before any tensor is read
         out = args[0] if args else kwargs.get("out_path")
-        # one run writes OUT_DIR at a time (`fwllm merge` holds the lock of its staging folder's target already)
+        # one run writes OUT_DIR at a time (`fwllm merge` already holds its staging folder's target's lock)
         mine = isinstance(out, (str, os.PathLike)) and not is_staging(os.fspath(out))
         lock = folder_lock(os.path.realpath(out)) if mine else contextlib.nullcontext()
-        with lock, streaming_output():  # fwllm's merges write one tensor at a time; others keep mergekit's writer
+        with lock, streaming_output():  # fwllm's merges write one tensor at a time
             return original(merge_config, *args, **kwargs)
 
     run_merge.__doc__, run_merge.__wrapped__ = original.__doc__, original

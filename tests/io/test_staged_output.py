@@ -158,7 +158,7 @@ def test_force_refuses_a_folder_fwllm_did_not_write(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(FwllmError, match=r"not written by fwllm .*--force replaces only an earlier fwllm output"):
+    with pytest.raises(FwllmError, match=r"not written by fwllm .*--force replaces only an earlier fwllm"):
         with staged_output(str(out), force=True) as staging:
             open(os.path.join(staging, "model.safetensors"), "w").write("new")
     assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "precious"
@@ -244,7 +244,8 @@ def test_another_users_lock_file_is_left_alone(tmp_path):
 
 
 def test_a_stale_lock_of_a_dead_process_does_not_block(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     (tmp_path / ".out.lock").write_text(dead.stdout.strip())  # its holder is gone: no flock on it
     (tmp_path / ".out.partial-dead").mkdir()
     with staged_output(str(tmp_path / "out"), timeout=0) as staging:

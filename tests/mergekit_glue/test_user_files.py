@@ -182,7 +182,8 @@ def test_force_replaces_only_an_earlier_fwllm_output(pool):
 
     assert fwllm(recipe, pool / "merged").exit_code == 0
     listed = json.loads((pool / "merged" / MANIFEST).read_text())["files"]
-    assert "model.safetensors" in listed and sorted(listed) == sorted(set(snapshot(pool / "merged")) - {MANIFEST})
+    assert "model.safetensors" in listed
+    assert sorted(listed) == sorted(set(snapshot(pool / "merged")) - {MANIFEST})
     assert "pass --force" in one_error_line(fwllm(recipe, pool / "merged"))
     assert fwllm(recipe, pool / "merged", "--force").exit_code == 0  # fwllm's own output: replaced
 
