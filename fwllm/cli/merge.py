@@ -59,7 +59,10 @@ def _first_line(err: BaseException) -> str:
 @click.command("merge")
 @click.argument("recipe", type=click.Path())
 @click.argument("out_dir", type=click.Path())
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option("--force", is_flag=True,
+              help="Replace OUT_DIR when it holds an earlier fwllm output (it has .fwllm-output.json and "
+                   "nothing else); a folder of other files, an input, the current folder, $HOME or a mount "
+                   "point is never replaced.")
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Solve afresh: reuse no cached or `plan:` plan, statistic or merged adapter.")
 @click.option("--allow-pickle", "allow_pickle", is_flag=True,

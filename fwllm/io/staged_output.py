@@ -1,9 +1,13 @@
 """Output folders that never look finished before they are, and that one run writes at a time.
 
 Work happens in a hidden temporary sibling of OUT_DIR (`.OUT.partial-*`) and is renamed into
-place only at the end; a user's existing, non-empty OUT_DIR is replaced only with `--force`,
-and even then only after the new output is complete. SIGINT and SIGTERM are held back while
-the renames run, so an interrupt leaves the old OUT_DIR or the new one, never neither.
+place only at the end. Every committed folder lists the files it was made with in a manifest
+(`.fwllm-output.json`); an existing, non-empty OUT_DIR is replaced only with `--force`, only
+when its manifest shows it is an earlier fwllm output holding nothing else (a user's folder,
+a home, a model is never replaced), and even then only after the new output is complete.
+SIGINT and SIGTERM are held back while the renames run, so an interrupt leaves the old
+OUT_DIR or the new one, never neither. A symlinked OUT_DIR is followed (its target is
+written, the link stays), and the committed folder's mode follows the umask.
 
 `folder_lock` serialises the runs that write one folder (an OUT_DIR, a plan folder) across
 processes: an exclusive `flock` on a hidden sibling `.OUT.lock`, which the kernel releases
@@ -17,16 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, List, Optional, Set
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.plan import PLAN_DONE, PLAN_FILE
 
 try:
     import fcntl
@@ -38,6 +45,8 @@ OUT_DIR_WAIT = 30.0  # seconds a second merge into one OUT_DIR waits for the fir
 PLAN_WAIT = 3600.0  # seconds a run waits for another run's solve of the same plan (then reuses it)
 _PREVIOUS = "previous"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+MANIFEST = ".fwllm-output.json"  # in every folder staged_output commits: the files it was made with
+_STAGING: Set[str] = set()  # staging folders this process is writing now (the mergekit hook skips them)
 
 
 def lock_timeout(default: float) -> float:
@@ -55,12 +64,44 @@ def _sibling(target: str, kind: str) -> str:
 
 
 def _holder(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as fp:
-            pid = fp.read().strip()
+    try:  # read without following a link: a planted one must not show another file's content
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
     except OSError:
         pid = ""
-    return f"pid {pid}" if pid else "another process"
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def _open_lock_file(path: str) -> int:
+    """Open (creating) the lock file at `path`, refusing anything but our own plain file.
+
+    The file gets our PID written into it: a planted symlink or hard link must never make that
+    write land in someone's file, so links are not followed and a foreign file is left alone.
+    (A stale lock file of a dead holder is ours and plain: the kernel dropped its flock, so it
+    is simply taken over.)"""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise FwllmError(f"lock file {path} is a symbolic link, which fwllm never follows: "
+                             f"remove it (it is not fwllm's) and run again") from None
+        raise
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_uid != os.geteuid():
+        problem = f"belongs to another user (uid {info.st_uid})"
+    elif info.st_nlink != 1:
+        problem = f"has {info.st_nlink} hard links (another file shares its content)"
+    if problem:
+        os.close(fd)
+        raise FwllmError(f"lock file {path} {problem}, so fwllm will not write to it: "
+                         f"remove it if no fwllm or mergekit run is using it, and run again")
+    return fd
 
 
 @contextlib.contextmanager
@@ -70,12 +111,12 @@ def folder_lock(target: str, what: str = "output folder", timeout: Optional[floa
         yield
         return
     timeout = lock_timeout(OUT_DIR_WAIT) if timeout is None else timeout
-    path = _sibling(target, "lock")
+    path = _sibling(os.path.realpath(target), "lock")  # one lock per folder, whichever link names it
     os.makedirs(os.path.dirname(path), exist_ok=True)
     deadline, waited = time.monotonic() + timeout, False
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(path)
         except (PermissionError, OSError) as err:
             if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
                 raise
@@ -132,11 +173,77 @@ def recover_leftovers(out_dir: str) -> None:
             shutil.rmtree(full, ignore_errors=True)
 
 
-def check_target(out_dir: str, force: bool) -> None:
-    if os.path.isfile(out_dir):
+def _files_in(folder: str) -> List[str]:
+    """Every file, and every symbolic link, under `folder` (relative paths; links not followed)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files + links]
+    return sorted(found)
+
+
+def _write_manifest(folder: str) -> None:
+    files = [f for f in _files_in(folder) if f != MANIFEST]
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as fp:
+        json.dump({"written_by": "fwllm", "files": files}, fp, indent=1)
+
+
+def foreign_files(folder: str) -> Optional[List[str]]:
+    """The files in `folder` that no fwllm run wrote there: None when it holds no manifest
+    (nothing in it is known to be fwllm's), else those its manifest does not list."""
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as fp:
+            listed = set(json.load(fp)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [f for f in _files_in(folder) if f != MANIFEST and f not in listed]
+
+
+def is_fwllm_output(folder: str) -> bool:
+    """True when everything in `folder` was written by an earlier fwllm run (its manifest says so)."""
+    return foreign_files(folder) == []
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status", encoding="ascii") as fp:
+            for line in fp:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def refuse_mount_point(out_dir: str, what: str = "output folder") -> None:
+    """A mount point (`/` too) is never staged into: its staging sibling would sit on another
+    file system, and replacing it would mean emptying a whole disk."""
+    if os.path.ismount(out_dir):
+        raise FwllmError(f"{what} {out_dir} is a mount point: fwllm never writes or replaces one; "
+                         f"name a new folder inside it")
+
+
+def check_target(out_dir: str, force: bool, what: str = "output folder",
+                 replaceable: Callable[[str], bool] = is_fwllm_output) -> None:
+    """Refuse `out_dir` unless it is missing, empty, or (with `force`) replaceable: by default an
+    earlier fwllm output whose manifest lists every file in it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FwllmError(f"output path {out_dir} is a file")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise FwllmError(f"output folder {out_dir} exists and is not empty; pass --force to replace it")
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if replaceable(out_dir):
+        if not force:
+            raise FwllmError(f"{what} {out_dir} exists and is not empty (an earlier fwllm output); "
+                             f"pass --force to replace it")
+        return
+    foreign = foreign_files(out_dir) or []
+    more = ", ..." if len(foreign) > 3 else ""
+    found = f"holds files fwllm did not write ({', '.join(foreign[:3])}{more})" if foreign \
+        else f"was not written by fwllm (it has no {MANIFEST})"
+    raise FwllmError(f"{what} {out_dir} exists and is not empty, and {found}: --force replaces only an "
+                     f"earlier fwllm output; choose a new or empty folder, or move those files away")
 
 
 @contextlib.contextmanager
@@ -185,20 +292,78 @@ def _commit(staging: str, out_dir: str) -> None:
 
 @contextlib.contextmanager
 def staged_output(out_dir: str, force: bool = False, lock: bool = True, what: str = "output folder",
-                  timeout: Optional[float] = None) -> Iterator[str]:
+                  timeout: Optional[float] = None,
+                  replaceable: Callable[[str], bool] = is_fwllm_output) -> Iterator[str]:
     """Yield a temporary folder; on success it becomes `out_dir`, on failure it vanishes.
 
-    With `lock`, the whole run holds `out_dir`'s lock (pass lock=False when the caller holds it)."""
-    out_dir = os.path.abspath(out_dir)
+    A symlinked `out_dir` is followed: the link's target is what gets written (and staged
+    beside), so the link survives and the commit never meets a link where it expects a folder.
+    With `lock`, the whole run holds `out_dir`'s lock (pass lock=False when the caller holds it);
+    `force` replaces a non-empty `out_dir` only where `replaceable(out_dir)` says so."""
+    out_dir = os.path.realpath(out_dir)
+    refuse_mount_point(out_dir, what)  # before anything is written beside it
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     with folder_lock(out_dir, what, timeout) if lock else contextlib.nullcontext():
         recover_leftovers(out_dir)
-        check_target(out_dir, force)
+        check_target(out_dir, force, what, replaceable)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+        _STAGING.add(staging)
         try:
             yield staging
+            _write_manifest(staging)
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp made it 0700; mkdir's folders follow the umask
             _commit(staging, out_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # gone already when the commit went through
             raise
+        finally:
+            _STAGING.discard(staging)
+
+
+def is_staging(path: str) -> bool:
+    """True for a folder that a `staged_output` of this process is writing now."""
+    return os.path.realpath(path) in {os.path.realpath(s) for s in _STAGING}
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def refuse_overlap(out_dir: str, inputs: Iterable[str], what: str = "OUT_DIR") -> None:
+    """Refuse an `out_dir` that is, holds or lies inside one of `inputs` (a model, an adapter, the
+    calibration data, the recipe, the plan folder), or that is or holds the current folder or
+    $HOME, or is a mount point: a merge there would write into, or (with --force) replace, what
+    the user has. Paths are compared with symlinks resolved."""
+    real = os.path.realpath(out_dir)
+    refuse_mount_point(real, what)
+    for path in inputs:
+        if not path:
+            continue
+        other = os.path.realpath(os.path.expanduser(path))
+        if _inside(other, real) or _inside(real, other):
+            relation = "is" if other == real else ("holds" if _inside(other, real) else "lies inside")
+            raise FwllmError(f"{what} {out_dir} {relation} an input of this merge ({path}): "
+                             f"fwllm never writes over its inputs; choose another {what}")
+    for name, path in (("the current folder", os.getcwd()), ("your home folder", os.path.expanduser("~"))):
+        if path and _inside(os.path.realpath(path), real):
+            raise FwllmError(f"{what} {out_dir} {'is' if os.path.realpath(path) == real else 'holds'} {name} "
+                             f"({path}): choose a new folder for the merged model")
+
+
+def is_plan_folder(folder: str) -> bool:
+    """A folder a solve may replace: one fwllm committed, or a plan (an older fwllm's, without a manifest)."""
+    return (is_fwllm_output(folder) or os.path.isfile(os.path.join(folder, PLAN_FILE))
+            or os.path.isfile(os.path.join(folder, PLAN_DONE)))
+
+
+def check_plan_folder(plan: str) -> None:
+    """The `plan:` rule: a missing or empty folder, or one that holds an fwllm plan; never a
+    folder of the user's (a `plan: ~` would otherwise have its home replaced by a plan)."""
+    real = os.path.realpath(plan)
+    refuse_mount_point(real, "plan folder")
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise FwllmError(f"plan: {plan} is a file; `plan:` names a folder (new, empty, or holding a plan)")
+    if os.path.isdir(real) and os.listdir(real) and not is_plan_folder(real):
+        raise FwllmError(f"plan: {plan} holds files that are not an fwllm plan: fwllm would replace them; "
+                         f"point `plan:` at a new or empty folder, or at one that holds a plan")

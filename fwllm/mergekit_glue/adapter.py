@@ -33,7 +33,10 @@ from fwllm.core.memory import return_free_memory
 from fwllm.core.method import DataMethod, describe_error
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import Plan, plan_is_complete
-from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
+from fwllm.io.plan_cache import bound_plan_cache
+from fwllm.io.staged_output import (
+    PLAN_WAIT, check_plan_folder, folder_lock, is_plan_folder, lock_timeout, staged_output,
+)
 from fwllm.mergekit_glue.inputs import changes, check_plan_inputs, content_key, job_inputs, read_inputs, solve_recorded
 from fwllm.mergekit_glue.preflight import check_job
 from fwllm.methods.registry import METHODS
@@ -107,9 +110,17 @@ class MergekitAdapter(mk.GroupMergeMethod):
 
     def _resolve(self, job: MergeJob) -> Plan:
         """The plan for `job`: the cached one if it was made from these very inputs, else a fresh solve."""
+        plan = self._cached_or_solved(job)
+        if not job.params.plan:
+            bound_plan_cache(plan.folder)  # the plain-mergekit plan cache stays under its size cap
+        return self.method.bind(plan, job)
+
+    def _cached_or_solved(self, job: MergeJob) -> Plan:
         check_job(job)
         inputs = job_inputs(job)
         user_plan = job.params.plan
+        if user_plan:
+            check_plan_folder(user_plan)  # a folder of the user's is never replaced by a plan
         key = job.fingerprint(content_key(inputs))
         target = user_plan or os.path.join(default_plan_root(), f"{self.method.name}-{key}")
         with folder_lock(target, "plan folder", lock_timeout(PLAN_WAIT)):
@@ -122,7 +133,8 @@ class MergekitAdapter(mk.GroupMergeMethod):
                     return self.method.load_plan(target)
                 LOG.warning("fwllm: the cached plan %s does not record these inputs; solving again", target)
             LOG.warning("fwllm: no plan yet for %s; solving into %s", self.method.name, target)
-            with staged_output(target, force=True, lock=False, what="plan folder") as staging:
+            with staged_output(target, force=True, lock=False, what="plan folder",
+                               replaceable=is_plan_folder) as staging:
                 job.plan_dir = staging
                 solve_recorded(self.method, job, inputs)
             job.plan_dir = target

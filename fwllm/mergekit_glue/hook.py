@@ -52,13 +52,23 @@ def _plans_per_run(module):
     original = module.run_merge
 
     def run_merge(merge_config, *args, **kwargs):
+        import contextlib
+
+        from fwllm.io.staged_output import check_plan_folder, folder_lock, is_staging
         from fwllm.mergekit_glue.adapter import is_fwllm_method, start_run
         from fwllm.mergekit_glue.streaming_writer import streaming_output
 
         start_run()
         if not is_fwllm_method(getattr(merge_config, "merge_method", None)):
             return original(merge_config, *args, **kwargs)
-        with streaming_output():  # fwllm's merges write one tensor at a time; others keep mergekit's writer
+        plan = (getattr(merge_config, "parameters", None) or {}).get("plan")
+        if isinstance(plan, str) and plan:
+            check_plan_folder(plan)  # a user's folder is refused before any tensor is read
+        out = args[0] if args else kwargs.get("out_path")
+        # one run writes OUT_DIR at a time (`fwllm merge` already holds its staging folder's target's lock)
+        mine = isinstance(out, (str, os.PathLike)) and not is_staging(os.fspath(out))
+        lock = folder_lock(os.path.realpath(out)) if mine else contextlib.nullcontext()
+        with lock, streaming_output():  # fwllm's merges write one tensor at a time
             return original(merge_config, *args, **kwargs)
 
     run_merge.__doc__, run_merge.__wrapped__ = original.__doc__, original

@@ -32,7 +32,9 @@ from fwllm.core.paths import cache_root
 from fwllm.core.plan import plan_is_complete
 from fwllm.core.trust import check_trusted
 from fwllm.io.identity import digest, model_identity
-from fwllm.io.staged_output import PLAN_WAIT, folder_lock, lock_timeout, staged_output
+from fwllm.io.staged_output import (
+    PLAN_WAIT, check_plan_folder, folder_lock, is_plan_folder, lock_timeout, refuse_overlap, staged_output,
+)
 from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all, start_run
 from fwllm.mergekit_glue.finish import finish_output
 from fwllm.mergekit_glue.inputs import check_plan_inputs, job_inputs, solve_recorded
@@ -81,10 +83,25 @@ def _plan_lock(user_plan: Optional[str]):
     return folder_lock(user_plan, "plan folder", lock_timeout(PLAN_WAIT))
 
 
+def recipe_inputs(recipe_path: str, config, job=None) -> list:
+    """Every local path the merge reads: the recipe, its models and adapters, calibration, plan."""
+    paths = [recipe_path]
+    for ref in config.referenced_models():
+        paths += [ref.model.path, ref.lora.path if ref.lora else None]
+    paths = [p for p in paths if p and os.path.exists(p)]  # a Hub id names no local folder
+    if job is not None:
+        paths += [p for p in (job.params.calibration, job.params.plan) if p]  # the plan may be yet to come
+    return paths
+
+
 def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: bool = False,
                  no_cache: bool = False, allow_pickle: bool = False) -> str:
     """Merge `recipe_path` into `out_dir`; returns out_dir. `no_cache` reuses no plan or statistic;
-    `allow_pickle` lets a model with pickle weights only be read."""
+    `allow_pickle` lets a model with pickle weights only be read.
+
+    `force` replaces an earlier fwllm output only; OUT_DIR may never be, hold or lie inside an
+    input, be or hold the current folder or $HOME, or be a mount point (checked before any model
+    loads, as is the `plan:` folder: missing, empty, or one holding a plan)."""
     register_all()
     recipe = load_recipe(recipe_path)
     config = recipe.config
@@ -96,6 +113,9 @@ def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: b
         check_job(job)
         inputs = job_inputs(job)
         user_plan = job.params.plan
+        if user_plan:
+            check_plan_folder(user_plan)
+    refuse_overlap(out_dir, recipe_inputs(recipe_path, config, job))
     with _plan_lock(user_plan):
         reuse = bool(user_plan) and plan_is_complete(user_plan) and not job.no_cache
         if reuse:
@@ -110,10 +130,11 @@ def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: b
                 else:
                     solve_recorded(recipe.method, job, inputs)
                     if user_plan:
-                        with staged_output(user_plan, force=True, lock=False) as kept:
+                        with staged_output(user_plan, force=True, lock=False, what="plan folder",
+                                           replaceable=is_plan_folder) as kept:
                             shutil.copytree(job.plan_dir, kept, dirs_exist_ok=True)
                 forget_plans()
-                plan = recipe.method.load_plan(job.plan_dir)
+                plan = recipe.method.bind(recipe.method.load_plan(job.plan_dir), job)
                 install_plan(job.plan_dir, plan)
                 update = {"parameters": dict(config.parameters or {}, plan=job.plan_dir)}
                 if not recipe.method.needs_candidates(plan):

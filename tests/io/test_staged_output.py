@@ -1,6 +1,7 @@
 """Staged output folders: the lock, leftovers of killed runs, interrupts during the commit, full disks."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -14,8 +15,20 @@ from fwllm.core.errors import FwllmError
 from fwllm.io.staged_output import folder_lock, staged_output
 
 
+MANIFEST = ".fwllm-output.json"
+
+
 def siblings(parent, name):
     return sorted(p for p in os.listdir(parent) if p.startswith(f".{name}."))
+
+
+def earlier_output(out, files):
+    """A folder as an earlier fwllm run left it: its files and the manifest that lists them."""
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    (out / MANIFEST).write_text(json.dumps({"written_by": "fwllm", "files": sorted(files)}))
+    return out
 
 
 def test_lock_excludes_a_second_holder_with_a_clear_error(tmp_path):
@@ -66,25 +79,21 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_a_moved_aside_output_is_resto
 
 
 def test_failure_inside_leaves_previous_output_untouched(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("precious")
+    out = earlier_output(tmp_path / "out", {"mine.txt": "precious"})
     with pytest.raises(OSError) as err:
         with staged_output(str(out), force=True) as staging:
             (tmp_path / "staging_seen").write_text(staging)
             open(os.path.join(staging, "model.safetensors"), "wb").write(b"x" * 10)
             raise OSError(errno.ENOSPC, "No space left on device")
     assert err.value.errno == errno.ENOSPC
-    assert os.listdir(out) == ["mine.txt"] and (out / "mine.txt").read_text() == "precious"
+    assert sorted(os.listdir(out)) == [MANIFEST, "mine.txt"] and (out / "mine.txt").read_text() == "precious"
     assert siblings(tmp_path, "out") == []
 
 
 def test_an_interrupt_during_the_commit_waits_for_it(tmp_path, monkeypatch):
     """SIGINT between the two renames of a replace is held back: OUT_DIR is the old or the new
     output, never neither; here it arrives after the first rename, so the new one lands."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("old")
+    out = earlier_output(tmp_path / "out", {"mine.txt": "old"})
     real_rename = os.rename
     # a terminal's Ctrl-C, also when pytest runs as a background job (which inherits SIGINT ignored)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -102,7 +111,7 @@ def test_an_interrupt_during_the_commit_waits_for_it(tmp_path, monkeypatch):
                 open(os.path.join(staging, "new.txt"), "w").write("new")
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert os.listdir(out) == ["new.txt"]
+    assert sorted(os.listdir(out)) == [MANIFEST, "new.txt"]
     assert siblings(tmp_path, "out") == []
 
 
@@ -126,6 +135,7 @@ def test_a_real_full_disk(tmp_path):
         "from fwllm.io.staged_output import staged_output\n"
         "disk = sys.argv[1]\n"
         "os.makedirs(disk + '/out'); open(disk + '/out/mine.txt', 'w').write('precious')\n"
+        f"open(disk + '/out/{MANIFEST}', 'w').write('{{\"files\": [\"mine.txt\"]}}')\n"
         "try:\n"
         "    with staged_output(disk + '/out', force=True) as staging:\n"
         "        open(os.path.join(staging, 'model.safetensors'), 'wb').write(os.urandom(1 << 20))\n"
@@ -140,4 +150,126 @@ def test_a_real_full_disk(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
-    assert lines == [f"errno {errno.ENOSPC}", "['out'] ['mine.txt'] precious"], r.stdout
+    assert lines == [f"errno {errno.ENOSPC}", f"['out'] ['{MANIFEST}', 'mine.txt'] precious"], r.stdout
+
+
+# ------------------------------------------------------------- what --force may replace (issue 24)
+def test_force_refuses_a_folder_fwllm_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(FwllmError, match=r"not written by fwllm .*--force replaces only an earlier fwllm"):
+        with staged_output(str(out), force=True) as staging:
+            open(os.path.join(staging, "model.safetensors"), "w").write("new")
+    assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "precious"
+    assert siblings(tmp_path, "out") == []
+
+
+def test_force_refuses_an_earlier_output_the_user_added_files_to(tmp_path):
+    out = earlier_output(tmp_path / "out", {"model.safetensors": "old"})
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(FwllmError, match=r"holds files fwllm did not write \(notes.md\)"):
+        with staged_output(str(out), force=True):
+            pass
+    assert (out / "notes.md").read_text() == "mine" and (out / "model.safetensors").read_text() == "old"
+
+
+def test_force_replaces_an_earlier_output_and_the_new_one_lists_its_files(tmp_path):
+    out = earlier_output(tmp_path / "out", {"model.safetensors": "old", "README.md": "old"})
+    with pytest.raises(FwllmError, match="earlier fwllm output.*pass --force"):
+        with staged_output(str(out)):
+            pass
+    with staged_output(str(out), force=True) as staging:
+        os.makedirs(os.path.join(staging, "sub"))
+        open(os.path.join(staging, "sub", "plan.json"), "w").write("{}")
+        open(os.path.join(staging, "model.safetensors"), "w").write("new")
+    assert sorted(os.listdir(out)) == [MANIFEST, "model.safetensors", "sub"]
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["model.safetensors", "sub/plan.json"]
+    with staged_output(str(out), force=True) as staging:  # what fwllm wrote, fwllm may replace again
+        open(os.path.join(staging, "model.safetensors"), "w").write("newer")
+    assert (out / "model.safetensors").read_text() == "newer" and not (out / "sub").exists()
+
+
+# ------------------------------------------------------------------------ symlinked OUT_DIR
+def test_a_symlink_to_an_empty_folder_is_written_through(tmp_path):
+    real, link = tmp_path / "disk" / "real", tmp_path / "out"
+    real.mkdir(parents=True)
+    link.symlink_to(real)
+    with staged_output(str(link)) as staging:
+        open(os.path.join(staging, "model.safetensors"), "w").write("new")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / "model.safetensors").read_text() == "new"
+    assert siblings(tmp_path / "disk", "real") == [] and siblings(tmp_path, "out") == []
+
+
+def test_force_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    real = earlier_output(tmp_path / "real", {"model.safetensors": "old"})
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    with staged_output(str(link), force=True) as staging:
+        open(os.path.join(staging, "model.safetensors"), "w").write("new")
+    assert link.is_symlink() and (real / "model.safetensors").read_text() == "new"
+
+
+# ----------------------------------------------------------------------------------- locks
+def test_a_planted_symlink_lock_never_writes_its_target(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    (tmp_path / ".out.lock").symlink_to(victim)
+    with pytest.raises(FwllmError, match=r"lock file .*\.out\.lock is a symbolic link"):
+        with staged_output(str(tmp_path / "out")):
+            pass
+    assert victim.read_text() == "the user's file" and not (tmp_path / "out").exists()
+
+
+def test_a_hard_linked_lock_is_refused(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    os.link(victim, tmp_path / ".out.lock")
+    with pytest.raises(FwllmError, match="hard links"):
+        with folder_lock(str(tmp_path / "out"), timeout=0):
+            pass
+    assert victim.read_text() == "the user's file"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_another_users_lock_file_is_left_alone(tmp_path):
+    lock = tmp_path / ".out.lock"
+    lock.write_text("their data")
+    os.chown(lock, 4242, 4242)
+    with pytest.raises(FwllmError, match=r"belongs to another user \(uid 4242\)"):
+        with folder_lock(str(tmp_path / "out"), timeout=0):
+            pass
+    assert lock.read_text() == "their data"
+
+
+def test_a_stale_lock_of_a_dead_process_does_not_block(tmp_path):
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    (tmp_path / ".out.lock").write_text(dead.stdout.strip())  # its holder is gone: no flock on it
+    (tmp_path / ".out.partial-dead").mkdir()
+    with staged_output(str(tmp_path / "out"), timeout=0) as staging:
+        open(os.path.join(staging, "a.txt"), "w").write("new")
+    assert siblings(tmp_path, "out") == [] and (tmp_path / "out" / "a.txt").read_text() == "new"
+
+
+# ------------------------------------------------------------------- modes and mount points
+def test_the_output_folder_follows_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        with staged_output(str(tmp_path / "out")) as staging:
+            open(os.path.join(staging, "a.txt"), "w").write("new")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750  # as `mkdir` makes it under that umask
+
+
+def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(mount) or real_ismount(p))
+    with pytest.raises(FwllmError, match="is a mount point"):
+        with staged_output(str(mount), force=True):
+            pass
+    assert os.listdir(tmp_path) == ["disk"]

@@ -227,10 +227,15 @@ def test_existing_output_is_never_overwritten_silently(tmp_path, tiny_pool):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("precious")
-    assert "pass --force" in _one_error_line(fwllm(recipe, out))
-    assert (out / "mine.txt").read_text() == "precious"
+    assert "exists and is not empty" in _one_error_line(fwllm(recipe, out))
+    assert "replaces only an earlier fwllm output" in _one_error_line(fwllm(recipe, out, "--force"))
+    assert os.listdir(out) == ["mine.txt"] and (out / "mine.txt").read_text() == "precious"
+    shutil.rmtree(out)
+    assert fwllm(recipe, out).exit_code == 0
+    assert "pass --force" in _one_error_line(fwllm(recipe, out))  # an earlier fwllm output
+    old = (out / "model.safetensors").stat().st_ino  # the old file exists until the new one is in place
     assert fwllm(recipe, out, "--force").exit_code == 0
-    assert (out / "model.safetensors").exists() and not (out / "mine.txt").exists()
+    assert (out / "model.safetensors").stat().st_ino != old
 
 
 def test_failed_solve_leaves_no_output(tmp_path, tiny_pool):

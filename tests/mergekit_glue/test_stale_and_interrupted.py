@@ -28,6 +28,7 @@ from fwllm.cli import main
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 HARNESS = str(Path(__file__).with_name("interrupt_harness.py"))
 FW = {"iterations": 1, "step_size": 0.5, "scaling": 1.0}
+MANIFEST = ".fwllm-output.json"
 WAIT = 300  # seconds: generous, the CI box has 2 shared cores
 
 
@@ -70,6 +71,17 @@ def one_error_line(result):
     errors = [ln for ln in result.output.splitlines() if ln.startswith("Error: ")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output[-3000:]
     return errors[0]
+
+
+def earlier_output(out, files=None):
+    """`out` as an earlier fwllm run leaves it: its files and the manifest that lists them (what
+    --force may replace)."""
+    out.mkdir(exist_ok=True)
+    for name, text in ({"mine.txt": "precious"} if files is None else files).items():
+        (out / name).write_text(text)
+    listed = sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    (out / MANIFEST).write_text(json.dumps({"written_by": "fwllm", "files": listed}))
+    return out
 
 
 def leftovers(parent, name="out"):
@@ -251,11 +263,10 @@ def test_a_broken_candidate_is_one_error_line(pool, monkeypatch, how, message):
         models, label = [pool / "copy", pool / "rev"], str(pool / "rev")
     recipe = write_recipe(pool / "fw.yml", "fw_merging", pool / "base", models,
                           {"calibration": str(pool / "calib" / "task.jsonl"), **FW})
-    (pool / "out").mkdir()
-    (pool / "out" / "mine.txt").write_text("precious")
+    earlier_output(pool / "out")  # which --force would replace
     line = one_error_line(fwllm(recipe, pool / "out", "--force"))
     assert message.format(m=label) in line, line
-    assert os.listdir(pool / "out") == ["mine.txt"] and leftovers(pool) == []
+    assert sorted(os.listdir(pool / "out")) == [MANIFEST, "mine.txt"] and leftovers(pool) == []
     if how not in ("nan", "inf"):  # NaN shows only in the values, which the solve reads
         assert loads == []
 
@@ -271,11 +282,11 @@ def test_a_full_disk_during_the_tensor_write_is_one_error_and_keeps_the_old_outp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(streaming_writer, "_copy_range", full_disk)
-    (pool / "out").mkdir()
-    (pool / "out" / "mine.txt").write_text("precious")
+    earlier_output(pool / "out")
     line = one_error_line(fwllm(fw_recipe(pool), pool / "out", "--force"))
     assert "no space left on device while writing" in line and "nothing was replaced" in line
-    assert os.listdir(pool / "out") == ["mine.txt"] and (pool / "out" / "mine.txt").read_text() == "precious"
+    assert sorted(os.listdir(pool / "out")) == [MANIFEST, "mine.txt"]
+    assert (pool / "out" / "mine.txt").read_text() == "precious"
     assert leftovers(pool) == []
 
 
@@ -294,6 +305,7 @@ def test_a_real_full_disk(pool):
     recipe = write_recipe(pool / "ta.yml", "task_arithmetic", pool / "base", [pool / "copy", pool / "rev"],
                           per_model=[{"weight": 0.5}, {"weight": 0.5}])
     shutil.copytree(pool / "base", pool / "previous")  # a model folder of the output's size
+    earlier_output(pool / "previous", {})  # that an earlier fwllm merge wrote
     size_kib = sum(f.stat().st_size for f in (pool / "previous").iterdir()) // 1024
     disk = pool / "disk"
     disk.mkdir()
@@ -319,8 +331,7 @@ def _wait(path, proc, seconds=WAIT):
 
 def _previous_output(out):
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    (out / "mine.txt").write_text("precious")
+    earlier_output(out)
 
 
 def test_signals_at_every_stage_and_a_concurrent_merge(pool, monkeypatch):
@@ -357,7 +368,8 @@ def test_signals_at_every_stage_and_a_concurrent_merge(pool, monkeypatch):
             if stage == "rename":  # the replace had begun: it completes, the signal is honoured after
                 assert same(out, pool / "lone")
             else:
-                assert os.listdir(out) == ["mine.txt"] and (out / "mine.txt").read_text() == "precious", stage
+                assert sorted(os.listdir(out)) == [MANIFEST, "mine.txt"], stage
+                assert (out / "mine.txt").read_text() == "precious", stage
             assert leftovers(pool) == [], (stage, leftovers(pool))
             (control / f"next-{i}").touch()
 
