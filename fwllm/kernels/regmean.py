@@ -22,7 +22,7 @@ def reduce_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def _cholesky(a: torch.Tensor) -> Optional[torch.Tensor]:
+def cholesky_or_none(a: torch.Tensor) -> Optional[torch.Tensor]:
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         return None
@@ -50,7 +50,7 @@ def regmean_merge(layers: Iterable[Tuple[torch.Tensor, torch.Tensor, float]], al
         total += c
         del w, gram, g, wt  # before the next one is read: inputs may stream from disk
     avg /= total
-    chol = _cholesky(a)
+    chol = cholesky_or_none(a)
     if chol is not None:
         return torch.cholesky_solve(b, chol).T.float(), 0.0
     lam = ridge * float(a.diagonal().mean())

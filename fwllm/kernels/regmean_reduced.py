@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from fwllm.kernels.low_rank import LowRank
-from fwllm.kernels.regmean import _cholesky, reduce_gram
+from fwllm.kernels.regmean import cholesky_or_none, reduce_gram
 
 TaskVector = Union[torch.Tensor, LowRank]
 
@@ -77,7 +77,7 @@ class RegMeanSums:
         if self.gram_sum is None:
             return {}, 0.0
         s = self.gram_sum
-        chol = _cholesky(s)
+        chol = cholesky_or_none(s)
         lam = 0.0
         if chol is None:
             lam = ridge * float(s.diagonal().mean())

@@ -1,7 +1,7 @@
 """`fwllm merge --lora-out DIR`: an FW-Merging LoRA pool's merge also written as a peft adapter.
 
 FW-Merging with task-arithmetic steps over BASE+ADAPTER candidates merges to
-W_0 + sum_i c_i s_i B_i A_i per tensor: a LoRA of rank sum_i r_i (fwllm.io.lora_output). The
+W_0 + sum_i c_i s_i B_i A_i per tensor: a LoRA of rank sum_i r_i (fwllm.mergekit_glue.lora_adapter). The
 recipe is checked before any model loads; the adapter is written from the plan once the full
 merge is in OUT_DIR.
 """
@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.plan import FWPlanRecord, read_record
-from fwllm.io.lora_output import write_lora_merge
+from fwllm.mergekit_glue.lora_adapter import write_lora_merge
 from fwllm.io.models import resolve_model_path
 from fwllm.io.staged_output import check_target
 from fwllm.mergekit_glue.merge import PLAN_SUBDIR

@@ -10,7 +10,7 @@ from conftest import save_tiny_llama_base
 from fwllm.core.errors import FwllmError
 from fwllm.core.plan import FWPlanRecord
 from fwllm.io.adapters import AdapterReader
-from fwllm.io.lora_output import task_arithmetic_factors, write_lora_merge
+from fwllm.mergekit_glue.lora_adapter import task_arithmetic_factors, write_lora_merge
 from fwllm.kernels.low_rank import LowRank
 from fwllm.kernels.regmean_reduced import RegMeanSums
 
