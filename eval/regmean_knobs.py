@@ -44,7 +44,7 @@ def scan(bench: QualityBench, refs, n: int, alpha: float, scales, log) -> list:
     run = PoolRun(bench, n)
     cell = run.merged("regmean")  # scores K = 1 (from the cache when they are there)
     folder = os.path.join(run.folder, "merged", "regmean")
-    stamp_file = os.path.join(folder, ".quality_key")
+    stamp_file = folder + ".quality_key"  # beside the output (PoolRun.merged writes it there)
     if not os.path.isfile(stamp_file) or open(stamp_file, encoding="utf-8").read() != cell.key:
         # cached scores need no merge, but the scan reads the merged model: (re)make it for this alpha
         merge_recipe(cell.info["recipe"], folder, MergeOptions(device=bench.s.device, quiet=True), force=True)

@@ -354,7 +354,7 @@ class PoolRun:
         tasks = b.tasks_for(self.tasks)
         target = os.path.join(self.folder, "merged", method)
 
-        stamp = os.path.join(target, ".quality_key")
+        stamp = target + ".quality_key"  # beside the output: --force replaces only what fwllm wrote
 
         def model_fn():
             if not (s.cache and os.path.isfile(stamp) and Path(stamp).read_text() == key):
