@@ -29,7 +29,9 @@ from fwllm.core.method import DataMethod
 from fwllm.core.params import RegMeanParams
 from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.core.footprint import ModelSizes
-from fwllm.core.plan import CandidateStats, Plan, StatsPlanRecord, mark_plan_complete, read_record, write_record
+from fwllm.core.plan import (
+    CandidateStats, Plan, StatsPlanRecord, mark_plan_complete, read_record, write_record,
+)
 from fwllm.data.calibration import load_calibration, micro_batch_shape
 from fwllm.data.encoding import encode_task
 from fwllm.io.iterate_store import check_free_space
@@ -102,8 +104,8 @@ class RegMean(DataMethod):
         weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
         tasks = [candidate_task(self.name, spec, pool.tasks) for spec in job.candidates]
         reader = TensorReader(pool.base_dir)
-        check_free_space(job.plan_dir, 4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names()),
-                         "the merged model")
+        model_bytes = 4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+        check_free_space(job.plan_dir, model_bytes, "the merged model")
         tokenizer = load_tokenizer(pool.base_dir)
         batches = [encode_task(t, tokenizer, p.max_length, p.batch_size).batches for t in tasks]
         torch.manual_seed(p.seed)

@@ -97,8 +97,8 @@ def check_streamable(candidates: Sequence[Candidate], method: str) -> None:
         if a is None:
             continue
         if a.full or not all(low_rank_candidate(a, n) for n in a.factors):
-            raise FwllmError(f"{method}: gradient: layerwise runs plain LoRA adapters only; {c.label} has DoRA, "
-                             "modules_to_save or transposed factors (use gradient: full)")
+            raise FwllmError(f"{method}: gradient: layerwise runs plain LoRA adapters only; {c.label} has "
+                             "DoRA, modules_to_save or transposed factors (use gradient: full)")
 
 
 class StreamedRegMean:
@@ -114,7 +114,8 @@ class StreamedRegMean:
         self.base_map = base_weights(base_dir)
         self.meta = MetaModel(self.model, self.base_map, device, optional=is_head_tensor)
         self.stack_name, self.layers = layer_stack(self.model)
-        self.layer_params = [self.meta.module_parameters(f"{self.stack_name}.{i}") for i in range(len(self.layers))]
+        self.layer_params = [self.meta.module_parameters(f"{self.stack_name}.{i}")
+                             for i in range(len(self.layers))]
         in_stack = {n for names in self.layer_params for n in names}
         self.linear = linear_layers(self.model)
         self.transposed = transposed_weights(self.model)
@@ -253,8 +254,9 @@ class StreamedRegMean:
                     if i == 0:
                         seen["input"], seen["call"] = hidden, (args, kwargs)
                     elif hidden is not seen["out"]:
-                        raise FwllmError(f"regmean: gradient: layerwise needs layer {i} to take layer {i - 1}'s "
-                                         f"output directly; {type(self.model).__name__} does not (use gradient: full)")
+                        raise FwllmError(f"regmean: gradient: layerwise needs layer {i} to take layer "
+                                         f"{i - 1}'s output directly; {type(self.model).__name__} does not "
+                                         "(use gradient: full)")
                     seen["out"] = hidden
                     if i == last:
                         raise _Captured
@@ -295,8 +297,8 @@ class StreamedRegMean:
                         args, kwargs = run.calls[k]
                         out = self._forwards[i](run.hidden[k].to(self.device), *args, **kwargs)
                         if not isinstance(out, torch.Tensor):
-                            raise FwllmError("regmean: gradient: layerwise expects layers that return one tensor, "
-                                             f"got {type(out).__name__} (use gradient: full)")
+                            raise FwllmError("regmean: gradient: layerwise expects layers that return one "
+                                             f"tensor, got {type(out).__name__} (use gradient: full)")
                         run.hidden[k] = out.to(self.host)
                 self._add(run, grams, leader, sums)
                 del grams

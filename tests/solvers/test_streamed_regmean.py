@@ -45,8 +45,8 @@ def pools(tmp_path_factory, one_thread):
     for i, rank in enumerate((4, 2)):
         torch.manual_seed(30 + i)
         model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                               LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          lora_dropout=0.0))
+                               LoraConfig(r=rank, lora_alpha=8, lora_dropout=0.0,
+                                          target_modules=["q_proj", "v_proj", "down_proj"]))
         with torch.no_grad():
             for n, prm in model.named_parameters():
                 if "lora_B" in n:
@@ -76,7 +76,8 @@ def test_streamed_grams_equal_the_whole_model_grams(pools, kind):
     for cand, model_dir, task in zip(cands, pools[kind], TASKS):
         spec = CandidateSpec(cand.label, str(model_dir), None, {})
         model = load_candidate_model(spec, str(pools["base"]), "cpu")
-        batches = encode_task(load_calibration(str(pools["calib"] / f"{task}.jsonl"))[0], tok, batch_size=3).batches
+        rows = load_calibration(str(pools["calib"] / f"{task}.jsonl"))[0]
+        batches = encode_task(rows, tok, batch_size=3).batches
         truth, _ = collect_grams(model, batches)
         mine = {n: g for (lab, n), g in seen.items() if lab == cand.label}
         # one Gram per layer input: q/k/v share theirs, gate/up theirs
@@ -102,7 +103,8 @@ def merge_both(tmp_path, pools, kind, **params):
     out = {}
     for gradient in ("full", "layerwise"):
         recipe = write_recipe(tmp_path / f"{gradient}.yml", "regmean", pools["base"], models,
-                              {"calibration": str(pools["calib"]), "batch_size": 3, "gradient": gradient, **params},
+                              {"calibration": str(pools["calib"]), "batch_size": 3, "gradient": gradient,
+                               **params},
                               per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}])
         out[gradient] = tmp_path / gradient
         merge_recipe(str(recipe), str(out[gradient]), MergeOptions(quiet=True))
@@ -135,7 +137,8 @@ def test_one_layer_at_a_time_and_no_gram_on_disk(tmp_path, pools, monkeypatch):
 
     def counting_fetch(self, names, source=None):
         original(self, names, source)
-        layers = {int(m.group(1)) for n in self.resident for m in [re.match(r"model\.layers\.(\d+)\.", n)] if m}
+        found = (re.match(r"model\.layers\.(\d+)\.", n) for n in self.resident)
+        layers = {int(m.group(1)) for m in found if m}
         outer = [n for n in self.resident if not n.startswith("model.layers.")]
         resident_layers.append(len(layers) + (1 if outer else 0))
         fetches.append(sorted(layers))
