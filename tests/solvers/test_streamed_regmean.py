@@ -178,3 +178,19 @@ def test_layerwise_refuses_an_encoder_pool(tmp_path, monkeypatch):
                           per_model=[{"task": "two"}, {"task": "three"}])
     with pytest.raises(FwllmError, match="layerwise covers causal LMs"):
         merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
+
+
+def test_layerwise_refuses_a_dora_adapter_before_reading_weights(tmp_path, pools, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    dora = get_peft_model(LlamaForCausalLM.from_pretrained(pools["base"]),
+                          LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, use_dora=True, target_modules=["q_proj"]))
+    dora.save_pretrained(tmp_path / "dora")
+    models = [recipe_models(pools, "lora")[0], f"{pools['base']}+{tmp_path / 'dora'}"]
+    recipe = write_recipe(tmp_path / "r.yml", "regmean", pools["base"], models,
+                          {"calibration": str(pools["calib"]), "gradient": "layerwise"},
+                          per_model=[{"task": "copy"}, {"task": "rev"}])
+    with pytest.raises(FwllmError, match="layerwise runs plain LoRA adapters only"):
+        merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
