@@ -91,6 +91,9 @@ class FisherParams(MethodParams):
 class RegMeanParams(MethodParams):
     alpha: float = Field(0.9, ge=0, le=1)  # off-diagonal scale of the Grams (1 = exact least squares)
     ridge: float = Field(1e-5, ge=0)  # singular Gram sums only: + ridge * mean(diag) * I
+    # layerwise: Grams measured one decoder layer at a time and reduced as they come (no per-candidate
+    # Gram on disk, no whole model in RAM); auto: full if the in-RAM solve fits in free RAM, else layerwise
+    gradient: Literal["auto", "full", "layerwise"] = "auto"
 
 
 class AdaMergingParams(MethodParams):

@@ -6,6 +6,10 @@ solve:  each candidate's Gram matrices on its own calibration task (per-model `t
           gram/<i>.safetensors    candidate i's Gram per linear weight name ([in, in], float32)
           fwllm_heads/            per-task classification heads (classifier candidates)
           merged/                 the merged tensors, streamed
+        `gradient: layerwise` (auto when the in-RAM measurement would not fit in half the free RAM)
+        measures the Grams one decoder layer at a time over a meta-device skeleton and reduces them as
+        they come (`fwllm.solvers.streamed_grams`): no Gram file; each candidate's file in plan.json is
+        merged/, which holds the merge.
 merge:  linear weights in closed form (`fwllm.kernels.regmean`), reading that layer's Grams
         one at a time; everything else is the weighted average. A singular Gram sum gets a
         ridge towards the weighted average, and each such layer is logged.
@@ -23,20 +27,46 @@ from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.core.params import RegMeanParams
-from fwllm.core.plan import Plan, StatsPlanRecord, read_record
-from fwllm.io.merged_store import merged_index
-from fwllm.io.models import resolve_model_path
+from fwllm.arch.kinds import CAUSAL_MODEL
+from fwllm.core.footprint import ModelSizes
+from fwllm.core.plan import (
+    CandidateStats, Plan, StatsPlanRecord, mark_plan_complete, read_record, write_record,
+)
+from fwllm.data.calibration import load_calibration, micro_batch_shape
+from fwllm.data.encoding import encode_task
+from fwllm.io.iterate_store import check_free_space
+from fwllm.io.merged_store import MERGED_DIR, merged_index, write_merged
+from fwllm.io.models import load_tokenizer, read_config, resolve_model_path
+from fwllm.io.tensors import TensorReader
 from fwllm.io.stats_store import StatsCache, has_stat, read_stat
 from fwllm.kernels.regmean import regmean_merge
 from fwllm.kernels.weighted_sum import weighted_average
 from fwllm.methods.common import (
-    check_candidates, finish_streamed_plan, head_or_base, link_statistics, measured_heads, primary_head,
-    stored_or_none, weights_of,
+    check_candidates, finish_streamed_plan, head_or_base, link_statistics, measured_heads, open_pool,
+    primary_head, stored_or_none, weights_of,
 )
+from fwllm.methods.fw_merging import choose_gradient
 from fwllm.solvers.grams import GRAM_LAYERS, candidate_grams
-from fwllm.solvers.per_candidate import measure_candidates
+from fwllm.solvers.per_candidate import candidate_task, measure_candidates
+from fwllm.solvers.streamed_grams import StreamedRegMean, check_streamable
 
 LOG = logging.getLogger(__name__)
+
+
+def in_ram_bytes(job: MergeJob) -> int:
+    """What measuring one candidate in RAM holds: the model in float32, its Grams (one [in, in] per
+    linear weight), and one micro-batch's activations and logits."""
+    if job.params.gradient != "auto":
+        return 0  # not asked for: no need to read the calibration data here
+    base_dir = resolve_model_path(job.base)
+    reader = TensorReader(base_dir)
+    shapes = [reader.shape(n) for n in reader.names()]
+    weights = sum(int(torch.Size(s).numel()) for s in shapes)
+    grams = sum(int(s[1]) ** 2 for s in shapes if len(s) == 2)
+    sizes = ModelSizes.from_config(read_config(base_dir))
+    rows, tokens = micro_batch_shape(load_calibration(job.params.calibration, job.params.max_rows),
+                                     job.params.batch_size, job.params.max_length)
+    return 4 * (weights + grams) + sizes.activation_bytes(rows, tokens) + sizes.logits_bytes(rows, tokens)
 
 
 class RegMean(DataMethod):
@@ -47,6 +77,11 @@ class RegMean(DataMethod):
 
     def solve(self, job: MergeJob) -> None:
         p: RegMeanParams = job.params  # type: ignore[assignment]
+        mode, reason = choose_gradient(p, in_ram_bytes(job))
+        LOG.info("regmean: gradient %s (%s)", mode, reason)
+        if mode == "layerwise":
+            self._solve_streamed(job)
+            return
         settings = {k: v for k, v in p.model_dump().items() if k in ("max_length", "batch_size")}
         settings["layers"] = GRAM_LAYERS
         store = StatsCache("gram")
@@ -56,6 +91,34 @@ class RegMean(DataMethod):
         record = StatsPlanRecord(method=self.name, base=job.base, settings=p.model_dump(),
                                  candidates=link_statistics(job, store, measured), primary_head=primary_head(job, heads))
         finish_streamed_plan(self, job, record, heads)
+
+    def _solve_streamed(self, job: MergeJob) -> None:
+        """Grams layer by layer, reduced as they come; the plan stores the merged tensors."""
+        p: RegMeanParams = job.params  # type: ignore[assignment]
+        pool = open_pool(job)
+        if pool.kind != CAUSAL_MODEL:
+            raise FwllmError(f"regmean: gradient: layerwise covers causal LMs (Llama-style); this pool is "
+                             f"{pool.kind} models (use gradient: full)")
+        check_streamable(pool.candidates, self.name)
+        labels = [spec.label for spec in job.candidates]
+        weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
+        tasks = [candidate_task(self.name, spec, pool.tasks) for spec in job.candidates]
+        reader = TensorReader(pool.base_dir)
+        model_bytes = 4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+        check_free_space(job.plan_dir, model_bytes, "the merged model")
+        tokenizer = load_tokenizer(pool.base_dir)
+        batches = [encode_task(t, tokenizer, p.max_length, p.batch_size).batches for t in tasks]
+        torch.manual_seed(p.seed)
+        solver = StreamedRegMean.for_candidates(pool.base_dir, pool.candidates, weights, batches, p.alpha,
+                                                p.ridge, job.device)
+        write_merged(job.plan_dir, solver.merged())
+        # no Gram file: the statistic lives on only reduced, in the merged tensors
+        stats = [CandidateStats(label=lab, task=t.name, file=MERGED_DIR, cached=False,
+                                meta={"tokens": run.tokens, "gram": "streamed"})
+                 for lab, t, run in zip(labels, tasks, solver.runs)]
+        write_record(job.plan_dir, StatsPlanRecord(method=self.name, base=job.base, settings=p.model_dump(),
+                                                   candidates=stats, primary_head=None))
+        mark_plan_complete(job.plan_dir)
 
     def load_plan(self, plan_dir: str) -> Plan:
         record = read_record(plan_dir, self.name, StatsPlanRecord)

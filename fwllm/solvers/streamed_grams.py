@@ -1,0 +1,407 @@
+"""RegMean on the bounded path: Grams measured layer by layer and reduced as they come.
+
+The model is the meta-device skeleton of `fwllm.arch.streaming`; one decoder layer is
+materialised at a time. A full candidate's layer is read from its own shards; a LoRA
+candidate runs as the base layer plus its own factors (forward hooks adding s (x A^T) B^T),
+never merged into a model. Work is layer-major:
+
+  A. capture  each candidate's micro-batches run up to the layer stack (its own embeddings),
+              recording every layer's other arguments (masks, rotary embeddings); the stack
+              input is kept on the host, on the candidate's (small) calibration rows;
+  B. layers   for each layer, each candidate in turn: materialise its layer (a pure LoRA pool
+              reads the base layer once for all of them), run its micro-batches with Gram hooks
+              on the layer's linear maps, add its Gram per layer input to `RegMeanSums`, drop
+              it; then solve the layer and hand its merged weights on;
+  C. top      each candidate replays the model from its stack output (norm, LM head), so the
+              linear maps outside the stack get their Grams the same way;
+  D. rest     every other tensor (embeddings, norms, biases) is the weighted average, read
+              one candidate tensor at a time.
+
+Weights that read one input (q/k/v; gate/up) are found by the identity of the tensor their
+pre-hooks see, and share one Gram. Nothing the size of a model, and no per-candidate Gram,
+is ever kept: per layer input, S = sum_i c_i G~_i, and per weight its numerator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from fwllm.arch.heads import is_head_tensor
+from fwllm.arch.layer_stack import layer_stack
+from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+from fwllm.arch.weight_layout import input_features, transposed_weights
+from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.memory import return_free_memory
+from fwllm.io.candidates import Candidate
+from fwllm.io.tensors import TensorReader
+from fwllm.kernels.low_rank import LowRank
+from fwllm.kernels.regmean_reduced import RegMeanSums
+from fwllm.kernels.weighted_sum import weighted_average
+from fwllm.solvers.grams import linear_layers
+from fwllm.solvers.lora_terms import low_rank_candidate
+
+LOG = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    """Raised by the last pass-through layer: the rest of the forward is not needed."""
+
+
+class _ReaderWeights(Mapping):
+    """A full candidate's tensors by name, read from its shards on each access (a MetaModel source)."""
+
+    def __init__(self, reader: TensorReader):
+        self.reader = reader
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.reader
+
+    def __iter__(self):
+        return iter(self.reader.names())
+
+    def __len__(self) -> int:
+        return len(self.reader.names())
+
+
+@dataclass
+class _Run:
+    """One candidate's pass: its micro-batches, each one's layer arguments and current hidden state."""
+
+    cand: Candidate
+    weight: float
+    batches: List[Dict[str, torch.Tensor]]
+    calls: List[Tuple[tuple, dict]] = field(default_factory=list)  # per micro-batch (same for every layer)
+    hidden: List[Optional[torch.Tensor]] = field(default_factory=list)  # per micro-batch, on the host
+    tokens: int = 0
+
+    @property
+    def source(self) -> Optional[Mapping]:
+        """Where this candidate's weights come from (None: the base's shards)."""
+        return None if self.cand.adapter is not None else _ReaderWeights(self.cand.reader)
+
+
+def check_streamable(candidates: Sequence[Candidate], method: str) -> None:
+    """Full checkpoints and plain LoRA adapters only: a DoRA adapter, saved full modules or
+    transposed factors cannot run as base layer + low-rank term."""
+    for c in candidates:
+        a = c.adapter
+        if a is None:
+            continue
+        if a.full or not all(low_rank_candidate(a, n) for n in a.factors):
+            raise FwllmError(f"{method}: gradient: layerwise runs plain LoRA adapters only; {c.label} has "
+                             "DoRA, modules_to_save or transposed factors (use gradient: full)")
+
+
+class StreamedRegMean:
+    """`merged()` yields (name, merged tensor) for every tensor of the base the candidates share."""
+
+    def __init__(self, base_dir: str, runs: Sequence[_Run], alpha: float, ridge: float, device: str = "cpu",
+                 architecture: Optional[str] = None, host: str = "cpu",
+                 on_gram: Optional[Callable[[str, str, torch.Tensor], None]] = None):
+        self.on_gram = on_gram  # (label, weight name, Gram): an observer (tests, diagnostics); keeps nothing
+        self.base_dir, self.runs, self.alpha, self.ridge = base_dir, list(runs), alpha, ridge
+        self.device, self.host = torch.device(device), torch.device(host)
+        self.model = skeleton(base_dir, architecture)
+        self.base_map = base_weights(base_dir)
+        self.meta = MetaModel(self.model, self.base_map, device, optional=is_head_tensor)
+        self.stack_name, self.layers = layer_stack(self.model)
+        self.layer_params = [self.meta.module_parameters(f"{self.stack_name}.{i}")
+                             for i in range(len(self.layers))]
+        in_stack = {n for names in self.layer_params for n in names}
+        self.linear = linear_layers(self.model)
+        self.transposed = transposed_weights(self.model)
+        self.outer_linear = {n: m for n, m in self.linear.items() if n not in in_stack}
+        self.outer = self._outer_modules(in_stack)
+        self._forwards = [layer.forward for layer in self.layers]
+        # a pure LoRA pool merges in task-vector space, keeping each candidate's factors; else in weight space
+        self.low_rank = all(r.cand.adapter is not None for r in self.runs)
+        self.solved: Set[str] = set()
+        self.lambdas: Dict[str, float] = {}
+
+    @classmethod
+    def for_candidates(cls, base_dir: str, candidates: Sequence[Candidate], weights: Sequence[float],
+                       batches: Sequence[List[Dict[str, torch.Tensor]]], alpha: float, ridge: float,
+                       device: str = "cpu", **kw) -> "StreamedRegMean":
+        runs = [_Run(c, float(w), [{k: v for k, v in b.items() if k != "labels"} for b in bs])
+                for c, w, bs in zip(candidates, weights, batches)]
+        return cls(base_dir, runs, alpha, ridge, device, **kw)
+
+    # -- the model around the stack ---------------------------------------------------------
+    def _outer_modules(self, in_stack: Set[str]) -> List[Tuple[torch.nn.Module, List[str]]]:
+        out = []
+        for prefix, module in self.model.named_modules():
+            names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+            names = [n for n in names if n not in in_stack]
+            if names:
+                out.append((module, names))
+        return out
+
+    @contextlib.contextmanager
+    def _streamed_outer(self, source: Optional[Mapping]):
+        """Modules outside the stack fetch their weights (the candidate's) only around their forward."""
+        def wrap(module, names):
+            original = type(module).forward
+
+            def forward(*args, **kwargs):
+                self.meta.fetch(names, source)
+                try:
+                    return original(module, *args, **kwargs)
+                finally:
+                    self.meta.release(names)
+            return forward
+
+        for module, names in self.outer:
+            module.forward = wrap(module, names)
+        try:
+            yield
+        finally:
+            for module, _ in self.outer:
+                del module.forward
+
+    @contextlib.contextmanager
+    def _layers_as(self, make: Callable[[int], Callable]):
+        for i, layer in enumerate(self.layers):
+            layer.forward = make(i)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    @contextlib.contextmanager
+    def _lora(self, run: _Run, names: Sequence[str]):
+        """The candidate's low-rank terms on the linear maps of `names` it adapts: y += s (x A^T) B^T."""
+        handles = []
+        adapter = run.cand.adapter
+        if adapter is not None:
+            for name in names:
+                f = adapter.factors.get(name)
+                if f is None:
+                    continue
+                module = self.model.get_submodule(name.rsplit(".", 1)[0])
+
+                def hook(mod, args, out, f=f):
+                    x = args[0]
+                    return out + ((x @ f.a.to(x.device, x.dtype).T) @ f.b.to(x.device, x.dtype).T) * f.scale
+                handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _grams(self, names: Sequence[str], grams: Dict[str, torch.Tensor], leader: Dict[str, str],
+               state: Dict[str, Any]):
+        """Pre-hooks adding x x^T over real tokens to `grams`; weights whose module sees the very
+        tensor another one saw in this forward share that one's Gram (`leader`)."""
+        handles = []
+        for name in names:
+            module = self.linear[name]
+
+            def hook(mod, args, name=name):
+                x = args[0]
+                for other, seen in state["seen"]:
+                    if seen is x:
+                        if leader.setdefault(name, other) != other:
+                            raise FwllmError(f"regmean: the inputs of {name} changed between micro-batches")
+                        return
+                if leader.setdefault(name, name) != name:
+                    raise FwllmError(f"regmean: the inputs of {name} changed between micro-batches")
+                state["seen"].append((name, x))
+                mask = state["mask"]
+                if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                    x = x[mask]  # padding is not data the layer has to fit
+                x = x.reshape(-1, x.shape[-1]).float()
+                if name not in grams:
+                    grams[name] = torch.zeros(input_features(mod), input_features(mod), device=x.device)
+                grams[name].addmm_(x.T, x)
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _each_batch(self, run: _Run, state: Dict[str, Any]):
+        for k, batch in enumerate(run.batches):
+            mask = batch.get("attention_mask")
+            state["mask"] = mask.to(self.device).bool() if mask is not None else None
+            state["seen"] = []
+            yield k, {key: v.to(self.device) for key, v in batch.items()}
+        state["seen"] = []
+
+    # -- phases ------------------------------------------------------------------------------
+    def _capture(self, run: _Run) -> None:
+        """Phase A: the stack input and every layer's other arguments, per micro-batch."""
+        last = len(self.layers) - 1
+        run.calls, run.hidden, run.tokens = [], [], 0
+        state: Dict[str, Any] = {"mask": None, "seen": []}
+        for _, batch in self._each_batch(run, state):
+            seen: Dict[str, Any] = {}
+
+            def passthrough(i):
+                def forward(hidden, *args, **kwargs):
+                    if i == 0:
+                        seen["input"], seen["call"] = hidden, (args, kwargs)
+                    elif hidden is not seen["out"]:
+                        raise FwllmError(f"regmean: gradient: layerwise needs layer {i} to take layer "
+                                         f"{i - 1}'s output directly; {type(self.model).__name__} does not "
+                                         "(use gradient: full)")
+                    seen["out"] = hidden
+                    if i == last:
+                        raise _Captured
+                    return hidden
+                return forward
+
+            with self._layers_as(passthrough), self._streamed_outer(run.source), \
+                    self._lora(run, self.outer_linear), torch.no_grad():
+                try:
+                    self.model(**batch)
+                except _Captured:
+                    pass
+            if "input" not in seen:
+                raise FwllmError(f"{type(self.model).__name__}'s forward never reached its layer stack")
+            run.calls.append(seen["call"])
+            run.hidden.append(seen["input"].detach().to(self.host))
+            mask = batch.get("attention_mask")
+            run.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    def _layer(self, i: int) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Phase B for layer i: every candidate through it, its Grams reduced, the layer solved."""
+        names = self.layer_params[i]
+        linear = [n for n in names if n in self.linear]
+        sums: Dict[str, RegMeanSums] = {}
+        resident_source: Any = False  # which weights the layer holds now (False: none)
+        try:
+            for run in self.runs:
+                source = run.source
+                if resident_source is False or source is not None or resident_source is not None:
+                    self.meta.release(names)
+                    self.meta.fetch(names, source)
+                    resident_source = source
+                grams: Dict[str, torch.Tensor] = {}
+                leader: Dict[str, str] = {}
+                state: Dict[str, Any] = {}
+                with self._lora(run, linear), self._grams(linear, grams, leader, state), torch.no_grad():
+                    for k, batch in self._each_batch(run, state):
+                        args, kwargs = run.calls[k]
+                        out = self._forwards[i](run.hidden[k].to(self.device), *args, **kwargs)
+                        if not isinstance(out, torch.Tensor):
+                            raise FwllmError("regmean: gradient: layerwise expects layers that return one "
+                                             f"tensor, got {type(out).__name__} (use gradient: full)")
+                        run.hidden[k] = out.to(self.host)
+                self._add(run, grams, leader, sums)
+                del grams
+            yield from self._solve(sums)
+        finally:
+            self.meta.release(names)
+
+    def _top(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Phase C: each candidate's stack output through the rest of the model (norm, head)."""
+        names = list(self.outer_linear)
+        sums: Dict[str, RegMeanSums] = {}
+        last = len(self.layers) - 1
+        for run in self.runs:
+            grams: Dict[str, torch.Tensor] = {}
+            leader: Dict[str, str] = {}
+            state: Dict[str, Any] = {}
+            for k, batch in self._each_batch(run, state):
+                top = run.hidden[k].to(self.device)
+                with self._layers_as(lambda j: (lambda hidden, *a, **kw: top if j == last else hidden)), \
+                        self._streamed_outer(run.source), self._lora(run, names), \
+                        self._grams(names, grams, leader, state), torch.no_grad():
+                    self.model(**batch)
+            run.hidden = []
+            self._add(run, grams, leader, sums)
+            del grams
+        yield from self._solve(sums)
+
+    # -- the reduction -----------------------------------------------------------------------
+    def _weight_of(self, run: _Run, name: str) -> Optional[Any]:
+        """What the sums take for one weight of this candidate: its task vector as a LowRank (pure
+        LoRA pools), else its weight [out, in] (the live parameter, or read when not resident)."""
+        adapter = run.cand.adapter
+        if self.low_rank:
+            f = adapter.factors.get(name)
+            return None if f is None else LowRank(f.a.float(), f.b.float(), f.scale)
+        if name in self.meta.resident:
+            w = self.model.get_parameter(name).detach().float()
+        else:
+            w = (run.source or self.base_map)[name].float()
+        if adapter is not None and name in adapter.factors:
+            w = w + adapter.factors[name].low_rank_delta()
+        check_finite(f"weights of candidate {run.cand.label}", name, w)
+        return w.T if name in self.transposed else w
+
+    def _add(self, run: _Run, grams: Dict[str, torch.Tensor], leader: Dict[str, str],
+             sums: Dict[str, RegMeanSums]) -> None:
+        for name, gram in grams.items():
+            check_finite(f"Gram of candidate {run.cand.label}", name, gram)
+            if self.on_gram is not None:
+                self.on_gram(run.cand.label, name, gram)
+            group = [n for n, lead in leader.items() if lead == name]
+            taus = {n: self._weight_of(run, n) for n in group}
+            sums.setdefault(name, RegMeanSums(self.alpha)).add(gram.to(self.host), taus, run.weight)
+
+    def _solve(self, sums: Dict[str, RegMeanSums]) -> Iterator[Tuple[str, torch.Tensor]]:
+        for group, s in sums.items():
+            deltas, lam = s.solve(self.ridge)
+            if lam == float("inf"):
+                LOG.warning("regmean: %s saw no input on any candidate; using the weighted average", group)
+            elif lam:
+                LOG.warning("regmean: the Gram sum of %s is singular; added ridge %.3g*I (unseen input "
+                            "directions keep the weighted average)", group, lam)
+            for name, value in deltas.items():
+                if self.low_rank:
+                    base = self._base(name)
+                    delta = value.dense() if isinstance(value, LowRank) else value
+                    merged = base + (delta.T if name in self.transposed else delta)
+                else:
+                    merged = value.T.contiguous() if name in self.transposed else value
+                self.lambdas[name] = lam
+                self.solved.add(name)
+                yield name, merged.float()
+        sums.clear()
+
+    def _base(self, name: str) -> torch.Tensor:
+        if name in self.meta.resident:
+            return self.model.get_parameter(name).detach().float().clone()
+        return self.base_map[name].float()
+
+    # -- the whole merge ---------------------------------------------------------------------
+    def merged(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        try:
+            for run in self.runs:
+                self._capture(run)
+            for i in range(len(self.layers)):
+                yield from self._layer(i)
+                return_free_memory()
+            yield from self._top()
+        finally:
+            for run in self.runs:
+                run.hidden, run.calls = [], []
+        yield from self._rest()
+
+    def _rest(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Phase D: every tensor not solved in closed form, the weighted average of the candidates'."""
+        base = TensorReader(self.base_dir)
+        full = [r.cand.reader for r in self.runs if r.cand.adapter is None]
+        weights = [r.weight for r in self.runs]
+        for name in base.names():
+            if name in self.solved or not all(name in r for r in full):
+                continue
+            b = base.get(name, dtype=None)
+            if not b.is_floating_point() or is_head_tensor(name):
+                yield name, b
+                continue
+            yield name, weighted_average((r.cand.tensor(name, b) for r in self.runs), weights).float()
