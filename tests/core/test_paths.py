@@ -99,6 +99,23 @@ def test_the_data_carries_its_provenance_and_licenses(nowhere):
     assert licenses.count("Permission is hereby granted") == 3
 
 
+def test_the_example_recipes_calibration_is_packaged():
+    import yaml
+
+    from fwllm.data.calibration import load_calibration
+
+    recipes = sorted((PACKAGE.parent / "recipes").glob("*.yml"))
+    checked = 0
+    for recipe in recipes:
+        calibration = (yaml.safe_load(recipe.read_text()).get("parameters") or {}).get("calibration")
+        if isinstance(calibration, str) and not calibration.startswith("~"):  # ~: a pool built by fwllm experts
+            folder = (recipe.parent / calibration).resolve()
+            assert Path(paths.PACKAGED_DATA) in [folder, *folder.parents], recipe.name
+            assert len(load_calibration(str(folder))) >= 3, recipe.name
+            checked += 1
+    assert checked == 2  # the LLaMA-2 7B (code, pubmedqa, cnn) and RoBERTa GLUE recipes
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the project's shared data is not on this machine")
 def test_packaged_files_are_copies_of_the_shared_data():
     root = Path(paths.PACKAGED_DATA)
