@@ -66,7 +66,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _calibration_path(value: str, recipe_dir: str) -> str:
-    """`parameters.calibration` as `load_recipe` resolves it: as given from the CWD, else beside the recipe."""
+    """`parameters.calibration` as `load_recipe` resolves it: from the CWD, else beside the recipe."""
     value = os.path.expanduser(value) if value.startswith("~") else value
     beside = os.path.join(recipe_dir, value)
     return os.path.abspath(beside) if not os.path.exists(value) and os.path.exists(beside) else value

@@ -71,7 +71,7 @@ def data_root(override: Optional[str] = None) -> Path:
         return Path(override).expanduser().resolve()
     found = paths.data_root(required=False)
     if found is None:
-        raise FwllmError("evaluation data not found: FWLLM_DATA must name a folder (or be unset: packaged data)")
+        raise FwllmError("evaluation data not found: FWLLM_DATA must name a folder (unset: packaged data)")
     return Path(found)
 
 

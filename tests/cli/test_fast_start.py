@@ -24,7 +24,8 @@ def run_cli(args, cwd, home):
     env.pop("FWLLM_VERBOSE", None)
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fwllm.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
-    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    lines = done.stderr.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
     messages = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
     return done, {name.split(".")[0] for name in imported}, messages
 

@@ -52,7 +52,7 @@ def test_every_file_the_suites_read_is_packaged(nowhere):
     root = Path(paths.data_root())
     named = _yaml_data_files()
     assert "gsm8k/train.jsonl" in named and "pubmedqa/train.jsonl" in named and "glue/rte/dev.jsonl" in named
-    assert all((root / rel).is_file() for rel in named), sorted(rel for rel in named if not (root / rel).is_file())
+    assert [rel for rel in sorted(named) if not (root / rel).is_file()] == []
     tasks.check_data(list(tasks.ALL_TASKS), root)  # the list `fwllm eval` checks before running
     # the encoder scorer reads tasks.json and every GLUE task's dev rows
     info = json.loads((root / "glue" / "tasks.json").read_text())["tasks"]
@@ -108,7 +108,8 @@ def test_the_example_recipes_calibration_is_packaged():
     checked = 0
     for recipe in recipes:
         calibration = (yaml.safe_load(recipe.read_text()).get("parameters") or {}).get("calibration")
-        if isinstance(calibration, str) and not calibration.startswith("~"):  # ~: a pool built by fwllm experts
+        # `~` paths name a pool that `fwllm experts` builds, not packaged data
+        if isinstance(calibration, str) and not calibration.startswith("~"):
             folder = (recipe.parent / calibration).resolve()
             assert Path(paths.PACKAGED_DATA) in [folder, *folder.parents], recipe.name
             assert len(load_calibration(str(folder))) >= 3, recipe.name
