@@ -22,7 +22,7 @@ if [ "${1:-}" = "--prepare" ]; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .whl mergekit==0.1.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
         typing-inspection==0.4.5 immutables==0.21 || exit 1
-    rm -rf .device_data/calibration && cp -r "${FWLLM_DATA:-../shared/data}/calibration" .device_data/ || exit 1
+    rm -rf .device_data/calibration && cp -r "${FWLLM_DATA:-fwllm/_data/datasets}/calibration" .device_data/ || exit 1
     du -sh .whl .device_data
     exit 0
 fi

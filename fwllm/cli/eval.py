@@ -57,7 +57,7 @@ def _read_expert_scores(path: str | None) -> dict | None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: bfloat16 on cuda, float32 on cpu.")
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
-              help="Evaluation data folder (default $FWLLM_DATA or <repo>/../shared/data).")
+              help="Evaluation data folder (default $FWLLM_DATA, else fwllm's packaged data).")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Result cache (default $FWLLM_CACHE/eval or ~/.cache/fwllm/eval).")
 @click.option("--no-cache", is_flag=True, help="Evaluate everything afresh and store nothing.")

@@ -12,11 +12,20 @@ import errno
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING, List, Optional
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
 
 from fwllm.core.errors import FwllmError
+from fwllm.data.calibration import load_calibration
+from fwllm.mergekit_glue.recipe import read_yaml
+
+if TYPE_CHECKING:
+    from mergekit.options import MergeOptions
+
+# fwllm's data-informed methods: the recipes whose `calibration` file is read (fwllm.methods.registry,
+# spelled out here because importing the registry loads torch; tests/cli checks the two agree)
+DATA_METHODS = ("adamerging", "fisher", "fw_merging", "regmean")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -56,7 +65,71 @@ def _first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-@click.command("merge")
+def _calibration_path(value: str, recipe_dir: str) -> str:
+    """`parameters.calibration` as `load_recipe` resolves it: from the CWD, else beside the recipe."""
+    value = os.path.expanduser(value) if value.startswith("~") else value
+    beside = os.path.join(recipe_dir, value)
+    return os.path.abspath(beside) if not os.path.exists(value) and os.path.exists(beside) else value
+
+
+def check_inputs_early(recipe: str) -> None:
+    """The recipe file and the calibration data it names, read as the merge will read them, before
+    mergekit, torch and transformers load (seconds): a typo in a path is reported at once.
+
+    Only the checks that need none of them; `load_recipe` and the preflight repeat these and do the rest."""
+    _, raw = read_yaml(recipe)
+    params = raw.get("parameters")
+    if raw.get("merge_method") not in DATA_METHODS or not isinstance(params, dict):
+        return
+    calibration, max_rows = params.get("calibration"), params.get("max_rows")
+    if not isinstance(calibration, str) or not calibration.strip():
+        return  # no path, or not a path: the recipe's own check says so
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        return  # an invalid max_rows is reported first by the recipe's check
+    load_calibration(_calibration_path(calibration, os.path.dirname(os.path.abspath(recipe))), max_rows)
+
+
+class _MergeCommand(click.Command):
+    """`fwllm merge` with mergekit's options (`add_merge_options`) attached on first use, not at import.
+
+    Importing mergekit.options loads torch and transformers (seconds); `fwllm --help` never pays that,
+    and a recipe given first on the command line is checked (`check_inputs_early`) before it."""
+
+    _mergekit_attached = False
+
+    def _attach_mergekit_options(self) -> None:
+        if self._mergekit_attached:
+            return
+        from mergekit.options import add_merge_options
+
+        wrapped = add_merge_options(self.callback)
+        # click.option on a plain function records its options there, last-declared first
+        self.params.extend(reversed(wrapped.__dict__.pop("__click_params__", [])))
+        self.callback = wrapped
+        self._mergekit_attached = True
+
+    def get_params(self, ctx: click.Context) -> List[click.Parameter]:
+        self._attach_mergekit_options()
+        return super().get_params(ctx)
+
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        recipe = _leading_recipe(args, ctx.help_option_names)
+        if recipe is not None and not ctx.resilient_parsing:
+            try:
+                check_inputs_early(recipe)
+            except FwllmError as err:
+                raise click.ClickException(str(err)) from None
+        return super().parse_args(ctx, args)
+
+
+def _leading_recipe(args: List[str], help_names: List[str]) -> Optional[str]:
+    """RECIPE when it is the first argument: before any option, nothing can be an option's value."""
+    if not args or args[0].startswith("-") or any(a in help_names for a in args):
+        return None
+    return args[0]
+
+
+@click.command("merge", cls=_MergeCommand)
 @click.argument("recipe", type=click.Path())
 @click.argument("out_dir", type=click.Path())
 @click.option("--force", is_flag=True,
@@ -70,7 +143,6 @@ def _first_line(err: BaseException) -> str:
                    "loading a pickle can run code.")
 @click.option("--lora-out", type=click.Path(), help="fw_merging of LoRA adapters: also write a peft adapter.")
 @click.option("--lora-rank", type=int, help="With --lora-out: truncate each delta to this rank (SVD).")
-@add_merge_options
 def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool, no_cache: bool,
                   allow_pickle: bool, lora_out, lora_rank):
     """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""

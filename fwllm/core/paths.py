@@ -1,9 +1,8 @@
-"""Where fwllm finds the shared data, its lm-eval task YAMLs and its cache.
+"""Where fwllm finds its data, its lm-eval task YAMLs and its cache.
 
-The task YAMLs ship inside the package (`fwllm/_data/eval_tasks`, as mergekit keeps its
-data in `mergekit/_data`). The shared data lives beside a checkout; the package may run
-from the checkout or from site-packages, so `data_root` tries `$FWLLM_DATA`, then the
-current directory's checkout layout, then the layout around the package's source tree.
+Data and task YAMLs ship inside the package (`fwllm/_data/datasets`, `fwllm/_data/eval_tasks`,
+as mergekit keeps its data in `mergekit/_data`), found from this file, so the working
+directory never matters. `$FWLLM_DATA` overrides the data folder (same layout).
 """
 
 from __future__ import annotations
@@ -15,16 +14,25 @@ from typing import Optional
 from fwllm.core.errors import FwllmError
 
 _PACKAGE = Path(__file__).resolve().parent.parent
+PACKAGED_DATA = _PACKAGE / "_data" / "datasets"
 
 
 def data_root(required: bool = True) -> Optional[str]:
-    """The shared data folder (GLUE, GSM8K, PubMedQA, calibration prompts)."""
-    for candidate in (os.environ.get("FWLLM_DATA"), os.path.join(os.getcwd(), "..", "shared", "data"),
-                      os.path.join(os.getcwd(), "shared", "data"), str(_PACKAGE.parent.parent / "shared" / "data")):
-        if candidate and os.path.isdir(candidate):
-            return os.path.abspath(candidate)
+    """The data folder (GLUE, GSM8K, PubMedQA, calibration prompts): `$FWLLM_DATA`, else the packaged copy.
+
+    A `$FWLLM_DATA` that is not a folder is an error, not a silent fall-back to other data."""
+    override = os.environ.get("FWLLM_DATA")
+    if override:
+        if os.path.isdir(os.path.expanduser(override)):
+            return os.path.abspath(os.path.expanduser(override))
+        if required:
+            raise FwllmError(f"FWLLM_DATA={override} is not a folder (unset it to use fwllm's packaged data)")
+        return None
+    if PACKAGED_DATA.is_dir():
+        return str(PACKAGED_DATA)
     if required:
-        raise FwllmError("shared data folder not found: set FWLLM_DATA or run from the repository root (../shared/data)")
+        raise FwllmError(f"fwllm's packaged data is missing ({PACKAGED_DATA}): "
+                         "reinstall fwllm or set FWLLM_DATA")
     return None
 
 

@@ -1,13 +1,13 @@
 """Where the lm-eval task YAMLs and their data live, and the suite/task names.
 
 The YAMLs ship inside the package (``fwllm/_data/eval_tasks``) and point at the data
-with paths relative to the repository root (``../shared/data/...``), because lm-eval
+with paths relative to the repository root (``fwllm/_data/datasets/...``), because lm-eval
 hands `data_files` to `datasets`, which resolves them against the current directory.
 That suits ``lm_eval ... --include_path fwllm/_data/eval_tasks`` run from the repo root. For the Python API
 (and `fwllm eval`) from anywhere, `materialize_tasks` writes a copy of the folder
 with absolute data paths into a cache directory.
 
-Data root: ``$FWLLM_DATA`` if set, else ``<repo>/../shared/data``.
+Data root: ``$FWLLM_DATA`` if set, else the packaged copy (``fwllm/_data/datasets``).
 
 ``python -m fwllm.evaluation.tasks [--data DIR] [--out DIR]`` prints the path of a
 materialized copy, for running plain `lm_eval` from another directory.
@@ -27,7 +27,7 @@ from fwllm.core import paths
 from fwllm.core.errors import FwllmError
 
 # The prefix every committed YAML uses for its data files (relative to the repo root).
-REPO_DATA_PREFIX = "../shared/data/"
+REPO_DATA_PREFIX = "fwllm/_data/datasets/"
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
 GLUE_GROUP = "fwllm_glue"
@@ -71,7 +71,7 @@ def data_root(override: Optional[str] = None) -> Path:
         return Path(override).expanduser().resolve()
     found = paths.data_root(required=False)
     if found is None:
-        raise FwllmError("evaluation data not found: set FWLLM_DATA or run from the repository root (../shared/data)")
+        raise FwllmError("evaluation data not found: FWLLM_DATA must name a folder (unset: packaged data)")
     return Path(found)
 
 
@@ -173,7 +173,7 @@ def _main(argv: List[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Write fwllm's lm-eval tasks with absolute data paths and print its folder.")
-    parser.add_argument("--data", help="data root (default $FWLLM_DATA or <repo>/../shared/data)")
+    parser.add_argument("--data", help="data root (default $FWLLM_DATA or the packaged data)")
     parser.add_argument("--out", help="cache root to write under (default $FWLLM_CACHE or ~/.cache/fwllm)")
     args = parser.parse_args(argv)
     print(materialize_tasks(args.data, args.out))

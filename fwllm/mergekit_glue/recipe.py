@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import yaml
-from mergekit.config import MergeConfiguration
 from pydantic import ValidationError
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.job import CandidateSpec, MergeJob
-from fwllm.core.method import DataMethod
-from fwllm.io.models import check_same_architecture, is_adapter_dir, resolve_model_path
-from fwllm.mergekit_glue.adapter import available_methods
-from fwllm.methods.registry import METHODS
+
+if TYPE_CHECKING:
+    from fwllm.core.method import DataMethod
+
+# mergekit, fwllm's methods and fwllm.io (all of which load torch) are imported where they are used:
+# `fwllm merge` reads the recipe with `read_yaml` before any of them loads, so a typo is reported at once.
 
 
 @dataclass
@@ -79,6 +80,8 @@ def _absolute(path: str, recipe_dir: str) -> str:
 
 def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
     """Resolve every model reference so mergekit never asks the Hub about local folders."""
+    from fwllm.io.models import resolve_model_path
+
     raw = dict(raw)
 
     def fix(ref: Any) -> Any:
@@ -133,6 +136,11 @@ def _check_mappings(path: str, raw: Dict[str, Any]) -> None:
 
 
 def load_recipe(path: str) -> Recipe:
+    from mergekit.config import MergeConfiguration
+
+    from fwllm.mergekit_glue.adapter import available_methods
+    from fwllm.methods.registry import METHODS
+
     source, raw = read_yaml(path)
     name = raw.get("merge_method")
     if not name:
@@ -167,6 +175,8 @@ def load_recipe(path: str) -> Recipe:
 
 
 def _check_models(config) -> None:
+    from fwllm.io.models import check_same_architecture, is_adapter_dir
+
     base = config.base_model
     full = []
     for ref in config.referenced_models():

@@ -12,8 +12,12 @@ import json
 import os
 from pathlib import Path
 
-# Same default as fwllm.evaluation.tasks.data_root, spelled out so tests do not lean on it.
-DATA = Path(os.environ.get("FWLLM_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data").resolve()
+import fwllm
+
+# Same default as fwllm.evaluation.tasks.data_root (the data shipped in the package), spelled out so
+# tests do not lean on it.
+DATA = Path(os.environ.get("FWLLM_DATA") or Path(fwllm.__file__).resolve().parent / "_data" / "datasets")
+DATA = DATA.resolve()
 
 
 def _corpus(max_lines: int = 200):

@@ -1,0 +1,140 @@
+"""`fwllm --help` and the errors about a recipe or its calibration data come before torch loads.
+
+Each check runs the CLI in a fresh interpreter and reads `-X importtime`'s list of every
+module it imported: the heavy libraries must not be on it.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from fwllm.cli import VERBS, main
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "mergekit", "transformers", "peft", "lm_eval")
+
+
+def run_cli(args, cwd, home):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HOME=str(home), FWLLM_CACHE=str(home / "cache"))
+    env.pop("FWLLM_VERBOSE", None)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fwllm.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    messages = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    return done, {name.split(".")[0] for name in imported}, messages
+
+
+def assert_light(top_level):
+    assert not top_level & set(HEAVY), sorted(top_level & set(HEAVY))
+
+
+def test_help_lists_every_verb_without_heavy_imports(tmp_path):
+    done, top_level, messages = run_cli(["--help"], tmp_path, tmp_path)
+    assert done.returncode == 0, messages
+    assert "fwllm" in top_level  # the import list is real: fwllm itself is on it
+    assert_light(top_level)
+    for verb in VERBS:
+        assert f"\n  {verb} " in done.stdout
+
+
+def test_help_matches_what_click_prints_with_the_real_commands():
+    lazy = CliRunner().invoke(main, ["--help"])
+    commands = {name: main.get_command(None, name) for name in VERBS}
+    plain = click.Group(name=main.name, commands=commands, params=main.params, help=main.help,
+                        context_settings={"help_option_names": ["-h", "--help"]})
+    assert lazy.exit_code == 0
+    assert lazy.output == CliRunner().invoke(plain, ["--help"]).output
+
+
+@pytest.mark.parametrize("verb", ["eval", "demo", "experts"])
+def test_other_verbs_help_is_light(tmp_path, verb):
+    done, top_level, messages = run_cli([verb, "--help"], tmp_path, tmp_path)
+    assert done.returncode == 0, messages
+    assert_light(top_level)
+
+
+def assert_one_error_line(done, messages, starts):
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert len(messages) == 1 and messages[0].startswith(f"Error: {starts}"), messages
+
+
+def test_missing_recipe_is_one_error_line_before_heavy_imports(tmp_path):
+    done, top_level, messages = run_cli(["merge", "missing.yml", "out"], tmp_path, tmp_path)
+    assert_one_error_line(done, messages, "recipe not found: missing.yml")
+    assert_light(top_level)
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_recipe_is_one_error_line_before_heavy_imports(tmp_path):
+    (tmp_path / "bad.yml").write_text("merge_method: fw_merging\nmodels: [\n")
+    done, top_level, messages = run_cli(["merge", "bad.yml", "out", "--cuda"], tmp_path, tmp_path)
+    assert_one_error_line(done, messages, "bad.yml is not valid YAML (line 3")
+    assert_light(top_level)
+
+
+def fw_recipe(folder, calibration, extra=""):
+    path = folder / "recipe.yml"
+    path.write_text(f"merge_method: fw_merging\nbase_model: base\nmodels:\n  - model: a\n"
+                    f"parameters:\n  calibration: {calibration}\n{extra}")
+    return path
+
+
+def test_missing_calibration_is_one_error_line_before_heavy_imports(tmp_path):
+    fw_recipe(tmp_path, "nowhere.jsonl")
+    done, top_level, messages = run_cli(["merge", "recipe.yml", "out"], tmp_path, tmp_path)
+    assert_one_error_line(done, messages, "calibration data not found: nowhere.jsonl")
+    assert_light(top_level)
+
+
+def test_broken_calibration_row_is_one_error_line_before_heavy_imports(tmp_path):
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    # found beside the recipe (the CWD is its parent), as load_recipe resolves it
+    (sub / "calib.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n')
+    fw_recipe(sub, "calib.jsonl")
+    done, top_level, messages = run_cli(["merge", "recipes/recipe.yml", "out"], tmp_path, tmp_path)
+    assert_one_error_line(done, messages, f"{sub / 'calib.jsonl'}:2: not valid JSON")
+    assert_light(top_level)
+
+
+def test_early_check_passes_what_the_merge_accepts(tmp_path, monkeypatch):
+    from fwllm.cli.merge import check_inputs_early
+
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    # the third row is broken, but max_rows: 2 never reads it (nor does the merge)
+    (sub / "calib.jsonl").write_text('{"prompt": "a", "response": "b"}\n' * 2 + "not json\n")
+    monkeypatch.chdir(tmp_path)
+    check_inputs_early(str(fw_recipe(sub, "calib.jsonl", "  max_rows: 2\n")))
+    # mergekit's own methods take no calibration: a stray key is not read
+    (sub / "ties.yml").write_text("merge_method: ties\nparameters:\n  calibration: nowhere.jsonl\n")
+    check_inputs_early(str(sub / "ties.yml"))
+
+
+def test_data_methods_are_the_registered_ones():
+    from fwllm.cli.merge import DATA_METHODS
+    from fwllm.methods.registry import METHODS
+
+    assert sorted(DATA_METHODS) == sorted(METHODS.names())
+
+
+def test_merge_keeps_mergekits_options_after_its_own():
+    from mergekit.options import MergeOptions, add_merge_options
+
+    from fwllm.cli.merge import merge_command
+
+    eager = click.command()(add_merge_options(lambda merge_options: None))
+    params = merge_command.get_params(click.Context(merge_command))
+    names = [p.name for p in params]
+    mergekit_names = [p.name for p in eager.params]
+    assert set(MergeOptions.model_fields) == set(mergekit_names)
+    assert names[:2] == ["recipe", "out_dir"] and {"force", "no_cache"} <= set(names)
+    # mergekit's options, in mergekit's order, follow fwllm's; then --help
+    assert names[-len(mergekit_names) - 1:-1] == mergekit_names and "--help" in params[-1].opts
