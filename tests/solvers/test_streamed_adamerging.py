@@ -1,0 +1,86 @@
+"""AdaMerging with `gradient: layerwise` (a meta skeleton, one merged layer at a time) learns the
+coefficients of the in-RAM solve and gives its merge, holding one decoder layer at a time."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import load_tensors, merge, two_head_encoder_pool
+from fwllm.core.errors import FwllmError
+from fwllm.core.footprint import split_by_layer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lora_refs(tiny_pool, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    root, refs = tmp_path_factory.mktemp("ada_lora"), []
+    for i, rank in enumerate((4, 2)):
+        torch.manual_seed(30 + i)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_pool["base"]),
+                               LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                          lora_dropout=0.0))
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "lora_B" in n:
+                    prm.normal_(0, 0.3)  # peft starts B at zero: make the adapters change their layers
+        model.save_pretrained(root / f"a{i}")
+        refs.append(f"{tiny_pool['base']}+{root / f'a{i}'}")
+    return refs
+
+
+def both(tmp_path, pool, models, label, **params):
+    outs = {}
+    for mode in ("full", "layerwise"):
+        p = {"calibration": str(pool["calib"]), "steps": 3, "lr": 0.05, "batch_size": 5, "gradient": mode, **params}
+        outs[mode] = merge(tmp_path, f"{label}_{mode}", "adamerging", pool, models, p)
+    return outs
+
+
+def plan_file(out, name):
+    return json.loads((out / "fwllm_plan" / name).read_text())
+
+
+def assert_same(outs):
+    traces = {m: plan_file(o, "trace.json") for m, o in outs.items()}
+    assert traces["full"]["gradient"]["mode"] == "full" and traces["layerwise"]["gradient"]["mode"] == "layerwise"
+    assert traces["layerwise"]["entropy"] == pytest.approx(traces["full"]["entropy"], rel=1e-5)
+    coefs = {m: plan_file(o, "coefficients.json")["coefficients"] for m, o in outs.items()}
+    assert set(coefs["full"]) == set(coefs["layerwise"])
+    for name, c in coefs["full"].items():
+        assert coefs["layerwise"][name] == pytest.approx(c, rel=1e-5, abs=1e-6), name
+    full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
+    assert set(full) == set(layer)
+    for name in full:
+        assert torch.allclose(layer[name], full[name], rtol=1e-5, atol=1e-6), name
+    return traces["layerwise"]["gradient"]
+
+
+def test_full_checkpoint_pool_matches_the_in_ram_solve_one_layer_resident(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    stats = assert_same(both(tmp_path, tiny_pool, [e["copy"], e["rev"], e["noise"]], "full_pool"))
+    # residency: the trainable outer tensors (embeddings, final norm, lm_head) stay for the evaluation,
+    # the decoder layers come one at a time
+    base = load_tensors(tiny_pool["base"])
+    largest_layer, outer = split_by_layer({n: tuple(t.shape) for n, t in base.items()})
+    assert largest_layer > 0 and stats["peak_resident_bytes"] <= 4 * (outer + largest_layer)
+    assert stats["peak_resident_bytes"] < 4 * sum(t.numel() for t in base.values())
+    assert stats["layer_fetches"] > 0
+
+
+def test_lora_pool_matches_the_in_ram_solve(tmp_path, tiny_pool, lora_refs):
+    assert_same(both(tmp_path, tiny_pool, lora_refs, "lora_pool"))
+
+
+def test_layerwise_refuses_an_encoder_pool(tmp_path):
+    experts = two_head_encoder_pool(tmp_path)
+    pool = {"base": tmp_path / "base", "calib": tmp_path / "calib"}
+    with pytest.raises(FwllmError, match="layerwise covers causal LMs only"):
+        merge(tmp_path, "enc", "adamerging", pool, experts,
+              {"calibration": str(pool["calib"]), "steps": 1, "gradient": "layerwise"},
+              per_model=[{"task": "two"}, {"task": "three"}])
+    assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
