@@ -69,6 +69,11 @@ def _with_predictions(tasks: List[CalibrationTask]) -> List[CalibrationTask]:
     return kept
 
 
+def _merged_names(model: torch.nn.Module) -> List[str]:
+    """The tensors that get coefficients: float parameters, not task heads (tied duplicates once)."""
+    return [n for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
+
+
 class AdaMerging(DataMethod):
     name = "adamerging"
     pretty_name = "AdaMerging (layer-wise)"
@@ -97,7 +102,7 @@ class AdaMerging(DataMethod):
                 enc = encode_task(task, tokenizer, p.max_length, p.batch_size, pool.kind)
                 enc.head = modules.get(task.name)
                 encoded.append(enc)
-            names = [n for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
+            names = _merged_names(model)
             result = adamerge(model, encoded, pool.candidates, names, p, job.progress)
             info = {}
         info.update(mode=mode, reason=reason)
@@ -120,8 +125,8 @@ class AdaMerging(DataMethod):
     def _gradient_mode(p: AdaMergingParams, pool) -> tuple:
         if pool.kind != CAUSAL_MODEL:
             if p.gradient == "layerwise":
-                raise FwllmError(f"adamerging: gradient: layerwise covers causal LMs only; this pool is {pool.kind} "
-                                 "(use gradient: full)")
+                raise FwllmError(f"adamerging: gradient: layerwise covers causal LMs only; this pool is "
+                                 f"{pool.kind} (use gradient: full)")
             return "full", "layerwise covers causal LMs only"
         reader = TensorReader(pool.base_dir)
         numel = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
@@ -138,8 +143,9 @@ class AdaMerging(DataMethod):
         model = skeleton(pool.base_dir, pool.architecture)
         base_map = base_weights(pool.base_dir)
         tokenizer = load_tokenizer(pool.base_dir)
-        objective = Objective([encode_task(t, tokenizer, p.max_length, p.batch_size, pool.kind) for t in pool.tasks])
-        names = [n for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
+        objective = Objective([encode_task(t, tokenizer, p.max_length, p.batch_size, pool.kind)
+                               for t in pool.tasks])
+        names = _merged_names(model)
         meta = MetaModel(model, base_map, job.device, trainable=names)
         point = MergedPoint(base_map, pool.candidates, names)
         result = streamed_adamerge(meta, objective, point, names, p, job.progress)

@@ -65,7 +65,8 @@ class MergedPoint(Mapping):
     """tensor name -> theta0 + sum_i lambda_i tau_i, formed on access from the base map and the
     candidates (one tau alive at a time); names without coefficients are not in it."""
 
-    def __init__(self, base: Mapping[str, torch.Tensor], candidates: Sequence[Candidate], names: Sequence[str]):
+    def __init__(self, base: Mapping[str, torch.Tensor], candidates: Sequence[Candidate],
+                 names: Sequence[str]):
         self.base, self.candidates = base, list(candidates)
         self.rows = {n: i for i, n in enumerate(names)}
         self.lambdas = torch.zeros(len(names), len(self.candidates))
@@ -126,6 +127,7 @@ def streamed_adamerge(meta: MetaModel, objective: Objective, point: MergedPoint,
     trace.append(gradient.value())
     coefficients = {n: [float(x) for x in row] for n, row in zip(names, lambdas.detach())}
     result = AdaMergingResult(coefficients, trace)
-    result.stats = {"layer_fetches": meta.fetches, "peak_resident_bytes": meta.peak_resident_bytes,  # type: ignore
+    result.stats = {"layer_fetches": meta.fetches,  # type: ignore[attr-defined]
+                    "peak_resident_bytes": meta.peak_resident_bytes,
                     "checkpoint_groups": gradient.groups_last}
     return result

@@ -36,7 +36,8 @@ def lora_refs(tiny_pool, tmp_path_factory):
 def both(tmp_path, pool, models, label, **params):
     outs = {}
     for mode in ("full", "layerwise"):
-        p = {"calibration": str(pool["calib"]), "steps": 3, "lr": 0.05, "batch_size": 5, "gradient": mode, **params}
+        p = {"calibration": str(pool["calib"]), "steps": 3, "lr": 0.05, "batch_size": 5, "gradient": mode,
+             **params}
         outs[mode] = merge(tmp_path, f"{label}_{mode}", "adamerging", pool, models, p)
     return outs
 
@@ -47,7 +48,7 @@ def plan_file(out, name):
 
 def assert_same(outs):
     traces = {m: plan_file(o, "trace.json") for m, o in outs.items()}
-    assert traces["full"]["gradient"]["mode"] == "full" and traces["layerwise"]["gradient"]["mode"] == "layerwise"
+    assert [traces[m]["gradient"]["mode"] for m in ("full", "layerwise")] == ["full", "layerwise"]
     assert traces["layerwise"]["entropy"] == pytest.approx(traces["full"]["entropy"], rel=1e-5)
     coefs = {m: plan_file(o, "coefficients.json")["coefficients"] for m, o in outs.items()}
     assert set(coefs["full"]) == set(coefs["layerwise"])
