@@ -256,7 +256,9 @@ def fisher_sums(plan_dir: str, base_dir: str, runs: Sequence[CandidateRun], toke
             f = scratch.read(x) / n
             check_finite(f"Fisher of candidate {run.candidate.label}", x, f)
             f = (f / scale).float().clamp_min(p.epsilon) * run.weight
-            theta = run.candidate.tensor(x, base_map[x].to(torch.float32))
+            # a full checkpoint's tensor is its own; an adapter's is the base's plus its delta
+            base = base_map[x].to(torch.float32) if run.candidate.adapter is not None else None
+            theta = run.candidate.tensor(x, base)
             num.add(x, f * theta.float())
             den.add(x, f)
         metas.append({"examples": examples, "terms": terms, "mean": mean, "gradient": "layerwise",

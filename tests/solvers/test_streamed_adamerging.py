@@ -85,3 +85,14 @@ def test_layerwise_refuses_an_encoder_pool(tmp_path):
               {"calibration": str(pool["calib"]), "steps": 1, "gradient": "layerwise"},
               per_model=[{"task": "two"}, {"task": "three"}])
     assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
+
+
+def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_pool, monkeypatch):
+    import fwllm.methods.fw_merging as fw
+
+    monkeypatch.setattr(fw, "available_memory", lambda: 1 << 20)  # 1 MiB free: the tiny model does not fit
+    e = tiny_pool["experts"]
+    out = merge(tmp_path, "auto", "adamerging", tiny_pool, [e["copy"], e["rev"]],
+                {"calibration": str(tiny_pool["calib"]), "steps": 1})
+    gradient = plan_file(out, "trace.json")["gradient"]
+    assert gradient["mode"] == "layerwise" and "would need" in gradient["reason"]

@@ -152,3 +152,16 @@ def test_layerwise_refuses_an_encoder_pool(tmp_path):
               {"calibration": str(pool["calib"]), "gradient": "layerwise"},
               per_model=[{"task": "two"}, {"task": "three"}])
     assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
+
+
+def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_pool, monkeypatch):
+    import fwllm.methods.fw_merging as fw
+
+    monkeypatch.setattr(fw, "available_memory", lambda: 1 << 20)  # 1 MiB free: the tiny model does not fit
+    e = tiny_pool["experts"]
+    out = merge(tmp_path, "auto", "fisher", tiny_pool, [e["copy"]],
+                {"calibration": str(tiny_pool["calib"]), "max_rows": 2, "fisher": "empirical"},
+                per_model=[{"task": "copy"}])
+    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
+    assert plan["candidates"][0]["meta"]["gradient"] == "layerwise"
+    assert "would need" in plan["candidates"][0]["meta"]["reason"]
