@@ -112,10 +112,11 @@ class FisherMerging(DataMethod):
         runs = []
         for spec, task, w in zip(job.candidates, own, weights):
             path = resolve_model_path(spec.model)
-            model_dir = base_dir if spec.lora or is_adapter_dir(path) else path
+            model_dir = base_dir if is_adapter_dir(path) else path  # as load_candidate_model
             runs.append(CandidateRun(open_candidate(spec.model, spec.lora), task, model_dir, w))
         metas = fisher_sums(job.plan_dir, base_dir, runs, load_tokenizer(base_dir), p, job.device)
         record = StatsPlanRecord(
+            # the resolved mode (not auto): merge_tensor reads the running sums of a layerwise plan
             method=self.name, base=job.base, settings={**p.model_dump(), "gradient": "layerwise"},
             candidates=[CandidateStats(label=lab, task=t.name, file=SUMS_DIR, meta={**m, "reason": reason},
                                        cached=False) for lab, t, m in zip(labels, own, metas)],
