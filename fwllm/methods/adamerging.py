@@ -11,6 +11,10 @@ Plan folder:
   trace.json         entropy before each step and after the last one
   reproduce.yml      a plain mergekit `task_arithmetic` recipe giving the same tensors
   fwllm_heads/       per-task classification heads (encoder pools)
+
+`gradient`: full holds the model, theta0 and every task vector in RAM; layerwise (causal LMs)
+runs the merged model one layer at a time (`fwllm.solvers.streamed_adamerging`); auto picks
+layerwise when the in-RAM solve would need more than half the free memory.
 """
 
 from __future__ import annotations
@@ -24,20 +28,27 @@ from typing import List
 import torch
 
 from fwllm.arch.heads import is_head_tensor, save_heads
+from fwllm.arch.kinds import CAUSAL_MODEL
+from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.core.errors import FwllmError
+from fwllm.core.footprint import ModelSizes
 from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.core.params import AdaMergingParams
 from fwllm.core.plan import AdaMergingPlanRecord, Plan, mark_plan_complete, read_record, write_record
-from fwllm.data.calibration import REGRESSION, CalibrationTask
+from fwllm.data.calibration import REGRESSION, CalibrationTask, micro_batch_shape
 from fwllm.data.encoding import encode_task
-from fwllm.io.models import load_tokenizer
+from fwllm.data.objective import Objective
+from fwllm.io.models import load_tokenizer, read_config
+from fwllm.io.tensors import TensorReader
 from fwllm.kernels.weighted_sum import weighted_sum
 from fwllm.methods.common import (
     check_candidates, head_modules, head_or_base, load_pool_model, open_pool, pool_heads, primary_head,
     write_reproduce_recipe,
 )
+from fwllm.methods.fw_merging import choose_gradient
 from fwllm.solvers.adamerging import adamerge
+from fwllm.solvers.streamed_adamerging import MergedPoint, streamed_adamerge
 
 LOG = logging.getLogger(__name__)
 
@@ -58,6 +69,11 @@ def _with_predictions(tasks: List[CalibrationTask]) -> List[CalibrationTask]:
     return kept
 
 
+def _merged_names(model: torch.nn.Module) -> List[str]:
+    """The tensors that get coefficients: float parameters, not task heads (tied duplicates once)."""
+    return [n for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
+
+
 class AdaMerging(DataMethod):
     name = "adamerging"
     pretty_name = "AdaMerging (layer-wise)"
@@ -71,17 +87,25 @@ class AdaMerging(DataMethod):
         start = time.time()
         pool = open_pool(job, _with_predictions)
         tasks = pool.tasks
-        model = load_pool_model(pool, job.device)
-        tokenizer = load_tokenizer(pool.base_dir)
-        heads = pool_heads(pool, job, tasks)
-        modules = head_modules(model, heads, job.device)
-        encoded = []
-        for task in tasks:
-            enc = encode_task(task, tokenizer, p.max_length, p.batch_size, pool.kind)
-            enc.head = modules.get(task.name)
-            encoded.append(enc)
-        names = [n for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
-        result = adamerge(model, encoded, pool.candidates, names, p, job.progress)
+        mode, reason = self._gradient_mode(p, pool)
+        LOG.info("adamerging: gradient %s (%s)", mode, reason)
+        if mode == "layerwise":
+            result, info = self._streamed(job, pool)
+            heads = {}
+        else:
+            model = load_pool_model(pool, job.device)
+            tokenizer = load_tokenizer(pool.base_dir)
+            heads = pool_heads(pool, job, tasks)
+            modules = head_modules(model, heads, job.device)
+            encoded = []
+            for task in tasks:
+                enc = encode_task(task, tokenizer, p.max_length, p.batch_size, pool.kind)
+                enc.head = modules.get(task.name)
+                encoded.append(enc)
+            names = _merged_names(model)
+            result = adamerge(model, encoded, pool.candidates, names, p, job.progress)
+            info = {}
+        info.update(mode=mode, reason=reason)
 
         labels = [c.label for c in job.candidates]
         record = AdaMergingPlanRecord(
@@ -90,11 +114,42 @@ class AdaMerging(DataMethod):
             entropy={"initial": result.entropy[0], "final": result.entropy[-1]}, solve_seconds=time.time() - start)
         write_record(job.plan_dir, record)
         _write_json(job.plan_dir, "coefficients.json", {"candidates": labels, "coefficients": result.coefficients})
-        _write_json(job.plan_dir, "trace.json", {"entropy": result.entropy, "lr": p.lr, "steps": p.steps})
+        _write_json(job.plan_dir, "trace.json", {"entropy": result.entropy, "lr": p.lr, "steps": p.steps,
+                                                  "gradient": info})
         write_reproduce_recipe(job.plan_dir, job.base, labels, result.coefficients, pool.base_dir)
         if heads:
             save_heads(job.plan_dir, heads)
         mark_plan_complete(job.plan_dir)
+
+    @staticmethod
+    def _gradient_mode(p: AdaMergingParams, pool) -> tuple:
+        if pool.kind != CAUSAL_MODEL:
+            if p.gradient == "layerwise":
+                raise FwllmError(f"adamerging: gradient: layerwise covers causal LMs only; this pool is "
+                                 f"{pool.kind} (use gradient: full)")
+            return "full", "layerwise covers causal LMs only"
+        reader = TensorReader(pool.base_dir)
+        numel = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+        sizes = ModelSizes.from_config(read_config(pool.base_dir))
+        rows, tokens = micro_batch_shape(pool.tasks, p.batch_size, p.max_length)
+        # the model, theta0, its gradient and N task vectors, float32; one micro-batch's backward
+        need = 4 * numel * (3 + len(pool.candidates)) + sizes.activation_bytes(rows, tokens) + \
+            sizes.logits_bytes(rows, tokens)
+        return choose_gradient(p, need)
+
+    @staticmethod
+    def _streamed(job: MergeJob, pool):
+        p: AdaMergingParams = job.params  # type: ignore[assignment]
+        model = skeleton(pool.base_dir, pool.architecture)
+        base_map = base_weights(pool.base_dir)
+        tokenizer = load_tokenizer(pool.base_dir)
+        objective = Objective([encode_task(t, tokenizer, p.max_length, p.batch_size, pool.kind)
+                               for t in pool.tasks])
+        names = _merged_names(model)
+        meta = MetaModel(model, base_map, job.device, trainable=names)
+        point = MergedPoint(base_map, pool.candidates, names)
+        result = streamed_adamerge(meta, objective, point, names, p, job.progress)
+        return result, dict(result.stats)
 
     def load_plan(self, plan_dir: str) -> Plan:
         record = read_record(plan_dir, self.name, AdaMergingPlanRecord)

@@ -11,19 +11,36 @@ merge:  per tensor, theta = sum_i w_i F_i theta_i / sum_i w_i F_i with F_i floor
 The merge is over the non-base models. Head tensors are kept per task; non-float tensors
 come from the base; float tensors the Fisher does not cover (buffers, tied duplicates) are
 the weighted average.
+
+`gradient`: full loads each candidate whole (float32) and keeps each candidate's Fisher in the
+statistics cache; layerwise (causal LMs) runs each candidate one decoder layer at a time and
+folds its Fisher into two running sums on disk (`fwllm.solvers.streamed_fisher`: the plan
+folder's .fisher_sums, removed once merged/ is written; nothing is cached per candidate, and
+epsilon, normalize_fisher and the weights are applied at solve time); auto picks layerwise
+when the in-RAM solve would need more than half the free memory.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+
 import torch
 
 from fwllm.arch.heads import is_head_tensor
+from fwllm.arch.kinds import CAUSAL_MODEL, architecture_kind
+from fwllm.core.footprint import ModelSizes
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.core.params import FisherParams
-from fwllm.core.plan import Plan, StatsPlanRecord, read_record
+from fwllm.core.plan import CandidateStats, Plan, StatsPlanRecord, read_record
+from fwllm.data.calibration import load_calibration, micro_batch_shape
+from fwllm.data.encoding import check_rows_fit
+from fwllm.io.candidates import open_candidate
 from fwllm.io.merged_store import merged_index
+from fwllm.io.models import is_adapter_dir, load_tokenizer, read_config, resolve_model_path
 from fwllm.io.stats_store import StatsCache, has_stat, read_stat
 from fwllm.kernels.fisher import fisher_merge
 from fwllm.kernels.weighted_sum import weighted_average
@@ -31,8 +48,13 @@ from fwllm.methods.common import (
     check_candidates, finish_streamed_plan, head_or_base, link_statistics, measured_heads, primary_head,
     stored_or_none, weights_of,
 )
+from fwllm.io.tensors import TensorReader
+from fwllm.methods.fw_merging import choose_gradient
 from fwllm.solvers.fisher import candidate_fisher
-from fwllm.solvers.per_candidate import measure_candidates
+from fwllm.solvers.per_candidate import candidate_architecture, candidate_task, measure_candidates
+from fwllm.solvers.streamed_fisher import SUMS_DIR, CandidateRun, fisher_sums, read_sums
+
+LOG = logging.getLogger(__name__)
 
 
 class FisherMerging(DataMethod):
@@ -43,6 +65,11 @@ class FisherMerging(DataMethod):
 
     def solve(self, job: MergeJob) -> None:
         p: FisherParams = job.params  # type: ignore[assignment]
+        mode, reason = self._gradient_mode(job)
+        LOG.info("fisher: gradient %s (%s)", mode, reason)
+        if mode == "layerwise":
+            self._streamed(job, reason)
+            return
         # only what changes the Fishers keys the store; merge-time settings (epsilon, weights) do not
         settings = {k: v for k, v in p.model_dump().items() if k in ("fisher", "top_k", "max_length", "seed")}
         store = StatsCache("fisher")
@@ -52,6 +79,50 @@ class FisherMerging(DataMethod):
         record = StatsPlanRecord(method=self.name, base=job.base, settings=p.model_dump(),
                                  candidates=link_statistics(job, store, measured), primary_head=primary_head(job, heads))
         finish_streamed_plan(self, job, record, heads)
+
+    @staticmethod
+    def _gradient_mode(job: MergeJob):
+        p: FisherParams = job.params  # type: ignore[assignment]
+        base_dir = resolve_model_path(job.base)
+        kinds = {architecture_kind(candidate_architecture(spec, base_dir)) for spec in job.candidates}
+        if kinds != {CAUSAL_MODEL}:
+            if p.gradient == "layerwise":
+                raise FwllmError(f"fisher: gradient: layerwise covers causal LMs only; these candidates are "
+                                 f"{sorted(kinds)} (use gradient: full)")
+            return "full", "layerwise covers causal LMs only"
+        if p.gradient != "auto":
+            return p.gradient, "set in the recipe"
+        reader = TensorReader(base_dir)
+        numel = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+        sizes = ModelSizes.from_config(read_config(base_dir))
+        _, tokens = micro_batch_shape(load_calibration(p.calibration, p.max_rows), 1, p.max_length)
+        # one candidate in float32, its Fisher and its gradient; one example's backward
+        need = 3 * 4 * numel + sizes.activation_bytes(1, tokens) + sizes.logits_bytes(1, tokens)
+        return choose_gradient(p, need)
+
+    def _streamed(self, job: MergeJob, reason: str) -> None:
+        p: FisherParams = job.params  # type: ignore[assignment]
+        base_dir = resolve_model_path(job.base)
+        tasks = load_calibration(p.calibration, p.max_rows)
+        own = [candidate_task(self.name, spec, tasks) for spec in job.candidates]
+        for task in own:
+            check_rows_fit(task, CAUSAL_MODEL)
+        labels = [spec.label for spec in job.candidates]
+        weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
+        runs = []
+        for spec, task, w in zip(job.candidates, own, weights):
+            path = resolve_model_path(spec.model)
+            model_dir = base_dir if is_adapter_dir(path) else path  # as load_candidate_model
+            runs.append(CandidateRun(open_candidate(spec.model, spec.lora), task, model_dir, w))
+        metas = fisher_sums(job.plan_dir, base_dir, runs, load_tokenizer(base_dir), p, job.device)
+        record = StatsPlanRecord(
+            # the resolved mode (not auto): merge_tensor reads the running sums of a layerwise plan
+            method=self.name, base=job.base, settings={**p.model_dump(), "gradient": "layerwise"},
+            candidates=[CandidateStats(label=lab, task=t.name, file=SUMS_DIR, meta={**m, "reason": reason},
+                                       cached=False) for lab, t, m in zip(labels, own, metas)],
+            primary_head=None)
+        finish_streamed_plan(self, job, record, {})
+        shutil.rmtree(os.path.join(job.plan_dir, SUMS_DIR), ignore_errors=True)
 
     def load_plan(self, plan_dir: str) -> Plan:
         record = read_record(plan_dir, self.name, StatsPlanRecord)
@@ -69,6 +140,11 @@ class FisherMerging(DataMethod):
         labels = record.labels
         check_candidates(self.name, labels, candidates)
         weights = weights_of(self.name, labels, per_model)
+        if plan.params.gradient == "layerwise":  # the solve's running sums (weights applied there)
+            merged = read_sums(plan.folder, name)
+            if merged is not None:
+                return merged
+            return weighted_average((candidates[lab] for lab in labels), weights)
         files = [f"{plan.folder}/{c.file}" for c in record.candidates]
         # generators: with lazily read candidates, one theta and one Fisher are alive at a time
         thetas = (candidates[lab] for lab in labels)

@@ -1,0 +1,289 @@
+"""Fisher merging with a bounded memory (`gradient: layerwise`, causal LMs).
+
+Each candidate runs as a meta skeleton (`fwllm.arch.streaming`) whose decoder layers are
+materialised one at a time from its own shards (a LoRA candidate: the base's shards plus its
+own delta, formed per tensor). Its diagonal Fisher is the in-RAM one of `fwllm.solvers.fisher`
+exactly: per example (rows one at a time), sum over terms w (grad term)^2, each term's gradient
+squared on its own. The layer-by-layer backward produces per-term weight gradients so:
+
+  top       the head and loss on the stack's output give every term's d term / d h_L
+            (and the gradients of the final norm and LM head, squared there);
+  layers    from the top layer down, each layer is recomputed once per example from its
+            checkpoint and backpropagated once per term (retaining the layer's graph), the
+            weight gradient of each term squared and added, its input gradient carried down;
+  bottom    the embeddings get each term's gradient from the stack input's. A tied LM head /
+            embedding matrix gets the sum of both paths squared: the embedding path only
+            touches the rows of the example's tokens, so the top path's gradient is kept on
+            those rows only (tokens x hidden per term), never the whole matrix.
+
+Cost: as the in-RAM exact Fisher (one backward per term: positions x top_k per example), plus
+one recomputed forward per layer and example; host memory per example holds one hidden-state
+gradient per term (terms x tokens x hidden floats).
+
+The candidate's Fisher accumulates in a scratch store (one model, float32, on disk); then it is
+folded into two running sums, sum_i w_i F~_i theta_i and sum_i w_i F~_i with F~_i its Fisher
+(divided by its mean under normalize_fisher) floored at epsilon, also on disk. Disk: 3 models'
+float32 size whatever N; RAM: one layer (plus embeddings and head), one tensor at a time in
+the fold. The merge is their ratio, per tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fwllm.arch.heads import is_head_tensor
+from fwllm.arch.kinds import CAUSAL_MODEL, model_kind
+from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.params import FisherParams
+from fwllm.data.calibration import REGRESSION, CalibrationTask
+from fwllm.data.encoding import encode_task
+from fwllm.data.objective import Objective
+from fwllm.data.positions import predicted_positions
+from fwllm.io.candidates import Candidate
+from fwllm.io.iterate_store import IterateStore, check_free_space
+from fwllm.kernels.fisher import prediction_terms
+from fwllm.solvers.streamed_gradient import GIB, StreamedGradient
+
+Add = Callable[[str, torch.Tensor], None]
+SUMS_DIR, SCRATCH_DIR = ".fisher_sums", ".fisher_scratch"  # scratch folders of the plan, removed at its end
+
+
+def _zeros_if_none(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+class StreamedFisher(StreamedGradient):
+    """The per-example diagonal Fisher of every parameter in `names`, handed to `add` one layer
+    (and, at the end, the outer tensors) at a time; `measure(add)` returns (examples, terms)."""
+
+    def __init__(self, meta: MetaModel, objective: Objective, p: FisherParams, names: Sequence[str],
+                 checkpoint_bytes: int = GIB):
+        super().__init__(meta, objective, names, lambda: {}, checkpoint_bytes=checkpoint_bytes)
+        self.p, self.kind = p, model_kind(self.model)
+        # set once materialised: a fetch makes a new Parameter
+        self.input_embedding: Optional[torch.nn.Parameter] = None
+
+    def measure(self, add: Add) -> Tuple[int, int]:
+        examples = terms = 0
+        groups = self._groups(self.objective)
+        self.groups_last = len(groups)
+        with self._streamed_outer():
+            outer = {n: self.model.get_parameter(n) for n in self.outer_trainable}
+            embeddings = self.model.get_input_embeddings()
+            self.input_embedding = embeddings.weight if isinstance(embeddings, torch.nn.Embedding) else None
+            self._check_ties(outer)
+            acc = {n: torch.zeros_like(q) for n, q in outer.items()}
+            for group in groups:
+                for t in group:
+                    self._capture(t)
+                self._forward_stack(group, keep=True)
+                live = [t for t in group if self._top_terms(t, outer, acc)]  # an example predicts something
+                examples += len(live)
+                terms += sum(len(t.weights) for t in live)
+                if live:
+                    self._backward_terms(live, add)
+                    self._bottom_terms(live, outer, acc)
+                for t in group:
+                    t.calls, t.inputs, t.grads = [], [], []
+            for n in self.outer_trainable:
+                add(n, acc[n])
+        return examples, terms
+
+    def _check_ties(self, outer: Dict[str, torch.nn.Parameter]) -> None:
+        for n, q in outer.items():
+            if len(self.meta.group(n)) > 1 and q is not self.input_embedding:
+                raise FwllmError(f"fisher: gradient: layerwise handles a tied input embedding only; {n} is "
+                                 f"tied otherwise in {type(self.model).__name__} (use gradient: full)")
+
+    def _top_terms(self, t, outer: Dict[str, torch.nn.Parameter], acc: Dict[str, torch.Tensor]) -> bool:
+        """Each term's gradient at the stack output (kept per term) and at the head (squared)."""
+        if t.task.kind == REGRESSION:
+            raise FwllmError("fisher: gradient: layerwise does not cover regression rows "
+                             "(use gradient: full)")
+        top = t.hidden.to(self.meta.device).requires_grad_(True)
+        t.hidden = None
+        last = len(self.layers) - 1
+        stack_output = lambda i: (lambda hidden, *a, **k: top if i == last else hidden)  # noqa: E731
+        with self._layers_as(stack_output), torch.enable_grad():
+            logits = self.model(**{k: v for k, v in t.batch.items() if k != "labels"}).logits
+            pos, targets = predicted_positions(logits, t.batch, t.task.kind, self.kind)
+            if pos.shape[0] == 0:
+                return False  # e.g. a response truncated away: nothing predicted, not an example
+            terms = prediction_terms(pos, targets, self.p.fisher, 0 if logits.dim() == 2 else self.p.top_k)
+        ids = t.batch["input_ids"].flatten().unique()
+        names, params = list(outer), [top] + list(outer.values())
+        t.grads, t.weights, t.rows = [], [], {n: [] for n in names}
+        for j, (value, w) in enumerate(terms):
+            grads = torch.autograd.grad(value, params, retain_graph=j < len(terms) - 1, allow_unused=True)
+            t.grads.append(_zeros_if_none(grads[0], top).to(self.host))
+            t.weights.append(w)
+            for n, g in zip(names, grads[1:]):
+                if g is None:
+                    continue
+                if outer[n] is self.input_embedding:  # the bottom path adds to these rows: square them there
+                    t.rows[n].append(g[ids].clone())
+                    g = g.clone()
+                    g[ids] = 0
+                acc[n].add_(g.square(), alpha=w)
+        t.ids = ids
+        return True
+
+    def _backward_terms(self, terms: Sequence, add: Add) -> None:
+        device = self.meta.device
+        for i in reversed(range(len(self.layers))):
+            self._fetch_layer(i)
+            try:
+                names = [n for n in self.layer_params[i] if n in self.blocks]
+                params = [self.model.get_parameter(n) for n in names]
+                acc = [torch.zeros_like(q) for q in params]
+                for t in terms:
+                    x = t.inputs[i].to(device).requires_grad_(True)
+                    args, kwargs = t.calls[i]
+                    with torch.enable_grad():
+                        out = self._forwards[i](x, *args, **kwargs)
+                    for j, w in enumerate(t.weights):
+                        grads = torch.autograd.grad(out, [x] + params, grad_outputs=t.grads[j].to(device),
+                                                    retain_graph=j < len(t.weights) - 1, allow_unused=True)
+                        t.grads[j] = _zeros_if_none(grads[0], x).to(self.host)
+                        for a, g in zip(acc, grads[1:]):
+                            if g is not None:
+                                a.add_(g.square(), alpha=w)
+                    t.inputs[i] = None
+                for n, a in zip(names, acc):
+                    add(n, a)
+            finally:
+                self.meta.release(self.layer_params[i])
+
+    def _bottom_terms(self, terms: Sequence, outer: Dict[str, torch.nn.Parameter],
+                      acc: Dict[str, torch.Tensor]) -> None:
+        names = list(outer)
+        for t in terms:
+            start = self._capture(t, keep_graph=True)
+            grads_of = [[None] * len(names)] * len(t.weights)
+            if start.requires_grad and names:
+                grads_of, m, params = [], len(t.weights), list(outer.values())
+                for j in range(m):
+                    grads_of.append(torch.autograd.grad(start, params, t.grads[j].to(start.device),
+                                                        retain_graph=j < m - 1, allow_unused=True))
+            for j, (w, grads) in enumerate(zip(t.weights, grads_of)):
+                for n, g in zip(names, grads):
+                    if outer[n] is self.input_embedding and t.rows[n]:
+                        rows = t.rows[n][j] + (0 if g is None else g[t.ids])
+                        acc[n][t.ids] += w * rows.square()
+                    elif g is not None:
+                        acc[n].add_(g.square(), alpha=w)
+
+
+class CandidateWeights(Mapping):
+    """A LoRA candidate's tensors: the base's, plus its own delta where it has one (per tensor)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], candidate: Candidate):
+        self.base, self.candidate = base, candidate
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.candidate.tensor(name, self.base[name].to(torch.float32))
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class _Accumulator:
+    """A model-sized float32 sum on disk: `add(name, x)` adds x into that tensor's entry."""
+
+    def __init__(self, folder: str, shapes: Dict[str, Tuple[int, ...]]):
+        shutil.rmtree(folder, ignore_errors=True)
+        self.store = IterateStore(folder, shapes)
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu", torch.float32)
+        self.store.write(name, value if name not in self.store.index else self.store.read(name) + value)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.store.index:
+            return torch.zeros(self.store.shapes[name])
+        return self.store.read(name)
+
+
+@dataclass
+class CandidateRun:
+    candidate: Candidate
+    task: CalibrationTask
+    model_dir: str  # the checkpoint its skeleton and shards come from (the base, for an adapter)
+    weight: float
+
+
+def fisher_sums(plan_dir: str, base_dir: str, runs: Sequence[CandidateRun], tokenizer, p: FisherParams,
+                device: str) -> List[dict]:
+    """Write sum_i w_i F~_i theta_i and sum_i w_i F~_i under `plan_dir`/SUMS_DIR; return each
+    candidate's meta (examples, terms, mean) as the in-RAM path reports it."""
+    names, shapes = _covered(base_dir)
+    numel = sum(int(torch.Size(shapes[n]).numel()) for n in names)
+    check_free_space(plan_dir, 3 * 4 * numel,
+                     "fisher: gradient: layerwise (its scratch store and two running sums)")
+    sums = os.path.join(plan_dir, SUMS_DIR)
+    num = _Accumulator(os.path.join(sums, "num"), {n: shapes[n] for n in names})
+    den = _Accumulator(os.path.join(sums, "den"), {n: shapes[n] for n in names})
+    base_map = base_weights(base_dir)
+    metas = []
+    for run in runs:
+        torch.manual_seed(p.seed)
+        scratch = _Accumulator(os.path.join(plan_dir, SCRATCH_DIR), {n: shapes[n] for n in names})
+        own = base_weights(run.model_dir)
+        weights = own if run.candidate.adapter is None else CandidateWeights(own, run.candidate)
+        model = skeleton(run.model_dir)
+        kind = model_kind(model)
+        if kind != CAUSAL_MODEL:
+            raise FwllmError(f"fisher: gradient: layerwise covers causal LMs only; {run.candidate.label} is "
+                             f"{type(model).__name__} (use gradient: full)")
+        objective = Objective([encode_task(run.task, tokenizer, p.max_length, batch_size=1, model_kind=kind)])
+        meta = MetaModel(model, weights, device, trainable=names)
+        examples, terms = StreamedFisher(meta, objective, p, names).measure(scratch.add)
+        n = max(examples, 1)
+        total = sum(float((scratch.read(x) / n).double().sum()) for x in names)
+        mean = total / max(numel, 1)
+        scale = (mean or 1.0) if p.normalize_fisher else 1.0
+        for x in names:  # the fold: one tensor of the candidate at a time
+            f = scratch.read(x) / n
+            check_finite(f"Fisher of candidate {run.candidate.label}", x, f)
+            f = (f / scale).float().clamp_min(p.epsilon) * run.weight
+            # a full checkpoint's tensor is its own; an adapter's is the base's plus its delta
+            base = base_map[x].to(torch.float32) if run.candidate.adapter is not None else None
+            theta = run.candidate.tensor(x, base)
+            num.add(x, f * theta.float())
+            den.add(x, f)
+        metas.append({"examples": examples, "terms": terms, "mean": mean, "gradient": "layerwise",
+                      "layer_fetches": meta.fetches, "peak_resident_bytes": meta.peak_resident_bytes})
+        del scratch, meta, model
+        shutil.rmtree(os.path.join(plan_dir, SCRATCH_DIR), ignore_errors=True)
+    return metas
+
+
+def _covered(base_dir: str) -> Tuple[List[str], Dict[str, Tuple[int, ...]]]:
+    """The parameters the Fisher covers (float, not task heads; tied duplicates once), with shapes."""
+    model = skeleton(base_dir)
+    params = [(n, q) for n, q in model.named_parameters() if q.is_floating_point() and not is_head_tensor(n)]
+    return [n for n, _ in params], {n: tuple(q.shape) for n, q in params}
+
+
+def read_sums(plan_dir: str, name: str) -> Optional[torch.Tensor]:
+    """The layerwise merge of one tensor: num / den from the running sums (None: not covered)."""
+    folder = os.path.join(plan_dir, SUMS_DIR)
+    num, den = (os.path.join(folder, part) for part in ("num", "den"))
+    if not os.path.isfile(os.path.join(num, "index.json")):
+        raise FwllmError(f"fisher: {folder} holds no running sums: the plan is incomplete; solve again")
+    from accelerate.utils import OffloadedWeightsLoader
+
+    loaders = [OffloadedWeightsLoader(save_folder=f) for f in (num, den)]
+    if name not in loaders[0].index:
+        return None
+    return loaders[0][name].clone() / loaders[1][name].clone()

@@ -1,0 +1,139 @@
+"""AdaMerging with `gradient: layerwise` (a meta skeleton, one merged layer at a time) learns the
+coefficients of the in-RAM solve and gives its merge, holding one decoder layer at a time."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import load_tensors, merge, two_head_encoder_pool
+from fwllm.core.errors import FwllmError
+from fwllm.core.footprint import split_by_layer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lora_refs(tiny_pool, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    root, refs = tmp_path_factory.mktemp("ada_lora"), []
+    for i, rank in enumerate((4, 2)):
+        torch.manual_seed(30 + i)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_pool["base"]),
+                               LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                          lora_dropout=0.0))
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "lora_B" in n:
+                    prm.normal_(0, 0.3)  # peft starts B at zero: make the adapters change their layers
+        model.save_pretrained(root / f"a{i}")
+        refs.append(f"{tiny_pool['base']}+{root / f'a{i}'}")
+    return refs
+
+
+def both(tmp_path, pool, models, label, **params):
+    outs = {}
+    for mode in ("full", "layerwise"):
+        p = {"calibration": str(pool["calib"]), "steps": 3, "lr": 0.05, "batch_size": 5, "gradient": mode,
+             **params}
+        outs[mode] = merge(tmp_path, f"{label}_{mode}", "adamerging", pool, models, p)
+    return outs
+
+
+def plan_file(out, name):
+    return json.loads((out / "fwllm_plan" / name).read_text())
+
+
+def assert_same(outs):
+    traces = {m: plan_file(o, "trace.json") for m, o in outs.items()}
+    assert [traces[m]["gradient"]["mode"] for m in ("full", "layerwise")] == ["full", "layerwise"]
+    assert traces["layerwise"]["entropy"] == pytest.approx(traces["full"]["entropy"], rel=1e-5)
+    coefs = {m: plan_file(o, "coefficients.json")["coefficients"] for m, o in outs.items()}
+    assert set(coefs["full"]) == set(coefs["layerwise"])
+    for name, c in coefs["full"].items():
+        assert coefs["layerwise"][name] == pytest.approx(c, rel=1e-5, abs=1e-6), name
+    full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
+    assert set(full) == set(layer)
+    for name in full:
+        assert torch.allclose(layer[name], full[name], rtol=1e-5, atol=1e-6), name
+    return traces["layerwise"]["gradient"]
+
+
+def test_full_checkpoint_pool_matches_the_in_ram_solve_one_layer_resident(tmp_path, tiny_pool):
+    e = tiny_pool["experts"]
+    stats = assert_same(both(tmp_path, tiny_pool, [e["copy"], e["rev"], e["noise"]], "full_pool"))
+    # residency: the trainable outer tensors (embeddings, final norm, lm_head) stay for the evaluation,
+    # the decoder layers come one at a time
+    base = load_tensors(tiny_pool["base"])
+    largest_layer, outer = split_by_layer({n: tuple(t.shape) for n, t in base.items()})
+    assert largest_layer > 0 and stats["peak_resident_bytes"] <= 4 * (outer + largest_layer)
+    assert stats["peak_resident_bytes"] < 4 * sum(t.numel() for t in base.values())
+    assert stats["layer_fetches"] > 0
+
+
+def test_lora_pool_matches_the_in_ram_solve(tmp_path, tiny_pool, lora_refs):
+    assert_same(both(tmp_path, tiny_pool, lora_refs, "lora_pool"))
+
+
+def test_layerwise_refuses_an_encoder_pool(tmp_path):
+    experts = two_head_encoder_pool(tmp_path)
+    pool = {"base": tmp_path / "base", "calib": tmp_path / "calib"}
+    with pytest.raises(FwllmError, match="layerwise covers causal LMs only"):
+        merge(tmp_path, "enc", "adamerging", pool, experts,
+              {"calibration": str(pool["calib"]), "steps": 1, "gradient": "layerwise"},
+              per_model=[{"task": "two"}, {"task": "three"}])
+    assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
+
+
+def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_pool, monkeypatch):
+    import fwllm.methods.fw_merging as fw
+
+    monkeypatch.setattr(fw, "available_memory", lambda: 1 << 20)  # 1 MiB free: the tiny model does not fit
+    e = tiny_pool["experts"]
+    out = merge(tmp_path, "auto", "adamerging", tiny_pool, [e["copy"], e["rev"]],
+                {"calibration": str(tiny_pool["calib"]), "steps": 1})
+    gradient = plan_file(out, "trace.json")["gradient"]
+    assert gradient["mode"] == "layerwise" and "would need" in gradient["reason"]
+
+
+def test_tied_model_in_several_checkpoint_groups_matches_adamerge(tmp_path):
+    """Direct solver check: tied embeddings (the LM head is the embedding matrix) and one micro-batch
+    per checkpoint group (each layer's gradient arrives in parts that must add up)."""
+    from conftest import perturbed_copies, task_rows, tiny_llama, tiny_tokenizer, write_jsonl
+    from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+    from fwllm.core.params import AdaMergingParams
+    from fwllm.data.calibration import load_calibration
+    from fwllm.data.encoding import encode_task
+    from fwllm.data.objective import Objective
+    from fwllm.io.candidates import open_candidate
+    from fwllm.io.models import load_model
+    from fwllm.solvers.adamerging import adamerge
+    from fwllm.solvers.streamed_adamerging import MergedPoint, streamed_adamerge
+
+    tiny_llama(layers=2, tie=True).save_pretrained(tmp_path / "base")
+    (tmp_path / "calib").mkdir()
+    write_jsonl(tmp_path / "calib" / "copy.jsonl", task_rows("copy", 6, seed=5))
+    models = perturbed_copies(tmp_path / "base", tmp_path, 2, 0.3, seed=3)
+    cands = [open_candidate(str(m)) for m in models]
+    p = AdaMergingParams(steps=2, lr=0.05, batch_size=2)
+    task = load_calibration(str(tmp_path / "calib"))[0]
+
+    model = load_model(str(tmp_path / "base"))
+    names = [n for n, _ in model.named_parameters()]
+    want = adamerge(model, [encode_task(task, tiny_tokenizer(), p.max_length, 2, "causal")], cands, names, p,
+                    progress=False)
+
+    sk = skeleton(str(tmp_path / "base"))
+    assert [n for n, _ in sk.named_parameters()] == names and "lm_head.weight" not in names
+    base = base_weights(str(tmp_path / "base"))
+    meta = MetaModel(sk, base, trainable=names)
+    objective = Objective([encode_task(task, tiny_tokenizer(), p.max_length, 2, "causal")])
+    got = streamed_adamerge(meta, objective, MergedPoint(base, cands, names), names, p, progress=False,
+                            checkpoint_bytes=1)
+    assert got.stats["checkpoint_groups"] == 3
+    assert got.entropy == pytest.approx(want.entropy, rel=1e-5)
+    for name in names:
+        assert got.coefficients[name] == pytest.approx(want.coefficients[name], rel=1e-5, abs=1e-6), name
+    assert len({round(c, 6) for cs in got.coefficients.values() for c in cs}) > 1  # the steps moved them
