@@ -6,7 +6,7 @@
   model cannot read (position embeddings past the table fail deep in the forward).
 * memory: one micro-batch's activations and logits (`fwllm.core.footprint`) plus the weights
   the solve holds, against the memory available now. A merge that cannot fit even in its
-  smallest mode (`gradient: layerwise` for FW) is one error with the numbers and what to lower.
+  smallest mode (`gradient: layerwise`, where the method and the model have it) is one error with the numbers and what to lower.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Tuple
 
+from fwllm.arch.kinds import CAUSAL_MODEL, architecture_kind
 from fwllm.core import memory
 from fwllm.core.errors import FwllmError
 from fwllm.core.footprint import FLOAT, ModelSizes, context_length, gib, split_by_layer
@@ -38,23 +39,55 @@ def cap_max_length(job: MergeJob, cfg: dict) -> None:
     job.params = p.model_copy(update={"max_length": context})
 
 
-def _parts(job: MergeJob, sizes: ModelSizes, shapes: Dict[str, tuple], rows: int, tokens: int
-           ) -> Tuple[str, Dict[str, int]]:
-    """(mode, {part: bytes}) of the smallest way the job's solve can run."""
+def _streams(job: MergeJob, cfg: dict) -> bool:
+    """Whether the solve can run one layer at a time: FW always; RegMean, Fisher and AdaMerging
+    (`gradient: layerwise`) for causal LMs, unless the recipe pins `gradient: full`."""
     p = job.params
-    weights = sum(_numel(s) for s in shapes.values())
+    if getattr(p, "gradient", "full") == "full":
+        return False
     if isinstance(p, FWParams):
-        if p.gradient == "full":  # fw_merging.in_ram_bytes with every tensor a block, and the backward
-            held = FLOAT * weights * (3 + len(job.candidates) / p.sketch_ratio)
-            return "gradient: full", {"weights": int(held), "activations": sizes.activation_bytes(rows, tokens),
-                                      "logits": sizes.logits_bytes(rows, tokens)}
+        return True
+    archs = cfg.get("architectures") or []
+    try:
+        return bool(archs) and architecture_kind(archs[0]) == CAUSAL_MODEL
+    except FwllmError:
+        return False
+
+
+def _fisher_terms(p: FisherParams, tokens: int, vocab: int) -> int:
+    """Terms of one example's Fisher: one (empirical), or top_k per predicted position (exact)."""
+    if p.fisher == "empirical":
+        return 1
+    return tokens * (vocab if p.top_k <= 0 else min(p.top_k, vocab))
+
+
+def _parts(job: MergeJob, cfg: dict, shapes: Dict[str, tuple], tasks: List[CalibrationTask], rows: int,
+           tokens: int) -> Tuple[str, Dict[str, int]]:
+    """(mode, {part: bytes}) of the smallest way the job's solve can run."""
+    p, sizes = job.params, ModelSizes.from_config(cfg)
+    weights = sum(_numel(s) for s in shapes.values())
+    if _streams(job, cfg):
         largest, outer = split_by_layer(shapes)
-        # one layer fetched, its gradient and the iterate's view of it; embeddings and head with gradients
-        return "gradient: layerwise", {
-            "weights": FLOAT * (3 * largest + 2 * outer),
-            "activations": sizes.activation_bytes(rows, tokens, layers=1),
-            "checkpoints": sizes.checkpoint_bytes(rows, tokens),
-            "logits": sizes.logits_bytes(rows, tokens)}
+        # one layer fetched, its gradient and the iterate's (or a candidate's) view of it; embeddings and head
+        parts = {"weights": FLOAT * (3 * largest + 2 * outer),
+                 "activations": sizes.activation_bytes(rows, tokens, layers=1),
+                 "checkpoints": sizes.checkpoint_bytes(rows, tokens),
+                 "logits": sizes.logits_bytes(rows, tokens)}
+        if isinstance(p, RegMeanParams):
+            # every candidate's hidden states on its calibration rows are carried from layer to layer,
+            # and the Gram sums are float64 [in, in] (the widest input; the sum and one candidate's Gram)
+            widest = max((int(s[-1]) for s in shapes.values() if len(s) == 2), default=0)
+            all_rows = sum(len(t.rows) for t in tasks)
+            parts["hidden states"] = FLOAT * len(job.candidates) * all_rows * tokens * sizes.hidden
+            parts["grams"] = 2 * 8 * widest * widest
+            del parts["checkpoints"]
+        if isinstance(p, FisherParams):  # each term's gradient at the stack output, per example
+            parts["term gradients"] = FLOAT * _fisher_terms(p, tokens, sizes.vocab) * tokens * sizes.hidden
+        return "gradient: layerwise", parts
+    if isinstance(p, FWParams):  # fw_merging.in_ram_bytes with every tensor a block, and the backward
+        held = FLOAT * weights * (3 + len(job.candidates) / p.sketch_ratio)
+        return "gradient: full", {"weights": int(held), "activations": sizes.activation_bytes(rows, tokens),
+                                  "logits": sizes.logits_bytes(rows, tokens)}
     if isinstance(p, RegMeanParams):  # forward only, without autograd: one layer's activations at a time
         return "regmean", {"weights": FLOAT * weights, "activations": sizes.activation_bytes(rows, tokens, layers=1),
                            "logits": sizes.logits_bytes(rows, tokens, copies=1)}
@@ -77,7 +110,7 @@ def check_memory(job: MergeJob, tasks: List[CalibrationTask], cfg: dict, shapes:
         return
     p = job.params
     rows, tokens = micro_batch_shape(tasks, 1 if isinstance(p, FisherParams) else p.batch_size, p.max_length)
-    mode, parts = _parts(job, ModelSizes.from_config(cfg), shapes, rows, tokens)
+    mode, parts = _parts(job, cfg, shapes, tasks, rows, tokens)
     need, available = sum(parts.values()), memory.available_memory()
     if need > available:
         detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items())

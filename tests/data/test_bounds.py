@@ -246,3 +246,44 @@ def test_gradient_auto_counts_the_micro_batch(tmp_path, tiny_pool, monkeypatch):
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text()) if (out / "fwllm_plan").is_dir() else None
     text = json.dumps(plan)
     assert '"mode": "layerwise"' in text, text[:2000]
+
+
+# -- every method's bounded path is priced as what it holds -------------------------------------------------
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000}
+
+
+def _llama2_7b_shapes():
+    h, i, v = 4096, 11008, 32000
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(32):
+        p = f"model.layers.{n}."
+        shapes.update({p + f"self_attn.{x}_proj.weight": (h, h) for x in "qkvo"})
+        shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i)})
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+    return shapes
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher", "adamerging"])
+def test_the_data_methods_are_priced_layer_by_layer_at_7b(method):
+    """LLaMA-2-7B, 16 candidates, 4 rows x 64 tokens: the streamed solve holds one layer (by hand: 202,383,360
+    parameters, 3 copies) and the outer tensors (262,148,096 parameters, 2 copies), not the 6.74 B-parameter
+    model; `gradient: full` is priced as the whole model."""
+    from fwllm.core.job import CandidateSpec, MergeJob
+    from fwllm.mergekit_glue.bounds import _parts
+    from fwllm.methods.registry import METHODS
+
+    params = METHODS.get(method).Params
+    rows = [{"prompt": "a" * 20, "response": "b" * 20}] * 4
+    tasks = [CalibrationTask("t", CAUSAL, rows)]
+    candidates = [CandidateSpec(f"c{i}", "base", f"a{i}") for i in range(16)]
+    shapes = _llama2_7b_shapes()
+    auto = MergeJob(method, "base", candidates, params(calibration="c.jsonl"), plan_dir="")
+    mode, parts = _parts(auto, LLAMA2_7B, shapes, tasks, 4, 64)
+    assert mode == "gradient: layerwise"
+    assert parts["weights"] == 4 * (3 * 202_383_360 + 2 * 262_148_096)
+    assert sum(parts.values()) < 8 << 30
+    full = MergeJob(method, "base", candidates, params(calibration="c.jsonl", gradient="full"), plan_dir="")
+    mode, parts = _parts(full, LLAMA2_7B, shapes, tasks, 4, 64)
+    assert mode != "gradient: layerwise" and parts["weights"] >= 4 * 6_738_415_616
