@@ -15,7 +15,7 @@ FWLLM_NO_MERGEKIT_HOOK=1 disables it (the .pth line reads it before importing th
 import sys
 
 # mergekit modules whose import fwllm.mergekit_glue.hook follows (its _AFTER holds the callbacks)
-TARGETS = frozenset({"mergekit.merge_methods", "mergekit.card", "mergekit.merge"})
+TARGETS = frozenset({"mergekit.merge_methods", "mergekit.card", "mergekit.merge", "mergekit.scripts.run_yaml"})
 
 # Why fwllm's callbacks could not run, first failure only; None while all is well.
 _failure = None

@@ -8,7 +8,8 @@ When `mergekit.merge_methods` finishes importing, fwllm's methods are registered
 (otherwise a relative path triggers a Hub request, which fails offline). Each
 `mergekit.merge.run_merge` starts a new run for the adapter's plans (`start_run`), so an
 in-process rerun after an edit sees the edit, while one run keeps one plan; a run of one of
-fwllm's methods writes its output through `StreamingTensorWriter`.
+fwllm's methods writes its output through `StreamingTensorWriter`; `mergekit-yaml` prints fwllm's
+refusals as one `Error:` line.
 Set FWLLM_NO_MERGEKIT_HOOK=1 to disable.
 """
 
@@ -73,6 +74,27 @@ def _plans_per_run(module):
 
     run_merge.__doc__, run_merge.__wrapped__ = original.__doc__, original
     module.run_merge = run_merge
+
+
+@_after("mergekit.scripts.run_yaml")
+def _one_line_errors(module):
+    """`mergekit-yaml` reports fwllm's refusals (a bad recipe value, a user's folder as `plan:`, too little
+    memory) as one `Error:` line, as `fwllm merge` does, not as a traceback; other errors stay mergekit's."""
+    import click
+
+    command = module.main
+    original = command.callback
+
+    def callback(*args, **kwargs):
+        from fwllm.core.errors import FwllmError
+
+        try:
+            return original(*args, **kwargs)
+        except FwllmError as err:
+            raise click.ClickException(str(err)) from None
+
+    callback.__doc__, callback.__wrapped__ = original.__doc__, original
+    command.callback = callback
 
 
 def after_import(module):

@@ -139,6 +139,24 @@ def test_plain_mergekit_yaml_runs_fw_recipe_through_the_startup_hook(tmp_path, t
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_plain_mergekit_yaml_reports_a_refusal_in_one_line(tmp_path, tiny_pool):
+    """fwllm's refusals under plain mergekit-yaml read as under `fwllm merge`: one `Error:` line, no traceback
+    (here a `plan:` folder that holds a user's file, refused before any tensor is read)."""
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")):
+        pytest.skip("mergekit-yaml is not installed beside this Python")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("mine")
+    params = {"calibration": str(tiny_pool["calib"]), "iterations": 2, "plan": str(notes)}
+    recipe = write_recipe(tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [tiny_pool["experts"]["copy"]], params)
+    mk = mergekit_yaml(recipe, tmp_path / "mk", env={**ENV, "FWLLM_CACHE": str(tmp_path / "cache")})
+    assert mk.returncode != 0
+    assert "Traceback" not in mk.stderr, mk.stderr[-2000:]
+    errors = [line for line in mk.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and str(notes) in errors[0], mk.stderr[-2000:]
+    assert (notes / "thesis.tex").read_text() == "mine" and os.listdir(notes) == ["thesis.tex"]
+
+
 def test_plain_mergekit_yaml_relative_paths_offline(tmp_path, tiny_pool):
     # mergekit's model card asks the Hub about relative paths; the hook keeps local folders local
     e = tiny_pool["experts"]
