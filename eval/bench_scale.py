@@ -96,7 +96,8 @@ def run_child(kind: str, args: dict, cache: str = None) -> dict:
     import psutil
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)  # this checkout's fwllm
+    # this checkout's fwllm, as the benchmark's own
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     if cache:
         shutil.rmtree(cache, ignore_errors=True)
         env["FWLLM_CACHE"] = cache
@@ -161,24 +162,26 @@ def repeated(kind: str, args: dict, repeats: int, out: str = None, cache: str = 
 
 
 def calibration(folder: str, rows: int = 4, tokens: int = 64, tasks: int = 1) -> str:
-    """`rows` causal rows of `tokens` words (prompt and response halves) from the shared code prompts, dealt
-    into `tasks` tasks of rows // tasks rows (one .jsonl each; one task: code.jsonl): the first prompts
-    that long, else (the paper's 512-token rows are longer than most prompts) consecutive prompts joined.
-    Every row is distinct, so each task is its own data."""
+    """`rows` causal rows of `tokens` words (prompt and response halves) from the shared calibration prompts
+    (code first, then news and PubMedQA), dealt into `tasks` tasks of rows // tasks rows (one .jsonl each;
+    one task: code.jsonl): the first prompts that long, else (the paper's 512-token rows are longer than
+    most prompts) consecutive prompts joined. Every row is distinct, so each task is its own data."""
     from fwllm.core.paths import data_root
 
     if tasks < 1 or rows < tasks:
         raise SystemExit(f"--rows {rows} cannot fill --tasks {tasks} tasks")
     os.makedirs(folder, exist_ok=True)
-    src = os.path.join(data_root(), "calibration", "code.jsonl")
-    with open(src, encoding="utf-8") as fp:
-        texts = [(r.get("prompt", "") + " " + r.get("response", "")).split() for r in map(json.loads, fp)]
+    texts = []
+    for name in ("code", "cnn", "pubmedqa"):
+        src = os.path.join(data_root(), "calibration", f"{name}.jsonl")
+        with open(src, encoding="utf-8") as fp:
+            texts += [(r.get("prompt", "") + " " + r.get("response", "")).split() for r in map(json.loads, fp)]
     long_enough = [w for w in texts if len(w) >= tokens]
     if len(long_enough) < rows:
         joined = [w for t in texts for w in t]
         long_enough = [joined[i: i + tokens] for i in range(0, len(joined) - tokens + 1, tokens)]
     if len(long_enough) < rows:
-        raise SystemExit(f"{src} holds too few words for {rows} rows of {tokens}")
+        raise SystemExit(f"the shared calibration prompts hold too few words for {rows} rows of {tokens}")
     out = [{"prompt": " ".join(w[: tokens // 2]), "response": " ".join(w[tokens // 2: tokens])}
            for w in long_enough[:rows]]
     per = rows // tasks
@@ -194,13 +197,13 @@ def task_names(calib: str) -> list:
 
 
 def write_recipe(path: str, method: str, base: str, models: list, params: dict, tasks: list = None) -> str:
-    """A recipe over `models`; `tasks`: each model's calibration task (weight 1 each, except FW, which
-    takes no weight here)."""
+    """A recipe over `models`; `tasks`: each model's calibration task (weight 1 each, except FW, given
+    none here, and AdaMerging, which takes none)."""
     import yaml
 
     entries = []
     for i, m in enumerate(models):
-        per = {} if method == "fw_merging" else {"weight": 1.0}
+        per = {} if method in ("fw_merging", "adamerging") else {"weight": 1.0}
         if tasks:
             per["task"] = tasks[i]
         entries.append({"model": m, "parameters": per} if per else {"model": m})
@@ -214,14 +217,17 @@ def write_recipe(path: str, method: str, base: str, models: list, params: dict, 
 def model_bytes(folder: str) -> int:
     if not os.path.isdir(folder):
         return 0
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.endswith(".safetensors"))
 
 
-def mergekit_ta(name: str, work: str, base: str, refs: list, size: int, mergekit: str, cache_gib: float) -> dict:
+def mergekit_ta(name: str, work: str, base: str, refs: list, size: int, mergekit: str,
+                cache_gib: float) -> dict:
     """mergekit task_arithmetic on the pool where its LoRA merge cache fits here, else what it needs."""
     cache_need = len(refs) * size  # mergekit writes a merged copy of the model per adapter
     free = shutil.disk_usage(work).free
-    # mergekit's LoRA cache at 1.1B and 7B is tens to hundreds of GiB and hours of writing here: computed instead
+    # mergekit's LoRA cache at 1.1B and 7B is tens to hundreds of GiB and hours of writing here:
+    # computed instead
     if cache_need >= min(0.5 * free, cache_gib * GIB):
         return {"computed": True, "lora_cache_gib": cache_need / GIB, "free_disk_gib": free / GIB}
     ta = write_recipe(os.path.join(work, name, "ta.yml"), "task_arithmetic", base, refs, {"lambda": 0.3})
@@ -234,25 +240,27 @@ def mergekit_ta(name: str, work: str, base: str, refs: list, size: int, mergekit
     return result
 
 
-def model_entry(name: str, work: str, calib: str, rows: list, opts, tokenizer: str, mergekit: str,
-                max_length: int, label: str = None) -> dict:
-    """One model's table: every row of `rows` (skipped with a note where its layerwise path is missing),
-    the floors they need, and mergekit."""
+def model_entry(name: str, work: str, calib: str, opts, tokenizer: str, mergekit: str, max_length: int,
+                label: str = None) -> dict:
+    """One model's table: every row `opts.methods` names (skipped with a note where its layerwise path is
+    missing), the floors they need, and mergekit. `label`: a second table of the same model."""
     base = scale_models.write_model(os.path.join(work, name, "base"), name, tokenizer)
     adapters = scale_models.paper_pool(os.path.join(work, name, "adapters"), scale_models.config_of(name))
     names = task_names(calib)
     tasks = [names[i % len(names)] for i in range(len(adapters))]
     refs = [f"{base}+{a}" for a in adapters]
     size = model_bytes(base)
-    folder = os.path.join(work, name, label or "default")
+    folder = os.path.join(work, name, label.split()[0] if label else "default")
     os.makedirs(folder, exist_ok=True)
     shared = {"calibration": calib, "iterations": opts.iterations, "max_length": max_length, "batch_size": 4,
               "gradient": "layerwise", "device": opts.device, "checkpoint_memory": opts.checkpoint_memory}
     floor_args = {"base": base, "adapters": adapters, "calibration": calib, "max_length": max_length,
-                  "batch_size": 4, "device": opts.device, "checkpoint_gib": opts.checkpoint_memory, "tasks": tasks}
+                  "batch_size": 4, "device": opts.device, "checkpoint_gib": opts.checkpoint_memory,
+                  "tasks": tasks}
     entry = {"model": name + (f" ({label})" if label else ""), "model_gib": size / GIB,
-             "adapters_gib": sum(model_bytes(a) for a in adapters) / GIB, "rows": {}, "floors": {}, "notes": [],
-             "calibration": f"{len(names)} tasks x {_rows_in(calib) // len(names)} rows x {max_length} tokens"}
+             "adapters_gib": sum(model_bytes(a) for a in adapters) / GIB, "rows": {}, "floors": {},
+             "calibration": f"{len(names)} tasks x {_rows_in(calib) // len(names)} rows x {max_length} "
+                            "tokens"}
     for row in ROWS:
         if row.key not in opts.methods:
             continue
@@ -362,7 +370,8 @@ def main(argv=None) -> None:
                     help="pool sizes N of the full-checkpoint comparison with mergekit ties (0: skip it)")
     ap.add_argument("--full-pool-model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
     ap.add_argument("--mergekit-cache-gib", type=float, default=8.0,
-                    help="run mergekit on a LoRA pool only when its lora_merge_cache needs less (else: computed)")
+                    help="run mergekit on a LoRA pool only when its lora_merge_cache needs less "
+                         "(else: computed)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the LoRA runs' solve device")
     ap.add_argument("--rows", type=int, default=4, help="calibration rows of the LoRA runs, over all tasks")
     ap.add_argument("--tokens", type=int, default=64, help="words per calibration row (and max_length)")
@@ -380,8 +389,8 @@ def main(argv=None) -> None:
     tokenizer = scale_models.write_tokenizer(os.path.join(args.work, "tokenizer"),
                                              os.path.join(data_root(), "calibration", "code.jsonl"))
     mergekit = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-    lora_calib = calibration(os.path.join(args.work, f"calib_{args.tasks}x{args.rows}x{args.tokens}"), args.rows,
-                             args.tokens, args.tasks)
+    lora_calib = calibration(os.path.join(args.work, f"calib_{args.tasks}x{args.rows}x{args.tokens}"),
+                             args.rows, args.tokens, args.tasks)
     entries = []
     runs = [(name, lora_calib, args.tokens, None) for name in args.models]
     if args.realistic:
@@ -389,10 +398,7 @@ def main(argv=None) -> None:
         runs.append((args.realistic_model, real, 256, "realistic calibration"))
     for name, calib, max_length, label in runs:
         print(f"== {name}{f' ({label})' if label else ''}: 16 LoRA adapters", flush=True)
-        entries.append(model_entry(name, args.work, calib, ROWS, args, tokenizer, mergekit, max_length,
-                                   "realistic" if label else None))
-        if label:
-            entries[-1]["model"] = f"{name} ({label})"
+        entries.append(model_entry(name, args.work, calib, args, tokenizer, mergekit, max_length, label))
     sizes = [n for n in args.full_pool if n > 0]
     full = []
     if sizes:
@@ -404,7 +410,8 @@ def main(argv=None) -> None:
         fp.write(table)
     with open(os.path.join(args.out, "bench_scale.json"), "w", encoding="utf-8") as fp:
         json.dump({"models": entries, "full": full, "command": command, "iterations": args.iterations,
-                   "rows": args.rows, "tokens": args.tokens, "tasks": args.tasks, "device": args.device}, fp, indent=1)
+                   "rows": args.rows, "tokens": args.tokens, "tasks": args.tasks, "device": args.device}, fp,
+                  indent=1)
     print(table)
 
 

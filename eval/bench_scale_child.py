@@ -52,7 +52,8 @@ def run_fwllm(args: dict) -> dict:
     from fwllm.mergekit_glue.merge import merge_recipe
 
     seconds = timed_solves()
-    merge_recipe(args["recipe"], args["out"], MergeOptions(quiet=True, out_shard_size=args.get("shard", 2 << 30)))
+    options = MergeOptions(quiet=True, out_shard_size=args.get("shard", 2 << 30))
+    merge_recipe(args["recipe"], args["out"], options)
     extra = dict(seconds)
     plan_dir = os.path.join(args["out"], "fwllm_plan")
     plan = json.load(open(os.path.join(plan_dir, "plan.json")))
@@ -79,6 +80,10 @@ def run_mergekit(args: dict) -> dict:
     return {}
 
 
+def _checkpoint_bytes(args: dict) -> int:
+    return int(args.get("checkpoint_gib", 1.0) * 2**30)
+
+
 def _sync() -> None:
     import torch
 
@@ -100,8 +105,8 @@ def run_floor(args: dict) -> dict:
     lora.attach(model)
     objective = encode_tasks(load_calibration(args["calibration"]), load_tokenizer(args["base"]), model,
                              args["max_length"], args["batch_size"])
-    grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), args.get("device", "cpu")), objective, [],
-                            lambda: {}, lora, checkpoint_bytes=int(args.get("checkpoint_gib", 1.0) * 2**30))
+    meta = MetaModel(model, base_weights(args["base"]), args.get("device", "cpu"))
+    grad = StreamedGradient(meta, objective, [], lambda: {}, lora, checkpoint_bytes=_checkpoint_bytes(args))
     import fwllm.core.memory as memory
     if args.get("trim") == "off":  # eval/bench_heap_trim.py: fwllm's heap trim off, or how often it runs
         memory._TRIM = None
@@ -147,7 +152,8 @@ def run_gram_floor(args: dict) -> dict:
 
     tokenizer = load_tokenizer(args["base"])
     candidates = [open_candidate(args["base"], a) for a in args["adapters"]]
-    batches = [encode_task(t, tokenizer, args["max_length"], args["batch_size"]).batches for t in _own_tasks(args)]
+    batches = [encode_task(t, tokenizer, args["max_length"], args["batch_size"]).batches
+               for t in _own_tasks(args)]
     floor = ForwardOnly.for_candidates(args["base"], candidates, [1.0] * len(candidates), batches, 0.9, 1e-5,
                                        args.get("device", "cpu"))
     t0 = time.time()
@@ -176,8 +182,9 @@ def run_fisher_floor(args: dict) -> dict:
         lora.attach(model)
         try:
             objective = encode_tasks([task], tokenizer, model, args["max_length"], args["batch_size"])
-            grad = StreamedGradient(MetaModel(model, weights, args.get("device", "cpu")), objective, [],
-                                    lambda: {}, lora, checkpoint_bytes=int(args.get("checkpoint_gib", 1.0) * 2**30))
+            meta = MetaModel(model, weights, args.get("device", "cpu"))
+            grad = StreamedGradient(meta, objective, [], lambda: {}, lora,
+                                    checkpoint_bytes=_checkpoint_bytes(args))
             t0 = time.time()
             grad(lambda n, g: None)
             _sync()
@@ -204,9 +211,10 @@ def main() -> None:
     # (subprocess spawns with vfork), so ru_maxrss would never be below what the benchmark held at the spawn
     own = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # ours: at most `own` at their spawn
-    print("RESULT " + json.dumps(dict(extra, wall_s=time.time() - start, peak_rss_gib=max(own, children) / 2**20,
-                                      read_gib=io["read_bytes"] / 2**30, written_gib=io["write_bytes"] / 2**30,
-                                      rchar_gib=io["rchar"] / 2**30)))
+    figures = dict(extra, wall_s=time.time() - start, peak_rss_gib=max(own, children) / 2**20,
+                   read_gib=io["read_bytes"] / 2**30, written_gib=io["write_bytes"] / 2**30,
+                   rchar_gib=io["rchar"] / 2**30)
+    print("RESULT " + json.dumps(figures))
 
 
 if __name__ == "__main__":

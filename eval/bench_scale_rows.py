@@ -44,7 +44,8 @@ def fw_paper_params() -> Dict:
 ROWS = [
     Row("fw-open-loop", "FW open loop (paper settings)", "fw_merging", floor="floor", floor_target=1.2,
         per_iteration=True, lora_out=True, bounded=False),
-    Row("fw-default", "FW, recipe defaults", "fw_merging", floor="floor", floor_target=1.2, per_iteration=True),
+    Row("fw-default", "FW, recipe defaults", "fw_merging", floor="floor", floor_target=1.2,
+        per_iteration=True),
     Row("regmean", "RegMean", "regmean", floor="gram_floor", floor_target=1.3),
     Row("fisher", "Fisher", "fisher", floor="fisher_floor", floor_target=1.3),
     Row("adamerging", "AdaMerging", "adamerging", bounded=False),
@@ -60,7 +61,7 @@ def layerwise_missing(method: str) -> Optional[str]:
 
     schema = getattr(params, PARAMS_CLASS[method])
     if "gradient" not in schema.model_fields:
-        return f"{method}: no `gradient: layerwise` in {PARAMS_CLASS[method]} yet (skipped)"
+        return f"{method}: no `gradient: layerwise` in {PARAMS_CLASS[method]} yet"
     return None
 
 
@@ -96,7 +97,8 @@ def du_bytes(*folders: str) -> int:
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+        names = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")]
+        return names[0] if names else "?"
     except OSError:
         return "?"
 
@@ -126,7 +128,8 @@ def targets(model: str, row: Row, r: dict, model_gib: float) -> List[str]:
 
 # -- the report -----------------------------------------------------------------------------------
 COLUMNS = ["row", "wall s", "solve s", "time vs floor (floor s)", "peak RSS GiB", "peak anon GiB",
-           "read / written / rchar GiB", "plan / stats on disk GiB (peak during run)", "output GiB (LoRA / dense)",
+           "read / written / rchar GiB", "plan / stats on disk GiB (peak during run)",
+           "output GiB (LoRA / dense)",
            "targets"]
 
 
@@ -134,44 +137,63 @@ def _f(x, fmt=".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _g(x) -> str:
+    """GiB: two decimals, or three significant digits below 0.1 (the toy model's figures)."""
+    return "-" if x is None else format(x, ".2f" if x >= 0.1 or x == 0 else ".3g")
+
+
+def _io(r: dict) -> str:
+    return f"{_g(r['read_gib'])} / {_g(r['written_gib'])} / {_g(r['rchar_gib'])}"
+
+
 def model_table(entry: dict) -> List[str]:
     """One model's table: a line per row, its floors, and mergekit."""
-    lines = [f"## {entry['model']} + 16 LoRA adapters ({entry['model_gib']:.2f} GiB model; calibration "
+    lines = [f"## {entry['model']} + 16 LoRA adapters ({_g(entry['model_gib'])} GiB model; calibration "
              f"{entry['calibration']})", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for key, r in entry["rows"].items():
         if r.get("skipped"):
-            lines.append(f"| {r['label']} | skipped: {r['skipped']} |" + " |" * (len(COLUMNS) - 2))
+            lines.append(f"| {r['label']} | skipped ({r['skipped']}) |" + " |" * (len(COLUMNS) - 2))
             continue
         floor = entry["floors"].get(r.get("floor"))
-        vs = "-" if r.get("vs_floor") is None else \
-            f"{r['vs_floor']:.2f} {'per iteration' if r.get('per_iteration') else 'solve'} ({floor['evaluation_s']:.1f})"
-        out = f"{_f(r.get('lora_gib'), '.3f')} / {_f(r.get('dense_gib'))}" if r.get("lora_gib") is not None \
-            else f"- / {_f(r.get('dense_gib'))}"
+        vs = "-"
+        if r.get("vs_floor") is not None:
+            per = "per iteration" if r.get("per_iteration") else "solve"
+            vs = f"{r['vs_floor']:.2f} {per} ({floor['evaluation_s']:.1f})"
+        out = f"{_g(r.get('lora_gib'))} / {_g(r.get('dense_gib'))}"
         if r.get("lora_ratio") is not None:
-            out += f" (1/{1 / r['lora_ratio']:.0f})"
-        lines.append(
-            f"| {r['label']} | {r['wall_s']:.1f} | {_f(r.get('solve_s'), '.1f')} | {vs} | {r['peak_rss_gib']:.2f} | "
-            f"{r['peak_anon_gib']:.2f} | {r['read_gib']:.2f} / {r['written_gib']:.2f} / {r['rchar_gib']:.2f} | "
-            f"{r['plan_disk_gib']:.3f} / {r['stats_disk_gib']:.3f} ({r['peak_disk_gib']:.3f}) | {out} | "
-            f"{'; '.join(r['targets'])} |")
+            out += f" (1/{1 / r['lora_ratio']:.1f})"
+        disk = f"{_g(r['plan_disk_gib'])} / {_g(r['stats_disk_gib'])} ({_g(r['peak_disk_gib'])})"
+        lines.append(f"| {r['label']} | {r['wall_s']:.1f} | {_f(r.get('solve_s'), '.1f')} | {vs} | "
+                     f"{_g(r['peak_rss_gib'])} | {_g(r['peak_anon_gib'])} | {_io(r)} | {disk} | {out} | "
+                     f"{'; '.join(r['targets'])} |")
     for kind, f in entry["floors"].items():
         lines.append(f"| floor: {FLOOR_LABELS[kind]} | {f['wall_s']:.1f} | {f['evaluation_s']:.1f} | 1.00 | "
-                     f"{f['peak_rss_gib']:.2f} | {f['peak_anon_gib']:.2f} | {f['read_gib']:.2f} / "
-                     f"{f['written_gib']:.2f} / {f['rchar_gib']:.2f} | - | - | - |")
+                     f"{_g(f['peak_rss_gib'])} | {_g(f['peak_anon_gib'])} | {_io(f)} | - | - | - |")
     mk = entry.get("mergekit_ta")
     if mk and mk.get("computed"):
-        lines.append(f"| mergekit task_arithmetic | cannot run here: needs {mk['lora_cache_gib']:.1f} GiB of LoRA "
-                     f"merge cache (one merged model per adapter; free: {mk['free_disk_gib']:.0f} GiB) |"
+        lines.append(f"| mergekit task_arithmetic | cannot run here: needs {mk['lora_cache_gib']:.1f} GiB of "
+                     f"LoRA merge cache (one merged model per adapter; free: {mk['free_disk_gib']:.0f} GiB) |"
                      + " |" * (len(COLUMNS) - 2))
     elif mk:
-        lines.append(f"| mergekit task_arithmetic | {mk['wall_s']:.1f} | - | - | {mk['peak_rss_gib']:.2f} | "
-                     f"{mk['peak_anon_gib']:.2f} | {mk['read_gib']:.2f} / {mk['written_gib']:.2f} / "
-                     f"{mk['rchar_gib']:.2f} | LoRA cache {mk.get('cache_disk_gib', 0):.2f} | - / "
-                     f"{_f(mk.get('dense_gib'))} | - |")
-    for note in entry.get("notes", []):
-        lines += ["", f"Note: {note}"]
+        lines.append(f"| mergekit task_arithmetic | {mk['wall_s']:.1f} | - | - | {_g(mk['peak_rss_gib'])} | "
+                     f"{_g(mk['peak_anon_gib'])} | {_io(mk)} | LoRA cache {_g(mk.get('cache_disk_gib'))} | "
+                     f"- / {_g(mk.get('dense_gib'))} | - |")
     return lines + [""]
 
+
+INTRO = " ".join([
+    "Models are random bf16 weights of the real shapes; the pool is 16 LoRA adapters (8 x r8 on q,v;",
+    "8 x r16 on all projections), adapter i on calibration task i mod K. Every fwllm row runs",
+    "`gradient: layerwise`. RSS = peak resident set of the run (VmHWM, mapped file pages included);",
+    "anon = peak anonymous RSS (sampled); I/O from /proc/self/io (read / written = storage, rchar = all",
+    "reads, page cache included). Plan = the plan folder after the run, stats = $FWLLM_CACHE/stats after",
+    "the run (a fresh cache per run); in brackets the peak of both during the run (sampled each second;",
+    "the staged plan holds float32 merged tensors until the output is written). Solve s = the method's",
+    "solve alone (its model loading and tokenizing included); time vs floor = one FW iteration (mean) or",
+    "the whole solve over its floor (see eval/bench_scale_child.py). Targets: 7B: anon <= 6, RSS <= 8",
+    "GiB; 1.1B: anon <= 2.5, RSS <= 4 GiB (RegMean, Fisher, FW defaults); statistics on disk <= one",
+    "model; Gram pass and Fisher <= 1.3 x floor; FW iteration <= 1.2 x floor; LoRA output <= 1/20 of",
+    "the dense output at 7B."])
 
 FLOOR_LABELS = {"floor": "one layer-by-layer forward + backward, all rows (FW iteration)",
                 "gram_floor": "one layer-by-layer forward per candidate, own rows (Gram pass)",
@@ -182,17 +204,7 @@ def render(entries: List[dict], command: str, device: str, full_lines: List[str]
     where = f"{cpu_model()}, {os.cpu_count()} CPU cores" + (f", solve on {device}" if device != "cpu" else "")
     lines = [f"# fwllm at scale ({time.strftime('%Y-%m-%d %H:%M')}, {where})", "",
              f"Command: `{command}`", "",
-             "Models are random bf16 weights of the real shapes; the pool is 16 LoRA adapters (8 x r8 on q,v; 8 x "
-             "r16 on all projections), adapter i on calibration task i mod K. Every fwllm row runs "
-             "`gradient: layerwise`. RSS = peak resident set of the run (VmHWM, mapped file pages included); anon "
-             "= peak anonymous RSS (sampled); I/O from /proc/self/io (read/written = storage, rchar = all reads "
-             "incl. page cache). Plan = the plan folder after the run, stats = $FWLLM_CACHE/stats after the run "
-             "(a fresh cache per run); in brackets the peak of both during the run (sampled each second, the "
-             "staged plan holds the float32 merged tensors until the output is written). Solve s = the method's "
-             "solve alone; time vs floor = one FW iteration (mean) or the whole solve over its floor. "
-             "Targets: 7B: anon <= 6, RSS <= 8 GiB; 1.1B: anon <= 2.5, RSS <= 4 GiB (RegMean, Fisher, FW "
-             "defaults); statistics on disk <= one model; Gram pass and Fisher <= 1.3 x floor; FW iteration <= "
-             "1.2 x floor; LoRA output <= 1/20 of the dense output at 7B.", ""]
+             INTRO, ""]
     for entry in entries:
         lines += model_table(entry)
     return "\n".join(lines + full_lines) + "\n"
