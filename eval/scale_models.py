@@ -17,6 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 SHAPES = {
+    # a two-layer toy: checks the benchmark script end to end in seconds (no figure of it means anything)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=False),
     "smol-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
