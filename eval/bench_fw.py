@@ -176,8 +176,9 @@ def main(argv=None) -> None:
     os.makedirs(args.work, exist_ok=True)
     cands = make_candidates(base, max(args.n), os.path.join(args.work, "candidates"))
     calib = calibration_file(args.work, args.rows)
-    fw_params = {"calibration": calib, "iterations": args.iterations, "max_length": args.max_length,
-                 "batch_size": 4, "scaling": 1.0}
+    # the paper's open-loop FW (fw_merging's default adds a line search and a RegMean refine)
+    fw_params = {"calibration": calib, "preset": "paper", "iterations": args.iterations,
+                 "max_length": args.max_length, "batch_size": 4, "scaling": 1.0}
     runs = [("ties", "ties", None)] + [
         (f"fw_{mode}", "fw_merging", {**fw_params, "gradient": mode}) for mode in args.fw_gradient]
     runs += [(f"fw_full_mb{k}", "fw_merging", {**fw_params, "gradient": "full", "batches_per_iteration": k})

@@ -36,7 +36,7 @@ METHODS: Dict[str, tuple] = {
     "regmean": ({"calibration": "CALIB", "max_rows": 4}, {"task": "calib", "weight": 1.0}),
     "adamerging": ({"calibration": "CALIB", "max_rows": 4, "steps": 4}, {}),
     # the references the issue asks for, in the same run: fwllm's FW and mergekit's own ties
-    "fw_merging": ({"calibration": "CALIB", "max_rows": 4, "iterations": 4}, {}),
+    "fw_merging": ({"calibration": "CALIB", "preset": "paper", "max_rows": 4, "iterations": 4}, {}),
     "ties": ({"lambda": 1.0}, {"weight": 1.0, "density": 0.2}),
 }
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "="] + [f"w{i}" for i in range(1019)]

@@ -1,6 +1,6 @@
 """Can the local merge's knobs lift FW above RegMean? A scan on the smol pool's relevant experts.
 
-With `local_merge: regmean`, `granularity: model` and uniform weights, FW's merge of the N = 8 pool is
+With `refine: regmean`, `granularity: model` and uniform weights, FW's merge of the N = 8 pool is
 RegMean over the support FW picked (the four relevant experts), so FW can beat RegMean there only by
 merging that support better. This scans the two knobs a solver could tune on its calibration loss:
 RegMean's `alpha` (off-diagonal scale of the Grams) and a scale K of the merged task vector,

@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     for label, n_rows, k, iters in runs:
         name = f"{label}-r{n_rows}-k{k}-t{iters}"
         settings = PoolSettings(iterations=iters, max_rows=n_rows, batch_size=bs,
-                                extra={"fw_hard": {"batches_per_iteration": k}})
+                                extra={"fw_hard": {"batches_per_iteration": k, "preset": "paper"}})
         recipe = recipe_for("fw_hard", pool.base, members, pool.calibration_dir(), settings)
         path = os.path.join(args.work, f"{name}.yml")
         with open(path, "w", encoding="utf-8") as fp:

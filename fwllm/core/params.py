@@ -8,9 +8,14 @@ error (`extra="forbid"`): mergekit itself would drop it silently.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import logging
+from typing import Any, Dict, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fwllm.core.errors import FwllmError
+
+LOG = logging.getLogger(__name__)
 
 # Ceilings no real merge reaches, so a typo (iterations: 1000000) is one error, not a run of
 # years: 10,000 FW iterations or Adam steps is 20x AdaMerging's 500 steps and far beyond
@@ -39,23 +44,78 @@ class MethodParams(BaseModel):
     keep_merged: bool = False  # `fwllm merge`: keep the plan's float32 copy of the merged tensors
 
 
-LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "regmean"]
+LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
+
+# FW-Merging's settings as data: `preset` names one; a key the recipe writes overrides it. The
+# default is what won the quality benchmark (eval/reports/quality/report.md, FW-hard: 97.0
+# held-in normalized at N = 4 and N = 8, against tuned TA's 70.1 / 62.9 and RegMean's 97.2 /
+# 90.5): FW picks the support for the whole model by line search from the base, RegMean merges
+# it. `paper` is the paper's open-loop FW (arXiv 2503.12649), which needs no Gram pass.
+FW_PRESETS: Dict[str, Dict[str, Any]] = {
+    "default": {"iterations": 12, "step_size": 0.3, "granularity": "model", "local_merge": "task_arithmetic",
+                "refine": "regmean", "regmean_weights": "uniform", "init": "base", "scaling": 1.0,
+                "step": "line_search", "hull": "adaptive"},
+    "paper": {"iterations": 10, "step_size": 0.1, "granularity": "layer", "local_merge": "task_arithmetic",
+              "refine": "none", "regmean_weights": "fw", "init": "task_arithmetic", "scaling": 0.3,
+              "step": "open_loop", "hull": "fixed"},
+}
+_ALIAS_WARNED = False
+
+
+def _warn_alias_once() -> None:
+    global _ALIAS_WARNED
+    if not _ALIAS_WARNED:
+        _ALIAS_WARNED = True
+        LOG.warning("fw_merging: `local_merge: regmean` is deprecated; write `refine: regmean` "
+                    "(FW's steps stay task arithmetic)")
+
+
+def resolve_fw_preset(raw: Any) -> Any:
+    """The recipe's FW parameters with every preset key filled: the written value, else the
+    preset's. Unset keys arrive missing (FWParams(...)) or None (mergekit passes every declared
+    parameter, with its default None), so a written value is never mistaken for a default."""
+    if not isinstance(raw, dict):
+        return raw
+    data = {k: v for k, v in raw.items() if not (k in FW_PRESETS["default"] and v is None)}
+    if data.get("local_merge") == "regmean":  # the old spelling of the refine
+        _warn_alias_once()
+        if data.get("refine", "regmean") != "regmean":
+            raise FwllmError(f"fw_merging: local_merge: regmean means refine: regmean; the recipe also "
+                             f"sets refine: {data['refine']} (write refine only)")
+        data.update(local_merge="task_arithmetic", refine="regmean")
+    preset = data.get("preset") or "default"
+    if preset not in FW_PRESETS:
+        return data  # the field's own check names the presets
+    written = set(data)
+    data = {**FW_PRESETS[preset], **data}
+    # a preset default that cannot go with a written setting yields to it: an open-loop or
+    # pairwise solve keeps a fixed hull, a pairwise one steps per layer
+    if "hull" not in written and (data["step"] == "open_loop" or data.get("pairwise")):
+        data["hull"] = "fixed"
+    if "granularity" not in written and data.get("pairwise"):
+        data["granularity"] = "layer"
+    return data
 
 
 class FWParams(MethodParams):
-    """FW-Merging; the one settings object the solver reads too."""
+    """FW-Merging; the one settings object the solver reads too. The keys of FW_PRESETS default
+    to None here and are filled from the preset when the recipe is validated (see there)."""
 
-    iterations: int = Field(10, ge=1, le=MAX_STEPS)
-    step_size: float = Field(0.1, gt=0, le=1)  # gamma_t = step_size * 2 / (t + 2)
-    granularity: Literal["layer", "model"] = "layer"
+    preset: Literal["default", "paper"] = "default"
+    iterations: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
+    step_size: Optional[float] = Field(None, gt=0, le=1)  # open_loop: gamma_t = step_size * 2 / (t + 2)
+    granularity: Optional[Literal["layer", "model"]] = None
     variant: Literal["hard", "soft"] = "hard"
     top_k: int = Field(2, ge=1)  # soft: vertices mixed per step
     soft_steps: int = Field(2, ge=0)  # soft: projected-gradient steps on the mix
-    local_merge: LocalMerge = "task_arithmetic"
-    scaling: float = Field(0.3, gt=0)  # lambda: vertices theta_0 + lambda * tau_i
+    # the merge of FW's vertices; "regmean" is the deprecated spelling of refine: regmean
+    local_merge: Optional[Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "regmean"]] = None
+    # regmean: FW picks the support, RegMean's closed form merges each linear weight over it at the end
+    refine: Optional[Literal["none", "regmean"]] = None
+    scaling: Optional[float] = Field(None, gt=0)  # lambda: vertices theta_0 + lambda * tau_i
     density: float = Field(0.2, gt=0, le=1)  # ties: fraction kept by trim
     drop_rate: float = Field(0.5, ge=0, lt=1)  # dare: drop probability
-    init: Literal["task_arithmetic", "base"] = "task_arithmetic"
+    init: Optional[Literal["task_arithmetic", "base"]] = None
     sketch_ratio: float = Field(32.0, ge=1)  # 1 = exact inner products
     # GiB of sketches held in RAM; beyond, they are kept on disk and read block by block at every
     # iteration, so RAM stays flat in N (at 1.1B, 1/32 of each candidate is 0.14 GiB)
@@ -67,18 +127,27 @@ class FWParams(MethodParams):
     rescore: float = Field(0.0, ge=0)  # z: re-check contenders within z sketch errors (0 = off)
     gradient: Literal["auto", "full", "layerwise"] = "auto"  # auto: full if it fits in free RAM, else layerwise
     batches_per_iteration: int = Field(0, ge=0)  # stochastic FW: micro-batches per task (0 = all)
-    step: Literal["open_loop", "line_search"] = "open_loop"  # line_search: gamma from 2 forward evaluations
-    hull: Literal["fixed", "adaptive"] = "fixed"  # adaptive: lambda doubles while the line search hits the hull
+    step: Optional[Literal["open_loop", "line_search"]] = None  # line_search: gamma from 2 forward evaluations
+    hull: Optional[Literal["fixed", "adaptive"]] = None  # adaptive: lambda doubles while the line search hits it
     pairwise: bool = False  # pairwise steps: move mass from the worst active vertex to the FW vertex
-    regmean_alpha: float = Field(0.9, ge=0, le=1)  # local_merge regmean: off-diagonal scale of the Grams
-    # local_merge regmean: "fw" weighs each candidate by FW's coefficient and keeps FW's mass;
+    regmean_alpha: float = Field(0.9, ge=0, le=1)  # refine regmean: off-diagonal scale of the Grams
+    # refine regmean: "fw" weighs each candidate by FW's coefficient and keeps FW's mass;
     # "uniform": FW only picks the support, RegMean merges it with equal weights (RegMean's own)
-    regmean_weights: Literal["fw", "uniform"] = "fw"
+    regmean_weights: Optional[Literal["fw", "uniform"]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def fill_from_preset(cls, data: Any) -> Any:
+        return resolve_fw_preset(data)
 
     @property
     def step_merge(self) -> str:
-        """The local merge of FW's own steps: regmean refines a task-arithmetic solve at its end."""
-        return "task_arithmetic" if self.local_merge == "regmean" else self.local_merge
+        """The local merge of FW's own steps (the refine, if any, comes after the solve)."""
+        return self.local_merge
+
+    @property
+    def refined(self) -> bool:
+        return self.refine == "regmean"
 
 
 class FisherParams(MethodParams):

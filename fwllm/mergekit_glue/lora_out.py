@@ -28,6 +28,9 @@ def _lora_candidates(recipe_path: str):
     if job.params.local_merge != "task_arithmetic":
         raise FwllmError(f"--lora-out needs local_merge task_arithmetic (got {job.params.local_merge!r}): "
                          f"the plan stores other local merges as dense tensors")
+    if job.params.refined:
+        raise FwllmError("--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): "
+                         "the plan stores the RegMean refine as dense tensors")
     full = [c.label for c in job.candidates if not c.lora]
     if full:
         raise FwllmError(f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full[0]} is a full "

@@ -24,6 +24,7 @@ merge:  the stored tensor, or base + sum_a beta_a * atom_a(taus).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fwllm.arch.heads import is_head_tensor, save_heads
+from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.arch.weight_layout import transposed_weights_of
 from fwllm.core.errors import FwllmError
@@ -59,8 +61,9 @@ from fwllm.solvers.frank_wolfe import FrankWolfe, FWResult
 from fwllm.solvers.gradients import FullGradient
 from fwllm.solvers.iterates import LoraIterate, ModelIterate, StoreIterate
 from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
-from fwllm.solvers.regmean_refine import measure_grams, refine
+from fwllm.solvers.regmean_refine import measure_grams, own_tasks, refine, refine_streamed
 from fwllm.solvers.streamed_gradient import StreamedGradient
+from fwllm.solvers.streamed_grams import check_streamable
 
 LOG = logging.getLogger(__name__)
 ITERATE_DIR, SKETCH_DIR = ".iterate", ".sketches"  # scratch folders of a bounded solve, removed at its end
@@ -117,6 +120,9 @@ class FWMerging(DataMethod):
             raise FwllmError("fw_merging: pairwise steps need variant: hard and granularity: layer")
         if p.hull == "adaptive" and (p.step != "line_search" or p.pairwise):
             raise FwllmError("fw_merging: hull: adaptive needs step: line_search (and no pairwise steps)")
+        if p.refined and p.local_merge != "task_arithmetic":
+            raise FwllmError(f"fw_merging: refine: regmean needs local_merge: task_arithmetic (FW's coefficients "
+                             f"pick the support); got local_merge: {p.local_merge}")
         return p
 
     # -- solve ---------------------------------------------------------------------------
@@ -135,6 +141,7 @@ class FWMerging(DataMethod):
             sizes.activation_bytes(rows, tokens) + sizes.logits_bytes(rows, tokens)
         mode, reason = choose_gradient(p, need)
         LOG.info("fw_merging: gradient %s (%s)", mode, reason)
+        refine_tasks = self._check_refine(job, pool, mode) if p.refined else None
         heads = pool_heads(pool, job, pool.tasks)
         tokenizer = load_tokenizer(pool.base_dir)
         if mode == "full":
@@ -147,7 +154,18 @@ class FWMerging(DataMethod):
             meta = fw.gradient.meta
             info.update(layer_fetches=meta.fetches, peak_resident_bytes=meta.peak_resident_bytes,
                         checkpoint_groups=fw.gradient.groups_last)
-        self._write_plan(job, pool, fw, result, weights, heads, info)
+        self._write_plan(job, pool, fw, result, weights, heads, info, refine_tasks)
+
+    @staticmethod
+    def _check_refine(job: MergeJob, pool: Pool, mode: str):
+        """What the RegMean refine needs, checked before FW's iterations: each candidate's data, and on
+        the bounded path a pool the streamed Gram measurement runs (causal LMs, plain LoRA)."""
+        if mode == "layerwise":
+            if pool.kind != CAUSAL_MODEL:
+                raise FwllmError(f"fw_merging: refine: regmean on gradient: layerwise covers causal LMs; this pool "
+                                 f"is {pool.kind} models (use gradient: full, or refine: none)")
+            check_streamable(pool.candidates, "fw_merging refine: regmean")
+        return own_tasks(job)
 
     def _in_ram(self, job, pool, blocks, weights, heads, tokenizer):
         p = job.params
@@ -209,14 +227,21 @@ class FWMerging(DataMethod):
         return folder
 
     def _write_plan(self, job: MergeJob, pool: Pool, fw: FrankWolfe, result: FWResult, weights: List[float],
-                    heads, info: dict) -> None:
+                    heads, info: dict, refine_tasks=None) -> None:
         p = job.params
         labels = [c.label for c in job.candidates]
         coefficients = {n: ta_coefficients(a, weights, p.scaling) for n, a in result.atoms.items()}
-        implicit = fw.iterate.implicit
         merged = fw.merged_state()
-        refined = p.local_merge == "regmean"
-        if refined:  # FW chose the support; RegMean merges each linear weight over it
+        refined = p.refined
+        # a refined LoRA solve stores its merge: the refine is not FW's coefficients on the factors
+        implicit = fw.iterate.implicit and not refined
+        if refined and info["mode"] == "layerwise":  # the Grams streamed: none kept, no candidate loaded whole
+            closed, solved = refine_streamed(job, pool.candidates, refine_tasks, pool.base_dir, coefficients,
+                                             fw.base)
+            rest = ((n, v) for n, v in merged if n not in solved)  # runs after `closed`: `solved` is full then
+            merged = itertools.chain(closed, rest)
+            info["refine"] = "streamed grams"
+        elif refined:  # FW chose the support; RegMean merges each linear weight over it
             used = sorted({i for c in coefficients.values() for i, x in enumerate(c) if x > 0})
             gram_files = measure_grams(job, used) if used else {}
 
@@ -226,6 +251,7 @@ class FWMerging(DataMethod):
 
             merged = refine(merged, coefficients, gram_files, raw_tau, fw.base, p.regmean_alpha,
                             weights=p.regmean_weights, transposed=transposed_weights_of(pool.base_dir))
+            info["refine"] = "gram files"
         all_ta = not refined and all(c is not None for c in coefficients.values())
         record = FWPlanRecord(
             method=self.name, base=job.base, settings=p.model_dump(), primary_head=primary_head(job, heads),
@@ -273,7 +299,7 @@ class FWMerging(DataMethod):
         return plan.merged is None and not plan.record.adapters
 
     def merged_recomputable(self, plan: Plan) -> bool:
-        return plan.params.local_merge != "regmean"  # the refine's Grams are not kept in the plan
+        return not plan.params.refined  # the refine's Grams are not kept in the plan
 
     def _adapter(self, folder: str) -> AdapterReader:
         if folder not in self._adapters:
@@ -286,8 +312,8 @@ class FWMerging(DataMethod):
             if plan.merged is not None:
                 return read_merged(plan.merged, name)
             if not self.merged_recomputable(plan):
-                raise FwllmError(f"plan {plan.folder} stores no merged tensors, and a local_merge: regmean "
-                                 f"plan cannot form them again; solve again (--no-cache)")
+                raise FwllmError(f"plan {plan.folder} stores no merged tensors, and a refine: regmean plan "
+                                 f"cannot form them again; solve again (--no-cache)")
             base32 = base.float()
             if record.adapters:  # a LoRA pool: theta_0 + sum_i c_i s_i B_i A_i, from the adapters' factors
                 out = base32.clone()

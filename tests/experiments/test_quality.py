@@ -349,7 +349,7 @@ def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them()
 
     smol = demo_settings("smol", None, {"step": "open_loop"}, "cpu")
     hard = recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(smol.merge, smol.fw))["parameters"]
-    assert (hard["step"], hard["hull"], hard["local_merge"]) == ("open_loop", "adaptive", "regmean")
+    assert (hard["step"], hard["hull"], hard["refine"]) == ("open_loop", "adaptive", "regmean")
     assert (hard["granularity"], hard["regmean_weights"], hard["iterations"]) == ("model", "uniform", 12)
     tiny = demo_settings("tiny", None, {}, "cpu")  # the tiny pool keeps the recipe defaults
     assert "step" not in recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(tiny.merge, tiny.fw))[

@@ -168,7 +168,8 @@ def test_fw_merge_over_base_plus_adapters_uses_peft_task_vectors(tmp_path, adapt
     # [in, out], LoRA with fan_in_fan_out).
     pool = [adapters(v) for v in variants]
     base_dir = pool[0][0]
-    params = {"calibration": str(base_dir.parent / "calib"), "iterations": 2, "scaling": 1.0, "step_size": 0.5,
+    params = {"calibration": str(base_dir.parent / "calib"), "preset": "paper",
+              "iterations": 2, "scaling": 1.0, "step_size": 0.5,
               "init": "task_arithmetic", "gradient": gradient}
     recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base_dir, [f"{base_dir}+{a[2]}" for a in pool], params)
     out = tmp_path / "out"
@@ -201,7 +202,7 @@ def _one_error_line(result):
 
 
 def _fw_merge_cli(tmp_path, base_dir, adapter):
-    params = {"calibration": str(base_dir.parent / "calib"), "iterations": 1}
+    params = {"calibration": str(base_dir.parent / "calib"), "preset": "paper", "iterations": 1}
     recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base_dir, [f"{base_dir}+{adapter}"], params)
     return CliRunner().invoke(main, ["merge", str(recipe), str(tmp_path / "out"),
                                      "--lora-merge-cache", str(tmp_path / "lc")])

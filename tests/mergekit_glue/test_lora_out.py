@@ -47,7 +47,8 @@ def test_lora_out_equals_the_merged_model(lora_pool, gradient):
     from transformers import LlamaForCausalLM
 
     root, base, adapters = lora_pool
-    params = {"calibration": str(root / "calib"), "iterations": 3, "scaling": 1.0, "step_size": 0.5,
+    params = {"calibration": str(root / "calib"), "preset": "paper",
+              "iterations": 3, "scaling": 1.0, "step_size": 0.5,
               "gradient": gradient}
     recipe = write_recipe(root / "fw.yml", "fw_merging", base, [f"{base}+{a}" for a in adapters], params)
     result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
@@ -68,20 +69,22 @@ def test_lora_out_equals_the_merged_model(lora_pool, gradient):
     assert max([cfg["r"], *cfg["rank_pattern"].values()]) <= 5
 
 
-@pytest.mark.parametrize("case", ["full model", "regmean"])
+@pytest.mark.parametrize("case", ["full model", "regmean", "regmean by its old name"])
 def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool, case):
     root, base, adapters = lora_pool
     full = shutil.copytree(base, root / "full")
     models = [f"{base}+{adapters[0]}", full if case == "full model" else f"{base}+{adapters[1]}"]
-    params = {"calibration": str(root / "calib"), "iterations": 3}
-    if case == "regmean":
-        params["local_merge"] = "regmean"
+    params = {"calibration": str(root / "calib"), "preset": "paper", "iterations": 3}
+    if case != "full model":  # the default refine, or the deprecated spelling of it
+        del params["preset"]
+        if case == "regmean by its old name":
+            params.update(preset="paper", local_merge="regmean")
     result = fwllm(write_recipe(root / "r.yml", "fw_merging", base, models, params), root / "out",
                    "--lora-out", root / "lora_out")
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
-    regmean = "--lora-out needs local_merge task_arithmetic (got 'regmean'): the plan stores other"
+    regmean = "--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): the plan"
     want = (f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full} is a full model"
-            if case == "full model" else f"{regmean} local merges as dense tensors")
+            if case == "full model" else f"{regmean} stores the RegMean refine as dense tensors")
     assert lines == [f"Error: {want}"]
     assert not (root / "out").exists() and not (root / "lora_out").exists()

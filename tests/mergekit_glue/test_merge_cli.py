@@ -129,7 +129,8 @@ def test_plain_mergekit_yaml_runs_fw_recipe_through_the_startup_hook(tmp_path, t
         pytest.skip("editable install: the .pth hook is installed only by a regular `pip install .`")
     assert hook_installed, "fwllm_mergekit.pth missing from site-packages"
     e = tiny_pool["experts"]
-    params = {"calibration": str(tiny_pool["calib"]), "iterations": 3, "scaling": 1.0, "step_size": 0.5}
+    params = {"calibration": str(tiny_pool["calib"]), "preset": "paper",
+              "iterations": 3, "scaling": 1.0, "step_size": 0.5}
     recipe = write_recipe(tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [e["copy"], e["rev"]], params)
     env = {**ENV, "FWLLM_CACHE": str(tmp_path / "cache")}
     mk = mergekit_yaml(recipe, tmp_path / "mk", env=env)
@@ -172,7 +173,8 @@ def test_plain_mergekit_yaml_relative_paths_offline(tmp_path, tiny_pool):
 
 def test_fw_plan_reproduces_with_plain_task_arithmetic(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
-    params = {"calibration": str(tiny_pool["calib"]), "iterations": 4, "scaling": 1.0, "step_size": 0.5}
+    params = {"calibration": str(tiny_pool["calib"]), "preset": "paper",
+              "iterations": 4, "scaling": 1.0, "step_size": 0.5}
     recipe = write_recipe(tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [e["copy"], e["rev"], e["noise"]], params)
     assert fwllm(recipe, tmp_path / "fw").exit_code == 0
     repro = tmp_path / "fw" / "fwllm_plan" / "reproduce.yml"

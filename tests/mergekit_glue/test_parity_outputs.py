@@ -20,7 +20,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def fw(tiny_pool, **kw):
-    return {"calibration": str(tiny_pool["calib"]), "iterations": 2, "step_size": 0.5, "scaling": 1.0, **kw}
+    return {"calibration": str(tiny_pool["calib"]), "preset": "paper",
+            "iterations": 2, "step_size": 0.5, "scaling": 1.0, **kw}
 
 
 def run(recipe, out, **options):

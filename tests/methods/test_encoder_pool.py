@@ -48,7 +48,8 @@ def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool, gradient):
 
     root, experts = encoder_pool
     recipe = write_recipe(tmp_path / "enc.yml", "fw_merging", root / "base", list(experts.values()),
-                          {"calibration": str(root / "calib"), "iterations": 4, "scaling": 1.0, "step_size": 0.5,
+                          {"calibration": str(root / "calib"), "preset": "paper",
+                           "iterations": 4, "scaling": 1.0, "step_size": 0.5,
                            "gradient": gradient},
                           per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
     out = tmp_path / "merged"
@@ -97,7 +98,7 @@ def test_adapter_candidate_named_by_task_gets_a_message_that_does_not_ask_for_ta
     write_jsonl(tmp_path / "calib" / "first_high.jsonl", rows("first_high", 4, 1))
     adapter = f"{base}+{tmp_path / 'adapter'}"
     recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base, [adapter, experts["sum_mod3"]],
-                          {"calibration": str(tmp_path / "calib"), "iterations": 1},
+                          {"calibration": str(tmp_path / "calib"), "preset": "paper", "iterations": 1},
                           per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
     with pytest.raises(FwllmError) as err:
         merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))

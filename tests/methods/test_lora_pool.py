@@ -51,7 +51,8 @@ def fw_over_adapters(root, tiny_pool, adapters, name, **params):
     base = tiny_pool["base"]
     models = [f"{base}+{a[0]}" for a in adapters.values()]
     recipe = write_recipe(root / f"{name}.yml", "fw_merging", base, models,
-                          {"calibration": str(tiny_pool["calib"]), "iterations": 4, "scaling": 1.0, "step_size": 0.5,
+                          {"calibration": str(tiny_pool["calib"]), "preset": "paper",
+                           "iterations": 4, "scaling": 1.0, "step_size": 0.5,
                            **params})
     out = root / name
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True, lora_merge_cache=str(root / "lc")))

@@ -59,7 +59,8 @@ def test_init_base_full_and_layerwise_give_the_same_merge(tmp_path, arch, one_th
     pool, experts = tiny_arch_pool(tmp_path, arch)
     outs, traces = {}, {}
     for mode in ("full", "layerwise"):
-        params = {"calibration": str(pool["calib"]), "iterations": 3, "step_size": 0.5, "scaling": 1.0,
+        params = {"calibration": str(pool["calib"]), "preset": "paper",
+                  "iterations": 3, "step_size": 0.5, "scaling": 1.0,
                   "init": "base", "gradient": mode}
         outs[mode] = merge(tmp_path, f"{arch}_{mode}", "fw_merging", pool, experts, params)
         traces[mode] = json.loads((outs[mode] / "fwllm_plan" / "trace.json").read_text())["trace"]

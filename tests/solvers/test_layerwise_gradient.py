@@ -120,7 +120,8 @@ def test_a_layer_fed_something_other_than_the_previous_output_is_refused(tmp_pat
 
 def fw_merge(tmp_path, pool, models, label, **params):
     """An fw_merging run over `models` on the tiny pool's calibration rows; its output folder."""
-    params = {"calibration": str(pool["calib"]), "step_size": 0.5, "scaling": 1.0, **params}
+    params = {"calibration": str(pool["calib"]), "preset": "paper",
+              "step_size": 0.5, "scaling": 1.0, **params}
     recipe = write_recipe(tmp_path / f"{label}.yml", "fw_merging", pool["base"], models, params)
     merge_recipe(str(recipe), str(tmp_path / label), MergeOptions(quiet=True))
     return tmp_path / label

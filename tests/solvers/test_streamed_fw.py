@@ -17,7 +17,8 @@ def both(tmp_path, pool, models, label, per_model=None, **params):
     """The same FW recipe solved in RAM (`full`) and bounded (`layerwise`): both outputs, both plans."""
     outs = {}
     for mode in ("full", "layerwise"):
-        p = {"calibration": str(pool["calib"]), "iterations": 3, "step_size": 0.5, "scaling": 1.0, "gradient": mode,
+        p = {"calibration": str(pool["calib"]), "preset": "paper",
+             "iterations": 3, "step_size": 0.5, "scaling": 1.0, "gradient": mode,
              **params}
         outs[mode] = merge(tmp_path, f"{label}_{mode}", "fw_merging", pool, models, p, per_model=per_model)
     plans = {m: json.loads((o / "fwllm_plan" / "plan.json").read_text()) for m, o in outs.items()}
@@ -114,10 +115,9 @@ def test_sketches_kept_on_disk_give_the_same_merge(tmp_path):
     write_jsonl(tmp_path / "calib" / "copy.jsonl", task_rows("copy", 8, seed=1))
     pool = {"base": base, "calib": tmp_path / "calib"}
     models = perturbed_copies(base, tmp_path, 2, scale=0.05, seed=7)
-    ram = merge(tmp_path, "ram", "fw_merging", pool, models, {"calibration": str(pool["calib"]), "iterations": 2,
-                                                             "gradient": "layerwise"})
-    disk = merge(tmp_path, "disk", "fw_merging", pool, models, {"calibration": str(pool["calib"]), "iterations": 2,
-                                                               "gradient": "layerwise", "sketch_memory": 1e-9})
+    params = {"calibration": str(pool["calib"]), "preset": "paper", "iterations": 2, "gradient": "layerwise"}
+    ram = merge(tmp_path, "ram", "fw_merging", pool, models, params)
+    disk = merge(tmp_path, "disk", "fw_merging", pool, models, {**params, "sketch_memory": 1e-9})
     a, b = load_tensors(ram), load_tensors(disk)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not (disk / "fwllm_plan" / ".sketches").exists()
@@ -131,7 +131,8 @@ def test_one_layer_at_a_time_whatever_the_depth(tmp_path, layers):
     write_jsonl(tmp_path / "calib" / "copy.jsonl", task_rows("copy", 6, seed=1))
     models = perturbed_copies(base, tmp_path, 2, scale=0.05, seed=3)
     out = merge(tmp_path, "m", "fw_merging", {"base": base}, models,
-                {"calibration": str(tmp_path / "calib"), "iterations": 2, "gradient": "layerwise"})
+                {"calibration": str(tmp_path / "calib"), "preset": "paper",
+                 "iterations": 2, "gradient": "layerwise"})
     gradient = json.loads((out / "fwllm_plan" / "plan.json").read_text())["gradient"]
     model = LlamaForCausalLM.from_pretrained(base)
     layer = 4 * sum(p.numel() for p in model.model.layers[0].parameters())
