@@ -27,7 +27,9 @@ from fwllm.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 HARNESS = str(Path(__file__).with_name("interrupt_harness.py"))
-FW = {"iterations": 1, "step_size": 0.5, "scaling": 1.0}
+# the paper's open-loop FW: its merge moves with every candidate and every calibration row, which the
+# stale-plan tests need (the default FW + RegMean picks a support, and may ignore a replaced expert)
+FW = {"preset": "paper", "iterations": 1, "step_size": 0.5, "scaling": 1.0}
 MANIFEST = ".fwllm-output.json"
 WAIT = 300  # seconds: generous, the CI box has 2 shared cores
 
