@@ -10,6 +10,8 @@ import os
 import random
 import sys
 import tempfile
+import threading
+import weakref
 
 import pytest
 import torch
@@ -240,3 +242,43 @@ def merge(tmp_path, name, method, pool, models, parameters=None, per_model=None)
 
 def fw_params(pool, **kw):
     return {"calibration": str(pool["calib"]), "iterations": 5, "step_size": 0.5, "scaling": 1.0, **kw}
+
+
+class Residency:
+    """How many tensors read from disk are alive now, and at most (a finalizer per tracked tensor)."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def track(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        weakref.finalize(tensor, self._release)
+        return tensor
+
+    def _release(self) -> None:
+        with self._lock:
+            self.now -= 1
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.now
+
+
+@pytest.fixture
+def resident(monkeypatch):
+    """Counts the candidate tensors fwllm reads from disk (`TensorReader.get`, `AdapterReader.delta`)
+    that are alive now and at most, by wrapping the two readers: product reads carry no counter."""
+    from fwllm.io.adapters import AdapterReader
+    from fwllm.io.tensors import TensorReader
+
+    counter = Residency()
+    for cls, name in ((TensorReader, "get"), (AdapterReader, "delta")):
+        def tracked(self, *args, _read=getattr(cls, name), **kwargs):
+            out = _read(self, *args, **kwargs)
+            return out if out is None else counter.track(out)
+
+        monkeypatch.setattr(cls, name, tracked)
+    return counter
