@@ -6,7 +6,6 @@ against losses computed by hand, TIES/TA in memory against mergekit's own merge,
 dev rows disjoint from calibration (and training) rows."""
 
 import json
-import os
 import shutil
 import types
 
