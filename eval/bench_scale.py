@@ -70,7 +70,7 @@ elif kind == "floor":
                              args["max_length"], args["batch_size"])
     grad = StreamedGradient(MetaModel(model, base_weights(args["base"]), args.get("device", "cpu")), objective, [],
                             lambda: {}, lora, checkpoint_bytes=int(args.get("checkpoint_gib", 1.0) * 2**30))
-    from fwbench.heap_trim import set_heap_trim  # eval/bench_heap_trim.py: fwllm's heap trim off, or how often
+    from fwbench.heap_trim import set_heap_trim  # eval/bench_heap_trim.py: heap trim off, or how often
     set_heap_trim(args.get("trim"))
     times = []
     for _ in range(args.get("evaluations", 1)):

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="smol", choices=["smol", "tiny"])
     ap.add_argument("--root", default=None, help="expert cache folder")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="pool sizes N (default 2 4 8; tiny 2 4 7)")
-    ap.add_argument("--methods", nargs="+", default=list(QUALITY_METHODS), choices=list(TUNED_METHODS + RECIPE_ONLY))
+    ap.add_argument("--methods", nargs="+", default=list(QUALITY_METHODS),
+                    choices=list(TUNED_METHODS + RECIPE_ONLY))
     ap.add_argument("--fw", action="append", default=[], metavar="KEY=VALUE",
                     help="fw_merging recipe parameter override (hard.KEY / soft.KEY for one variant)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="method_params",

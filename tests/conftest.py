@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # fwllm's caches (plans, statistics, the identity memo) never land in the real ~/.cache
 os.environ["FWLLM_CACHE"] = tempfile.mkdtemp(prefix="fwllm-tests-cache-")
-# the benchmark harness (eval/fwbench) is not part of the package; tests/fwbench import it as eval/ scripts do.
+# the benchmark harness (eval/fwbench) is not part of the package; tests/fwbench import it as eval/
+# scripts do.
 # Appended, so eval's scripts never shadow an installed module.
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval"))
 

@@ -103,7 +103,8 @@ class DevBudget:
         return rows if n is None else rows[:n]
 
 
-def dev_task(name: str, metric: str, rows: List[dict], held_in: bool, source: str, budget: DevBudget) -> DevTask:
+def dev_task(name: str, metric: str, rows: List[dict], held_in: bool, source: str,
+             budget: DevBudget) -> DevTask:
     return DevTask(name, metric, budget.cut(name, rows), held_in, source, len(rows))
 
 

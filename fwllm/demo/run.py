@@ -36,7 +36,8 @@ def demo_settings(profile: str, sizes: Optional[Sequence[int]], fw: Dict[str, ob
     merge = PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32") if tiny \
         else PoolSettings()
     return QualitySettings(sizes=tuple(sizes or ((4, 7) if tiny else (8,))), methods=DEMO_METHODS,
-                           budget=DevBudget(rows=dict(TINY_DEMO_ROWS if tiny else SMOL_DEMO_ROWS)), merge=merge,
+                           budget=DevBudget(rows=dict(TINY_DEMO_ROWS if tiny else SMOL_DEMO_ROWS)),
+                           merge=merge,
                            fw=dict(fw) if tiny else {**SMOL_FW, **fw},
                            best_single=False, resamples=1000, device=device, cache=cache)
 

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fwllm.experts.rows import CAUSAL, Batch, loss_sum, make_batches
+from fwllm.experts.rows import Batch, loss_sum, make_batches
 
 
 def _to(batch: Batch, device: str) -> Batch:
