@@ -1,6 +1,6 @@
 """What handing freed heap pages back costs and saves: the layer-by-layer floor (one forward+backward
 of the bench_scale calibration rows through a 16-LoRA pool), with the heap trim of `fwllm.core.memory`
-off, after every released layer, and once per evaluation (`TRIM_EVERY`).
+off, after every released layer, and once per evaluation (`fwbench.heap_trim`).
 
     python eval/bench_heap_trim.py [--model tinyllama-1.1b] [--evaluations 2] [--repeats 2] [--out eval/reports]
 

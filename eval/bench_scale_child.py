@@ -107,11 +107,9 @@ def run_floor(args: dict) -> dict:
                              args["max_length"], args["batch_size"])
     meta = MetaModel(model, base_weights(args["base"]), args.get("device", "cpu"))
     grad = StreamedGradient(meta, objective, [], lambda: {}, lora, checkpoint_bytes=_checkpoint_bytes(args))
-    import fwllm.core.memory as memory
-    if args.get("trim") == "off":  # eval/bench_heap_trim.py: fwllm's heap trim off, or how often it runs
-        memory._TRIM = None
-    elif args.get("trim"):
-        memory.TRIM_EVERY = args["trim"]
+    from fwbench.heap_trim import set_heap_trim  # eval/bench_heap_trim.py: heap trim off, or how often
+
+    set_heap_trim(args.get("trim"))
     times = []
     for _ in range(args.get("evaluations", 1)):
         t0 = time.time()

@@ -20,13 +20,13 @@ import os
 import sys
 
 from fwllm.core.errors import FwllmError
-from fwllm.experiments.matrix import DEFAULT_METHODS, MatrixSettings, run_matrix
-from fwllm.experiments.pool_recipes import RECIPE_METHODS, PoolSettings
+from fwbench.matrix import MATRIX_METHODS, MatrixSettings, run_matrix
+from fwllm.demo.recipes import RECIPE_METHODS, PoolSettings
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(RECIPE_METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(MATRIX_METHODS), choices=list(RECIPE_METHODS))
     ap.add_argument("--sizes", type=int, nargs="+", default=[4, 8], help="pool sizes N (relevant experts first)")
     ap.add_argument("--suites", default="pubmedqa,glue", help='lm-eval suites or tasks; "" = dev losses only')
     ap.add_argument("--limit", type=int, default=20, help="lm-eval documents per task")

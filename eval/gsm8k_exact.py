@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 from fwllm.core.errors import FwllmError
-from fwllm.experiments import quality as q
-from fwllm.experiments.scoring import scoring_dtype
+from fwllm.evaluation import figures as q
+from fwllm.evaluation.likelihood import scoring_dtype
 
 TASK = "fwllm_gsm8k"
 READINGS = (("strict", "exact_match,strict-match"), ("flexible", "exact_match,flexible-extract"))
@@ -40,7 +40,7 @@ def demo_models(work: str, demo_dir: str) -> dict:
     """{label: model folder}: base, math expert, and the demo's merges (TA merged here)."""
     from mergekit.options import MergeOptions
 
-    from fwllm.experiments.demo import run_demo
+    from fwllm.demo.run import run_demo
     from fwllm.experts import build_pool
     from fwllm.mergekit_glue.merge import merge_recipe
 

@@ -23,13 +23,12 @@ import os
 import sys
 
 from fwllm.core.errors import FwllmError
-from fwllm.experiments.pool_recipes import PoolSettings
-from fwllm.experiments.quality_bench import (DEFAULT_METHODS, RECIPE_ONLY, SMOL_FW, SMOL_ROWS, QualitySettings,
-                                             parse_overrides, run_quality, with_method_overrides)
-from fwllm.experiments.quality_data import DevBudget
-from fwllm.experiments.scoring import SCORE_DTYPES
-from fwllm.experiments.tuning import TUNED_METHODS
-
+from fwllm.demo.dev_rows import DevBudget
+from fwllm.demo.pool_quality import RECIPE_ONLY, SMOL_FW, QualitySettings, parse_overrides
+from fwllm.demo.recipes import PoolSettings
+from fwllm.demo.tuning import TUNED_METHODS
+from fwllm.evaluation.likelihood import SCORE_DTYPES
+from fwbench.quality_bench import HELD_OUT, QUALITY_METHODS, SMOL_ROWS, run_benchmark, with_method_overrides
 
 
 def main(argv=None) -> int:
@@ -37,13 +36,14 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="smol", choices=["smol", "tiny"])
     ap.add_argument("--root", default=None, help="expert cache folder")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="pool sizes N (default 2 4 8; tiny 2 4 7)")
-    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(TUNED_METHODS + RECIPE_ONLY))
+    ap.add_argument("--methods", nargs="+", default=list(QUALITY_METHODS),
+                    choices=list(TUNED_METHODS + RECIPE_ONLY))
     ap.add_argument("--fw", action="append", default=[], metavar="KEY=VALUE",
                     help="fw_merging recipe parameter override (hard.KEY / soft.KEY for one variant)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="method_params",
                     help="recipe parameter of regmean / fisher (e.g. regmean.alpha=0.7)")
     ap.add_argument("--rows", action="append", default=[], metavar="TASK=N", help="dev rows of a task (all: -1)")
-    ap.add_argument("--held-out", nargs="*", default=["rte", "cola"], help="held-out GLUE tasks")
+    ap.add_argument("--held-out", nargs="*", default=list(HELD_OUT), help="held-out GLUE tasks")
     ap.add_argument("--max-rows", type=int, default=None, help="calibration rows per task (every method)")
     ap.add_argument("--no-best-expert", action="store_true", help="skip the best-single-expert baseline")
     ap.add_argument("--no-cache", action="store_true", help="recompute every merge and score")
@@ -74,11 +74,11 @@ def main(argv=None) -> int:
         for task, n in parse_overrides(args.rows).items():
             rows[task] = None if int(n) < 0 else int(n)
         s = QualitySettings(sizes=args.sizes or ((2, 4, 7) if tiny else (2, 4, 8)), methods=args.methods,
-                            held_out=args.held_out, budget=DevBudget(rows=rows), merge=merge,
+                            budget=DevBudget(rows=rows), merge=merge,
                             fw=parse_overrides(args.fw) if tiny else {**SMOL_FW, **parse_overrides(args.fw)},
                             best_single=not args.no_best_expert, device=args.device, cache=not args.no_cache,
                             score_dtype=args.score_dtype)
-        report = run_quality(pool, args.out, s, work_dir=args.work)
+        report = run_benchmark(pool, args.out, s, args.held_out, work_dir=args.work)
     except FwllmError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1

@@ -26,11 +26,11 @@ import torch
 from mergekit.options import MergeOptions
 
 from fwllm.core.errors import FwllmError
-from fwllm.experiments.pool_recipes import PoolSettings
-from fwllm.experiments.quality_bench import (SMOL_ROWS, PoolRun, QualityBench, QualitySettings, fmt, summarize,
-                                             with_method_overrides)
-from fwllm.experiments.quality_data import DevBudget
-from fwllm.experiments.tuning import calibration_objective
+from fwllm.demo.dev_rows import DevBudget
+from fwllm.demo.pool_quality import PoolRun, QualityBench, QualitySettings, fmt, summarize
+from fwllm.demo.recipes import PoolSettings
+from fwllm.demo.tuning import calibration_objective
+from fwbench.quality_bench import SMOL_ROWS, with_method_overrides
 from fwllm.io.models import load_model
 from fwllm.mergekit_glue.merge import merge_recipe
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         pool = build_pool("smol", "llama")
         points = []
         for alpha in args.alphas:
-            s = QualitySettings(sizes=(args.n,), methods=["regmean"], held_out=(), best_single=False,
+            s = QualitySettings(sizes=(args.n,), methods=["regmean"], best_single=False,
                                 budget=DevBudget(rows=dict(SMOL_ROWS)),
                                 merge=with_method_overrides(PoolSettings(), {"regmean.alpha": alpha}))
             bench = QualityBench(pool, os.path.dirname(args.out) or ".", s, work_dir=args.work)

@@ -21,9 +21,10 @@ import torch
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.paths import data_root
-from fwllm.experiments import quality as q
-from fwllm.experiments.quality_bench import parse_overrides, score_task
-from fwllm.experiments.quality_data import DevBudget, held_out_tasks, pool_dev_tasks
+from fwllm.evaluation import figures as q
+from fwllm.demo.dev_rows import DevBudget, pool_dev_tasks
+from fwllm.demo.pool_quality import parse_overrides, score_task
+from fwbench.held_out import held_out_tasks
 from fwllm.io.models import load_model, load_tokenizer
 
 DTYPES = (torch.float32, torch.bfloat16)

@@ -36,10 +36,10 @@ def main(argv=None) -> None:
 
     from mergekit.options import MergeOptions
 
-    from fwllm.experiments.dev_losses import dev_losses
+    from fwbench.dev_losses import dev_losses
     from fwllm.experts import build_pool
     from fwllm.mergekit_glue.merge import merge_recipe
-    from fwllm.experiments.pool_recipes import Member, PoolSettings, recipe_for
+    from fwllm.demo.recipes import Member, PoolSettings, recipe_for
     import yaml
 
     pool = build_pool("smol", "llama", root=args.root)

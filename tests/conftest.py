@@ -8,7 +8,10 @@ outputs), so their task vectors conflict; a third expert trains on shuffled targ
 import json
 import os
 import random
+import sys
 import tempfile
+import threading
+import weakref
 
 import pytest
 import torch
@@ -17,6 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # fwllm's caches (plans, statistics, the identity memo) never land in the real ~/.cache
 os.environ["FWLLM_CACHE"] = tempfile.mkdtemp(prefix="fwllm-tests-cache-")
+# the benchmark harness (eval/fwbench) is not part of the package; tests/fwbench import it as eval/
+# scripts do.
+# Appended, so eval's scripts never shadow an installed module.
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval"))
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [str(d) for d in range(10)] + ["copy", "rev", "=", ":"]
 
@@ -238,3 +245,43 @@ def fw_params(pool, **kw):
     # the paper's open-loop FW (the defaults before the benchmark's won): what these tests were written for
     return {"calibration": str(pool["calib"]), "preset": "paper", "iterations": 5, "step_size": 0.5, "scaling": 1.0,
             **kw}
+
+
+class Residency:
+    """How many tensors read from disk are alive now, and at most (a finalizer per tracked tensor)."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def track(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        weakref.finalize(tensor, self._release)
+        return tensor
+
+    def _release(self) -> None:
+        with self._lock:
+            self.now -= 1
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.now
+
+
+@pytest.fixture
+def resident(monkeypatch):
+    """Counts the candidate tensors fwllm reads from disk (`TensorReader.get`, `AdapterReader.delta`)
+    that are alive now and at most, by wrapping the two readers: product reads carry no counter."""
+    from fwllm.io.adapters import AdapterReader
+    from fwllm.io.tensors import TensorReader
+
+    counter = Residency()
+    for cls, name in ((TensorReader, "get"), (AdapterReader, "delta")):
+        def tracked(self, *args, _read=getattr(cls, name), **kwargs):
+            out = _read(self, *args, **kwargs)
+            return out if out is None else counter.track(out)
+
+        monkeypatch.setattr(cls, name, tracked)
+    return counter

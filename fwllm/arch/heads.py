@@ -78,14 +78,6 @@ def load_heads(model_dir: str) -> Dict[str, TaskHead]:
     }
 
 
-def head_from_model(model: torch.nn.Module) -> TaskHead:
-    """Copy the classification head out of a loaded sequence-classification model."""
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if is_head_tensor(k)}
-    if not tensors:
-        raise FwllmError(f"{type(model).__name__} has no classification head to keep")
-    return TaskHead(tensors, int(model.config.num_labels), getattr(model.config, "problem_type", None))
-
-
 def apply_head(model: torch.nn.Module, head: TaskHead) -> torch.nn.Module:
     """Install `head` on a sequence-classification model in place (num_labels may change)."""
     config = model.config

@@ -5,9 +5,10 @@ times. glibc serves tensors of up to 32 MB from its heap (its mmap threshold ada
 that) and returns heap memory to the system only from the top, so the freed layers stay
 in the resident set, scattered between live blocks: at 1.1B the solve's anonymous peak
 rose from 1.2 to 2.0 GiB by the second iteration. `malloc_trim(0)` releases every free
-page of the heap. Pages handed back cost a page fault when the heap reuses them, so how
-often to trim is a trade (`TRIM_EVERY`: after each released "layer", or once per
-"evaluation"; eval/bench_heap_trim.py measures both). Elsewhere than glibc it is a no-op.
+page of the heap. Pages handed back cost a page fault when the heap reuses them; fwllm trims
+after every released layer and after every whole evaluation, which eval/bench_heap_trim.py
+measured against trimming off and once per evaluation only (it patches this module from
+outside: eval/fwbench/heap_trim.py). Elsewhere than glibc it is a no-op.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import ctypes.util
 from typing import Callable, Optional
 
 import psutil
-
-TRIM_EVERY = "layer"
-
 
 def _find_trim() -> Optional[Callable[[int], int]]:
     try:
@@ -32,10 +30,10 @@ def _find_trim() -> Optional[Callable[[int], int]]:
 _TRIM = _find_trim()
 
 
-def return_free_memory(moment: str = "layer") -> None:
-    """Give the heap's free pages back to the system (glibc; elsewhere nothing). `moment`: what just
-    ended, "layer" (a released layer or block) or "evaluation" (a whole forward or forward+backward)."""
-    if _TRIM is not None and (moment == "evaluation" or TRIM_EVERY == "layer"):
+def return_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc; elsewhere nothing): after a released
+    layer or block, and after a whole forward or forward+backward."""
+    if _TRIM is not None:
         _TRIM(0)
 
 

@@ -254,11 +254,3 @@ def micro_batch_shape(tasks: Sequence[CalibrationTask], batch_size: int, max_len
     rows = min(batch_size, max(len(t.rows) for t in tasks))
     tokens = min(max_length, max(token_bound(t) for t in tasks))
     return rows, tokens
-
-
-def select_tasks(tasks: Sequence[CalibrationTask], names: Sequence[str]) -> List[CalibrationTask]:
-    by_name = {t.name: t for t in tasks}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise FwllmError(f"no calibration task named {missing}; available: {sorted(by_name)}")
-    return [by_name[n] for n in names]

@@ -329,20 +329,3 @@ def _averages(task_results: Dict[str, dict]) -> Dict[str, float]:
         if len(normalized) == len(glue):
             out["glue_normalized"] = sum(normalized) / len(normalized)
     return out
-
-
-def expert_scores_from(results: dict, experts: Dict[str, str]) -> Dict[str, float]:
-    """{task: score} from an `evaluate_models` run of the experts themselves.
-
-    `experts` maps each task (full or bare GLUE name) to the label of the model
-    that is that task's expert, e.g. {"cola": "roberta-cola", "fwllm_gsm8k": "math-7b"};
-    the result feeds `expert_scores=` of a later run on merged models.
-    """
-    out = {}
-    for task, label in experts.items():
-        full = glue_task_name(task) if task in GLUE_TASKS else task
-        try:
-            out[full] = results["models"][label]["tasks"][full]["score"]
-        except KeyError:
-            raise FwllmError(f"no {full} score for expert {label!r} in these results") from None
-    return out

@@ -14,9 +14,9 @@ from fwllm.core.errors import FwllmError
 from fwllm.experts.pool import Expert, ExpertPool, TaskData, build_cached, pool_folder
 from fwllm.experts.smol import build_smol
 from fwllm.experts.tiny import BUILDERS as TINY_BUILDERS
-from fwllm.experts.train import causal_lm_loss, dev_loss
+from fwllm.experts.train import dev_loss
 
-__all__ = ["build_pool", "ExpertPool", "Expert", "TaskData", "FAMILIES", "causal_lm_loss", "dev_loss"]
+__all__ = ["build_pool", "ExpertPool", "Expert", "TaskData", "FAMILIES", "dev_loss"]
 
 FAMILIES = {"tiny": ("llama", "roberta", "roberta-mlm"), "smol": ("llama",)}
 

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fwllm.experts.rows import CAUSAL, Batch, loss_sum, make_batches
+from fwllm.experts.rows import Batch, loss_sum, make_batches
 
 
 def _to(batch: Batch, device: str) -> Batch:
@@ -62,8 +62,3 @@ def dev_loss(model, tokenizer, rows: Sequence[dict], kind: str, text_fields: Seq
         s, n = loss_sum(model, kind, _to(batch, device))
         total, units = total + s.item(), units + n
     return total / max(units, 1)
-
-
-def causal_lm_loss(model, tokenizer, rows: Sequence[dict], max_length: int = 256) -> float:
-    """Mean cross-entropy on response tokens of `{"prompt", "response"}` rows."""
-    return dev_loss(model, tokenizer, rows, CAUSAL, max_length=max_length)

@@ -26,7 +26,6 @@ from safetensors import safe_open
 
 from fwllm.core.errors import FwllmError
 from fwllm.io.models import ADAPTER_CONFIG
-from fwllm.io.tensors import RESIDENT
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -198,4 +197,4 @@ class AdapterReader:
                 raise FwllmError(f"{self.adapter_dir}: the LoRA delta for {name} has shape {tuple(d.shape)}, "
                                  f"the base {tuple(base.shape)}")
             out = d if out is None else out + d
-        return RESIDENT.track(out)
+        return out

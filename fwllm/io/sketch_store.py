@@ -29,10 +29,6 @@ class SketchStore:
         self._rows: Dict[str, Union[torch.Tensor, Tuple[str, Tuple[int, ...]]]] = {}
         self.bytes_read = 0
 
-    @property
-    def on_disk(self) -> bool:
-        return self.folder is not None
-
     def __setitem__(self, name: str, rows: torch.Tensor) -> None:
         rows = rows.detach().to(torch.float32).contiguous()
         if self.folder is None or not rows.numel():

@@ -1,15 +1,12 @@
 """Tensor-at-a-time reads from safetensors shards.
 
 `TensorReader` opens a shard per read and closes it again, so mapped pages do not pile up
-in RSS (safetensors' `get_tensor` returns views of the mapped file). `RESIDENT` counts the
-candidate tensors read from disk that are alive now and at most, which the streaming
-tests and benchmarks check.
+in RSS (safetensors' `get_tensor` returns views of the mapped file). How many tensors read
+are alive at once is measured from outside (tests/conftest.py's `resident` wraps `get`).
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -17,32 +14,6 @@ from safetensors import safe_open
 
 from fwllm.core.errors import FwllmError
 from fwllm.io.models import safetensors_files
-
-
-class Residency:
-    """How many tensors read from disk are alive now, and at most."""
-
-    def __init__(self):
-        self.now = self.peak = 0
-        self._lock = threading.Lock()
-
-    def track(self, tensor: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            self.now += 1
-            self.peak = max(self.peak, self.now)
-        weakref.finalize(tensor, self._release)
-        return tensor
-
-    def _release(self) -> None:
-        with self._lock:
-            self.now -= 1
-
-    def reset_peak(self) -> None:
-        with self._lock:
-            self.peak = self.now
-
-
-RESIDENT = Residency()
 
 
 class TensorReader:
@@ -72,7 +43,7 @@ class TensorReader:
             self.bytes_read += view.numel() * view.element_size()
             tensor = view.to(dtype=dtype or view.dtype, copy=True)
         del view
-        return RESIDENT.track(tensor)
+        return tensor
 
     def shape(self, name: str) -> tuple:
         with safe_open(self.index[name], framework="pt") as fp:

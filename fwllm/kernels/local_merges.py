@@ -72,13 +72,3 @@ def combine_local(method: str, deltas: Iterable[torch.Tensor], weights: Sequence
     if method in ("task_arithmetic", "dare_linear"):
         return weighted_sum(deltas, weights)
     return disjoint_merge(torch.stack([d.float() for d in deltas]), torch.tensor(list(weights), dtype=torch.float32))
-
-
-def combine(method: str, deltas: Iterable[torch.Tensor], weights: Sequence[float], density: float = 1.0,
-            drop_rate: float = 0.0, generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
-    """One combined delta from task vectors: each is localized (with its own DARE generator), then
-    task_arithmetic: sum_j w_j tau_j;  ties: disjoint_merge(trim(tau_j), w);
-    dare_linear: sum_j w_j dare(tau_j);  dare_ties: disjoint_merge(dare(tau_j), w)."""
-    gens = iter(generators) if generators is not None else None
-    local = (localize(method, d, density, drop_rate, next(gens) if gens is not None else None) for d in deltas)
-    return combine_local(method, local, weights)

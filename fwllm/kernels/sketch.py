@@ -39,9 +39,6 @@ class CountSketch:
             m += 1  # keep m coprime to the sign period
         return m
 
-    def is_exact(self, numel: int) -> bool:
-        return self.buckets(numel) == numel
-
     def _signs(self, name: str, numel: int) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         period = torch.randint(2, (self.SIGN_PERIOD,), generator=g).float().mul_(2).sub_(1)

@@ -241,7 +241,7 @@ class StreamedGradient:
         try:
             return self._evaluate(objective, consume, backward)
         finally:
-            return_free_memory("evaluation")
+            return_free_memory()  # a whole evaluation ended (eval/fwbench/heap_trim.py can trim only here)
 
     def _evaluate(self, objective: Objective, consume: Optional[Consume], backward: bool) -> float:
         total = 0.0

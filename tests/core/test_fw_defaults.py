@@ -17,7 +17,7 @@ REPORT = Path(__file__).resolve().parents[2] / "eval" / "reports" / "quality"
 
 def benchmark_fw_hard_settings() -> dict:
     """The FW-hard row's recipe parameters as the benchmark recorded them (results.json beside
-    report.md): PoolSettings' FW fields as `fwllm.experiments.pool_recipes._fw` writes them
+    report.md): PoolSettings' FW fields as `fwllm.demo.recipes._fw` writes them
     (fw_scaling -> scaling, fw_init -> init), then the run's `fw_hard` overrides."""
     merge = json.loads((REPORT / "results.json").read_text())["merge_settings"]
     recorded = {"scaling": merge["fw_scaling"], "init": merge["fw_init"], "iterations": merge["iterations"],

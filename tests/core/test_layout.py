@@ -22,8 +22,8 @@ ALLOWED = {
     "mergekit_glue": {"core", "kernels", "io", "arch", "data", "solvers", "methods", "mergekit_glue"},
     "evaluation": {"core", "io", "arch", "evaluation"},
     "experts": {"core", "io", "arch", "data", "experts"},
-    "experiments": {"core", "io", "arch", "data", "kernels", "solvers", "methods", "mergekit_glue", "evaluation",
-                    "experts", "experiments"},
+    # what `fwllm demo` runs; the benchmark harness built on it lives in eval/fwbench, outside the package
+    "demo": {"core", "io", "arch", "data", "mergekit_glue", "evaluation", "experts", "demo"},
     "cli": set(),  # the top: anything
 }
 
@@ -100,6 +100,33 @@ def test_no_private_name_is_imported_across_modules():
     private = [f"{module}: {target}.{n}" for module, path in modules() for target, names in imports(path)
                for n in names if n.startswith("_") and target != module]
     assert private == [], private
+
+
+def harness_names():
+    """The top-level names eval/ offers to import: its packages (the harness, eval/fwbench) and scripts."""
+    root = PACKAGE.parent / "eval"
+    return {"eval"} | {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir()
+                                                            if (p / "__init__.py").is_file()}
+
+
+def test_nothing_in_the_package_imports_the_benchmark_harness():
+    """eval/ builds on fwllm, never the reverse: no module under fwllm/ imports eval/fwbench or an
+    eval/ script, directly or through importlib (a wheel ships without eval/)."""
+    offered = harness_names()
+    assert "fwbench" in offered
+    wrong = []
+    for module, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+                names = [str(node.args[0].value)]
+            wrong += [f"{module} -> {n}" for n in names if n.split(".")[0] in offered]
+    assert wrong == [], wrong
 
 
 def test_the_rooms_exist_as_documented():

@@ -169,13 +169,3 @@ def test_plot_normalized_vs_candidates(tmp_path):
     assert (tmp_path / "cand.png").read_bytes()[:8] == PNG_MAGIC and path.endswith("cand.png")
     with pytest.raises(ValueError):
         plot_normalized_vs_candidates([], str(tmp_path / "none.png"))
-
-
-def test_expert_scores_from_results():
-    from fwllm.core.errors import FwllmError
-    from fwllm.evaluation.runner import expert_scores_from
-
-    results = {"models": {"cola-expert": {"tasks": {"fwllm_glue_cola": {"score": 60.0}}}}}
-    assert expert_scores_from(results, {"cola": "cola-expert"}) == {"fwllm_glue_cola": 60.0}
-    with pytest.raises(FwllmError, match="no fwllm_glue_rte score for expert 'cola-expert'"):
-        expert_scores_from(results, {"rte": "cola-expert"})

@@ -86,7 +86,11 @@ def make_tiny_roberta(folder: Path, tasks=("cola", "stsb", "mnli"), seed: int = 
     import torch
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from fwllm.arch.heads import head_from_model, save_heads
+    from fwllm.arch.heads import TaskHead, is_head_tensor, save_heads
+
+    def head_from_model(model):  # the classification head of a freshly built model
+        tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if is_head_tensor(k)}
+        return TaskHead(tensors, int(model.config.num_labels), model.config.problem_type)
 
     labels = {"stsb": 1, "mnli": 3}
     tokenizer = train_tokenizer("roberta")

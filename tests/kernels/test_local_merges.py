@@ -4,7 +4,17 @@ from mergekit.merge_methods import registry as mk_registry
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
-from fwllm.kernels.local_merges import combine, dare, disjoint_merge, localize, trim
+from fwllm.kernels.local_merges import combine_local, dare, disjoint_merge, localize, trim
+
+
+def combine(method, deltas, weights, density=1.0, drop_rate=0.0, generators=None):
+    """What fwllm.kernels.atoms does with an atom's members: each task vector is localized (with its
+    own DARE generator), then
+    task_arithmetic: sum_j w_j tau_j;  ties: disjoint_merge(trim(tau_j), w);
+    dare_linear: sum_j w_j dare(tau_j);  dare_ties: disjoint_merge(dare(tau_j), w)."""
+    gens = iter(generators) if generators is not None else None
+    local = (localize(method, d, density, drop_rate, next(gens) if gens is not None else None) for d in deltas)
+    return combine_local(method, local, weights)
 
 
 def test_trim_keeps_largest_magnitudes():

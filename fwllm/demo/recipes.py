@@ -1,5 +1,6 @@
-"""mergekit recipes that merge an expert pool, one per method: what `fwllm demo` and
-`eval/compare.py` write and run through `fwllm merge`.
+"""mergekit recipes that merge an expert pool, one per method: what `fwllm demo` and the
+benchmark harness (eval/fwbench) write and run through `fwllm merge`, and the pool's
+calibration folders they read.
 
 A *recipe method* is a name in `RECIPE_METHODS`; most are a mergekit or fwllm
 `merge_method`, and fw_hard / fw_soft are `fw_merging` with `variant: hard|soft`.
@@ -12,8 +13,13 @@ union of the user's calibration tasks.
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
+
+FALLBACK_TASK = "pool_mix"  # Fisher/RegMean data for experts without a task of their own
 
 
 @dataclass(frozen=True)
@@ -93,3 +99,26 @@ RECIPE_METHODS = {
     "average": False, "task_arithmetic": False, "ties": False, "dare_ties": False,
     "fisher": True, "regmean": True, "adamerging": True, "fw_hard": True, "fw_soft": True,
 }
+
+
+def ordered_members(pool) -> List[Member]:
+    relevant = [e for e in pool.experts if e.relevant]
+    others = [e for e in pool.experts if not e.relevant]
+    return [Member(e.path, e.task if e.relevant else None) for e in relevant + others]
+
+
+def write_pool_calibration(pool, tasks: Sequence[str], folder: str, with_mix: bool) -> str:
+    """One .jsonl per task (a file stem names a task); `with_mix` adds FALLBACK_TASK, the
+    tasks' rows interleaved, for candidates that have no calibration task of their own."""
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for task in tasks:
+        src = pool.tasks[task].calibration
+        shutil.copyfile(src, os.path.join(folder, f"{task}.jsonl"))
+        with open(src, encoding="utf-8") as fp:
+            rows.append([line for line in fp if line.strip()])
+    if with_mix:
+        mixed = [r for group in zip(*rows) for r in group]
+        with open(os.path.join(folder, f"{FALLBACK_TASK}.jsonl"), "w", encoding="utf-8") as fp:
+            fp.writelines(mixed)
+    return folder

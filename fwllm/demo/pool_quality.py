@@ -1,11 +1,13 @@
-"""The quality benchmark: merges of an expert pool scored with task metrics on held-out dev
-rows, with 95% bootstrap intervals (what `python eval/quality.py` and `fwllm demo` run).
+"""Pool quality: merges of an expert pool scored with task metrics on held-out dev rows, with
+95% bootstrap intervals. `fwllm demo` runs it on tuned TA, RegMean and FW-hard; the full
+quality benchmark (eval/fwbench/quality_bench.py, `python eval/quality.py`) runs it on every
+method below and adds held-out GLUE tasks.
 
 For every pool size N (the first N experts, relevant ones first) and method:
 * task arithmetic, TIES, DARE: lambda (and density) tuned on the calibration loss
-  (`fwllm.experiments.tuning`), merged in memory with mergekit's own per-tensor merge;
+  (`fwllm.demo.tuning`), merged in memory with mergekit's own per-tensor merge;
 * RegMean, Fisher, FW-hard, FW-soft: `fwllm merge` on the recipes of
-  `fwllm.experiments.pool_recipes` (FW parameters overridable, `QualitySettings.fw`);
+  `fwllm.demo.recipes` (FW parameters overridable, `QualitySettings.fw`);
 * the base, and the best single expert of the pool (chosen on the same calibration loss).
 Every data-informed method and every tuning step reads the same calibration rows
 (`PoolSettings.max_rows` per task); no dev row is a calibration row (checked).
@@ -34,25 +36,23 @@ from mergekit.options import MergeOptions
 from fwllm.core.errors import FwllmError
 from fwllm.core.params import FW_PRESETS
 from fwllm.core.paths import data_root as shared_data_root
-from fwllm.experiments import quality as q
-from fwllm.experiments.matrix import FALLBACK_TASK, ordered_members, write_pool_calibration
-from fwllm.experiments.pool_recipes import Member, PoolSettings, recipe_for
-from fwllm.experiments.quality_data import DevBudget, DevTask, check_disjoint, held_out_tasks, pool_dev_tasks
-from fwllm.experiments.scoring import choice_logprobs, response_nll, scoring_dtype
-from fwllm.experiments.tuning import TUNED_METHODS, Tuned, base_state, calibration_objective, merged_delta, \
+from fwllm.evaluation import figures as q
+from fwllm.demo.dev_rows import DevBudget, DevTask, check_disjoint, pool_dev_tasks
+from fwllm.demo.recipes import FALLBACK_TASK, Member, PoolSettings, ordered_members, recipe_for, \
+    write_pool_calibration
+from fwllm.evaluation.likelihood import choice_logprobs, response_nll, scoring_dtype
+from fwllm.demo.tuning import TUNED_METHODS, Tuned, base_state, calibration_objective, merged_delta, \
     set_scaled, tune
 from fwllm.io.models import load_model, load_tokenizer
 from fwllm.mergekit_glue.merge import merge_recipe
 
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "regmean", "fisher", "fw_hard", "fw_soft")
+# the defaults `fwllm demo` merges with (the benchmark's methods: fwbench.quality_bench.QUALITY_METHODS)
+DEMO_METHODS = ("task_arithmetic", "regmean", "fw_hard")
 RECIPE_ONLY = ("regmean", "fisher", "fw_hard", "fw_soft")
 NAMES = {"task_arithmetic": "TA (tuned)", "ties": "TIES (tuned)", "dare_ties": "DARE (tuned)", "regmean": "RegMean",
          "fisher": "Fisher", "fw_hard": "FW-hard", "fw_soft": "FW-soft", "base": "base",
          "best_expert": "best single expert"}
 PACKAGE = Path(__file__).resolve().parent.parent
-# dev rows per task of the smol benchmark: every one there is (scoring in bfloat16 keeps
-# `python eval/quality.py` within 90 min on 2 CPU cores); `--rows task=N` cuts a task
-SMOL_ROWS: Dict[str, Optional[int]] = {}
 # FW settings of the smol benchmark and demo (`--fw` overrides them): fw_merging's defaults, every
 # preset key written out so PoolSettings' own FW values (iterations, step_size, ...) do not apply.
 # On the demo's 8-expert pool line search with a growing hull lifted FW-hard from 68 to 82
@@ -65,8 +65,7 @@ SMOL_FW = dict(FW_PRESETS["default"])
 @dataclass
 class QualitySettings:
     sizes: Sequence[int] = (2, 4, 8)
-    methods: Sequence[str] = DEFAULT_METHODS
-    held_out: Sequence[str] = ("rte", "cola")
+    methods: Sequence[str] = DEMO_METHODS
     budget: DevBudget = field(default_factory=DevBudget)
     merge: PoolSettings = field(default_factory=PoolSettings)
     fw: Dict[str, object] = field(default_factory=dict)  # fw_merging recipe overrides; "hard."/"soft." for one
@@ -81,7 +80,7 @@ class QualitySettings:
     device: str = "cpu"
     cache: bool = True
     max_batch_tokens: int = 1024
-    score_dtype: str = "auto"  # fwllm.experiments.scoring.scoring_dtype
+    score_dtype: str = "auto"  # fwllm.evaluation.likelihood.scoring_dtype
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -104,17 +103,6 @@ def with_fw_overrides(merge: PoolSettings, fw: Dict[str, object]) -> PoolSetting
         targets = [f"fw_{variant}"] if dot and variant in ("hard", "soft") else ["fw_hard", "fw_soft"]
         for t in targets:
             extra.setdefault(t, {})[name if dot and variant in ("hard", "soft") else key] = value
-    return replace(merge, extra=extra)
-
-
-def with_method_overrides(merge: PoolSettings, params: Dict[str, object]) -> PoolSettings:
-    """`regmean.alpha=0.7`-style recipe parameter overrides of the untuned data-informed baselines."""
-    extra = {k: dict(v) for k, v in merge.extra.items()}
-    for key, value in params.items():
-        method, dot, name = key.partition(".")
-        if not dot or method not in ("regmean", "fisher") or not name:
-            raise FwllmError(f"override {key!r}: write regmean.KEY or fisher.KEY (FW's go through --fw)")
-        extra.setdefault(method, {})[name] = value
     return replace(merge, extra=extra)
 
 
@@ -161,7 +149,7 @@ class ScoreStore:
 
     def __init__(self, folder: str, budget: DevBudget, enabled: bool = True, dtype: torch.dtype = torch.float32):
         self.folder, self.enabled = folder, enabled
-        scoring = [PACKAGE / "experiments" / n for n in ("scoring.py", "quality_data.py")]
+        scoring = [PACKAGE / "evaluation" / "likelihood.py", PACKAGE / "demo" / "dev_rows.py"]
         self.salt = _sha(budget.max_prompt_tokens, budget.max_length, source_hash(scoring), str(dtype))
 
     def _path(self, key: str, task: DevTask) -> str:
@@ -284,7 +272,7 @@ class PoolRun:
         paths = [m.path for m in self.members]
         key = _sha("tuned", method, paths, list(scales_of(s, method)), list(densities_of(s, method)), self.calib_key,
                    s.merge.seed,
-                   source_hash([PACKAGE / "experiments" / "tuning.py"]))
+                   source_hash([PACKAGE / "demo" / "tuning.py"]))
         cell = self.cell(method, key)
         record_path = os.path.join(self.folder, "tuning", f"{method}.json")
         tuned = self._read_tuned(record_path, key) if s.cache else None
@@ -392,8 +380,9 @@ class PoolRun:
 
 class QualityBench:
     def __init__(self, pool, out_dir: str, s: QualitySettings, log: Callable[[str], None] = print,
-                 work_dir: Optional[str] = None):
-        """`out_dir` gets the report; `work_dir` (default: the same) the merges, recipes and caches."""
+                 work_dir: Optional[str] = None, held_out: Sequence[DevTask] = ()):
+        """`out_dir` gets the report; `work_dir` (default: the same) the merges, recipes and caches;
+        `held_out`: tasks no expert trained on, scored for every model (the benchmark's GLUE tasks)."""
         self.pool, self.out_dir, self.s, self.log = pool, out_dir, s, log
         self.work_dir = work_dir or out_dir
         unknown = [m for m in s.methods if m not in TUNED_METHODS + RECIPE_ONLY]
@@ -416,8 +405,7 @@ class QualityBench:
         relevant = [m.task for m in self.members if m.task]
         root = shared_data_root(required=pool.profile == "smol")
         self.dev = {t.name: t for t in pool_dev_tasks(pool, relevant, s.budget, root)}
-        self.held_out = held_out_tasks(s.held_out, s.budget, root) if (root and s.held_out and pool.profile == "smol") \
-            else []
+        self.held_out = list(held_out)
         calibration_files = [t.calibration for t in pool.tasks.values()]
         self.calibration_rows_checked = check_disjoint(list(self.dev.values()) + self.held_out, calibration_files)
         self.expert_of = {e.task: e for e in pool.experts if e.relevant and e.task}
@@ -708,5 +696,5 @@ def report_markdown(bench: QualityBench, cells: Sequence[Cell], summary: dict, r
 
 
 def run_quality(pool, out_dir: str, s: QualitySettings, log: Callable[[str], None] = print,
-                work_dir: Optional[str] = None) -> dict:
-    return QualityBench(pool, out_dir, s, log, work_dir).run()
+                work_dir: Optional[str] = None, held_out: Sequence[DevTask] = ()) -> dict:
+    return QualityBench(pool, out_dir, s, log, work_dir, held_out).run()

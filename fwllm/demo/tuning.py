@@ -19,7 +19,7 @@ import torch
 from fwllm.core.errors import FwllmError
 from fwllm.data.calibration import load_calibration
 from fwllm.data.objective import Objective, encode_tasks
-from fwllm.experiments.quality import pick_grid_point
+from fwllm.evaluation.figures import pick_grid_point
 from fwllm.io.tensors import TensorReader
 
 TUNED_METHODS = ("task_arithmetic", "ties", "dare_ties")  # mergekit method names

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -28,21 +27,21 @@ from mergekit.options import MergeOptions
 
 from fwllm.core.errors import FwllmError
 from fwllm.evaluation.report import plot_normalized_vs_candidates
-from fwllm.experiments.dev_losses import dev_losses
-from fwllm.experiments.pool_recipes import RECIPE_METHODS, Member, PoolSettings, recipe_for
+from fwbench.dev_losses import dev_losses
+from fwllm.demo.recipes import FALLBACK_TASK, RECIPE_METHODS, PoolSettings, ordered_members, recipe_for, \
+    write_pool_calibration
 from fwllm.mergekit_glue.merge import merge_recipe
 
 # an expert's task (pool task name) -> the lm-eval task that scores it
 HELD_IN = {"math": "fwllm_gsm8k", "pubmedqa": "fwllm_pubmedqa", "code": "fwllm_humaneval",
            "sst2": "fwllm_glue_sst2"}
-FALLBACK_TASK = "pool_mix"  # Fisher/RegMean data for experts without a task of their own
-DEFAULT_METHODS = ("average", "task_arithmetic", "ties", "dare_ties", "fisher", "regmean", "adamerging",
+MATRIX_METHODS = ("average", "task_arithmetic", "ties", "dare_ties", "fisher", "regmean", "adamerging",
                    "fw_hard", "fw_soft")
 
 
 @dataclass
 class MatrixSettings:
-    methods: Sequence[str] = DEFAULT_METHODS
+    methods: Sequence[str] = MATRIX_METHODS
     sizes: Sequence[int] = (4, 8)
     suites: str = "pubmedqa,glue"  # "" = dev losses only
     limit: Optional[int] = 20
@@ -50,29 +49,6 @@ class MatrixSettings:
     device: str = "cpu"
     confirm_run_unsafe_code: bool = False
     merge: PoolSettings = field(default_factory=PoolSettings)
-
-
-def ordered_members(pool) -> List[Member]:
-    relevant = [e for e in pool.experts if e.relevant]
-    others = [e for e in pool.experts if not e.relevant]
-    return [Member(e.path, e.task if e.relevant else None) for e in relevant + others]
-
-
-def write_pool_calibration(pool, tasks: Sequence[str], folder: str, with_mix: bool) -> str:
-    """One .jsonl per task (a file stem names a task); `with_mix` adds FALLBACK_TASK, the
-    tasks' rows interleaved, for candidates that have no calibration task of their own."""
-    os.makedirs(folder, exist_ok=True)
-    rows = []
-    for task in tasks:
-        src = pool.tasks[task].calibration
-        shutil.copyfile(src, os.path.join(folder, f"{task}.jsonl"))
-        with open(src, encoding="utf-8") as fp:
-            rows.append([line for line in fp if line.strip()])
-    if with_mix:
-        mixed = [r for group in zip(*rows) for r in group]
-        with open(os.path.join(folder, f"{FALLBACK_TASK}.jsonl"), "w", encoding="utf-8") as fp:
-            fp.writelines(mixed)
-    return folder
 
 
 def summarize(cells: List[dict], scores: Dict[str, Dict[str, float]], experts: Dict[str, str],

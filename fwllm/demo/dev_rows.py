@@ -1,5 +1,5 @@
-"""Dev rows of the quality benchmark: every held-out row a pool's tasks have, and
-held-out GLUE tasks nobody trained on.
+"""Dev rows of a pool's tasks: every held-out row they have (held-out GLUE tasks nobody
+trained on are the benchmark's, eval/fwbench/held_out.py).
 
 An expert pool stores a few dev rows per task (`<pool>/data/<task>/dev.jsonl`). For the
 `smol` pool those are the start of a longer held-out part of the shared data: GSM8K's dev
@@ -20,11 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
-import yaml
-
 from fwllm.core.errors import FwllmError
-from fwllm.core.paths import eval_tasks_dir
-from fwllm.experiments.quality import ACCURACY, LOSS
+from fwllm.evaluation.figures import ACCURACY, LOSS
 
 
 @dataclass
@@ -92,38 +89,7 @@ def extend_pool_rows(pool_rows: Sequence[dict], source: Sequence[dict], task: st
     return list(source[start:])
 
 
-# -- held-out GLUE tasks, prompted as in fwllm's lm-eval YAMLs -----------------------------
-class _TaskLoader(yaml.SafeLoader):
-    pass
-
-
-_TaskLoader.add_constructor("!function", lambda loader, node: None)  # hooks are not needed here
-
-
-def glue_prompt_spec(task: str) -> dict:
-    """doc_to_text (a jinja template) and doc_to_choice of `fwllm_glue_<task>`."""
-    path = eval_tasks_dir() / f"fwllm_glue_{task}.yaml"
-    if not path.is_file():
-        raise FwllmError(f"no lm-eval task fwllm_glue_{task} ({path})")
-    spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)
-    if not isinstance(spec.get("doc_to_text"), str) or not isinstance(spec.get("doc_to_choice"), list):
-        raise FwllmError(f"fwllm_glue_{task}: prompts made by a Python hook are not supported here")
-    return spec
-
-
-def glue_rows(data_root: str, task: str) -> List[dict]:
-    import jinja2
-
-    spec = glue_prompt_spec(task)
-    template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(spec["doc_to_text"])
-    choices = [" " + str(c) for c in spec["doc_to_choice"]]
-    rows = read_jsonl(os.path.join(data_root, "glue", task, "dev.jsonl"))
-    if any(isinstance(r["label"], float) for r in rows):
-        raise FwllmError(f"glue {task}: regression labels are not multiple choice")
-    return [{"prompt": template.render(**r), "choices": choices, "gold": int(r["label"])} for r in rows]
-
-
-# -- building the benchmark's tasks ---------------------------------------------------------
+# -- building the dev tasks ---------------------------------------------------------
 @dataclass
 class DevBudget:
     """Rows per task (None = all there are) and token limits."""
@@ -137,7 +103,8 @@ class DevBudget:
         return rows if n is None else rows[:n]
 
 
-def _task(name: str, metric: str, rows: List[dict], held_in: bool, source: str, budget: DevBudget) -> DevTask:
+def dev_task(name: str, metric: str, rows: List[dict], held_in: bool, source: str,
+             budget: DevBudget) -> DevTask:
     return DevTask(name, metric, budget.cut(name, rows), held_in, source, len(rows))
 
 
@@ -157,14 +124,10 @@ def pool_dev_tasks(pool, tasks: Sequence[str], budget: DevBudget, data_root: Opt
         if pool.profile == "smol" and name in SMOL_SOURCES and data_root:
             rel, layout, metric = SMOL_SOURCES[name]
             source = [layout(r) for r in read_jsonl(os.path.join(data_root, rel))]
-            out.append(_task(name, metric, extend_pool_rows(own, source, name), True, rel, budget))
+            out.append(dev_task(name, metric, extend_pool_rows(own, source, name), True, rel, budget))
         else:
-            out.append(_task(name, LOSS, own, True, pool.tasks[name].dev, budget))
+            out.append(dev_task(name, LOSS, own, True, pool.tasks[name].dev, budget))
     return out
-
-
-def held_out_tasks(names: Iterable[str], budget: DevBudget, data_root: str) -> List[DevTask]:
-    return [_task(n, ACCURACY, glue_rows(data_root, n), False, f"glue/{n}/dev.jsonl", budget) for n in names]
 
 
 def check_disjoint(dev: Sequence[DevTask], calibration_files: Iterable[str]) -> int:

@@ -1,11 +1,11 @@
-"""The quality benchmark's pieces against independent truth: bootstrap intervals against the
-normal closed form and scipy, the normalized-score arithmetic by hand, choice
+"""The pool-quality engine (`fwllm demo`, and the benchmark built on it) against independent
+truth: bootstrap intervals against the normal closed form and scipy, the normalized-score
+arithmetic by hand, choice
 log-likelihoods and response NLL against a plain full-sequence forward, lambda tuning
 against losses computed by hand, TIES/TA in memory against mergekit's own merge, and
 dev rows disjoint from calibration (and training) rows."""
 
 import json
-import os
 import shutil
 import types
 
@@ -17,11 +17,10 @@ from conftest import load_tensors, tiny_llama, tiny_tokenizer, write_recipe
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.paths import data_root
-from fwllm.experiments import quality as q
-from fwllm.experiments.quality_data import (DevBudget, DevTask, check_disjoint, extend_pool_rows, glue_rows,
-                                            pool_dev_tasks)
-from fwllm.experiments.scoring import choice_logprobs, response_nll
-from fwllm.experiments.tuning import base_state, calibration_objective, merged_delta, tune
+from fwllm.demo.dev_rows import DevBudget, DevTask, check_disjoint, extend_pool_rows, pool_dev_tasks
+from fwllm.demo.tuning import base_state, calibration_objective, merged_delta, tune
+from fwllm.evaluation import figures as q
+from fwllm.evaluation.likelihood import choice_logprobs, response_nll
 from fwllm.experts import build_pool
 
 
@@ -301,21 +300,10 @@ def test_smol_dev_rows_extend_the_pool_and_never_meet_training_or_calibration_ro
         assert len({r["prompt"] for r in task.rows}) == len(task.rows) or task.name == "sst2"
 
 
-@pytest.mark.skipif(data_root(required=False) is None, reason="needs the shared data")
-def test_glue_held_out_rows_follow_the_lm_eval_prompts():
-    rows = glue_rows(data_root(), "rte")
-    with open(os.path.join(data_root(), "glue", "rte", "dev.jsonl")) as fp:
-        first = json.loads(fp.readline())
-    assert rows[0] == {"prompt": f"{first['sentence1']}\nQuestion: {first['sentence2']} True or False?\nAnswer:",
-                       "choices": [" True", " False"], "gold": first["label"]}
-    assert len(rows) == 139
-
-
-
 # -- settings -----------------------------------------------------------------------------------
 def test_fw_overrides_reach_the_right_variant():
-    from fwllm.experiments.pool_recipes import PoolSettings, recipe_for
-    from fwllm.experiments.quality_bench import parse_overrides, with_fw_overrides
+    from fwllm.demo.recipes import PoolSettings, recipe_for
+    from fwllm.demo.pool_quality import parse_overrides, with_fw_overrides
 
     fw = parse_overrides(["iterations=12", "hard.step_size=0.5", "soft.scaling=1.5", "init=ta"])
     assert fw == {"iterations": 12, "hard.step_size": 0.5, "soft.scaling": 1.5, "init": "ta"}
@@ -329,23 +317,10 @@ def test_fw_overrides_reach_the_right_variant():
         parse_overrides(["iterations"])
 
 
-def test_method_overrides_reach_only_their_method():
-    from fwllm.experiments.pool_recipes import PoolSettings, recipe_for
-    from fwllm.experiments.quality_bench import parse_overrides, with_method_overrides
-
-    merge = with_method_overrides(PoolSettings(), parse_overrides(["regmean.alpha=0.7", "fisher.fisher=exact"]))
-    assert recipe_for("regmean", "base", [], "calib", merge)["parameters"]["alpha"] == 0.7
-    assert recipe_for("fisher", "base", [], "calib", merge)["parameters"]["fisher"] == "exact"
-    assert "alpha" not in recipe_for("fw_hard", "base", [], "calib", merge)["parameters"]
-    for bad in ("alpha=0.7", "ties.density=0.3", "regmean.=1"):
-        with pytest.raises(FwllmError, match="regmean.KEY"):
-            with_method_overrides(PoolSettings(), parse_overrides([bad]))
-
-
 def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them():
-    from fwllm.experiments.demo import demo_settings
-    from fwllm.experiments.pool_recipes import recipe_for
-    from fwllm.experiments.quality_bench import with_fw_overrides
+    from fwllm.demo.run import demo_settings
+    from fwllm.demo.recipes import recipe_for
+    from fwllm.demo.pool_quality import with_fw_overrides
 
     smol = demo_settings("smol", None, {"step": "open_loop"}, "cpu")
     hard = recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(smol.merge, smol.fw))["parameters"]
@@ -357,7 +332,7 @@ def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them()
 
 
 def test_source_hash_follows_file_contents(tmp_path):
-    from fwllm.experiments.quality_bench import source_hash
+    from fwllm.demo.pool_quality import source_hash
 
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").write_text("y = 2\n")
@@ -368,7 +343,7 @@ def test_source_hash_follows_file_contents(tmp_path):
 
 
 def test_scoring_dtype_auto_follows_the_hardware_and_rejects_unknown_names(monkeypatch):
-    from fwllm.experiments import scoring
+    from fwllm.evaluation import likelihood as scoring
 
     assert scoring.scoring_dtype("float32", "cuda") == torch.float32
     assert scoring.scoring_dtype("bfloat16", "cpu") == torch.bfloat16
@@ -382,7 +357,7 @@ def test_scoring_dtype_auto_follows_the_hardware_and_rejects_unknown_names(monke
 
 
 def test_scores_of_one_dtype_are_never_served_to_another(tmp_path):
-    from fwllm.experiments.quality_bench import QualitySettings, Scorer, ScoreStore
+    from fwllm.demo.pool_quality import QualitySettings, Scorer, ScoreStore
 
     task = DevTask("t", q.ACCURACY, [{"prompt": "copy : 1 2 =", "choices": [" 1", " 2"], "gold": 0}], True)
     budget, tok = DevBudget(), tiny_tokenizer()
