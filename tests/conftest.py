@@ -241,6 +241,43 @@ def merge(tmp_path, name, method, pool, models, parameters=None, per_model=None)
     return out
 
 
+def fwllm_merge(*args):
+    """`fwllm merge ARGS...` in this process (click's runner): the result with exit_code and output."""
+    from click.testing import CliRunner
+
+    from fwllm.cli import main
+
+    return CliRunner().invoke(main, ["merge", *map(str, args)])
+
+
+def one_error_line(result):
+    """The one `Error:` line a failed command printed (and no traceback)."""
+    assert result.exit_code != 0, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output[-3000:]
+    return errors[0]
+
+
+def save_random_loras(base, root, ranks, seed, targets=("q_proj", "down_proj")):
+    """peft LoRA adapters of `ranks` on `base`, with random B (peft starts B at zero: these change their
+    layers), saved as root/a0, root/a1, ...; returns their `BASE+ADAPTER` references."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    refs = []
+    for i, rank in enumerate(ranks):
+        torch.manual_seed(seed + i)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                               LoraConfig(r=rank, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0))
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "lora_B" in n:
+                    prm.normal_(0, 0.3)
+        model.save_pretrained(root / f"a{i}")
+        refs.append(f"{base}+{root / f'a{i}'}")
+    return refs
+
+
 def fw_params(pool, **kw):
     # the paper's open-loop FW (the defaults before the benchmark's won): what these tests were written for
     return {"calibration": str(pool["calib"]), "preset": "paper", "iterations": 5, "step_size": 0.5, "scaling": 1.0,

@@ -10,7 +10,8 @@ closes it) and, for blocks that change, over an iterate store (`fwllm.io.iterate
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from accelerate import init_empty_weights
@@ -145,3 +146,30 @@ class MetaModel:
 def base_weights(model_dir: str) -> OffloadedWeightsLoader:
     """The base checkpoint as an accelerate weights map, read tensor by tensor in float32."""
     return OffloadedWeightsLoader(index=shard_index(model_dir))
+
+
+@contextlib.contextmanager
+def fetched_around_forward(meta: "MetaModel", modules: Sequence[Tuple[torch.nn.Module, List[str]]],
+                           source: Optional[Mapping[str, torch.Tensor]] = None) -> Iterator[None]:
+    """Within the block, each (module, names) fetches its weights `names` (from `source`, default the
+    meta model's weights) only around its own forward: modules outside the layer stack (embeddings,
+    norms, a head) then hold no memory between their calls."""
+    def wrap(module, names):
+        original = type(module).forward
+
+        def forward(*args, **kwargs):
+            meta.fetch(names, source)
+            try:
+                return original(module, *args, **kwargs)
+            finally:
+                meta.release(names)
+        return forward
+
+    for module, names in modules:
+        module.forward = wrap(module, names)
+    try:
+        yield
+    finally:
+        for module, _ in modules:
+            del module.forward
+

@@ -29,7 +29,7 @@ import torch
 
 from fwllm.arch.heads import using_head
 from fwllm.arch.layer_stack import layer_stack
-from fwllm.arch.streaming import MetaModel
+from fwllm.arch.streaming import MetaModel, fetched_around_forward
 from fwllm.core.errors import FwllmError
 from fwllm.core.memory import return_free_memory
 from fwllm.data.objective import Objective, batch_loss_sum
@@ -99,25 +99,11 @@ class StreamedGradient:
 
     @contextlib.contextmanager
     def _streamed_outer(self):
-        def wrap(module, names):
-            original = type(module).forward
-
-            def forward(*args, **kwargs):
-                self.meta.fetch(names)
-                try:
-                    return original(module, *args, **kwargs)
-                finally:
-                    self.meta.release(names)
-            return forward
-
-        for module, names in self._frozen_outer:
-            module.forward = wrap(module, names)
         self.meta.fetch(self.outer_trainable, self.weights())
         try:
-            yield
+            with fetched_around_forward(self.meta, self._frozen_outer):
+                yield
         finally:
-            for module, _ in self._frozen_outer:
-                del module.forward
             self.meta.release(self.outer_trainable)
 
     @contextlib.contextmanager

@@ -34,7 +34,7 @@ import torch
 
 from fwllm.arch.heads import is_head_tensor
 from fwllm.arch.layer_stack import layer_stack
-from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, skeleton
 from fwllm.arch.weight_layout import input_features, transposed_weights
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.memory import return_free_memory
@@ -145,27 +145,9 @@ class StreamedRegMean:
                 out.append((module, names))
         return out
 
-    @contextlib.contextmanager
     def _streamed_outer(self, source: Optional[Mapping]):
         """Modules outside the stack fetch their weights (the candidate's) only around their forward."""
-        def wrap(module, names):
-            original = type(module).forward
-
-            def forward(*args, **kwargs):
-                self.meta.fetch(names, source)
-                try:
-                    return original(module, *args, **kwargs)
-                finally:
-                    self.meta.release(names)
-            return forward
-
-        for module, names in self.outer:
-            module.forward = wrap(module, names)
-        try:
-            yield
-        finally:
-            for module, _ in self.outer:
-                del module.forward
+        return fetched_around_forward(self.meta, self.outer, source)
 
     @contextlib.contextmanager
     def _layers_as(self, make: Callable[[int], Callable]):

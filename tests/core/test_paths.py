@@ -6,7 +6,6 @@ so a trimmed file that is too short shows up as a short slice, not only as a mis
 """
 
 import json
-import os
 import re
 from pathlib import Path
 

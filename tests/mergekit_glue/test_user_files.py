@@ -12,25 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import transformers
-from click.testing import CliRunner
 
-from conftest import write_recipe
-from fwllm.cli import main
+from conftest import fwllm_merge, one_error_line, write_recipe
 from fwllm.core.errors import FwllmError
 
 MANIFEST = ".fwllm-output.json"
 FW = {"iterations": 1, "step_size": 0.5, "scaling": 1.0}
 
 
-def fwllm(*args):
-    return CliRunner().invoke(main, ["merge", *map(str, args)])
-
-
-def one_error_line(result):
-    assert result.exit_code != 0, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output[-3000:]
-    return errors[0]
+fwllm = fwllm_merge
 
 
 def snapshot(folder):
@@ -101,7 +91,6 @@ def test_plain_mergekit_plan_resolution_refuses_a_user_folder(pool):
     """What plain `mergekit-yaml` runs to find a plan (`MergekitAdapter._resolve`)."""
     from fwllm.mergekit_glue.adapter import MergekitAdapter
     from fwllm.mergekit_glue.recipe import load_recipe, merge_job
-    from fwllm.methods.registry import METHODS
 
     before = user_folder(pool / "docs")
     recipe = load_recipe(str(fw_recipe(pool, plan=str(pool / "docs"))))

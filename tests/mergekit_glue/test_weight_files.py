@@ -10,24 +10,14 @@ import os
 import shutil
 
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import write_recipe
-from fwllm.cli import main
+from conftest import fwllm_merge, one_error_line, write_recipe
 
 TIES = {"density": 0.5, "weight": 0.5}
 
 
-def fwllm(*args):
-    return CliRunner().invoke(main, ["merge", *map(str, args)])
-
-
-def one_error_line(result):
-    assert result.exit_code != 0, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output[-3000:]
-    return errors[0]
+fwllm = fwllm_merge
 
 
 def pool(tiny_pool, tmp_path):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_tensors, merge, two_head_encoder_pool
+from conftest import load_tensors, merge, save_random_loras, two_head_encoder_pool
 from fwllm.core.errors import FwllmError
 from fwllm.core.footprint import split_by_layer
 
@@ -15,22 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def lora_refs(tiny_pool, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    root, refs = tmp_path_factory.mktemp("ada_lora"), []
-    for i, rank in enumerate((4, 2)):
-        torch.manual_seed(30 + i)
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_pool["base"]),
-                               LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                          lora_dropout=0.0))
-        with torch.no_grad():
-            for n, prm in model.named_parameters():
-                if "lora_B" in n:
-                    prm.normal_(0, 0.3)  # peft starts B at zero: make the adapters change their layers
-        model.save_pretrained(root / f"a{i}")
-        refs.append(f"{tiny_pool['base']}+{root / f'a{i}'}")
-    return refs
+    return save_random_loras(tiny_pool["base"], tmp_path_factory.mktemp("ada_lora"), (4, 2), seed=30)
 
 
 def both(tmp_path, pool, models, label, **params):

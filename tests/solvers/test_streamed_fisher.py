@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from conftest import load_tensors, merge, task_rows, tiny_llama, tiny_tokenizer, write_jsonl
+from conftest import (
+    load_tensors, merge, save_random_loras, task_rows, tiny_llama, tiny_tokenizer, write_jsonl,
+)
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.core.errors import FwllmError
 from fwllm.core.footprint import split_by_layer
@@ -98,22 +100,7 @@ def test_lora_candidate_runs_as_base_plus_its_delta(tiny_pool, lora_refs):
 
 @pytest.fixture(scope="module")
 def lora_refs(tiny_pool, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    root, refs = tmp_path_factory.mktemp("fisher_lora"), []
-    for i, rank in enumerate((4, 2)):
-        torch.manual_seed(40 + i)
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_pool["base"]),
-                               LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                          lora_dropout=0.0))
-        with torch.no_grad():
-            for n, prm in model.named_parameters():
-                if "lora_B" in n:
-                    prm.normal_(0, 0.3)
-        model.save_pretrained(root / f"a{i}")
-        refs.append(f"{tiny_pool['base']}+{root / f'a{i}'}")
-    return refs
+    return save_random_loras(tiny_pool["base"], tmp_path_factory.mktemp("fisher_lora"), (4, 2), seed=40)
 
 
 def both(tmp_path, pool, models, label, **params):

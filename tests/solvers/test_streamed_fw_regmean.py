@@ -7,29 +7,15 @@ import json
 import pytest
 import torch
 
-from conftest import load_tensors, merge
+from conftest import load_tensors, merge, save_random_loras
 
 TASKS = [{"task": "copy"}, {"task": "rev"}, {}]  # the third candidate has no task: all rows
 
 
 @pytest.fixture(scope="module")
 def lora_adapters(tiny_pool, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    root, refs = tmp_path_factory.mktemp("fw_regmean_lora"), []
-    for i, rank in enumerate((4, 2, 3)):
-        torch.manual_seed(40 + i)
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_pool["base"]),
-                               LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          lora_dropout=0.0))
-        with torch.no_grad():
-            for n, prm in model.named_parameters():
-                if "lora_B" in n:
-                    prm.normal_(0, 0.3)  # peft starts B at zero: make every adapter change its layers
-        model.save_pretrained(root / f"a{i}")
-        refs.append(f"{tiny_pool['base']}+{root / f'a{i}'}")
-    return refs
+    return save_random_loras(tiny_pool["base"], tmp_path_factory.mktemp("fw_regmean_lora"), (4, 2, 3), seed=40,
+                             targets=("q_proj", "v_proj", "down_proj"))
 
 
 def grams_in(cache):
