@@ -173,3 +173,16 @@ def fetched_around_forward(meta: "MetaModel", modules: Sequence[Tuple[torch.nn.M
         for module, _ in modules:
             del module.forward
 
+
+@contextlib.contextmanager
+def forwards_replaced(layers: Sequence[torch.nn.Module], make: Callable[[int], Callable]) -> Iterator[None]:
+    """Within the block, layer i runs `make(i)` as its forward (a streamer's fetch-run-release); after it,
+    the class's own forward again."""
+    for i, layer in enumerate(layers):
+        layer.forward = make(i)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+

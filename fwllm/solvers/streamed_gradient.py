@@ -29,7 +29,7 @@ import torch
 
 from fwllm.arch.heads import using_head
 from fwllm.arch.layer_stack import layer_stack
-from fwllm.arch.streaming import MetaModel, fetched_around_forward
+from fwllm.arch.streaming import MetaModel, fetched_around_forward, forwards_replaced
 from fwllm.core.errors import FwllmError
 from fwllm.core.memory import return_free_memory
 from fwllm.data.objective import Objective, batch_loss_sum
@@ -106,15 +106,8 @@ class StreamedGradient:
         finally:
             self.meta.release(self.outer_trainable)
 
-    @contextlib.contextmanager
     def _layers_as(self, make: Callable[[int], Callable]):
-        for i, layer in enumerate(self.layers):
-            layer.forward = make(i)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                del layer.forward  # back to the class's forward
+        return forwards_replaced(self.layers, make)
 
     # -- phases --------------------------------------------------------------------------
     def _capture(self, term: _Term, keep_graph: bool = False) -> Optional[torch.Tensor]:

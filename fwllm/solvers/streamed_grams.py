@@ -34,7 +34,7 @@ import torch
 
 from fwllm.arch.heads import is_head_tensor
 from fwllm.arch.layer_stack import layer_stack
-from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, skeleton
+from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, forwards_replaced, skeleton
 from fwllm.arch.weight_layout import input_features, transposed_weights
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.memory import return_free_memory
@@ -149,15 +149,8 @@ class StreamedRegMean:
         """Modules outside the stack fetch their weights (the candidate's) only around their forward."""
         return fetched_around_forward(self.meta, self.outer, source)
 
-    @contextlib.contextmanager
     def _layers_as(self, make: Callable[[int], Callable]):
-        for i, layer in enumerate(self.layers):
-            layer.forward = make(i)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                del layer.forward
+        return forwards_replaced(self.layers, make)
 
     @contextlib.contextmanager
     def _lora(self, run: _Run, names: Sequence[str]):
