@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import OffloadedWeightsLoader, offload_weight, save_offload_index
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.footprint import gib
 
 GIB = 1 << 30
 
@@ -25,8 +26,8 @@ def check_free_space(folder: str, needed: int, what: str) -> None:
     os.makedirs(folder, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise FwllmError(f"{what} needs {needed / GIB:.1f} GiB of free disk at {folder}; only "
-                         f"{free / GIB:.1f} GiB are free (set the plan folder on a larger disk)")
+        raise FwllmError(f"{what} needs {gib(needed)} of free disk at {folder}; only {gib(free)} "
+                         f"are free (free some space, or put the plan or $FWLLM_CACHE on a larger disk)")
 
 
 class IterateStore:

@@ -4,11 +4,14 @@ A statistic lives in ``<plan>/<kind>/<i>.safetensors``, one entry per tensor nam
 merge reads one tensor's entry per call. It depends on the base, the candidate, its
 task's rows and the statistic's settings, never on the merge weights, so it is also kept
 in a cache (``$FWLLM_CACHE/stats``) and hard-linked into new plans. The cache is keyed by
-the content identities of the models (`fwllm.io.identity`), not their paths or mtimes.
+the content identities of the models (`fwllm.io.identity`), not their paths or mtimes, and
+bounded (`fwllm.io.cache_bound`: least recently used entries go first once it outgrows
+$FWLLM_CACHE_MAX_GIB); a statistic is written only after the free space for it was checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +26,9 @@ from safetensors.torch import save_file
 from fwllm.core.job import CandidateSpec
 from fwllm.core.paths import cache_root
 from fwllm.core.trust import check_trusted
+from fwllm.io.cache_bound import bound_stats_cache
 from fwllm.io.identity import model_identity
+from fwllm.io.iterate_store import check_free_space
 
 
 def save_stats(path: str, tensors: Dict[str, torch.Tensor]) -> None:
@@ -91,12 +96,18 @@ class StatsCache:
             return None
         check_trusted("statistics cache entry", tensors, meta, self.folder, deep=False)
         with open(meta, encoding="utf-8") as fp:
-            return json.load(fp)
+            found = json.load(fp)
+        with contextlib.suppress(OSError):
+            os.utime(tensors)  # the cache's clock: least recently used entries are evicted first
+        return found
 
     def put(self, key: str, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
         path, meta_path = self.paths(key)
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        check_free_space(self.folder, needed, f"the {self.kind} statistics cache")
         save_stats(path, tensors)
         tmp = _private_tmp(meta_path)
         with open(tmp, "w", encoding="utf-8") as fp:
             json.dump(meta, fp)
         os.replace(tmp, meta_path)
+        bound_stats_cache(self.folder, keep=key)

@@ -33,7 +33,7 @@ from fwllm.core.memory import return_free_memory
 from fwllm.core.method import DataMethod, describe_error
 from fwllm.core.paths import cache_root
 from fwllm.core.plan import Plan, plan_is_complete
-from fwllm.io.plan_cache import bound_plan_cache
+from fwllm.io.cache_bound import bound_plan_cache
 from fwllm.io.staged_output import (
     PLAN_WAIT, check_plan_folder, folder_lock, is_plan_folder, lock_timeout, staged_output,
 )

@@ -171,7 +171,7 @@ def test_bad_inputs_of_the_bounded_path(tmp_path, tiny_pool, monkeypatch):
     import fwllm.io.iterate_store as store
 
     monkeypatch.setattr(store.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1024))
-    with pytest.raises(FwllmError, match=r"the iterate store needs .* GiB of free disk .* only 0.0 GiB"):
+    with pytest.raises(FwllmError, match=r"the iterate store needs .* MiB of free disk .* only 0 MiB"):
         merge(tmp_path, "disk", "fw_merging", tiny_pool, [e["copy"]],
               {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise"})
     for name in ("wide", "sh", "disk"):

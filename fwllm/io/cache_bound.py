@@ -1,7 +1,9 @@
-"""A bound on the plain-mergekit plan cache (`$FWLLM_CACHE/plans`).
+"""Bounds on the caches that grow with every new content: the plain-mergekit plans
+(`$FWLLM_CACHE/plans`) and the per-candidate statistics of the in-RAM paths (`$FWLLM_CACHE/stats`).
 
-Every new recipe content solves into a new plan folder, so the cache would grow without
-limit. After a plan is used, `bound_plan_cache` marks it as just used (its folder's mtime
+Every new recipe content solves into a new plan folder, and every new candidate or calibration
+adds a statistic, so each cache would grow without limit. Each keeps at most
+`$FWLLM_CACHE_MAX_GIB`. After a plan is used, `bound_plan_cache` marks it as just used (its folder's mtime
 is the clock) and removes the least recently used other plans until the cache fits in
 `$FWLLM_CACHE_MAX_GIB` (default `DEFAULT_MAX_GIB`; 0 turns the bound off). A plan another
 run holds the lock of (solving or reading it) is never removed, nor is the one just used,
@@ -106,3 +108,42 @@ def bound_plan_cache(used: str, root: Optional[str] = None, max_bytes: Optional[
             LOG.info("fwllm: evicted the plan %s (%.1f MiB) to keep the cache under %.1f GiB",
                      path, size / (1 << 20), limit / (1 << 30))
     return removed
+
+
+def bound_stats_cache(folder: str, keep: str, max_bytes: Optional[int] = None) -> List[str]:
+    """Evict the least recently used statistics (`<key>.safetensors` + `<key>.json`) of one kind's
+    `folder` until it fits in `max_bytes`, never the entry `keep` (the key just written or read).
+    A plan holds its statistics as hard links, so an evicted entry is only recomputed by a later
+    solve that needs it; the plans that use it keep it."""
+    limit = cache_limit_bytes() if max_bytes is None else max_bytes
+    if not limit or not os.path.isdir(folder):
+        return []
+    entries = []
+    for name in os.listdir(folder):
+        if not name.endswith(".safetensors") or name[: -len(".safetensors")] == keep:
+            continue
+        with contextlib.suppress(OSError):
+            st = os.stat(os.path.join(folder, name))
+            entries.append((st.st_mtime, name[: -len(".safetensors")], st.st_size))
+    total = sum(size for _, _, size in entries) + _entry_bytes(folder, keep)
+    removed = []
+    for _, key, size in sorted(entries):  # oldest use first
+        if total <= limit:
+            break
+        for suffix in (".json", ".safetensors"):  # the meta first: an entry without it is not cached
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, key + suffix))
+        total -= size
+        removed.append(key)
+    if removed:
+        LOG.info("fwllm: evicted %d statistics from %s to keep it under %.1f GiB", len(removed), folder,
+                 limit / (1 << 30))
+    return removed
+
+
+def _entry_bytes(folder: str, key: str) -> int:
+    try:
+        return os.stat(os.path.join(folder, key + ".safetensors")).st_size
+    except OSError:
+        return 0
+
