@@ -6,7 +6,7 @@ LoRA pool is 16 adapters (8 of r=8 on q_proj, v_proj and 8 of r=16 on all seven 
 random factors, adapter i on calibration task i mod K (`--tasks K`, synthetic tasks cut from the
 shared code prompts). Rows (`--methods`, `eval/bench_scale_rows.py`), each with `gradient: layerwise`:
 
-  fw-open-loop  FW-Merging with the paper's settings pinned (open-loop step 0.1, layer granularity, task
+  fw-open-loop  FW-Merging with the paper's settings pinned (open-loop step 0.1, tensor granularity, task
                 arithmetic steps and init, scaling 0.3, fixed hull); its merge is also written as a peft
                 adapter (`fwllm merge --lora-out`), whose size is reported beside the dense output;
   fw-default    FW-Merging with the recipe's defaults (only the run length, `iterations`, is given);

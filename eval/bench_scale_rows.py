@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 GIB = 1 << 30
 
 # FW-Merging as the paper (and issue 11) ran it: pinned, so a change of FW's defaults leaves this row alone
-FW_PAPER_KEYS = {"step_size": 0.1, "granularity": "layer", "local_merge": "task_arithmetic",
+FW_PAPER_KEYS = {"step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic",
                  "init": "task_arithmetic", "scaling": 0.3, "step": "open_loop", "hull": "fixed"}
 
 

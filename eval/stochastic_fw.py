@@ -3,7 +3,7 @@
     python eval/stochastic_fw.py [--iterations 8] [--rows 6] [--out eval/reports]
 
 Every run merges the same 8 SmolLM2-135M experts (4 relevant, 4 irrelevant) with
-`fw_merging` (hard, layer granularity), as `fwllm demo` does, and is scored on held-out dev
+`fw_merging` (hard, tensor granularity), as `fwllm demo` does, and is scored on held-out dev
 rows of the relevant tasks (mean response loss, lower is better). The runs:
 
 * full        T iterations, every calibration row at every iteration (the default)

@@ -9,7 +9,7 @@ error (`extra="forbid"`): mergekit itself would drop it silently.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -55,19 +55,26 @@ FW_PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {"iterations": 12, "step_size": 0.3, "granularity": "model", "local_merge": "task_arithmetic",
                 "refine": "regmean", "regmean_weights": "uniform", "init": "base", "scaling": 1.0,
                 "step": "line_search", "hull": "adaptive"},
-    "paper": {"iterations": 10, "step_size": 0.1, "granularity": "layer", "local_merge": "task_arithmetic",
+    "paper": {"iterations": 10, "step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic",
               "refine": "none", "regmean_weights": "fw", "init": "task_arithmetic", "scaling": 0.3,
               "step": "open_loop", "hull": "fixed"},
 }
-_ALIAS_WARNED = False
+# Old spellings of recipe values, still accepted with a one-line notice (once per process each):
+# `local_merge: regmean` is a refine after the solve, not a local merge; `granularity: layer` meant
+# one vertex per weight tensor, and "layer" now means only a decoder layer (`gradient: layerwise`).
+_ALIASES = {
+    ("local_merge", "regmean"): "`local_merge: regmean` is deprecated; write `refine: regmean` "
+                                "(FW's steps stay task arithmetic)",
+    ("granularity", "layer"): "`granularity: layer` is deprecated; write `granularity: tensor` "
+                              "(one vertex per weight tensor, the same setting)",
+}
+_ALIAS_WARNED: set = set()
 
 
-def _warn_alias_once() -> None:
-    global _ALIAS_WARNED
-    if not _ALIAS_WARNED:
-        _ALIAS_WARNED = True
-        LOG.warning("fw_merging: `local_merge: regmean` is deprecated; write `refine: regmean` "
-                    "(FW's steps stay task arithmetic)")
+def _warn_alias_once(key: Tuple[str, str]) -> None:
+    if key not in _ALIAS_WARNED:
+        _ALIAS_WARNED.add(key)
+        LOG.warning("fw_merging: %s", _ALIASES[key])
 
 
 def resolve_fw_preset(raw: Any) -> Any:
@@ -77,8 +84,11 @@ def resolve_fw_preset(raw: Any) -> Any:
     if not isinstance(raw, dict):
         return raw
     data = {k: v for k, v in raw.items() if not (k in FW_PRESETS["default"] and v is None)}
+    if data.get("granularity") == "layer":
+        _warn_alias_once(("granularity", "layer"))
+        data["granularity"] = "tensor"
     if data.get("local_merge") == "regmean":  # the old spelling of the refine
-        _warn_alias_once()
+        _warn_alias_once(("local_merge", "regmean"))
         if data.get("refine", "regmean") != "regmean":
             raise FwllmError(f"fw_merging: local_merge: regmean means refine: regmean; the recipe also "
                              f"sets refine: {data['refine']} (write refine only)")
@@ -89,11 +99,11 @@ def resolve_fw_preset(raw: Any) -> Any:
     written = set(data)
     data = {**FW_PRESETS[preset], **data}
     # a preset default that cannot go with a written setting yields to it: an open-loop or
-    # pairwise solve keeps a fixed hull, a pairwise one steps per layer
+    # pairwise solve keeps a fixed hull, a pairwise one steps per tensor
     if "hull" not in written and (data["step"] == "open_loop" or data.get("pairwise")):
         data["hull"] = "fixed"
     if "granularity" not in written and data.get("pairwise"):
-        data["granularity"] = "layer"
+        data["granularity"] = "tensor"
     return data
 
 
@@ -104,7 +114,7 @@ class FWParams(MethodParams):
     preset: Literal["default", "paper"] = "default"
     iterations: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
     step_size: Optional[float] = Field(None, gt=0, le=1)  # open_loop: gamma_t = step_size * 2 / (t + 2)
-    granularity: Optional[Literal["layer", "model"]] = None
+    granularity: Optional[Literal["tensor", "model"]] = None  # one vertex per weight tensor, or per model
     variant: Literal["hard", "soft"] = "hard"
     top_k: int = Field(2, ge=1)  # soft: vertices mixed per step
     soft_steps: int = Field(2, ge=0)  # soft: projected-gradient steps on the mix

@@ -116,8 +116,8 @@ class FWMerging(DataMethod):
 
     def validate_params(self, raw) -> FWParams:
         p = super().validate_params(raw)
-        if p.pairwise and (p.variant != "hard" or p.granularity != "layer"):
-            raise FwllmError("fw_merging: pairwise steps need variant: hard and granularity: layer")
+        if p.pairwise and (p.variant != "hard" or p.granularity != "tensor"):
+            raise FwllmError("fw_merging: pairwise steps need variant: hard and granularity: tensor")
         if p.hull == "adaptive" and (p.step != "line_search" or p.pairwise):
             raise FwllmError("fw_merging: hull: adaptive needs step: line_search (and no pairwise steps)")
         if p.refined and p.local_merge != "task_arithmetic":

@@ -3,7 +3,7 @@
 theta_{t+1} = (1 - gamma_t) theta_t + gamma_t s_t,   gamma_t = step_size * 2 / (t + 2)
 
 v_i = localize(w_i tau_i) (`fwllm.kernels.atoms`). s_t is chosen per block (one weight
-tensor, `granularity: layer`) or for the whole model (`granularity: model`) by the LMO in
+tensor, `granularity: tensor`) or for the whole model (`granularity: model`) by the LMO in
 `fwllm.kernels.lmo`, on the sketched scores <g, v_i> of `fwllm.kernels.sketch`. The iterate
 is kept in the model being differentiated and, in parallel, as a list of atoms per block:
 the plan mergekit executes.

@@ -44,11 +44,11 @@ def test_plain_mergekit_parameters_get_the_defaults_and_the_preset():
     assert p == FWParams(calibration="c")
     paper = FWMerging().validate_params({**declared, "calibration": "c", "preset": "paper", "iterations": 3})
     assert (paper.iterations, paper.step, paper.hull, paper.refine, paper.granularity, paper.init, paper.scaling,
-            paper.step_size) == (3, "open_loop", "fixed", "none", "layer", "task_arithmetic", 0.3, 0.1)
+            paper.step_size) == (3, "open_loop", "fixed", "none", "tensor", "task_arithmetic", 0.3, 0.1)
 
 
 def test_preset_paper_is_the_old_defaults():
-    old = {"iterations": 10, "step_size": 0.1, "granularity": "layer", "local_merge": "task_arithmetic",
+    old = {"iterations": 10, "step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic",
            "init": "task_arithmetic", "scaling": 0.3, "step": "open_loop", "hull": "fixed", "regmean_weights": "fw"}
     assert FWParams(calibration="c", preset="paper").model_dump(exclude={"preset"}) == \
         FWParams(calibration="c", refine="none", **old).model_dump(exclude={"preset"})
@@ -57,7 +57,7 @@ def test_preset_paper_is_the_old_defaults():
 
 def test_a_written_open_loop_step_keeps_a_fixed_hull_but_a_written_adaptive_hull_is_refused():
     assert FWParams(calibration="c", step="open_loop").hull == "fixed"
-    assert FWParams(calibration="c", pairwise=True).granularity == "layer"
+    assert FWParams(calibration="c", pairwise=True).granularity == "tensor"
     with pytest.raises(FwllmError, match="hull: adaptive needs step: line_search"):
         FWMerging().validate_params({"calibration": "c", "step": "open_loop", "hull": "adaptive"})
     with pytest.raises(FwllmError, match="refine: regmean needs local_merge: task_arithmetic"):
@@ -69,7 +69,7 @@ def test_a_written_open_loop_step_keeps_a_fixed_hull_but_a_written_adaptive_hull
 def test_local_merge_regmean_is_refine_regmean_with_one_warning(caplog, monkeypatch):
     import fwllm.core.params as params
 
-    monkeypatch.setattr(params, "_ALIAS_WARNED", False)
+    monkeypatch.setattr(params, "_ALIAS_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="fwllm.core.params"):
         a = FWParams(calibration="c", preset="paper", local_merge="regmean")
         FWParams(calibration="c", local_merge="regmean")
@@ -88,7 +88,7 @@ def test_preset_paper_gives_the_plan_of_the_old_settings_written_out(tmp_path, t
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     e = tiny_pool["experts"]
     common = {"calibration": str(tiny_pool["calib"]), "iterations": 3, "gradient": "full"}
-    old = {"step_size": 0.1, "granularity": "layer", "local_merge": "task_arithmetic", "refine": "none",
+    old = {"step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic", "refine": "none",
            "init": "task_arithmetic", "scaling": 0.3, "step": "open_loop", "hull": "fixed", "regmean_weights": "fw"}
     plans = []
     for name, params in (("paper", {"preset": "paper"}), ("written", old)):
@@ -107,3 +107,17 @@ def test_a_misspelt_preset_is_one_error(tmp_path, tiny_pool):
                           {"calibration": str(tiny_pool["calib"]), "preset": "papers"})
     with pytest.raises(FwllmError, match="preset must be one of 'default' or 'paper'"):
         load_recipe(str(recipe))
+
+
+def test_granularity_layer_is_the_old_spelling_of_tensor(caplog, monkeypatch):
+    """`granularity: layer` meant one vertex per weight tensor: accepted as `tensor`, with one notice."""
+    import fwllm.core.params as params
+
+    monkeypatch.setattr(params, "_ALIAS_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="fwllm.core.params"):
+        old = FWParams(calibration="c", preset="paper", granularity="layer")
+        FWParams(calibration="c", preset="paper", granularity="layer")
+    assert old == FWParams(calibration="c", preset="paper", granularity="tensor")
+    assert old.granularity == "tensor"
+    notices = [r.getMessage() for r in caplog.records if "granularity: layer" in r.getMessage()]
+    assert len(notices) == 1 and "granularity: tensor" in notices[0]

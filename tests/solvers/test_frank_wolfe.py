@@ -371,7 +371,7 @@ def test_model_granularity_one_step_closed_form(tmp_path, tiny_pool, partial_exp
     total = [sum(b.values()) for b in block]
     best = min(range(2), key=lambda j: total[j])
     assert total[best] < 0
-    # the test can tell model from layer granularity: some block the other candidate would
+    # the test can tell model from tensor granularity: some block the other candidate would
     # win on its own is left at the base
     other = 1 - best
     assert any(block[other][n] < min(block[best][n], 0.0) for n in grads)

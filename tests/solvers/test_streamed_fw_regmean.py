@@ -35,11 +35,11 @@ def solve_both(tmp_path, pool, models, label, monkeypatch, **params):
 
 @pytest.mark.parametrize("kind, params", [
     ("full", {}),  # the defaults: support for the whole model, RegMean's equal weights
-    ("full", {"granularity": "layer", "regmean_weights": "fw"}),  # per-tensor support and weights
+    ("full", {"granularity": "tensor", "regmean_weights": "fw"}),  # per-tensor support and weights
     # random adapters do not help: from the base FW would stay there; from task arithmetic every one is used
     ("lora", {"init": "task_arithmetic"}),
     # open-loop steps keep every candidate, each tensor with its own weights (q and v: one Gram, two sums)
-    ("lora", {"init": "task_arithmetic", "granularity": "layer", "regmean_weights": "fw", "step": "open_loop",
+    ("lora", {"init": "task_arithmetic", "granularity": "tensor", "regmean_weights": "fw", "step": "open_loop",
               "step_size": 0.5}),
 ])
 def test_layerwise_refine_equals_the_in_ram_refine_and_keeps_no_gram(tmp_path, tiny_pool, lora_adapters,
