@@ -15,7 +15,9 @@ FWLLM_NO_MERGEKIT_HOOK=1 disables it (the .pth line reads it before importing th
 import sys
 
 # mergekit modules whose import fwllm.mergekit_glue.hook follows (its _AFTER holds the callbacks)
-TARGETS = frozenset({"mergekit.merge_methods", "mergekit.card", "mergekit.merge", "mergekit.scripts.run_yaml"})
+TARGETS = frozenset(
+    {"mergekit.merge_methods", "mergekit.card", "mergekit.merge", "mergekit.scripts.run_yaml"}
+)
 
 # Why fwllm's callbacks could not run, first failure only; None while all is well.
 _failure = None
@@ -50,8 +52,10 @@ def _warn_on_unknown_method(module):
     def run_merge(merge_config, *args, **kwargs):
         method_name = getattr(merge_config, "merge_method", None)
         if not _known_to_mergekit(method_name):
-            print(f"fwllm: merge method {method_name!r} unavailable: fwllm failed to load ({_failure})",
-                  file=sys.stderr)
+            print(
+                f"fwllm: merge method {method_name!r} unavailable: fwllm failed to load ({_failure})",
+                file=sys.stderr,
+            )
         return original(merge_config, *args, **kwargs)
 
     run_merge.__doc__, run_merge.__wrapped__ = original.__doc__, original

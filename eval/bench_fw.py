@@ -73,7 +73,7 @@ def make_candidates(base_dir: str, n: int, root: str, rank: int = 8, scale: floa
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() == 2:
-                    a = torch.randn(p.shape[0], rank, generator=g) * scale / rank ** 0.5
+                    a = torch.randn(p.shape[0], rank, generator=g) * scale / rank**0.5
                     b = torch.randn(rank, p.shape[1], generator=g)
                     p += (a @ b * p.float().std()).to(p.dtype)
         model.save_pretrained(path, max_shard_size="100MB")
@@ -85,9 +85,15 @@ def make_candidates(base_dir: str, n: int, root: str, rank: int = 8, scale: floa
 def write_recipe(path, method, base, models, params):
     import yaml
 
-    recipe = {"merge_method": method, "base_model": base, "dtype": "bfloat16",
-              "models": [{"model": m, "parameters": ({"weight": 1.0, "density": 0.2} if method == "ties" else {})}
-                         for m in models]}
+    recipe = {
+        "merge_method": method,
+        "base_model": base,
+        "dtype": "bfloat16",
+        "models": [
+            {"model": m, "parameters": ({"weight": 1.0, "density": 0.2} if method == "ties" else {})}
+            for m in models
+        ],
+    }
     if params:
         recipe["parameters"] = params
     with open(path, "w") as fp:
@@ -95,12 +101,16 @@ def write_recipe(path, method, base, models, params):
 
 
 def run_child(recipe: str, out: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, recipe, out], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, recipe, out],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"benchmark child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def calibration_file(root: str, rows: int) -> str:
@@ -146,8 +156,14 @@ def summarise(runs_done: list) -> list:
     rows = []
     for (method, n), group in groups.items():
         walls = [r["wall_s"] for r in group]
-        rows.append({**group[0], "wall_s": statistics.median(walls), "wall_runs_s": walls,
-                     "peak_rss_mb": max(r["peak_rss_mb"] for r in group)})
+        rows.append(
+            {
+                **group[0],
+                "wall_s": statistics.median(walls),
+                "wall_runs_s": walls,
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in group),
+            }
+        )
         rows[-1].pop("rep", None)
     return rows
 
@@ -159,12 +175,26 @@ def main(argv=None) -> None:
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--rows", type=int, default=8, help="calibration rows (code prompts)")
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--fw-gradient", nargs="+", default=["full", "layerwise"], choices=["full", "layerwise"],
-                    help="FW gradient modes to run (layerwise: one layer on the solve device at a time)")
-    ap.add_argument("--minibatches", type=int, nargs="*", default=[1],
-                    help="stochastic FW runs (gradient: full) with this many micro-batches per iteration")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per (method, N), interleaved; the table shows the median wall time and the max RSS")
+    ap.add_argument(
+        "--fw-gradient",
+        nargs="+",
+        default=["full", "layerwise"],
+        choices=["full", "layerwise"],
+        help="FW gradient modes to run (layerwise: one layer on the solve device at a time)",
+    )
+    ap.add_argument(
+        "--minibatches",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="stochastic FW runs (gradient: full) with this many micro-batches per iteration",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per (method, N), interleaved; the table shows the median wall time and the max RSS",
+    )
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fwllm-bench"))
     ap.add_argument("--out", default=os.path.join("eval", "reports"))
     args = ap.parse_args(argv)
@@ -177,12 +207,21 @@ def main(argv=None) -> None:
     cands = make_candidates(base, max(args.n), os.path.join(args.work, "candidates"))
     calib = calibration_file(args.work, args.rows)
     # the paper's open-loop FW (fw_merging's default adds a line search and a RegMean refine)
-    fw_params = {"calibration": calib, "preset": "paper", "iterations": args.iterations,
-                 "max_length": args.max_length, "batch_size": 4, "scaling": 1.0}
+    fw_params = {
+        "calibration": calib,
+        "preset": "paper",
+        "iterations": args.iterations,
+        "max_length": args.max_length,
+        "batch_size": 4,
+        "scaling": 1.0,
+    }
     runs = [("ties", "ties", None)] + [
-        (f"fw_{mode}", "fw_merging", {**fw_params, "gradient": mode}) for mode in args.fw_gradient]
-    runs += [(f"fw_full_mb{k}", "fw_merging", {**fw_params, "gradient": "full", "batches_per_iteration": k})
-             for k in args.minibatches]
+        (f"fw_{mode}", "fw_merging", {**fw_params, "gradient": mode}) for mode in args.fw_gradient
+    ]
+    runs += [
+        (f"fw_full_mb{k}", "fw_merging", {**fw_params, "gradient": "full", "batches_per_iteration": k})
+        for k in args.minibatches
+    ]
     runs_done = []
     for rep in range(args.repeat):  # interleaved, so a slow spell of the machine hits every method
         for n in args.n:
@@ -194,25 +233,42 @@ def main(argv=None) -> None:
                 r = run_child(recipe, out)
                 r.update(method=label, n=n, rep=rep)
                 runs_done.append(r)
-                print(f"{label:>13} N={n:<3} wall {r['wall_s']:7.1f}s  peak RSS {r['peak_rss_mb']:8.0f} MB  "
-                      f"read {r['bytes_read'] / 2**30:6.2f} GiB", flush=True)
+                print(
+                    f"{label:>13} N={n:<3} wall {r['wall_s']:7.1f}s  peak RSS {r['peak_rss_mb']:8.0f} MB  "
+                    f"read {r['bytes_read'] / 2**30:6.2f} GiB",
+                    flush=True,
+                )
                 subprocess.run(["rm", "-rf", out])
     rows = summarise(runs_done)
     table = render_table(rows, args.n, [label for label, *_ in runs])
-    layered = next((r["gradient"] for r in rows if (r.get("gradient") or {}).get("device_weight_bytes")), None)
+    layered = next(
+        (r["gradient"] for r in rows if (r.get("gradient") or {}).get("device_weight_bytes")), None
+    )
     if layered:
-        table += (f"\n\nfw_layerwise keeps {layered['device_weight_bytes'] / 2**20:.0f} MiB of the "
-                  f"{layered['model_weight_bytes'] / 2**20:.0f} MiB fp32 weights on the solve device "
-                  f"(the modules outside the layer stack plus one layer; "
-                  f"{layered['device_weight_bytes'] / layered['model_weight_bytes']:.0%}).")
+        table += (
+            f"\n\nfw_layerwise keeps {layered['device_weight_bytes'] / 2**20:.0f} MiB of the "
+            f"{layered['model_weight_bytes'] / 2**20:.0f} MiB fp32 weights on the solve device "
+            f"(the modules outside the layer stack plus one layer; "
+            f"{layered['device_weight_bytes'] / layered['model_weight_bytes']:.0%})."
+        )
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    settings = {"base": base, "iterations": args.iterations, "rows": args.rows, "max_length": args.max_length,
-                "cpu_count": os.cpu_count(), "fw_gradient": args.fw_gradient, "minibatches": args.minibatches,
-                "batch_size": fw_params["batch_size"], "repeat": args.repeat}
+    settings = {
+        "base": base,
+        "iterations": args.iterations,
+        "rows": args.rows,
+        "max_length": args.max_length,
+        "cpu_count": os.cpu_count(),
+        "fw_gradient": args.fw_gradient,
+        "minibatches": args.minibatches,
+        "batch_size": fw_params["batch_size"],
+        "repeat": args.repeat,
+    }
     with open(os.path.join(args.out, "bench_fw.md"), "w") as fp:
-        fp.write(f"# FW-Merging vs mergekit ties ({stamp})\n\nSettings: `{json.dumps(settings)}`\n\n{table}\n")
+        fp.write(
+            f"# FW-Merging vs mergekit ties ({stamp})\n\nSettings: `{json.dumps(settings)}`\n\n{table}\n"
+        )
     with open(os.path.join(args.out, "bench_fw.json"), "w") as fp:
         json.dump({"settings": settings, "rows": rows, "runs": runs_done}, fp, indent=2)
 

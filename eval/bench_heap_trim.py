@@ -33,32 +33,64 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from fwllm.core.paths import data_root
 
-    tokenizer = scale_models.write_tokenizer(os.path.join(args.work, "tokenizer"),
-                                             os.path.join(data_root(), "calibration", "code.jsonl"))
+    tokenizer = scale_models.write_tokenizer(
+        os.path.join(args.work, "tokenizer"), os.path.join(data_root(), "calibration", "code.jsonl")
+    )
     calib = bench_scale.calibration(os.path.join(args.work, "calib"))
     base = scale_models.write_model(os.path.join(args.work, args.model, "base"), args.model, tokenizer)
-    adapters = scale_models.paper_pool(os.path.join(args.work, args.model, "adapters"), scale_models.config_of(args.model))
-    variants = [("off", "off"), ("after every released layer", "layer"), ("once per evaluation", "evaluation")]
+    adapters = scale_models.paper_pool(
+        os.path.join(args.work, args.model, "adapters"), scale_models.config_of(args.model)
+    )
+    variants = [
+        ("off", "off"),
+        ("after every released layer", "layer"),
+        ("once per evaluation", "evaluation"),
+    ]
     runs = {label: [] for label, _ in variants}
     for _ in range(args.repeats):  # variants interleaved, so a slow spell of the machine hits them alike
         for label, trim in variants:
-            runs[label].append(bench_scale.run_child("floor", {
-                "base": base, "adapters": adapters, "calibration": calib, "max_length": 64, "batch_size": 4,
-                "trim": trim, "evaluations": args.evaluations}))
+            runs[label].append(
+                bench_scale.run_child(
+                    "floor",
+                    {
+                        "base": base,
+                        "adapters": adapters,
+                        "calibration": calib,
+                        "max_length": 64,
+                        "batch_size": 4,
+                        "trim": trim,
+                        "evaluations": args.evaluations,
+                    },
+                )
+            )
             print(label, json.dumps(runs[label][-1]), flush=True)
-    rows = [{"variant": label, "trim": trim, "runs": runs[label],
-             "evaluation_s": statistics.median(statistics.mean(r["evaluations_s"]) for r in runs[label]),
-             "peak_anon_gib": statistics.median(r["peak_anon_gib"] for r in runs[label]),
-             "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in runs[label])} for label, trim in variants]
+    rows = [
+        {
+            "variant": label,
+            "trim": trim,
+            "runs": runs[label],
+            "evaluation_s": statistics.median(statistics.mean(r["evaluations_s"]) for r in runs[label]),
+            "peak_anon_gib": statistics.median(r["peak_anon_gib"] for r in runs[label]),
+            "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in runs[label]),
+        }
+        for label, trim in variants
+    ]
     off = rows[0]
-    lines = [f"# Heap trim on the layer-by-layer floor ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores)",
-             "", f"{args.model} + 16 LoRA adapters, {args.evaluations} forward+backward evaluations per run, medians of "
-             f"{args.repeats} runs.", "",
-             "| trim | s per evaluation | vs off | peak anon GiB | vs off | peak RSS GiB |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Heap trim on the layer-by-layer floor ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores)",
+        "",
+        f"{args.model} + 16 LoRA adapters, {args.evaluations} forward+backward evaluations per run, medians of "
+        f"{args.repeats} runs.",
+        "",
+        "| trim | s per evaluation | vs off | peak anon GiB | vs off | peak RSS GiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['evaluation_s']:.1f} | {r['evaluation_s'] / off['evaluation_s']:.2f} | "
-                     f"{r['peak_anon_gib']:.2f} | {r['peak_anon_gib'] / off['peak_anon_gib']:.2f} | "
-                     f"{r['peak_rss_gib']:.2f} |")
+        lines.append(
+            f"| {r['variant']} | {r['evaluation_s']:.1f} | {r['evaluation_s'] / off['evaluation_s']:.2f} | "
+            f"{r['peak_anon_gib']:.2f} | {r['peak_anon_gib'] / off['peak_anon_gib']:.2f} | "
+            f"{r['peak_rss_gib']:.2f} |"
+        )
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_heap_trim.md"), "w", encoding="utf-8") as fp:

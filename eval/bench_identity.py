@@ -29,8 +29,10 @@ def write_shards(folder: str, gib: float, shard_gib: float = 4.0) -> None:
     while total > 0:
         n = min(total, shard_bytes) // 2
         bits = rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
-        save_file({f"w{i}": torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)},
-                  os.path.join(folder, f"model-{i:05d}.safetensors"))
+        save_file(
+            {f"w{i}": torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)},
+            os.path.join(folder, f"model-{i:05d}.safetensors"),
+        )
         total -= 2 * n
         i += 1
     with open(os.path.join(folder, "config.json"), "w") as fp:
@@ -48,8 +50,9 @@ def drop_pages(folder: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder", nargs="?", help="a model folder (default: write shards with --write-gib)")
     parser.add_argument("--write-gib", type=float, default=0.2, help="GiB of random bf16 shards to write")
     args = parser.parse_args()
@@ -77,8 +80,10 @@ def main() -> None:
         warm = identity.folder_identity(folder)
         warm_s = time.perf_counter() - t
         assert warm == cold
-        print(f"files {len(files)}  GiB {gib:.3f}  cold hash {cold_s:.2f} s  {gib / cold_s:.2f} GiB/s  "
-              f"(threads {identity.HASH_THREADS}, cpus {os.cpu_count()})")
+        print(
+            f"files {len(files)}  GiB {gib:.3f}  cold hash {cold_s:.2f} s  {gib / cold_s:.2f} GiB/s  "
+            f"(threads {identity.HASH_THREADS}, cpus {os.cpu_count()})"
+        )
         print(f"memo hit (new process view) {warm_s * 1000:.1f} ms for {len(files)} files")
 
 

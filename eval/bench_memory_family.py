@@ -41,8 +41,15 @@ METHODS: Dict[str, tuple] = {
 }
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "="] + [f"w{i}" for i in range(1019)]
 # ~14M parameters (56 MB in float32): large enough that N copies dominate the baseline RSS
-MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=8, max_position_embeddings=128, tie_word_embeddings=False)
+MODEL = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 
 
 def _tokenizer():
@@ -51,8 +58,9 @@ def _tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def prepare(workdir: str, n_max: int) -> dict:
@@ -64,8 +72,11 @@ def prepare(workdir: str, n_max: int) -> dict:
     hf_logging.disable_progress_bar()
     root = os.path.join(workdir, "pool")
     ready = os.path.join(root, "READY")  # holds how many candidates exist
-    paths = {"base": os.path.join(root, "base"), "calib": os.path.join(root, "calib"),
-             "candidates": [os.path.join(root, f"c{i}") for i in range(n_max)]}
+    paths = {
+        "base": os.path.join(root, "base"),
+        "calib": os.path.join(root, "calib"),
+        "candidates": [os.path.join(root, f"c{i}") for i in range(n_max)],
+    }
     if os.path.exists(ready) and int(open(ready).read()) >= n_max:
         return paths
     torch.manual_seed(0)
@@ -98,8 +109,10 @@ def write_recipe(method: str, n: int, paths: dict, path: str) -> str:
     recipe = {
         "merge_method": method,
         "base_model": paths["base"],
-        "models": [{"model": c, **({"parameters": dict(per_model)} if per_model else {})}
-                   for c in paths["candidates"][:n]],
+        "models": [
+            {"model": c, **({"parameters": dict(per_model)} if per_model else {})}
+            for c in paths["candidates"][:n]
+        ],
         "parameters": params,
         "dtype": "float32",
     }
@@ -129,8 +142,12 @@ def measure(method_name: str, n: int, workdir: str, threads: int = 1) -> dict:
     run_dir = os.path.join(workdir, "runs", f"{method_name}-{n}")
     os.makedirs(run_dir, exist_ok=True)
     recipe = write_recipe(method_name, n, paths, os.path.join(run_dir, "recipe.yml"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
-           "FWLLM_CACHE": os.path.join(run_dir, "cache")}  # no statistics reused across runs
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "FWLLM_CACHE": os.path.join(run_dir, "cache"),
+    }  # no statistics reused across runs
     peak_file = os.path.join(run_dir, "peak_kib")
     env["BENCH_PEAK_FILE"] = peak_file
     cmd = [sys.executable, "-c", OWN_PEAK_WRAPPER, "merge", recipe, os.path.join(run_dir, "out"), "--force"]
@@ -187,11 +204,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--workdir", default=None, help="keeps the synthetic pool between runs (default: a temp dir)")
-    ap.add_argument("--threads", type=int, default=1, help="OMP threads per child (1: stable on a shared box)")
+    ap.add_argument(
+        "--workdir", default=None, help="keeps the synthetic pool between runs (default: a temp dir)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="OMP threads per child (1: stable on a shared box)"
+    )
     ap.add_argument("--json", default=None, help="also write the figures here")
-    ap.add_argument("--out", default=os.path.join("eval", "reports", "bench_memory_family.md"),
-                    help="markdown report ('' = none)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join("eval", "reports", "bench_memory_family.md"),
+        help="markdown report ('' = none)",
+    )
     args = ap.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="fwllm-bench-family-")
     ns = sorted(args.n)
@@ -200,19 +224,24 @@ def main() -> None:
     for method in args.methods:
         for n in ns:
             results.setdefault(method, {})[n] = r = measure(method, n, workdir, args.threads)
-            print(f"{method:>11} N={n:<3} peak RSS {r['peak_rss_mb']:7.0f} MB  anon {r['peak_anon_mb']:7.0f} MB  "
-                  f"wall {r['wall_s']:6.1f} s", flush=True)
+            print(
+                f"{method:>11} N={n:<3} peak RSS {r['peak_rss_mb']:7.0f} MB  anon {r['peak_anon_mb']:7.0f} MB  "
+                f"wall {r['wall_s']:6.1f} s",
+                flush=True,
+            )
     print()
     print(table(results, ns))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as fp:
-            fp.write(f"# Peak memory vs N: data-informed family beside FW and mergekit ties "
-                     f"({time.strftime('%Y-%m-%d %H:%M')})\n\n"
-                     f"`python eval/bench_memory_family.py --n {' '.join(map(str, ns))}`; model `{json.dumps(MODEL)}` "
-                     f"(~14M parameters, float32), {args.threads} thread(s) per child, {os.cpu_count()} cores.\n\n"
-                     "RSS = the child's own peak resident set, VmHWM (mapped file pages included); anon = peak RssAnon (what the "
-                     "process allocated). (x) = ratio to the smallest N.\n\n" + table(results, ns) + "\n")
+            fp.write(
+                f"# Peak memory vs N: data-informed family beside FW and mergekit ties "
+                f"({time.strftime('%Y-%m-%d %H:%M')})\n\n"
+                f"`python eval/bench_memory_family.py --n {' '.join(map(str, ns))}`; model `{json.dumps(MODEL)}` "
+                f"(~14M parameters, float32), {args.threads} thread(s) per child, {os.cpu_count()} cores.\n\n"
+                "RSS = the child's own peak resident set, VmHWM (mapped file pages included); anon = peak RssAnon (what the "
+                "process allocated). (x) = ratio to the smallest N.\n\n" + table(results, ns) + "\n"
+            )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fp:
             json.dump({"model": MODEL, "results": results}, fp, indent=2)

@@ -78,15 +78,17 @@ def _rss_gib(pids) -> tuple:
 def _solved(out: str) -> bool:
     """Whether the merge into `out` has finished its solve (its staged plan is marked DONE)."""
     parent, name = os.path.split(out)
-    return bool(glob.glob(os.path.join(parent, f".{name}.partial-*", "fwllm_plan", "DONE"))) or \
-        os.path.isfile(os.path.join(out, "fwllm_plan", "DONE"))
+    return bool(
+        glob.glob(os.path.join(parent, f".{name}.partial-*", "fwllm_plan", "DONE"))
+    ) or os.path.isfile(os.path.join(out, "fwllm_plan", "DONE"))
 
 
 def _plan_dirs(out: str) -> list:
     """The plan folder of a merge into `out`, staged or finished."""
     parent, name = os.path.split(out)
-    return glob.glob(os.path.join(parent, f".{name}.partial-*", "fwllm_plan")) + \
-        glob.glob(os.path.join(out, "fwllm_plan"))
+    return glob.glob(os.path.join(parent, f".{name}.partial-*", "fwllm_plan")) + glob.glob(
+        os.path.join(out, "fwllm_plan")
+    )
 
 
 def run_child(kind: str, args: dict, cache: str = None) -> dict:
@@ -102,8 +104,13 @@ def run_child(kind: str, args: dict, cache: str = None) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
         env["FWLLM_CACHE"] = cache
     stats = os.path.join(cache, "stats") if cache else None
-    proc = subprocess.Popen([sys.executable, CHILD, kind, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, CHILD, kind, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     peak = {"anon": 0.0, "rss": 0.0, "solve_anon": 0.0, "solve_rss": 0.0, "disk": 0}
     watched, solving, next_du = psutil.Process(proc.pid), kind == "fwllm", 0.0
     while proc.poll() is None:
@@ -124,13 +131,18 @@ def run_child(kind: str, args: dict, cache: str = None) -> dict:
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         raise SystemExit(f"{kind} run failed:\n{err[-3000:]}")
-    result = dict(json.loads(line[len("RESULT "):]), peak_anon_gib=peak["anon"], sampled_rss_gib=peak["rss"])
+    result = dict(json.loads(line[len("RESULT ") :]), peak_anon_gib=peak["anon"], sampled_rss_gib=peak["rss"])
     if kind == "fwllm":
         plan = du_bytes(*_plan_dirs(args["out"])) / GIB
         stat = du_bytes(stats) / GIB if stats else 0.0
-        result.update(solve_anon_gib=peak["solve_anon"], solve_rss_gib=peak["solve_rss"], plan_disk_gib=plan,
-                      stats_disk_gib=stat, peak_disk_gib=max(peak["disk"] / GIB, plan + stat),
-                      dense_gib=model_bytes(args["out"]) / GIB)
+        result.update(
+            solve_anon_gib=peak["solve_anon"],
+            solve_rss_gib=peak["solve_rss"],
+            plan_disk_gib=plan,
+            stats_disk_gib=stat,
+            peak_disk_gib=max(peak["disk"] / GIB, plan + stat),
+            dense_gib=model_bytes(args["out"]) / GIB,
+        )
         if args.get("lora_out"):
             result["lora_gib"] = du_bytes(args["lora_out"]) / GIB
     if cache:
@@ -175,20 +187,24 @@ def calibration(folder: str, rows: int = 4, tokens: int = 64, tasks: int = 1) ->
     for name in ("code", "cnn", "pubmedqa"):
         src = os.path.join(data_root(), "calibration", f"{name}.jsonl")
         with open(src, encoding="utf-8") as fp:
-            texts += [(r.get("prompt", "") + " " + r.get("response", "")).split() for r in map(json.loads, fp)]
+            texts += [
+                (r.get("prompt", "") + " " + r.get("response", "")).split() for r in map(json.loads, fp)
+            ]
     long_enough = [w for w in texts if len(w) >= tokens]
     if len(long_enough) < rows:
         joined = [w for t in texts for w in t]
-        long_enough = [joined[i: i + tokens] for i in range(0, len(joined) - tokens + 1, tokens)]
+        long_enough = [joined[i : i + tokens] for i in range(0, len(joined) - tokens + 1, tokens)]
     if len(long_enough) < rows:
         raise SystemExit(f"the shared calibration prompts hold too few words for {rows} rows of {tokens}")
-    out = [{"prompt": " ".join(w[: tokens // 2]), "response": " ".join(w[tokens // 2: tokens])}
-           for w in long_enough[:rows]]
+    out = [
+        {"prompt": " ".join(w[: tokens // 2]), "response": " ".join(w[tokens // 2 : tokens])}
+        for w in long_enough[:rows]
+    ]
     per = rows // tasks
     for k in range(tasks):
         name = "code" if tasks == 1 else f"task{k}"
         with open(os.path.join(folder, f"{name}.jsonl"), "w", encoding="utf-8") as fp:
-            fp.writelines(json.dumps(r) + "\n" for r in out[k * per: (k + 1) * per])
+            fp.writelines(json.dumps(r) + "\n" for r in out[k * per : (k + 1) * per])
     return folder
 
 
@@ -207,8 +223,13 @@ def write_recipe(path: str, method: str, base: str, models: list, params: dict, 
         if tasks:
             per["task"] = tasks[i]
         entries.append({"model": m, "parameters": per} if per else {"model": m})
-    recipe = {"merge_method": method, "base_model": base, "dtype": "bfloat16", "parameters": params,
-              "models": entries}
+    recipe = {
+        "merge_method": method,
+        "base_model": base,
+        "dtype": "bfloat16",
+        "parameters": params,
+        "models": entries,
+    }
     with open(path, "w", encoding="utf-8") as fp:
         yaml.safe_dump(recipe, fp, sort_keys=False)
     return path
@@ -217,12 +238,14 @@ def write_recipe(path: str, method: str, base: str, models: list, params: dict, 
 def model_bytes(folder: str) -> int:
     if not os.path.isdir(folder):
         return 0
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-               if f.endswith(".safetensors"))
+    return sum(
+        os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
+    )
 
 
-def mergekit_ta(name: str, work: str, base: str, refs: list, size: int, mergekit: str,
-                cache_gib: float) -> dict:
+def mergekit_ta(
+    name: str, work: str, base: str, refs: list, size: int, mergekit: str, cache_gib: float
+) -> dict:
     """mergekit task_arithmetic on the pool where its LoRA merge cache fits here, else what it needs."""
     cache_need = len(refs) * size  # mergekit writes a merged copy of the model per adapter
     free = shutil.disk_usage(work).free
@@ -240,8 +263,9 @@ def mergekit_ta(name: str, work: str, base: str, refs: list, size: int, mergekit
     return result
 
 
-def model_entry(name: str, work: str, calib: str, opts, tokenizer: str, mergekit: str, max_length: int,
-                label: str = None) -> dict:
+def model_entry(
+    name: str, work: str, calib: str, opts, tokenizer: str, mergekit: str, max_length: int, label: str = None
+) -> dict:
     """One model's table: every row `opts.methods` names (skipped with a note where its layerwise path is
     missing), the floors they need, and mergekit. `label`: a second table of the same model."""
     base = scale_models.write_model(os.path.join(work, name, "base"), name, tokenizer)
@@ -252,15 +276,33 @@ def model_entry(name: str, work: str, calib: str, opts, tokenizer: str, mergekit
     size = model_bytes(base)
     folder = os.path.join(work, name, label.split()[0] if label else "default")
     os.makedirs(folder, exist_ok=True)
-    shared = {"calibration": calib, "iterations": opts.iterations, "max_length": max_length, "batch_size": 4,
-              "gradient": "layerwise", "device": opts.device, "checkpoint_memory": opts.checkpoint_memory}
-    floor_args = {"base": base, "adapters": adapters, "calibration": calib, "max_length": max_length,
-                  "batch_size": 4, "device": opts.device, "checkpoint_gib": opts.checkpoint_memory,
-                  "tasks": tasks}
-    entry = {"model": name + (f" ({label})" if label else ""), "model_gib": size / GIB,
-             "adapters_gib": sum(model_bytes(a) for a in adapters) / GIB, "rows": {}, "floors": {},
-             "calibration": f"{len(names)} tasks x {_rows_in(calib) // len(names)} rows x {max_length} "
-                            "tokens"}
+    shared = {
+        "calibration": calib,
+        "iterations": opts.iterations,
+        "max_length": max_length,
+        "batch_size": 4,
+        "gradient": "layerwise",
+        "device": opts.device,
+        "checkpoint_memory": opts.checkpoint_memory,
+    }
+    floor_args = {
+        "base": base,
+        "adapters": adapters,
+        "calibration": calib,
+        "max_length": max_length,
+        "batch_size": 4,
+        "device": opts.device,
+        "checkpoint_gib": opts.checkpoint_memory,
+        "tasks": tasks,
+    }
+    entry = {
+        "model": name + (f" ({label})" if label else ""),
+        "model_gib": size / GIB,
+        "adapters_gib": sum(model_bytes(a) for a in adapters) / GIB,
+        "rows": {},
+        "floors": {},
+        "calibration": f"{len(names)} tasks x {_rows_in(calib) // len(names)} rows x {max_length} tokens",
+    }
     for row in ROWS:
         if row.key not in opts.methods:
             continue
@@ -282,8 +324,12 @@ def model_entry(name: str, work: str, calib: str, opts, tokenizer: str, mergekit
             entry["floors"][row.floor] = repeated(row.floor, floor_args, opts.repeats)
         floor = entry["floors"].get(row.floor)
         timed = r.get("per_iteration_s") if row.per_iteration else r.get("solve_s")
-        r.update(label=row.label, floor=row.floor, per_iteration=row.per_iteration,
-                 vs_floor=timed / floor["evaluation_s"] if floor and timed else None)
+        r.update(
+            label=row.label,
+            floor=row.floor,
+            per_iteration=row.per_iteration,
+            vs_floor=timed / floor["evaluation_s"] if floor and timed else None,
+        )
         if r.get("lora_gib") is not None and r.get("dense_gib"):
             r["lora_ratio"] = r["lora_gib"] / r["dense_gib"]
         r["targets"] = rows_mod.targets(name, row, r, size / GIB)
@@ -295,12 +341,16 @@ def model_entry(name: str, work: str, calib: str, opts, tokenizer: str, mergekit
 
 
 def _rows_in(calib: str) -> int:
-    return sum(sum(1 for _ in open(os.path.join(calib, f), encoding="utf-8"))
-               for f in os.listdir(calib) if f.endswith(".jsonl"))
+    return sum(
+        sum(1 for _ in open(os.path.join(calib, f), encoding="utf-8"))
+        for f in os.listdir(calib)
+        if f.endswith(".jsonl")
+    )
 
 
-def full_pool_runs(work: str, calib: str, sizes: list, tokenizer: str, mergekit: str,
-                   name: str = "tinyllama-1.1b") -> list:
+def full_pool_runs(
+    work: str, calib: str, sizes: list, tokenizer: str, mergekit: str, name: str = "tinyllama-1.1b"
+) -> list:
     """Full-checkpoint candidates (base + a dense random delta): FW vs mergekit ties."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -316,25 +366,52 @@ def full_pool_runs(work: str, calib: str, sizes: list, tokenizer: str, mergekit:
                 src = os.path.join(base, f)
                 if f.endswith(".safetensors"):
                     tensors = load_file(src)
-                    save_file({k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=gen)).to(v.dtype)
-                               for k, v in tensors.items()}, os.path.join(folder, f), metadata={"format": "pt"})
+                    save_file(
+                        {
+                            k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=gen)).to(
+                                v.dtype
+                            )
+                            for k, v in tensors.items()
+                        },
+                        os.path.join(folder, f),
+                        metadata={"format": "pt"},
+                    )
                     del tensors
                 elif os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(folder, f))
         cands.append(folder)
     rows = []
     for n in sizes:
-        fw_recipe = write_recipe(os.path.join(work, name, f"fw{n}.yml"), "fw_merging", base, cands[:n],
-                                 {"calibration": calib, "iterations": 2, "max_length": 64, "batch_size": 4,
-                                  "gradient": "layerwise", **rows_mod.fw_paper_params()})
-        ties_recipe = write_recipe(os.path.join(work, name, f"ties{n}.yml"), "ties", base, cands[:n],
-                                   {"lambda": 1.0, "density": 0.2})
+        fw_recipe = write_recipe(
+            os.path.join(work, name, f"fw{n}.yml"),
+            "fw_merging",
+            base,
+            cands[:n],
+            {
+                "calibration": calib,
+                "iterations": 2,
+                "max_length": 64,
+                "batch_size": 4,
+                "gradient": "layerwise",
+                **rows_mod.fw_paper_params(),
+            },
+        )
+        ties_recipe = write_recipe(
+            os.path.join(work, name, f"ties{n}.yml"), "ties", base, cands[:n], {"lambda": 1.0, "density": 0.2}
+        )
         out = os.path.join(work, name, "out_full")
         shutil.rmtree(out, ignore_errors=True)
         fw = run_child("fwllm", {"recipe": fw_recipe, "out": out})
         shutil.rmtree(out, ignore_errors=True)
-        ties = run_child("mergekit", {"mergekit": mergekit, "recipe": ties_recipe, "out": out,
-                                      "cache": os.path.join(work, "unused_cache")})
+        ties = run_child(
+            "mergekit",
+            {
+                "mergekit": mergekit,
+                "recipe": ties_recipe,
+                "out": out,
+                "cache": os.path.join(work, "unused_cache"),
+            },
+        )
         shutil.rmtree(out, ignore_errors=True)
         rows.append({"model": name, "n": n, "fw": fw, "ties": ties})
     return rows
@@ -344,40 +421,67 @@ def render_full(full: list) -> list:
     """The full-checkpoint pool's table (FW vs mergekit ties)."""
     lines = []
     if full:
-        lines += ["", f"## Full-checkpoint pool at {full[0].get('model', 'tinyllama-1.1b')} (FW vs mergekit ties)", "",
-                  "| N | FW solve RSS GiB | FW peak RSS GiB | FW RSS / N=min | ties peak RSS GiB | FW / ties RSS | FW anon GiB | ties anon GiB | "
-                  "FW wall s | ties wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Full-checkpoint pool at {full[0].get('model', 'tinyllama-1.1b')} (FW vs mergekit ties)",
+            "",
+            "| N | FW solve RSS GiB | FW peak RSS GiB | FW RSS / N=min | ties peak RSS GiB | FW / ties RSS | FW anon GiB | ties anon GiB | "
+            "FW wall s | ties wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         first = full[0]["fw"]["peak_rss_gib"]
         for r in full:
             fw, ties = r["fw"], r["ties"]
-            lines.append(f"| {r['n']} | {fw['solve_rss_gib']:.2f} | {fw['peak_rss_gib']:.2f} | "
-                         f"{fw['peak_rss_gib'] / first:.2f} | "
-                         f"{ties['peak_rss_gib']:.2f} | {fw['peak_rss_gib'] / ties['peak_rss_gib']:.2f} | "
-                         f"{fw['peak_anon_gib']:.2f} | {ties['peak_anon_gib']:.2f} | {fw['wall_s']:.0f} | "
-                         f"{ties['wall_s']:.0f} |")
+            lines.append(
+                f"| {r['n']} | {fw['solve_rss_gib']:.2f} | {fw['peak_rss_gib']:.2f} | "
+                f"{fw['peak_rss_gib'] / first:.2f} | "
+                f"{ties['peak_rss_gib']:.2f} | {fw['peak_rss_gib'] / ties['peak_rss_gib']:.2f} | "
+                f"{fw['peak_anon_gib']:.2f} | {ties['peak_anon_gib']:.2f} | {fw['wall_s']:.0f} | "
+                f"{ties['wall_s']:.0f} |"
+            )
     return lines
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["smol-135m", "tinyllama-1.1b", "llama2-7b"],
-                    choices=sorted(scale_models.SHAPES))
-    ap.add_argument("--methods", nargs="+", default=rows_mod.METHOD_KEYS, choices=rows_mod.METHOD_KEYS,
-                    help="rows of each model's table (floors follow the rows that need them)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["smol-135m", "tinyllama-1.1b", "llama2-7b"],
+        choices=sorted(scale_models.SHAPES),
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=rows_mod.METHOD_KEYS,
+        choices=rows_mod.METHOD_KEYS,
+        help="rows of each model's table (floors follow the rows that need them)",
+    )
     ap.add_argument("--iterations", type=int, default=2, help="FW iterations, AdaMerging steps")
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; the tables show medians")
-    ap.add_argument("--full-pool", nargs="+", type=int, default=[2, 4, 8],
-                    help="pool sizes N of the full-checkpoint comparison with mergekit ties (0: skip it)")
+    ap.add_argument(
+        "--full-pool",
+        nargs="+",
+        type=int,
+        default=[2, 4, 8],
+        help="pool sizes N of the full-checkpoint comparison with mergekit ties (0: skip it)",
+    )
     ap.add_argument("--full-pool-model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
-    ap.add_argument("--mergekit-cache-gib", type=float, default=8.0,
-                    help="run mergekit on a LoRA pool only when its lora_merge_cache needs less "
-                         "(else: computed)")
+    ap.add_argument(
+        "--mergekit-cache-gib",
+        type=float,
+        default=8.0,
+        help="run mergekit on a LoRA pool only when its lora_merge_cache needs less (else: computed)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the LoRA runs' solve device")
     ap.add_argument("--rows", type=int, default=4, help="calibration rows of the LoRA runs, over all tasks")
     ap.add_argument("--tokens", type=int, default=64, help="words per calibration row (and max_length)")
     ap.add_argument("--tasks", type=int, default=2, help="calibration tasks the 16 adapters are dealt over")
-    ap.add_argument("--realistic", action="store_true",
-                    help="one more table at --realistic-model with 4 tasks x 8 rows x 256 tokens")
+    ap.add_argument(
+        "--realistic",
+        action="store_true",
+        help="one more table at --realistic-model with 4 tasks x 8 rows x 256 tokens",
+    )
     ap.add_argument("--realistic-model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
     ap.add_argument("--checkpoint-memory", type=float, default=1.0, help="FW's checkpoint_memory (GiB)")
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fwllm", "bench_scale"))
@@ -386,11 +490,16 @@ def main(argv=None) -> None:
     from fwllm.core.paths import data_root
 
     command = "python eval/bench_scale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    tokenizer = scale_models.write_tokenizer(os.path.join(args.work, "tokenizer"),
-                                             os.path.join(data_root(), "calibration", "code.jsonl"))
+    tokenizer = scale_models.write_tokenizer(
+        os.path.join(args.work, "tokenizer"), os.path.join(data_root(), "calibration", "code.jsonl")
+    )
     mergekit = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-    lora_calib = calibration(os.path.join(args.work, f"calib_{args.tasks}x{args.rows}x{args.tokens}"),
-                             args.rows, args.tokens, args.tasks)
+    lora_calib = calibration(
+        os.path.join(args.work, f"calib_{args.tasks}x{args.rows}x{args.tokens}"),
+        args.rows,
+        args.tokens,
+        args.tasks,
+    )
     entries = []
     runs = [(name, lora_calib, args.tokens, None) for name in args.models]
     if args.realistic:
@@ -409,9 +518,20 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, "bench_scale.md"), "w", encoding="utf-8") as fp:
         fp.write(table)
     with open(os.path.join(args.out, "bench_scale.json"), "w", encoding="utf-8") as fp:
-        json.dump({"models": entries, "full": full, "command": command, "iterations": args.iterations,
-                   "rows": args.rows, "tokens": args.tokens, "tasks": args.tasks, "device": args.device}, fp,
-                  indent=1)
+        json.dump(
+            {
+                "models": entries,
+                "full": full,
+                "command": command,
+                "iterations": args.iterations,
+                "rows": args.rows,
+                "tokens": args.tokens,
+                "tasks": args.tasks,
+                "device": args.device,
+            },
+            fp,
+            indent=1,
+        )
     print(table)
 
 

@@ -43,6 +43,7 @@ def timed_solves() -> dict:
                 return original(self, job)
             finally:
                 seconds["solve_s"] = seconds.get("solve_s", 0.0) + time.time() - t0
+
         cls.solve = solve
     return seconds
 
@@ -73,8 +74,19 @@ def run_fwllm(args: dict) -> dict:
 
 
 def run_mergekit(args: dict) -> dict:
-    r = subprocess.run([args["mergekit"], args["recipe"], args["out"], "--lora-merge-cache", args["cache"],
-                        "--out-shard-size", "2B"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            args["mergekit"],
+            args["recipe"],
+            args["out"],
+            "--lora-merge-cache",
+            args["cache"],
+            "--out-shard-size",
+            "2B",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise SystemExit(r.stderr[-2000:])
     return {}
@@ -103,8 +115,13 @@ def run_floor(args: dict) -> dict:
     model = skeleton(args["base"])
     lora = LoraTerms([AdapterReader(a) for a in args["adapters"]])
     lora.attach(model)
-    objective = encode_tasks(load_calibration(args["calibration"]), load_tokenizer(args["base"]), model,
-                             args["max_length"], args["batch_size"])
+    objective = encode_tasks(
+        load_calibration(args["calibration"]),
+        load_tokenizer(args["base"]),
+        model,
+        args["max_length"],
+        args["batch_size"],
+    )
     meta = MetaModel(model, base_weights(args["base"]), args.get("device", "cpu"))
     grad = StreamedGradient(meta, objective, [], lambda: {}, lora, checkpoint_bytes=_checkpoint_bytes(args))
     from fwbench.heap_trim import set_heap_trim  # eval/bench_heap_trim.py: heap trim off, or how often
@@ -150,10 +167,12 @@ def run_gram_floor(args: dict) -> dict:
 
     tokenizer = load_tokenizer(args["base"])
     candidates = [open_candidate(args["base"], a) for a in args["adapters"]]
-    batches = [encode_task(t, tokenizer, args["max_length"], args["batch_size"]).batches
-               for t in _own_tasks(args)]
-    floor = ForwardOnly.for_candidates(args["base"], candidates, [1.0] * len(candidates), batches, 0.9, 1e-5,
-                                       args.get("device", "cpu"))
+    batches = [
+        encode_task(t, tokenizer, args["max_length"], args["batch_size"]).batches for t in _own_tasks(args)
+    ]
+    floor = ForwardOnly.for_candidates(
+        args["base"], candidates, [1.0] * len(candidates), batches, 0.9, 1e-5, args.get("device", "cpu")
+    )
     t0 = time.time()
     for _ in floor.merged():
         pass
@@ -181,8 +200,9 @@ def run_fisher_floor(args: dict) -> dict:
         try:
             objective = encode_tasks([task], tokenizer, model, args["max_length"], args["batch_size"])
             meta = MetaModel(model, weights, args.get("device", "cpu"))
-            grad = StreamedGradient(meta, objective, [], lambda: {}, lora,
-                                    checkpoint_bytes=_checkpoint_bytes(args))
+            grad = StreamedGradient(
+                meta, objective, [], lambda: {}, lora, checkpoint_bytes=_checkpoint_bytes(args)
+            )
             t0 = time.time()
             grad(lambda n, g: None)
             _sync()
@@ -192,8 +212,13 @@ def run_fisher_floor(args: dict) -> dict:
     return {"evaluation_s": total}
 
 
-RUNS = {"fwllm": run_fwllm, "mergekit": run_mergekit, "floor": run_floor, "gram_floor": run_gram_floor,
-        "fisher_floor": run_fisher_floor}
+RUNS = {
+    "fwllm": run_fwllm,
+    "mergekit": run_mergekit,
+    "floor": run_floor,
+    "gram_floor": run_gram_floor,
+    "fisher_floor": run_fisher_floor,
+}
 
 
 def main() -> None:
@@ -209,9 +234,14 @@ def main() -> None:
     # (subprocess spawns with vfork), so ru_maxrss would never be below what the benchmark held at the spawn
     own = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # ours: at most `own` at their spawn
-    figures = dict(extra, wall_s=time.time() - start, peak_rss_gib=max(own, children) / 2**20,
-                   read_gib=io["read_bytes"] / 2**30, written_gib=io["write_bytes"] / 2**30,
-                   rchar_gib=io["rchar"] / 2**30)
+    figures = dict(
+        extra,
+        wall_s=time.time() - start,
+        peak_rss_gib=max(own, children) / 2**20,
+        read_gib=io["read_bytes"] / 2**30,
+        written_gib=io["write_bytes"] / 2**30,
+        rchar_gib=io["rchar"] / 2**30,
+    )
     print("RESULT " + json.dumps(figures))
 
 

@@ -16,8 +16,15 @@ from typing import Dict, List, Optional
 GIB = 1 << 30
 
 # FW-Merging as the paper (and issue 11) ran it: pinned, so a change of FW's defaults leaves this row alone
-FW_PAPER_KEYS = {"step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic",
-                 "init": "task_arithmetic", "scaling": 0.3, "step": "open_loop", "hull": "fixed"}
+FW_PAPER_KEYS = {
+    "step_size": 0.1,
+    "granularity": "tensor",
+    "local_merge": "task_arithmetic",
+    "init": "task_arithmetic",
+    "scaling": 0.3,
+    "step": "open_loop",
+    "hull": "fixed",
+}
 
 
 @dataclass
@@ -42,20 +49,39 @@ def fw_paper_params() -> Dict:
 
 
 ROWS = [
-    Row("fw-open-loop", "FW open loop (paper settings)", "fw_merging", floor="floor", floor_target=1.2,
-        per_iteration=True, lora_out=True, bounded=False),
-    Row("fw-default", "FW, recipe defaults", "fw_merging", floor="floor", floor_target=1.2,
-        per_iteration=True),
+    Row(
+        "fw-open-loop",
+        "FW open loop (paper settings)",
+        "fw_merging",
+        floor="floor",
+        floor_target=1.2,
+        per_iteration=True,
+        lora_out=True,
+        bounded=False,
+    ),
+    Row(
+        "fw-default", "FW, recipe defaults", "fw_merging", floor="floor", floor_target=1.2, per_iteration=True
+    ),
     Row("regmean", "RegMean", "regmean", floor="gram_floor", floor_target=1.3),
     # the empirical Fisher: one backward per example, what the floor measures; the exact Fisher takes one
     # backward per predicted position and top-k output (x 320 at 64 tokens, top_k 5), at any size
-    Row("fisher", "Fisher (empirical)", "fisher", params={"fisher": "empirical"}, floor="fisher_floor",
-        floor_target=1.3),
+    Row(
+        "fisher",
+        "Fisher (empirical)",
+        "fisher",
+        params={"fisher": "empirical"},
+        floor="fisher_floor",
+        floor_target=1.3,
+    ),
     Row("adamerging", "AdaMerging", "adamerging", bounded=False),
 ]
 METHOD_KEYS = [r.key for r in ROWS] + ["mergekit-ta"]
-PARAMS_CLASS = {"fisher": "FisherParams", "regmean": "RegMeanParams", "adamerging": "AdaMergingParams",
-                "fw_merging": "FWParams"}
+PARAMS_CLASS = {
+    "fisher": "FisherParams",
+    "regmean": "RegMeanParams",
+    "adamerging": "AdaMergingParams",
+    "fw_merging": "FWParams",
+}
 
 
 def layerwise_missing(method: str) -> Optional[str]:
@@ -130,10 +156,18 @@ def targets(model: str, row: Row, r: dict, model_gib: float) -> List[str]:
 
 
 # -- the report -----------------------------------------------------------------------------------
-COLUMNS = ["row", "wall s", "solve s", "time vs floor (floor s)", "peak RSS GiB", "peak anon GiB",
-           "read / written / rchar GiB", "plan / stats on disk GiB (peak during run)",
-           "output GiB (LoRA / dense)",
-           "targets"]
+COLUMNS = [
+    "row",
+    "wall s",
+    "solve s",
+    "time vs floor (floor s)",
+    "peak RSS GiB",
+    "peak anon GiB",
+    "read / written / rchar GiB",
+    "plan / stats on disk GiB (peak during run)",
+    "output GiB (LoRA / dense)",
+    "targets",
+]
 
 
 def _f(x, fmt=".2f") -> str:
@@ -151,8 +185,13 @@ def _io(r: dict) -> str:
 
 def model_table(entry: dict) -> List[str]:
     """One model's table: a line per row, its floors, and mergekit."""
-    lines = [f"## {entry['model']} + 16 LoRA adapters ({_g(entry['model_gib'])} GiB model; calibration "
-             f"{entry['calibration']})", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"## {entry['model']} + 16 LoRA adapters ({_g(entry['model_gib'])} GiB model; calibration "
+        f"{entry['calibration']})",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for key, r in entry["rows"].items():
         if r.get("skipped"):
             lines.append(f"| {r['label']} | skipped ({r['skipped']}) |" + " |" * (len(COLUMNS) - 2))
@@ -166,48 +205,67 @@ def model_table(entry: dict) -> List[str]:
         if r.get("lora_ratio") is not None:
             out += f" (1/{1 / r['lora_ratio']:.1f})"
         disk = f"{_g(r['plan_disk_gib'])} / {_g(r['stats_disk_gib'])} ({_g(r['peak_disk_gib'])})"
-        lines.append(f"| {r['label']} | {r['wall_s']:.1f} | {_f(r.get('solve_s'), '.1f')} | {vs} | "
-                     f"{_g(r['peak_rss_gib'])} | {_g(r['peak_anon_gib'])} | {_io(r)} | {disk} | {out} | "
-                     f"{'; '.join(r['targets'])} |")
+        lines.append(
+            f"| {r['label']} | {r['wall_s']:.1f} | {_f(r.get('solve_s'), '.1f')} | {vs} | "
+            f"{_g(r['peak_rss_gib'])} | {_g(r['peak_anon_gib'])} | {_io(r)} | {disk} | {out} | "
+            f"{'; '.join(r['targets'])} |"
+        )
     for kind, f in entry["floors"].items():
-        lines.append(f"| floor: {FLOOR_LABELS[kind]} | {f['wall_s']:.1f} | {f['evaluation_s']:.1f} | 1.00 | "
-                     f"{_g(f['peak_rss_gib'])} | {_g(f['peak_anon_gib'])} | {_io(f)} | - | - | - |")
+        lines.append(
+            f"| floor: {FLOOR_LABELS[kind]} | {f['wall_s']:.1f} | {f['evaluation_s']:.1f} | 1.00 | "
+            f"{_g(f['peak_rss_gib'])} | {_g(f['peak_anon_gib'])} | {_io(f)} | - | - | - |"
+        )
     mk = entry.get("mergekit_ta")
     if mk and mk.get("computed"):
-        lines.append(f"| mergekit task_arithmetic | cannot run here: needs {mk['lora_cache_gib']:.1f} GiB of "
-                     f"LoRA merge cache (one merged model per adapter; free: {mk['free_disk_gib']:.0f} GiB) |"
-                     + " |" * (len(COLUMNS) - 2))
+        lines.append(
+            f"| mergekit task_arithmetic | cannot run here: needs {mk['lora_cache_gib']:.1f} GiB of "
+            f"LoRA merge cache (one merged model per adapter; free: {mk['free_disk_gib']:.0f} GiB) |"
+            + " |"
+            * (len(COLUMNS) - 2)
+        )
     elif mk:
-        lines.append(f"| mergekit task_arithmetic | {mk['wall_s']:.1f} | - | - | {_g(mk['peak_rss_gib'])} | "
-                     f"{_g(mk['peak_anon_gib'])} | {_io(mk)} | LoRA cache {_g(mk.get('cache_disk_gib'))} | "
-                     f"- / {_g(mk.get('dense_gib'))} | - |")
+        lines.append(
+            f"| mergekit task_arithmetic | {mk['wall_s']:.1f} | - | - | {_g(mk['peak_rss_gib'])} | "
+            f"{_g(mk['peak_anon_gib'])} | {_io(mk)} | LoRA cache {_g(mk.get('cache_disk_gib'))} | "
+            f"- / {_g(mk.get('dense_gib'))} | - |"
+        )
     return lines + [""]
 
 
-INTRO = " ".join([
-    "Models are random bf16 weights of the real shapes; the pool is 16 LoRA adapters (8 x r8 on q,v;",
-    "8 x r16 on all projections), adapter i on calibration task i mod K. Every fwllm row runs",
-    "`gradient: layerwise`. RSS = peak resident set of the run (VmHWM, mapped file pages included);",
-    "anon = peak anonymous RSS (sampled); I/O from /proc/self/io (read / written = storage, rchar = all",
-    "reads, page cache included). Plan = the plan folder after the run, stats = $FWLLM_CACHE/stats after",
-    "the run (a fresh cache per run); in brackets the peak of both during the run (sampled each second;",
-    "the staged plan holds float32 merged tensors until the output is written). Solve s = the method's",
-    "solve alone (its model loading and tokenizing included); time vs floor = one FW iteration (mean) or",
-    "the whole solve over its floor (see eval/bench_scale_child.py). Targets: 7B: anon <= 6, RSS <= 8",
-    "GiB; 1.1B: anon <= 2.5, RSS <= 4 GiB (RegMean, Fisher, FW defaults); statistics on disk <= one",
-    "model; Gram pass and Fisher <= 1.3 x floor; FW iteration <= 1.2 x floor; LoRA output <= 1/20 of",
-    "the dense output at 7B."])
+INTRO = " ".join(
+    [
+        "Models are random bf16 weights of the real shapes; the pool is 16 LoRA adapters (8 x r8 on q,v;",
+        "8 x r16 on all projections), adapter i on calibration task i mod K. Every fwllm row runs",
+        "`gradient: layerwise`. RSS = peak resident set of the run (VmHWM, mapped file pages included);",
+        "anon = peak anonymous RSS (sampled); I/O from /proc/self/io (read / written = storage, rchar = all",
+        "reads, page cache included). Plan = the plan folder after the run, stats = $FWLLM_CACHE/stats after",
+        "the run (a fresh cache per run); in brackets the peak of both during the run (sampled each second;",
+        "the staged plan holds float32 merged tensors until the output is written). Solve s = the method's",
+        "solve alone (its model loading and tokenizing included); time vs floor = one FW iteration (mean) or",
+        "the whole solve over its floor (see eval/bench_scale_child.py). Targets: 7B: anon <= 6, RSS <= 8",
+        "GiB; 1.1B: anon <= 2.5, RSS <= 4 GiB (RegMean, Fisher, FW defaults); statistics on disk <= one",
+        "model; Gram pass and Fisher <= 1.3 x floor; FW iteration <= 1.2 x floor; LoRA output <= 1/20 of",
+        "the dense output at 7B.",
+    ]
+)
 
-FLOOR_LABELS = {"floor": "one layer-by-layer forward + backward, all rows (FW iteration)",
-                "gram_floor": "one layer-by-layer forward per candidate, own rows (Gram pass)",
-                "fisher_floor": "one layer-by-layer forward + backward per candidate, own rows (Fisher)"}
+FLOOR_LABELS = {
+    "floor": "one layer-by-layer forward + backward, all rows (FW iteration)",
+    "gram_floor": "one layer-by-layer forward per candidate, own rows (Gram pass)",
+    "fisher_floor": "one layer-by-layer forward + backward per candidate, own rows (Fisher)",
+}
 
 
 def render(entries: List[dict], command: str, device: str, full_lines: List[str]) -> str:
     where = f"{cpu_model()}, {os.cpu_count()} CPU cores" + (f", solve on {device}" if device != "cpu" else "")
-    lines = [f"# fwllm at scale ({time.strftime('%Y-%m-%d %H:%M')}, {where})", "",
-             f"Command: `{command}`", "",
-             INTRO, ""]
+    lines = [
+        f"# fwllm at scale ({time.strftime('%Y-%m-%d %H:%M')}, {where})",
+        "",
+        f"Command: `{command}`",
+        "",
+        INTRO,
+        "",
+    ]
     for entry in entries:
         lines += model_table(entry)
     return "\n".join(lines + full_lines) + "\n"

@@ -27,7 +27,9 @@ from fwllm.demo.recipes import RECIPE_METHODS, PoolSettings
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(MATRIX_METHODS), choices=list(RECIPE_METHODS))
-    ap.add_argument("--sizes", type=int, nargs="+", default=[4, 8], help="pool sizes N (relevant experts first)")
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=[4, 8], help="pool sizes N (relevant experts first)"
+    )
     ap.add_argument("--suites", default="pubmedqa,glue", help='lm-eval suites or tasks; "" = dev losses only')
     ap.add_argument("--limit", type=int, default=20, help="lm-eval documents per task")
     ap.add_argument("--profile", default="smol", choices=["smol", "tiny"])
@@ -45,12 +47,23 @@ def main(argv=None) -> int:
         pool = build_pool(args.profile, "llama", root=args.root, device=args.device)
         merge = PoolSettings(iterations=args.iterations, max_rows=args.max_rows)
         if args.profile == "tiny":
-            merge = PoolSettings(iterations=args.iterations, max_rows=args.max_rows, step_size=0.5, max_length=64,
-                                 batch_size=8, dtype="float32")
-        settings = MatrixSettings(methods=args.methods, sizes=args.sizes,
-                                  suites="" if args.profile == "tiny" else args.suites, limit=args.limit,
-                                  device=args.device, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
-                                  merge=merge)
+            merge = PoolSettings(
+                iterations=args.iterations,
+                max_rows=args.max_rows,
+                step_size=0.5,
+                max_length=64,
+                batch_size=8,
+                dtype="float32",
+            )
+        settings = MatrixSettings(
+            methods=args.methods,
+            sizes=args.sizes,
+            suites="" if args.profile == "tiny" else args.suites,
+            limit=args.limit,
+            device=args.device,
+            confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+            merge=merge,
+        )
         report = run_matrix(pool, args.out, settings)
     except FwllmError as err:
         print(f"Error: {err}", file=sys.stderr)

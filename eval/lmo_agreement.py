@@ -35,12 +35,16 @@ def main(argv=None) -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[8, 32, 128])
     ap.add_argument("--max-rows", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--rescore", type=float, nargs="*", default=[1.5, 3.0], help="z values of the verified LMO")
+    ap.add_argument(
+        "--rescore", type=float, nargs="*", default=[1.5, 3.0], help="z values of the verified LMO"
+    )
     ap.add_argument("--out", default="", help="also write the table as markdown here")
     args = ap.parse_args(argv)
 
     model, tok = load_model(args.base), load_tokenizer(args.base)
-    encode_tasks(load_calibration(args.calibration, args.max_rows), tok, model, args.max_length, 4).backward(model)
+    encode_tasks(load_calibration(args.calibration, args.max_rows), tok, model, args.max_length, 4).backward(
+        model
+    )
     cands = [open_candidate(c) for c in args.candidates]
     sketches = {r: CountSketch(r) for r in args.ratios}
     modes = [(r, z) for z in [0.0] + [z for z in args.rescore if z > 0] for r in args.ratios]
@@ -74,18 +78,29 @@ def main(argv=None) -> None:
                 kept[mode] += value(picked)
                 reads[mode] += len(checked)
         total += 1
-    lines = [f"{total} sketched tensors, {len(cands)} candidates; exact LMO picks the base in {exact_base}", "",
-             "| sketch ratio | rescore z | LMO agreement with exact | descent kept (sum of <g, s>, % of exact) "
-             "| exact tensors read (% of N per tensor) |", "|---|---|---|---|---|"]
-    lines += [f"| {r:g} | {z:g} | {agree[(r, z)] / max(total, 1):.1%} | "
-              f"{kept[(r, z)] / best_total if best_total else 1.0:.1%} | "
-              f"{reads[(r, z)] / max(total * len(cands), 1):.1%} |" for r, z in modes]
+    lines = [
+        f"{total} sketched tensors, {len(cands)} candidates; exact LMO picks the base in {exact_base}",
+        "",
+        "| sketch ratio | rescore z | LMO agreement with exact | descent kept (sum of <g, s>, % of exact) "
+        "| exact tensors read (% of N per tensor) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r:g} | {z:g} | {agree[(r, z)] / max(total, 1):.1%} | "
+        f"{kept[(r, z)] / best_total if best_total else 1.0:.1%} | "
+        f"{reads[(r, z)] / max(total * len(cands), 1):.1%} |"
+        for r, z in modes
+    ]
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fp:
-            fp.write(f"# Sketched vs exact LMO\n\n`python eval/lmo_agreement.py --base {args.base} --candidates "
-                     f"{' '.join(args.candidates)} --calibration {args.calibration} --max-rows {args.max_rows} "
-                     f"--max-length {args.max_length} --rescore {' '.join(f'{z:g}' for z in args.rescore)}`\n\n" + "\n".join(lines) + "\n")
+            fp.write(
+                f"# Sketched vs exact LMO\n\n`python eval/lmo_agreement.py --base {args.base} --candidates "
+                f"{' '.join(args.candidates)} --calibration {args.calibration} --max-rows {args.max_rows} "
+                f"--max-length {args.max_length} --rescore {' '.join(f'{z:g}' for z in args.rescore)}`\n\n"
+                + "\n".join(lines)
+                + "\n"
+            )
 
 
 if __name__ == "__main__":

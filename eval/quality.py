@@ -35,28 +35,50 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="smol", choices=["smol", "tiny"])
     ap.add_argument("--root", default=None, help="expert cache folder")
-    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="pool sizes N (default 2 4 8; tiny 2 4 7)")
-    ap.add_argument("--methods", nargs="+", default=list(QUALITY_METHODS),
-                    choices=list(TUNED_METHODS + RECIPE_ONLY))
-    ap.add_argument("--fw", action="append", default=[], metavar="KEY=VALUE",
-                    help="fw_merging recipe parameter override (hard.KEY / soft.KEY for one variant)")
-    ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="method_params",
-                    help="recipe parameter of regmean / fisher (e.g. regmean.alpha=0.7)")
-    ap.add_argument("--rows", action="append", default=[], metavar="TASK=N", help="dev rows of a task (all: -1)")
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="pool sizes N (default 2 4 8; tiny 2 4 7)"
+    )
+    ap.add_argument(
+        "--methods", nargs="+", default=list(QUALITY_METHODS), choices=list(TUNED_METHODS + RECIPE_ONLY)
+    )
+    ap.add_argument(
+        "--fw",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fw_merging recipe parameter override (hard.KEY / soft.KEY for one variant)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        dest="method_params",
+        help="recipe parameter of regmean / fisher (e.g. regmean.alpha=0.7)",
+    )
+    ap.add_argument(
+        "--rows", action="append", default=[], metavar="TASK=N", help="dev rows of a task (all: -1)"
+    )
     ap.add_argument("--held-out", nargs="*", default=list(HELD_OUT), help="held-out GLUE tasks")
     ap.add_argument("--max-rows", type=int, default=None, help="calibration rows per task (every method)")
     ap.add_argument("--no-best-expert", action="store_true", help="skip the best-single-expert baseline")
     ap.add_argument("--no-cache", action="store_true", help="recompute every merge and score")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--score-dtype", default="auto", choices=list(SCORE_DTYPES),
-                    help="dtype models are scored in (auto: bfloat16 where the hardware has it)")
+    ap.add_argument(
+        "--score-dtype",
+        default="auto",
+        choices=list(SCORE_DTYPES),
+        help="dtype models are scored in (auto: bfloat16 where the hardware has it)",
+    )
     ap.add_argument("--out", default=os.path.join("eval", "reports", "quality"), help="report folder")
     ap.add_argument("--work", default=os.path.join("runs", "quality"), help="merges, recipes and score cache")
     args = ap.parse_args(argv)
 
     from fwllm.experts import build_pool
 
-    if not os.environ.get("FWLLM_VERBOSE"):  # transformers' per-load bars drown the benchmark's progress lines
+    if not os.environ.get(
+        "FWLLM_VERBOSE"
+    ):  # transformers' per-load bars drown the benchmark's progress lines
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
@@ -65,19 +87,28 @@ def main(argv=None) -> int:
     try:
         pool = build_pool(args.profile, "llama", root=args.root, device=args.device)
         tiny = args.profile == "tiny"
-        merge = PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32") if tiny \
+        merge = (
+            PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32")
+            if tiny
             else PoolSettings()
+        )
         if args.max_rows:
             merge.max_rows = args.max_rows
         merge = with_method_overrides(merge, parse_overrides(args.method_params))
         rows = {} if tiny else dict(SMOL_ROWS)
         for task, n in parse_overrides(args.rows).items():
             rows[task] = None if int(n) < 0 else int(n)
-        s = QualitySettings(sizes=args.sizes or ((2, 4, 7) if tiny else (2, 4, 8)), methods=args.methods,
-                            budget=DevBudget(rows=rows), merge=merge,
-                            fw=parse_overrides(args.fw) if tiny else {**SMOL_FW, **parse_overrides(args.fw)},
-                            best_single=not args.no_best_expert, device=args.device, cache=not args.no_cache,
-                            score_dtype=args.score_dtype)
+        s = QualitySettings(
+            sizes=args.sizes or ((2, 4, 7) if tiny else (2, 4, 8)),
+            methods=args.methods,
+            budget=DevBudget(rows=rows),
+            merge=merge,
+            fw=parse_overrides(args.fw) if tiny else {**SMOL_FW, **parse_overrides(args.fw)},
+            best_single=not args.no_best_expert,
+            device=args.device,
+            cache=not args.no_cache,
+            score_dtype=args.score_dtype,
+        )
         report = run_benchmark(pool, args.out, s, args.held_out, work_dir=args.work)
     except FwllmError as err:
         print(f"Error: {err}", file=sys.stderr)

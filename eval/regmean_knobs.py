@@ -55,7 +55,9 @@ def scan(bench: QualityBench, refs, n: int, alpha: float, scales, log) -> list:
     model = load_model(bench.pool.base, torch.float32, bench.s.device).eval()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     merged = load_model(folder, torch.float32, bench.s.device).state_dict()
-    objective = calibration_objective(run.calib, bench.tokenizer, model, s.max_rows, s.max_length, s.batch_size)
+    objective = calibration_objective(
+        run.calib, bench.tokenizer, model, s.max_rows, s.max_length, s.batch_size
+    )
     cells, losses = [], []
     for k in scales:
         with torch.no_grad():
@@ -87,32 +89,48 @@ def main(argv=None) -> int:
         pool = build_pool("smol", "llama")
         points = []
         for alpha in args.alphas:
-            s = QualitySettings(sizes=(args.n,), methods=["regmean"], best_single=False,
-                                budget=DevBudget(rows=dict(SMOL_ROWS)),
-                                merge=with_method_overrides(PoolSettings(), {"regmean.alpha": alpha}))
+            s = QualitySettings(
+                sizes=(args.n,),
+                methods=["regmean"],
+                best_single=False,
+                budget=DevBudget(rows=dict(SMOL_ROWS)),
+                merge=with_method_overrides(PoolSettings(), {"regmean.alpha": alpha}),
+            )
             bench = QualityBench(pool, os.path.dirname(args.out) or ".", s, work_dir=args.work)
             refs = bench.references()
-            points += [(alpha, k, loss, row) for k, loss, row in scan(bench, refs, args.n, alpha, args.scales, print)]
+            points += [
+                (alpha, k, loss, row) for k, loss, row in scan(bench, refs, args.n, alpha, args.scales, print)
+            ]
     except FwllmError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1
     chosen = min(points, key=lambda p: p[2])
     tasks = list(points[0][3]["normalized"])
-    lines = [f"# RegMean's knobs on the smol pool's {args.n} relevant experts", "",
-             "`python eval/regmean_knobs.py` (see its docstring). alpha: RegMean's off-diagonal Gram scale "
-             "(the benchmark's RegMean uses 0.9); K: the merged task vector's scale. Calibration loss: FW's "
-             "objective on the rows every method sees; held-in normalized: the quality benchmark's score on dev "
-             "rows, 95% bootstrap intervals. **bold**: the point the calibration loss chooses.", "",
-             "| alpha | K | calibration loss | held-in normalized | " + " | ".join(tasks) + " |",
-             "|---|---|---|---|" + "---|" * len(tasks)]
+    lines = [
+        f"# RegMean's knobs on the smol pool's {args.n} relevant experts",
+        "",
+        "`python eval/regmean_knobs.py` (see its docstring). alpha: RegMean's off-diagonal Gram scale "
+        "(the benchmark's RegMean uses 0.9); K: the merged task vector's scale. Calibration loss: FW's "
+        "objective on the rows every method sees; held-in normalized: the quality benchmark's score on dev "
+        "rows, 95% bootstrap intervals. **bold**: the point the calibration loss chooses.",
+        "",
+        "| alpha | K | calibration loss | held-in normalized | " + " | ".join(tasks) + " |",
+        "|---|---|---|---|" + "---|" * len(tasks),
+    ]
     for alpha, k, loss, row in points:
         mark = "**" if (alpha, k) == chosen[:2] else ""
-        lines.append(f"| {alpha:g} | {k:g} | {mark}{loss:.4f}{mark} | {fmt(row['held_in_normalized'])} | "
-                     + " | ".join(f"{row['normalized'][t].point:.1f}" for t in tasks) + " |")
+        lines.append(
+            f"| {alpha:g} | {k:g} | {mark}{loss:.4f}{mark} | {fmt(row['held_in_normalized'])} | "
+            + " | ".join(f"{row['normalized'][t].point:.1f}" for t in tasks)
+            + " |"
+        )
     best = max(points, key=lambda p: p[3]["held_in_normalized"].point)
-    lines += ["", f"Chosen by calibration loss: alpha {chosen[0]:g}, K {chosen[1]:g}: "
-              f"{fmt(chosen[3]['held_in_normalized'])}. Best on dev rows (for reference only; dev rows never choose): "
-              f"alpha {best[0]:g}, K {best[1]:g}: {fmt(best[3]['held_in_normalized'])}."]
+    lines += [
+        "",
+        f"Chosen by calibration loss: alpha {chosen[0]:g}, K {chosen[1]:g}: "
+        f"{fmt(chosen[3]['held_in_normalized'])}. Best on dev rows (for reference only; dev rows never choose): "
+        f"alpha {best[0]:g}, K {best[1]:g}: {fmt(best[3]['held_in_normalized'])}.",
+    ]
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fp:

@@ -38,13 +38,20 @@ def task_figure(task, scores) -> float:
 
 def changed_rows(task, a, b, extra_a, extra_b) -> int:
     if task.metric == q.ACCURACY:
-        return int(sum(int(np.argmax(x)) != int(np.argmax(y)) for x, y in zip(extra_a["logprobs"], extra_b["logprobs"])))
+        return int(
+            sum(
+                int(np.argmax(x)) != int(np.argmax(y))
+                for x, y in zip(extra_a["logprobs"], extra_b["logprobs"])
+            )
+        )
     return int(np.sum(np.abs(a.values - b.values) > 0.01 * np.abs(a.values)))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["base"], help="base and/or expert task names of the smol pool")
+    ap.add_argument(
+        "--models", nargs="+", default=["base"], help="base and/or expert task names of the smol pool"
+    )
     ap.add_argument("--rows", action="append", default=[], metavar="TASK=N", help="dev rows of a task")
     ap.add_argument("--held-out", nargs="*", default=["rte", "cola"])
     ap.add_argument("--out", default=os.path.join("eval", "reports", "score_dtype.md"))
@@ -66,8 +73,10 @@ def main(argv=None) -> int:
         print(f"Error: {err}", file=sys.stderr)
         return 1
     tok = load_tokenizer(pool.base)
-    lines = ["| model | task | rows | float32 | bfloat16 | difference | rows changed | seconds fp32 / bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | task | rows | float32 | bfloat16 | difference | rows changed | seconds fp32 / bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     totals = {d: 0.0 for d in DTYPES}
     for name in args.models:
         path = pool.base if name == "base" else experts[name]
@@ -85,15 +94,26 @@ def main(argv=None) -> int:
             (a, ea, ta), (b, eb, tb) = runs[DTYPES[0], task.name], runs[DTYPES[1], task.name]
             fa, fb = task_figure(task, a), task_figure(task, b)
             unit = "acc. %" if task.metric == q.ACCURACY else "NLL/token"
-            lines.append(f"| {name} | {task.name} ({unit}) | {len(task.rows)} | {fa:.4g} | {fb:.4g} | {fb - fa:+.3g} | "
-                         f"{changed_rows(task, a, b, ea, eb)} | {ta:.1f} / {tb:.1f} |")
+            lines.append(
+                f"| {name} | {task.name} ({unit}) | {len(task.rows)} | {fa:.4g} | {fb:.4g} | {fb - fa:+.3g} | "
+                f"{changed_rows(task, a, b, ea, eb)} | {ta:.1f} / {tb:.1f} |"
+            )
     ratio = totals[DTYPES[0]] / max(totals[DTYPES[1]], 1e-9)
-    summary = (f"Scoring time float32 / bfloat16: {totals[DTYPES[0]]:.0f} s / {totals[DTYPES[1]]:.0f} s = "
-               f"**{ratio:.2f}x** ({os.cpu_count()} CPU cores, one run). Rows changed: accuracy tasks, rows whose "
-               "predicted choice differs; loss tasks, rows whose NLL moves by more than 1%.")
-    md = [f"# Scoring dtype: bfloat16 against float32 ({time.strftime('%Y-%m-%d %H:%M')})", "",
-          "`python eval/score_dtype.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
-          *lines, "", summary, ""]
+    summary = (
+        f"Scoring time float32 / bfloat16: {totals[DTYPES[0]]:.0f} s / {totals[DTYPES[1]]:.0f} s = "
+        f"**{ratio:.2f}x** ({os.cpu_count()} CPU cores, one run). Rows changed: accuracy tasks, rows whose "
+        "predicted choice differs; loss tasks, rows whose NLL moves by more than 1%."
+    )
+    md = [
+        f"# Scoring dtype: bfloat16 against float32 ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        "`python eval/score_dtype.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
+        "",
+        *lines,
+        "",
+        summary,
+        "",
+    ]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fp:
         fp.write("\n".join(md))

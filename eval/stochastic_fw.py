@@ -56,8 +56,12 @@ def main(argv=None) -> None:
     os.makedirs(args.work, exist_ok=True)
     for label, n_rows, k, iters in runs:
         name = f"{label}-r{n_rows}-k{k}-t{iters}"
-        settings = PoolSettings(iterations=iters, max_rows=n_rows, batch_size=bs,
-                                extra={"fw_hard": {"batches_per_iteration": k, "preset": "paper"}})
+        settings = PoolSettings(
+            iterations=iters,
+            max_rows=n_rows,
+            batch_size=bs,
+            extra={"fw_hard": {"batches_per_iteration": k, "preset": "paper"}},
+        )
         recipe = recipe_for("fw_hard", pool.base, members, pool.calibration_dir(), settings)
         path = os.path.join(args.work, f"{name}.yml")
         with open(path, "w", encoding="utf-8") as fp:
@@ -70,29 +74,60 @@ def main(argv=None) -> None:
         plan = json.load(open(os.path.join(target, "fwllm_plan", "plan.json")))
         losses = dev_losses(target, pool, relevant, 12, settings.max_length * 2)
         per_iter = n_rows if k == 0 else min(n_rows, k * bs)
-        results.append({"run": label, "rows_per_task": n_rows, "batches_per_iteration": k, "iterations": iters,
-                        "row_passes_per_task": per_iter * iters, "solve_s": plan["solve_seconds"], "wall_s": wall,
-                        "selected_iteration": plan["selected_iteration"], "dev": losses,
-                        "mean_dev": sum(losses.values()) / len(losses)})
+        results.append(
+            {
+                "run": label,
+                "rows_per_task": n_rows,
+                "batches_per_iteration": k,
+                "iterations": iters,
+                "row_passes_per_task": per_iter * iters,
+                "solve_s": plan["solve_seconds"],
+                "wall_s": wall,
+                "selected_iteration": plan["selected_iteration"],
+                "dev": losses,
+                "mean_dev": sum(losses.values()) / len(losses),
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
 
-    head = ["run", "rows/task", "micro-batches/iter", "T", "row passes/task", "solve s", "solve / full",
-            "returned iterate"] + [f"{task} dev" for task in relevant] + ["mean dev"]
+    head = (
+        [
+            "run",
+            "rows/task",
+            "micro-batches/iter",
+            "T",
+            "row passes/task",
+            "solve s",
+            "solve / full",
+            "returned iterate",
+        ]
+        + [f"{task} dev" for task in relevant]
+        + ["mean dev"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = results[0]["solve_s"]
     for r in results:
-        cells = [r["run"], str(r["rows_per_task"]), str(r["batches_per_iteration"] or "all"), str(r["iterations"]),
-                 str(r["row_passes_per_task"]), f"{r['solve_s']:.0f}", f"{r['solve_s'] / ref:.2f}",
-                 str(r["selected_iteration"])]
+        cells = [
+            r["run"],
+            str(r["rows_per_task"]),
+            str(r["batches_per_iteration"] or "all"),
+            str(r["iterations"]),
+            str(r["row_passes_per_task"]),
+            f"{r['solve_s']:.0f}",
+            f"{r['solve_s'] / ref:.2f}",
+            str(r["selected_iteration"]),
+        ]
         cells += [f"{r['dev'][task]:.3f}" for task in relevant] + [f"{r['mean_dev']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "stochastic_fw.md"), "w", encoding="utf-8") as fp:
-        fp.write(f"# Stochastic vs full-batch FW on the smol pool ({time.strftime('%Y%m%d-%H%M%S')})\n\n"
-                 f"8 experts (4 relevant), hard FW, micro-batches of {bs} rows, dev loss on 12 held-out rows "
-                 f"per task (lower is better).\n\n{table}\n")
+        fp.write(
+            f"# Stochastic vs full-batch FW on the smol pool ({time.strftime('%Y%m%d-%H%M%S')})\n\n"
+            f"8 experts (4 relevant), hard FW, micro-batches of {bs} rows, dev loss on 12 held-out rows "
+            f"per task (lower is better).\n\n{table}\n"
+        )
     with open(os.path.join(args.out, "stochastic_fw.json"), "w", encoding="utf-8") as fp:
         json.dump(results, fp, indent=2)
 

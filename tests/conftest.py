@@ -34,7 +34,9 @@ def tiny_tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def task_rows(task, n, seed, shuffled=False):
@@ -74,9 +76,16 @@ def save_tiny_llama_base(root, intermediate_size=64, num_hidden_layers=2):
     empty root/calib for the test's calibration rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=intermediate_size,
-                      num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
@@ -98,7 +107,11 @@ def tiny_pool(tmp_path_factory):
         write_jsonl(calib / f"{task}.jsonl", task_rows(task, 16, seed=1))
         write_jsonl(dev / f"{task}.jsonl", task_rows(task, 32, seed=2))
     experts = {}
-    for name, (task, shuffled) in {"copy": ("copy", False), "rev": ("rev", False), "noise": ("copy", True)}.items():
+    for name, (task, shuffled) in {
+        "copy": ("copy", False),
+        "rev": ("rev", False),
+        "noise": ("copy", True),
+    }.items():
         torch.manual_seed(1)
         model = LlamaForCausalLM.from_pretrained(base_dir)
         finetune(model, tok, task_rows(task, 48, seed=3, shuffled=shuffled))
@@ -149,8 +162,15 @@ def two_head_encoder_pool(root, body_noise: float = 0.0):
     their calibration rows in root/calib; `body_noise` perturbs each expert's body (x std)."""
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 
-    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    cfg = RobertaConfig(
+        vocab_size=len(ENC_WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+        pad_token_id=1,
+    )
     tok = roberta_tokenizer()
     torch.manual_seed(0)
     RobertaForMaskedLM(cfg).save_pretrained(root / "base")
@@ -159,8 +179,10 @@ def two_head_encoder_pool(root, body_noise: float = 0.0):
     rng = random.Random(0)
     experts = []
     for task, labels in (("two", 2), ("three", 3)):
-        rows = [{"sentence": " ".join(f"w{rng.randint(0, 19)}" for _ in range(5)), "label": rng.randrange(labels)}
-                for _ in range(6)]
+        rows = [
+            {"sentence": " ".join(f"w{rng.randint(0, 19)}" for _ in range(5)), "label": rng.randrange(labels)}
+            for _ in range(6)
+        ]
         write_jsonl(root / "calib" / f"{task}.jsonl", rows)
         torch.manual_seed(labels)
         model = RobertaForSequenceClassification.from_pretrained(root / "base", num_labels=labels)
@@ -185,7 +207,10 @@ def write_recipe(path, method, base, models, parameters=None, dtype="float32", p
     recipe = {
         "merge_method": method,
         "base_model": str(base),
-        "models": [{"model": str(m), **({"parameters": per_model[i]} if per_model else {})} for i, m in enumerate(models)],
+        "models": [
+            {"model": str(m), **({"parameters": per_model[i]} if per_model else {})}
+            for i, m in enumerate(models)
+        ],
         "dtype": dtype,
     }
     if parameters:
@@ -197,9 +222,16 @@ def write_recipe(path, method, base, models, parameters=None, dtype="float32", p
 def tiny_llama(layers=3, tie=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=18, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=18,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 
@@ -213,10 +245,17 @@ def roberta_tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(ENC_WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", mask_token="<mask>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
 
 
 def encoder_rows(task, n, seed):
@@ -231,7 +270,9 @@ def encoder_rows(task, n, seed):
 
 def merge(tmp_path, name, method, pool, models, parameters=None, per_model=None):
     """Write a recipe over `pool["base"]` and merge it with `fwllm merge`; returns the output folder."""
-    recipe = write_recipe(tmp_path / f"{name}.yml", method, pool["base"], models, parameters, per_model=per_model)
+    recipe = write_recipe(
+        tmp_path / f"{name}.yml", method, pool["base"], models, parameters, per_model=per_model
+    )
     out = tmp_path / name
     from mergekit.options import MergeOptions
 
@@ -267,8 +308,10 @@ def save_random_loras(base, root, ranks, seed, targets=("q_proj", "down_proj")):
     refs = []
     for i, rank in enumerate(ranks):
         torch.manual_seed(seed + i)
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                               LoraConfig(r=rank, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0))
+        model = get_peft_model(
+            LlamaForCausalLM.from_pretrained(base),
+            LoraConfig(r=rank, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0),
+        )
         with torch.no_grad():
             for n, prm in model.named_parameters():
                 if "lora_B" in n:
@@ -280,8 +323,14 @@ def save_random_loras(base, root, ranks, seed, targets=("q_proj", "down_proj")):
 
 def fw_params(pool, **kw):
     # the paper's open-loop FW (the defaults before the benchmark's won): what these tests were written for
-    return {"calibration": str(pool["calib"]), "preset": "paper", "iterations": 5, "step_size": 0.5, "scaling": 1.0,
-            **kw}
+    return {
+        "calibration": str(pool["calib"]),
+        "preset": "paper",
+        "iterations": 5,
+        "step_size": 0.5,
+        "scaling": 1.0,
+        **kw,
+    }
 
 
 class Residency:
@@ -316,6 +365,7 @@ def resident(monkeypatch):
 
     counter = Residency()
     for cls, name in ((TensorReader, "get"), (AdapterReader, "delta")):
+
         def tracked(self, *args, _read=getattr(cls, name), **kwargs):
             out = _read(self, *args, **kwargs)
             return out if out is None else counter.track(out)

@@ -10,7 +10,7 @@ TRIM_MODES = ("layer", "evaluation", "off")
 
 
 def set_heap_trim(mode: Optional[str]) -> None:
-    """"layer" (or None): fwllm as shipped; "off": never trim; "evaluation": trim only after each
+    """ "layer" (or None): fwllm as shipped; "off": never trim; "evaluation": trim only after each
     whole evaluation of the streamed gradient (its one call site), not after each layer."""
     from fwllm.core import memory
     from fwllm.solvers import streamed_gradient

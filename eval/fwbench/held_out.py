@@ -45,5 +45,6 @@ def glue_rows(data_root: str, task: str) -> List[dict]:
 
 
 def held_out_tasks(names: Iterable[str], budget: DevBudget, data_root: str) -> List[DevTask]:
-    return [dev_task(n, ACCURACY, glue_rows(data_root, n), False, f"glue/{n}/dev.jsonl", budget)
-            for n in names]
+    return [
+        dev_task(n, ACCURACY, glue_rows(data_root, n), False, f"glue/{n}/dev.jsonl", budget) for n in names
+    ]

@@ -28,15 +28,34 @@ from mergekit.options import MergeOptions
 from fwllm.core.errors import FwllmError
 from fwllm.evaluation.report import plot_normalized_vs_candidates
 from fwbench.dev_losses import dev_losses
-from fwllm.demo.recipes import FALLBACK_TASK, RECIPE_METHODS, PoolSettings, ordered_members, recipe_for, \
-    write_pool_calibration
+from fwllm.demo.recipes import (
+    FALLBACK_TASK,
+    RECIPE_METHODS,
+    PoolSettings,
+    ordered_members,
+    recipe_for,
+    write_pool_calibration,
+)
 from fwllm.mergekit_glue.merge import merge_recipe
 
 # an expert's task (pool task name) -> the lm-eval task that scores it
-HELD_IN = {"math": "fwllm_gsm8k", "pubmedqa": "fwllm_pubmedqa", "code": "fwllm_humaneval",
-           "sst2": "fwllm_glue_sst2"}
-MATRIX_METHODS = ("average", "task_arithmetic", "ties", "dare_ties", "fisher", "regmean", "adamerging",
-                   "fw_hard", "fw_soft")
+HELD_IN = {
+    "math": "fwllm_gsm8k",
+    "pubmedqa": "fwllm_pubmedqa",
+    "code": "fwllm_humaneval",
+    "sst2": "fwllm_glue_sst2",
+}
+MATRIX_METHODS = (
+    "average",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "fisher",
+    "regmean",
+    "adamerging",
+    "fw_hard",
+    "fw_soft",
+)
 
 
 @dataclass
@@ -51,8 +70,9 @@ class MatrixSettings:
     merge: PoolSettings = field(default_factory=PoolSettings)
 
 
-def summarize(cells: List[dict], scores: Dict[str, Dict[str, float]], experts: Dict[str, str],
-              held_out: Sequence[str]) -> List[dict]:
+def summarize(
+    cells: List[dict], scores: Dict[str, Dict[str, float]], experts: Dict[str, str], held_out: Sequence[str]
+) -> List[dict]:
     """Per merged cell: mean dev loss, held-in normalized score, held-out mean score.
 
     `scores[label][lm_eval_task]` are x100 scores; `experts[task]` is the label of that
@@ -83,12 +103,16 @@ def _fmt(v) -> str:
 
 
 def summary_table(rows: List[dict]) -> str:
-    lines = ["| pool | method | mean dev loss (held-in) | held-in normalized % | held-out mean score |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| pool | method | mean dev loss (held-in) | held-in normalized % | held-out mean score |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         pool = f"{r['n_candidates']} ({r['n_irrelevant']} irrelevant)"
-        lines.append(f"| {pool} | {r['method']} | {_fmt(r['mean_dev_loss'])} | {_fmt(r['held_in_normalized'])} | "
-                     f"{_fmt(r['held_out_mean'])} |")
+        lines.append(
+            f"| {pool} | {r['method']} | {_fmt(r['mean_dev_loss'])} | {_fmt(r['held_in_normalized'])} | "
+            f"{_fmt(r['held_out_mean'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -109,7 +133,9 @@ def run_matrix(pool, out_dir: str, s: MatrixSettings, progress: bool = True) -> 
         if not tasks:
             raise FwllmError(f"a pool of {n} has no relevant expert: nothing is held in")
         calib = write_pool_calibration(pool, tasks, os.path.join(out_dir, f"pool{n}", "calibration"), False)
-        calib_mix = write_pool_calibration(pool, tasks, os.path.join(out_dir, f"pool{n}", "calibration_per_model"), True)
+        calib_mix = write_pool_calibration(
+            pool, tasks, os.path.join(out_dir, f"pool{n}", "calibration_per_model"), True
+        )
         for method in s.methods:
             label = f"{method}@{n}"
             folder = calib_mix if method in ("fisher", "regmean") else calib
@@ -125,14 +151,25 @@ def run_matrix(pool, out_dir: str, s: MatrixSettings, progress: bool = True) -> 
             merge_recipe(recipe_path, target, MergeOptions(device=s.device, quiet=True), force=True)
             merge_s = time.time() - t0
             losses = dev_losses(target, pool, tasks, s.dev_rows, s.merge.max_length * 2)
-            cells.append({"label": label, "method": method, "n_candidates": n,
-                          "n_irrelevant": sum(1 for m in chosen if not m.task), "held_in": tasks,
-                          "path": target, "merge_seconds": round(merge_s, 1), "dev_loss": losses})
+            cells.append(
+                {
+                    "label": label,
+                    "method": method,
+                    "n_candidates": n,
+                    "n_irrelevant": sum(1 for m in chosen if not m.task),
+                    "held_in": tasks,
+                    "path": target,
+                    "merge_seconds": round(merge_s, 1),
+                    "dev_loss": losses,
+                }
+            )
 
     relevant = sorted({t for c in cells for t in c["held_in"]})
     references = {"base": pool.base, **{f"expert:{e.name}": e.path for e in pool.experts if e.relevant}}
-    reference_losses = {lab: dev_losses(p, pool, relevant, s.dev_rows, s.merge.max_length * 2)
-                        for lab, p in references.items()}
+    reference_losses = {
+        lab: dev_losses(p, pool, relevant, s.dev_rows, s.merge.max_length * 2)
+        for lab, p in references.items()
+    }
     scores: Dict[str, Dict[str, float]] = {}
     held_out: List[str] = []
     experts = {e.task: f"expert:{e.name}" for e in pool.experts if e.relevant}
@@ -140,22 +177,33 @@ def run_matrix(pool, out_dir: str, s: MatrixSettings, progress: bool = True) -> 
         from fwllm.evaluation.runner import evaluate_models  # lm-eval loads only when asked for
 
         labelled = {**references, **{c["label"]: c["path"] for c in cells}}
-        ev = evaluate_models(list(labelled.values()), suites=s.suites.split(","), limit=s.limit, device=s.device,
-                             out_dir=os.path.join(out_dir, "lm_eval"), confirm_run_unsafe_code=s.confirm_run_unsafe_code,
-                             progress=progress)
+        ev = evaluate_models(
+            list(labelled.values()),
+            suites=s.suites.split(","),
+            limit=s.limit,
+            device=s.device,
+            out_dir=os.path.join(out_dir, "lm_eval"),
+            confirm_run_unsafe_code=s.confirm_run_unsafe_code,
+            progress=progress,
+        )
         by_path = {os.path.realpath(p): lab for lab, p in labelled.items()}
         for entry in ev["models"].values():
-            scores[by_path[os.path.realpath(entry["path"])]] = {t: r["score"] for t, r in entry["tasks"].items()}
+            scores[by_path[os.path.realpath(entry["path"])]] = {
+                t: r["score"] for t, r in entry["tasks"].items()
+            }
         trained_on = {HELD_IN[t] for t in relevant if t in HELD_IN}
         held_out = [t for t in ev["tasks"] if t not in trained_on]
 
     rows = summarize(cells, scores, experts, held_out)
-    report = _write_report(out_dir, pool, s, cells, rows, scores, reference_losses, relevant, held_out,
-                           time.time() - start)
+    report = _write_report(
+        out_dir, pool, s, cells, rows, scores, reference_losses, relevant, held_out, time.time() - start
+    )
     return report
 
 
-def _write_report(out_dir, pool, s, cells, rows, scores, reference_losses, relevant, held_out, seconds) -> dict:
+def _write_report(
+    out_dir, pool, s, cells, rows, scores, reference_losses, relevant, held_out, seconds
+) -> dict:
     table = summary_table(rows)
     loss_lines = ["| model | " + " | ".join(relevant) + " |", "|---|" + "---|" * len(relevant)]
     for lab, losses in {**reference_losses, **{c["label"]: c["dev_loss"] for c in cells}}.items():
@@ -167,35 +215,69 @@ def _write_report(out_dir, pool, s, cells, rows, scores, reference_losses, relev
         for lab, v in scores.items():
             score_lines.append(f"| {lab} | " + " | ".join(_fmt(v.get(t)) for t in score_tasks) + " |")
     plots = {}
-    metric, ylabel = ("held_in_normalized", "held-in normalized score (%)") if scores else \
-        ("mean_dev_loss", "mean held-in dev loss (lower is better)")
+    metric, ylabel = (
+        ("held_in_normalized", "held-in normalized score (%)")
+        if scores
+        else ("mean_dev_loss", "mean held-in dev loss (lower is better)")
+    )
     points = [dict(r, normalized_score=r[metric]) for r in rows if r[metric] is not None]
     if points and len(s.sizes) > 1:
         n_rel = sum(1 for e in pool.experts if e.relevant)
         path = os.path.join(out_dir, "vs_candidates.png")
-        plot_normalized_vs_candidates([{k: v for k, v in p.items() if k != "n_irrelevant"} for p in points], path,
-                                      title=f"candidates beyond the first {n_rel} are irrelevant", ylabel=ylabel)
+        plot_normalized_vs_candidates(
+            [{k: v for k, v in p.items() if k != "n_irrelevant"} for p in points],
+            path,
+            title=f"candidates beyond the first {n_rel} are irrelevant",
+            ylabel=ylabel,
+        )
         plots["vs_candidates"] = path
     settings = {k: v for k, v in asdict(s).items() if k != "merge"}
-    md = [f"# Merge matrix ({pool.profile} pool, {time.strftime('%Y-%m-%d %H:%M')})", "",
-          f"Pool: `{pool.root}` ({len(pool.experts)} experts, relevant first: "
-          f"{', '.join(e.name for e in pool.experts if e.relevant)}; irrelevant: "
-          f"{', '.join(e.name for e in pool.experts if not e.relevant) or 'none'}).",
-          f"Matrix settings: `{json.dumps(settings)}`", "",
-          f"Merge settings: `{json.dumps(asdict(s.merge))}`", "",
-          f"Wall time: {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
-          "## Summary", "",
-          "Held-in = the tasks of the relevant experts in the pool; held-out = lm-eval tasks none of them trained on.",
-          "", table, "", "## Held-in dev loss per task (lower is better)", "", *loss_lines, ""]
+    md = [
+        f"# Merge matrix ({pool.profile} pool, {time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"Pool: `{pool.root}` ({len(pool.experts)} experts, relevant first: "
+        f"{', '.join(e.name for e in pool.experts if e.relevant)}; irrelevant: "
+        f"{', '.join(e.name for e in pool.experts if not e.relevant) or 'none'}).",
+        f"Matrix settings: `{json.dumps(settings)}`",
+        "",
+        f"Merge settings: `{json.dumps(asdict(s.merge))}`",
+        "",
+        f"Wall time: {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.",
+        "",
+        "## Summary",
+        "",
+        "Held-in = the tasks of the relevant experts in the pool; held-out = lm-eval tasks none of them trained on.",
+        "",
+        table,
+        "",
+        "## Held-in dev loss per task (lower is better)",
+        "",
+        *loss_lines,
+        "",
+    ]
     if score_lines:
-        md += [f"## lm-eval scores x100 (limit {s.limit} per task)", "", *score_lines, "",
-               f"Held-out tasks: {', '.join(held_out) or 'none'}.", ""]
+        md += [
+            f"## lm-eval scores x100 (limit {s.limit} per task)",
+            "",
+            *score_lines,
+            "",
+            f"Held-out tasks: {', '.join(held_out) or 'none'}.",
+            "",
+        ]
     if plots:
         md += [f"![vs candidates]({os.path.basename(plots['vs_candidates'])})", ""]
     md += ["Merge seconds per cell: " + ", ".join(f"{c['label']} {c['merge_seconds']}" for c in cells), ""]
-    report = {"settings": settings, "merge_settings": asdict(s.merge), "cells": cells, "summary": rows,
-              "scores": scores, "reference_dev_loss": reference_losses, "held_out": held_out, "plots": plots,
-              "seconds": seconds}
+    report = {
+        "settings": settings,
+        "merge_settings": asdict(s.merge),
+        "cells": cells,
+        "summary": rows,
+        "scores": scores,
+        "reference_dev_loss": reference_losses,
+        "held_out": held_out,
+        "plots": plots,
+        "seconds": seconds,
+    }
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as fp:
         json.dump(report, fp, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fp:

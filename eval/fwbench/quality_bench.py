@@ -36,8 +36,14 @@ def with_method_overrides(merge: PoolSettings, params: Dict[str, object]) -> Poo
     return replace(merge, extra=extra)
 
 
-def run_benchmark(pool, out_dir: str, s: QualitySettings, held_out: Sequence[str] = HELD_OUT,
-                  log: Callable[[str], None] = print, work_dir: Optional[str] = None) -> dict:
+def run_benchmark(
+    pool,
+    out_dir: str,
+    s: QualitySettings,
+    held_out: Sequence[str] = HELD_OUT,
+    log: Callable[[str], None] = print,
+    work_dir: Optional[str] = None,
+) -> dict:
     """`run_quality` with held-out GLUE tasks (smol pools only: the tiny tasks have no GLUE twin)."""
     root = shared_data_root(required=pool.profile == "smol")
     tasks = held_out_tasks(held_out, s.budget, root) if (root and held_out and pool.profile == "smol") else []

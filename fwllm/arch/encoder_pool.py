@@ -51,11 +51,13 @@ def register_body_architecture(arch: str) -> str:
     if not known:
         raise FwllmError(f"mergekit has no architecture definition for {arch}")
     module = known[0].modules["default"].architecture
-    definition = module.definition.model_copy(update={
-        "architectures": [name],
-        "pre_weights": [w for w in module.definition.pre_weights if not is_head_tensor(w.name)],
-        "post_weights": [w for w in module.definition.post_weights if not is_head_tensor(w.name)],
-    })
+    definition = module.definition.model_copy(
+        update={
+            "architectures": [name],
+            "pre_weights": [w for w in module.definition.pre_weights if not is_head_tensor(w.name)],
+            "post_weights": [w for w in module.definition.post_weights if not is_head_tensor(w.name)],
+        }
+    )
     body = ModelArchitecture(
         modules={"default": ModuleDefinition(architecture=jd.JsonModuleArchitecture(definition=definition))},
         architectures=[name],
@@ -67,6 +69,7 @@ def register_body_architecture(arch: str) -> str:
 
 def with_body_architecture(config, name: str):
     """A copy of a MergeConfiguration whose every model reference uses the body-only architecture."""
+
     def override(ref):
         return ref.model_copy(update={"override_architecture": name}) if ref is not None else None
 

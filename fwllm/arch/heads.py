@@ -125,7 +125,7 @@ def head_module(model: torch.nn.Module, head: TaskHead, device) -> torch.nn.Modu
     with init_empty_weights(include_buffers=False):
         module = getattr(type(model)(cfg), attr)
     prefix = attr + "."
-    module.load_state_dict({k[len(prefix):]: v for k, v in head.tensors.items()}, assign=True)
+    module.load_state_dict({k[len(prefix) :]: v for k, v in head.tensors.items()}, assign=True)
     module.requires_grad_(False)
     module.eval()  # a freshly built model starts in training mode: its head's dropout would be on
     return module.to(device=device, dtype=torch.float32)
@@ -154,13 +154,19 @@ def task_heads(owners: Dict[str, Tuple[str, Optional[str]]], tasks: Sequence[str
         if head is None:
             needs = f"calibration task {task!r} needs a classification head"
             if label is None:
-                raise FwllmError(f"{needs}: give the candidate trained on it `parameters: {{task: {task}}}` "
-                                 "(a full classifier checkpoint, not an adapter)")
+                raise FwllmError(
+                    f"{needs}: give the candidate trained on it `parameters: {{task: {task}}}` "
+                    "(a full classifier checkpoint, not an adapter)"
+                )
             if folder is None:  # the user did name the owner: say why it cannot serve
-                raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is an adapter, which "
-                                 "carries no head fwllm reads; name a full classifier checkpoint trained "
-                                 "on the task instead")
-            raise FwllmError(f"{needs}, but {label} (given `task: {task}`) is not a classifier "
-                             "checkpoint with a head (no *ForSequenceClassification head tensors)")
+                raise FwllmError(
+                    f"{needs}, but {label} (given `task: {task}`) is an adapter, which "
+                    "carries no head fwllm reads; name a full classifier checkpoint trained "
+                    "on the task instead"
+                )
+            raise FwllmError(
+                f"{needs}, but {label} (given `task: {task}`) is not a classifier "
+                "checkpoint with a head (no *ForSequenceClassification head tensors)"
+            )
         heads[task] = head
     return heads

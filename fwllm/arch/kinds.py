@@ -37,8 +37,10 @@ def architecture_kind(name: str) -> str:
         return CLASSIFIER_MODEL
     if name.endswith("ForMaskedLM"):
         return MASKED_MODEL
-    raise FwllmError(f"unsupported model class {name} (need *ForCausalLM or another causal LM such as "
-                     "GPT2LMHeadModel, *ForSequenceClassification or *ForMaskedLM)")
+    raise FwllmError(
+        f"unsupported model class {name} (need *ForCausalLM or another causal LM such as "
+        "GPT2LMHeadModel, *ForSequenceClassification or *ForMaskedLM)"
+    )
 
 
 def model_kind(model: torch.nn.Module) -> str:

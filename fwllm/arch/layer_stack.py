@@ -39,10 +39,16 @@ def layer_stack(model: torch.nn.Module) -> Tuple[str, torch.nn.ModuleList]:
             return prefix, stack
     best: Optional[Tuple[str, torch.nn.ModuleList, int]] = None
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) >= 2
+            and len({type(m) for m in module}) == 1
+        ):
             size = sum(p.numel() for p in module.parameters())
             if best is None or size > best[2]:
                 best = (name, module, size)
     if best is None:
-        raise FwllmError(f"gradient: layerwise needs a stack of repeated layers; {type(model).__name__} has none")
+        raise FwllmError(
+            f"gradient: layerwise needs a stack of repeated layers; {type(model).__name__} has none"
+        )
     return best[0], best[1]

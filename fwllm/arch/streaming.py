@@ -22,6 +22,7 @@ from fwllm.core.errors import FwllmError
 from fwllm.core.memory import return_free_memory
 from fwllm.io.models import read_config, safetensors_files
 
+
 def shard_index(model_dir: str, dtype: str = "float32") -> Dict[str, dict]:
     """accelerate offload-index entries pointing every tensor at its safetensors shard
     (found by opening each shard once, header only)."""
@@ -62,8 +63,14 @@ class MetaModel:
     name is in `trainable`); `release(names)` sends them back to meta. Tied parameters
     (an LM head tied to the embeddings) are fetched once and shared, as in the model."""
 
-    def __init__(self, model: torch.nn.Module, weights: Mapping[str, torch.Tensor], device: str = "cpu",
-                 trainable: Iterable[str] = (), optional: Callable[[str], bool] = lambda name: False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        weights: Mapping[str, torch.Tensor],
+        device: str = "cpu",
+        trainable: Iterable[str] = (),
+        optional: Callable[[str], bool] = lambda name: False,
+    ):
         self.model, self.weights, self.device = model, weights, torch.device(device)
         # a Mapping's `in` reads the tensor (accelerate's loader has no __contains__): test names against a set
         self.stored: Set[str] = set(weights)
@@ -78,8 +85,10 @@ class MetaModel:
         # `optional` tensors (task heads of an encoder pool) are supplied by the caller, never fetched
         missing = [n for n in self.parameter_names() if self.source_name(n) is None and not optional(n)]
         if missing:
-            raise FwllmError(f"the checkpoint has no tensor {missing[0]} ({len(missing)} missing); "
-                             f"is it a {type(model).__name__}?")
+            raise FwllmError(
+                f"the checkpoint has no tensor {missing[0]} ({len(missing)} missing); "
+                f"is it a {type(model).__name__}?"
+            )
 
     def group(self, name: str) -> List[str]:
         """`name` and the names tied to it."""
@@ -111,7 +120,9 @@ class MetaModel:
             present = name in self.stored if source is self.weights else name in source
             value = source[name] if present else self.weights[self.source_name(name)]
             # a private float32 copy: a view would pin the mapped shard (and must never be written)
-            set_module_tensor_to_device(self.model, name, self.device, value=value.to(torch.float32, copy=True))
+            set_module_tensor_to_device(
+                self.model, name, self.device, value=value.to(torch.float32, copy=True)
+            )
             param = self.model.get_parameter(name)
             param.requires_grad_(self.is_trainable(name))
             for alias in self.ties.get(name, []):
@@ -149,11 +160,15 @@ def base_weights(model_dir: str) -> OffloadedWeightsLoader:
 
 
 @contextlib.contextmanager
-def fetched_around_forward(meta: "MetaModel", modules: Sequence[Tuple[torch.nn.Module, List[str]]],
-                           source: Optional[Mapping[str, torch.Tensor]] = None) -> Iterator[None]:
+def fetched_around_forward(
+    meta: "MetaModel",
+    modules: Sequence[Tuple[torch.nn.Module, List[str]]],
+    source: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Iterator[None]:
     """Within the block, each (module, names) fetches its weights `names` (from `source`, default the
     meta model's weights) only around its own forward: modules outside the layer stack (embeddings,
     norms, a head) then hold no memory between their calls."""
+
     def wrap(module, names):
         original = type(module).forward
 
@@ -163,6 +178,7 @@ def fetched_around_forward(meta: "MetaModel", modules: Sequence[Tuple[torch.nn.M
                 return original(module, *args, **kwargs)
             finally:
                 meta.release(names)
+
         return forward
 
     for module, names in modules:
@@ -185,4 +201,3 @@ def forwards_replaced(layers: Sequence[torch.nn.Module], make: Callable[[int], C
     finally:
         for layer in layers:
             del layer.forward
-

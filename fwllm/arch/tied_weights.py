@@ -46,8 +46,11 @@ def saved_copies(adapter: AdapterReader) -> List[str]:
     embedding peft saved because its vocabulary may have changed loads into the module itself,
     so a tie to it stays."""
     modules = adapter.config.get("modules_to_save") or []
-    return [n for n in adapter.full
-            if any(n.rsplit(".", 1)[0] == m or n.rsplit(".", 1)[0].endswith("." + m) for m in modules)]
+    return [
+        n
+        for n in adapter.full
+        if any(n.rsplit(".", 1)[0] == m or n.rsplit(".", 1)[0].endswith("." + m) for m in modules)
+    ]
 
 
 def heads_to_untie(base_dir: str, adapters: Sequence[Optional[AdapterReader]]) -> Dict[str, str]:
@@ -64,17 +67,25 @@ def heads_to_untie(base_dir: str, adapters: Sequence[Optional[AdapterReader]]) -
         if len(kept) != 1 or not any(kept[0] in c for c in copies):
             continue
         if any(a is None for a in adapters):
-            LOG.warning("a candidate adapter saves %s in full but a full-checkpoint candidate ties it to %s: "
-                        "the merge keeps the tie", kept[0], [n for n in group if n != kept[0]])
+            LOG.warning(
+                "a candidate adapter saves %s in full but a full-checkpoint candidate ties it to %s: "
+                "the merge keeps the tie",
+                kept[0],
+                [n for n in group if n != kept[0]],
+            )
             continue
         heads = [n for n in group if n != kept[0]]
         # another adapter changing the shared weight in place (or the head itself) would need the
         # head merged on its own: no pool fwllm can form from the base alone
-        if any(set(heads) & set(a.targets()) or (kept[0] in a.targets() and kept[0] not in c)
-               for a, c in zip(adapters, copies)):
-            raise FwllmError(f"an adapter saves {kept[0]} as its own copy (modules_to_save), untying it from "
-                             f"{heads}, and another adapter changes the tied weights: fwllm cannot merge "
-                             f"that pool as peft would")
+        if any(
+            set(heads) & set(a.targets()) or (kept[0] in a.targets() and kept[0] not in c)
+            for a, c in zip(adapters, copies)
+        ):
+            raise FwllmError(
+                f"an adapter saves {kept[0]} as its own copy (modules_to_save), untying it from "
+                f"{heads}, and another adapter changes the tied weights: fwllm cannot merge "
+                f"that pool as peft would"
+            )
         out.update({name: kept[0] for name in heads})
     return out
 
@@ -106,8 +117,11 @@ def add_output_tensors(out_dir: str, tensors: Dict[str, torch.Tensor]) -> None:
     for i, shard in enumerate(shards + [None], start=1):
         new = f"model-{i:05d}-of-{total:05d}.safetensors"
         if shard is None:
-            save_file({n: t.contiguous() for n, t in tensors.items()}, os.path.join(out_dir, new),
-                      metadata={"format": "pt"})
+            save_file(
+                {n: t.contiguous() for n, t in tensors.items()},
+                os.path.join(out_dir, new),
+                metadata={"format": "pt"},
+            )
         elif shard != new:
             os.rename(os.path.join(out_dir, shard), os.path.join(out_dir, new))
         with safe_open(os.path.join(out_dir, new), framework="pt") as fp:
@@ -123,8 +137,11 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def _itemsize(tag: str) -> int:
-    return _DTYPES[tag].itemsize if tag in _DTYPES else {"I64": 8, "U64": 8, "I32": 4, "U32": 4,
-                                                        "I16": 2, "U16": 2}.get(tag, 1)
+    return (
+        _DTYPES[tag].itemsize
+        if tag in _DTYPES
+        else {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2}.get(tag, 1)
+    )
 
 
 def output_dtype(out_dir: str, name: str) -> torch.dtype:
@@ -144,8 +161,11 @@ def untie_saved_heads(out_dir: str, base_dir: str, adapters: Sequence[Optional[A
         return []
     base = TensorReader(base_dir)
     written = set(_weight_names(out_dir))  # mergekit writes the head itself when a candidate input has one
-    missing = {name: base.get(src, dtype=None).to(output_dtype(out_dir, src))
-               for name, src in untie.items() if name not in written}
+    missing = {
+        name: base.get(src, dtype=None).to(output_dtype(out_dir, src))
+        for name, src in untie.items()
+        if name not in written
+    }
     if missing:
         add_output_tensors(out_dir, missing)
     path = os.path.join(out_dir, "config.json")
@@ -154,6 +174,9 @@ def untie_saved_heads(out_dir: str, base_dir: str, adapters: Sequence[Optional[A
     config["tie_word_embeddings"] = False
     with open(path, "w", encoding="utf-8") as fp:
         json.dump(config, fp, indent=2)
-    LOG.info("untied %s from %s: the adapters save the embedding in full (as peft merges them)",
-             sorted(untie), sorted(set(untie.values())))
+    LOG.info(
+        "untied %s from %s: the adapters save the embedding in full (as peft merges them)",
+        sorted(untie),
+        sorted(set(untie.values())),
+    )
     return sorted(untie)

@@ -15,15 +15,23 @@ import click
 
 # verb -> ("module:attribute" of a click.Command, its help's first sentence; tests/cli checks they agree)
 VERBS = {
-    "merge": ("fwllm.cli.merge:merge_command",
-              "Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."),
-    "experts": ("fwllm.cli.experts:experts_command",
-                "Build a pool of really-trained experts offline (cached; a second run reuses it)."),
-    "eval": ("fwllm.cli.eval:eval_command",
-             "Evaluate MODEL_DIR... and print one table (models x tasks); scores are x100."),
-    "demo": ("fwllm.cli.demo:demo_command",
-             "Build experts, merge them (tuned TA, RegMean, FW-Merging), score them with task metrics, "
-             "print one table."),
+    "merge": (
+        "fwllm.cli.merge:merge_command",
+        "Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included.",
+    ),
+    "experts": (
+        "fwllm.cli.experts:experts_command",
+        "Build a pool of really-trained experts offline (cached; a second run reuses it).",
+    ),
+    "eval": (
+        "fwllm.cli.eval:eval_command",
+        "Evaluate MODEL_DIR... and print one table (models x tasks); scores are x100.",
+    ),
+    "demo": (
+        "fwllm.cli.demo:demo_command",
+        "Build experts, merge them (tuned TA, RegMean, FW-Merging), score them with task metrics, "
+        "print one table.",
+    ),
 }
 
 
@@ -44,8 +52,9 @@ class LazyGroup(click.Group):
         limit = formatter.width - 6 - max(len(name) for name in names)
         with formatter.section("Commands"):
             # a bare Command per verb shortens the line exactly as click does for the real one
-            formatter.write_dl([(name, click.Command(name, help=VERBS[name][1]).get_short_help_str(limit))
-                                for name in names])
+            formatter.write_dl(
+                [(name, click.Command(name, help=VERBS[name][1]).get_short_help_str(limit)) for name in names]
+            )
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,11 +8,18 @@ from fwllm.core.errors import FwllmError
 
 
 @click.command("demo")
-@click.option("--profile", type=click.Choice(["smol", "tiny"]), default="smol", show_default=True,
-              help="smol: real SmolLM2-135M LoRA experts; tiny: seconds-sized synthetic experts.")
+@click.option(
+    "--profile",
+    type=click.Choice(["smol", "tiny"]),
+    default="smol",
+    show_default=True,
+    help="smol: real SmolLM2-135M LoRA experts; tiny: seconds-sized synthetic experts.",
+)
 @click.option("--out", "out_dir", default="runs/demo", show_default=True, help="Report and cache folder.")
 @click.option("--root", default=None, help="Expert cache folder (default $FWLLM_CACHE or ~/.cache/fwllm).")
-@click.option("--sizes", default=None, help="Pool sizes, comma separated (default: the whole pool; tiny 4,7).")
+@click.option(
+    "--sizes", default=None, help="Pool sizes, comma separated (default: the whole pool; tiny 4,7)."
+)
 @click.option("--fw", "fw", multiple=True, metavar="KEY=VALUE", help="FW-Merging recipe parameter override.")
 @click.option("--iterations", default=None, type=int, help="FW iterations (same as --fw iterations=N).")
 @click.option("--device", default="cpu", show_default=True)
@@ -25,7 +32,9 @@ def demo_command(profile, out_dir, root, sizes, fw, iterations, device, no_cache
     try:
         size_list = [int(n) for n in sizes.split(",")] if sizes else None
     except ValueError:
-        raise click.BadParameter(f"{sizes!r} is not a comma-separated list of integers", param_hint="--sizes") from None
+        raise click.BadParameter(
+            f"{sizes!r} is not a comma-separated list of integers", param_hint="--sizes"
+        ) from None
     try:
         overrides = parse_overrides(fw)
         if iterations is not None:

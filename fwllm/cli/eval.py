@@ -46,26 +46,74 @@ def _read_expert_scores(path: str | None) -> dict | None:
     show_default=True,
     help=f"Comma-separated suites ({', '.join(SUITES)}) and/or task names ({', '.join(ALL_TASKS)}).",
 )
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Examples per task (for quick checks).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
-@click.option("--out", "out_dir", default="runs/eval", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for results.json/.csv/.md and PNG plots.")
-@click.option("--confirm-run-unsafe-code", is_flag=True, help="Allow the code suite to execute generated code.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Examples per task (for quick checks)."
+)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="runs/eval",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for results.json/.csv/.md and PNG plots.",
+)
+@click.option(
+    "--confirm-run-unsafe-code", is_flag=True, help="Allow the code suite to execute generated code."
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
-              help="Override the tasks' few-shot count (GSM8K uses 5 by default).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="auto: bfloat16 on cuda, float32 on cpu.")
-@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
-              help="Evaluation data folder (default $FWLLM_DATA, else fwllm's packaged data).")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="Result cache (default $FWLLM_CACHE/eval or ~/.cache/fwllm/eval).")
+@click.option(
+    "--num-fewshot",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Override the tasks' few-shot count (GSM8K uses 5 by default).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bfloat16 on cuda, float32 on cpu.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Evaluation data folder (default $FWLLM_DATA, else fwllm's packaged data).",
+)
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Result cache (default $FWLLM_CACHE/eval or ~/.cache/fwllm/eval).",
+)
 @click.option("--no-cache", is_flag=True, help="Evaluate everything afresh and store nothing.")
-@click.option("--expert-scores", default=None, type=click.Path(dir_okay=False),
-              help="JSON {task: score x100} for the normalized score (encoders default to tasks.json references).")
+@click.option(
+    "--expert-scores",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="JSON {task: score x100} for the normalized score (encoders default to tasks.json references).",
+)
 @click.option("--verbose", is_flag=True, help="Show lm-eval/transformers logging.")
-def eval_command(model_dirs, suite, limit, device, out_dir, confirm_run_unsafe_code, batch_size, num_fewshot,
-                 dtype, data_dir, cache_dir, no_cache, expert_scores, verbose):
+def eval_command(
+    model_dirs,
+    suite,
+    limit,
+    device,
+    out_dir,
+    confirm_run_unsafe_code,
+    batch_size,
+    num_fewshot,
+    dtype,
+    data_dir,
+    cache_dir,
+    no_cache,
+    expert_scores,
+    verbose,
+):
     """Evaluate MODEL_DIR... and print one table (models x tasks); scores are x100.
 
     Causal LMs run through lm-eval with fwllm's offline task YAMLs (fwllm/_data/eval_tasks);

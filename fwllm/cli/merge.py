@@ -132,19 +132,37 @@ def _leading_recipe(args: List[str], help_names: List[str]) -> Optional[str]:
 @click.command("merge", cls=_MergeCommand)
 @click.argument("recipe", type=click.Path())
 @click.argument("out_dir", type=click.Path())
-@click.option("--force", is_flag=True,
-              help="Replace OUT_DIR when it holds an earlier fwllm output (it has .fwllm-output.json and "
-                   "nothing else); a folder of other files, an input, the current folder, $HOME or a mount "
-                   "point is never replaced.")
-@click.option("--no-cache", "no_cache", is_flag=True,
-              help="Solve afresh: reuse no cached or `plan:` plan, statistic or merged adapter.")
-@click.option("--allow-pickle", "allow_pickle", is_flag=True,
-              help="Also read models whose weights are pickles only (.bin/.pt/.pth); "
-                   "loading a pickle can run code.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT_DIR when it holds an earlier fwllm output (it has .fwllm-output.json and "
+    "nothing else); a folder of other files, an input, the current folder, $HOME or a mount "
+    "point is never replaced.",
+)
+@click.option(
+    "--no-cache",
+    "no_cache",
+    is_flag=True,
+    help="Solve afresh: reuse no cached or `plan:` plan, statistic or merged adapter.",
+)
+@click.option(
+    "--allow-pickle",
+    "allow_pickle",
+    is_flag=True,
+    help="Also read models whose weights are pickles only (.bin/.pt/.pth); loading a pickle can run code.",
+)
 @click.option("--lora-out", type=click.Path(), help="fw_merging of LoRA adapters: also write a peft adapter.")
 @click.option("--lora-rank", type=int, help="With --lora-out: truncate each delta to this rank (SVD).")
-def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force: bool, no_cache: bool,
-                  allow_pickle: bool, lora_out, lora_rank):
+def merge_command(
+    merge_options: MergeOptions,
+    recipe: str,
+    out_dir: str,
+    force: bool,
+    no_cache: bool,
+    allow_pickle: bool,
+    lora_out,
+    lora_rank,
+):
     """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
     from fwllm.mergekit_glue.lora_out import check_lora_out, write_lora_out
     from fwllm.mergekit_glue.merge import merge_recipe
@@ -154,8 +172,9 @@ def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force:
         with _sigterm_raises():
             if lora_out:
                 check_lora_out(recipe, out_dir, lora_out, force)
-            path = merge_recipe(recipe, out_dir, merge_options, force=force, no_cache=no_cache,
-                                allow_pickle=allow_pickle)
+            path = merge_recipe(
+                recipe, out_dir, merge_options, force=force, no_cache=no_cache, allow_pickle=allow_pickle
+            )
             if lora_out:
                 click.echo(write_lora_out(recipe, path, lora_out, force, lora_rank))
     except FwllmError as err:
@@ -167,8 +186,10 @@ def merge_command(merge_options: MergeOptions, recipe: str, out_dir: str, force:
         if os.environ.get("FWLLM_DEBUG"):
             raise
         if _disk_full(err):
-            raise click.ClickException(f"no space left on device while writing {out_dir} ({_first_line(err)}): "
-                                       f"free some space or choose another OUT_DIR; nothing was replaced") from None
+            raise click.ClickException(
+                f"no space left on device while writing {out_dir} ({_first_line(err)}): "
+                f"free some space or choose another OUT_DIR; nothing was replaced"
+            ) from None
         if not isinstance(err, (RuntimeError, ValueError, OSError)):
             raise
         # mergekit's own complaints (missing tensors, bad shapes): one line, not a traceback

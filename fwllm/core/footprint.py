@@ -29,8 +29,15 @@ from typing import Dict, Optional, Tuple
 
 FLOAT = 4
 # Config keys that hold the number of positions a model can attend over, most specific first.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length",
-                "n_ctx", "max_seq_length")
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+    "max_seq_length",
+)
 # Learned absolute positions offset by the padding index (RoBERTa's family): pad_token_id + 1
 # positions are never used by a real token.
 PADDING_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text")
@@ -108,4 +115,3 @@ def split_by_layer(shapes: Dict[str, Tuple[int, ...]]) -> Tuple[int, int]:
 
 def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 / 10 else f"{nbytes / 2**20:.0f} MiB"
-

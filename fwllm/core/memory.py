@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import psutil
 
+
 def _find_trim() -> Optional[Callable[[int], int]]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -59,9 +59,13 @@ class DataMethod:
             if first["type"] == "extra_forbidden":
                 known = ", ".join(sorted(self.Params.model_fields))
                 raise FwllmError(f"{self.name}: unknown parameter {where!r} (known: {known})") from None
-            raise FwllmError(f"{self.name}: {where} {describe_error(first)} (got {first.get('input')!r})") from None
+            raise FwllmError(
+                f"{self.name}: {where} {describe_error(first)} (got {first.get('input')!r})"
+            ) from None
         if not params.calibration:
-            raise FwllmError(f"{self.name} needs `parameters: {{calibration: PATH}}` (a .jsonl file or a folder of them)")
+            raise FwllmError(
+                f"{self.name} needs `parameters: {{calibration: PATH}}` (a .jsonl file or a folder of them)"
+            )
         return params
 
     def solve(self, job: MergeJob) -> None:
@@ -86,7 +90,13 @@ class DataMethod:
         plan's stored merged tensors are deleted (False: they are the only record of the merge)."""
         return True
 
-    def merge_tensor(self, plan: Plan, name: str, base: torch.Tensor, candidates: Dict[str, torch.Tensor],
-                     per_model: Dict[str, Dict[str, Any]]) -> torch.Tensor:
+    def merge_tensor(
+        self,
+        plan: Plan,
+        name: str,
+        base: torch.Tensor,
+        candidates: Dict[str, torch.Tensor],
+        per_model: Dict[str, Dict[str, Any]],
+    ) -> torch.Tensor:
         """Merge one output tensor; `candidates` maps CandidateSpec.label -> tensor."""
         raise NotImplementedError

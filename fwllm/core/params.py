@@ -52,21 +52,39 @@ LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
 # 90.5): FW picks the support for the whole model by line search from the base, RegMean merges
 # it. `paper` is the paper's open-loop FW (arXiv 2503.12649), which needs no Gram pass.
 FW_PRESETS: Dict[str, Dict[str, Any]] = {
-    "default": {"iterations": 12, "step_size": 0.3, "granularity": "model", "local_merge": "task_arithmetic",
-                "refine": "regmean", "regmean_weights": "uniform", "init": "base", "scaling": 1.0,
-                "step": "line_search", "hull": "adaptive"},
-    "paper": {"iterations": 10, "step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic",
-              "refine": "none", "regmean_weights": "fw", "init": "task_arithmetic", "scaling": 0.3,
-              "step": "open_loop", "hull": "fixed"},
+    "default": {
+        "iterations": 12,
+        "step_size": 0.3,
+        "granularity": "model",
+        "local_merge": "task_arithmetic",
+        "refine": "regmean",
+        "regmean_weights": "uniform",
+        "init": "base",
+        "scaling": 1.0,
+        "step": "line_search",
+        "hull": "adaptive",
+    },
+    "paper": {
+        "iterations": 10,
+        "step_size": 0.1,
+        "granularity": "tensor",
+        "local_merge": "task_arithmetic",
+        "refine": "none",
+        "regmean_weights": "fw",
+        "init": "task_arithmetic",
+        "scaling": 0.3,
+        "step": "open_loop",
+        "hull": "fixed",
+    },
 }
 # Old spellings of recipe values, still accepted with a one-line notice (once per process each):
 # `local_merge: regmean` is a refine after the solve, not a local merge; `granularity: layer` meant
 # one vertex per weight tensor, and "layer" now means only a decoder layer (`gradient: layerwise`).
 _ALIASES = {
     ("local_merge", "regmean"): "`local_merge: regmean` is deprecated; write `refine: regmean` "
-                                "(FW's steps stay task arithmetic)",
+    "(FW's steps stay task arithmetic)",
     ("granularity", "layer"): "`granularity: layer` is deprecated; write `granularity: tensor` "
-                              "(one vertex per weight tensor, the same setting)",
+    "(one vertex per weight tensor, the same setting)",
 }
 _ALIAS_WARNED: set = set()
 
@@ -90,8 +108,10 @@ def resolve_fw_preset(raw: Any) -> Any:
     if data.get("local_merge") == "regmean":  # the old spelling of the refine
         _warn_alias_once(("local_merge", "regmean"))
         if data.get("refine", "regmean") != "regmean":
-            raise FwllmError(f"fw_merging: local_merge: regmean means refine: regmean; the recipe also "
-                             f"sets refine: {data['refine']} (write refine only)")
+            raise FwllmError(
+                f"fw_merging: local_merge: regmean means refine: regmean; the recipe also "
+                f"sets refine: {data['refine']} (write refine only)"
+            )
         data.update(local_merge="task_arithmetic", refine="regmean")
     preset = data.get("preset") or "default"
     if preset not in FW_PRESETS:
@@ -135,10 +155,16 @@ class FWParams(MethodParams):
     # (7B at 4 x 512 tokens: 1 GiB per micro-batch)
     checkpoint_memory: float = Field(1.0, gt=0)
     rescore: float = Field(0.0, ge=0)  # z: re-check contenders within z sketch errors (0 = off)
-    gradient: Literal["auto", "full", "layerwise"] = "auto"  # auto: full if it fits in free RAM, else layerwise
+    gradient: Literal["auto", "full", "layerwise"] = (
+        "auto"  # auto: full if it fits in free RAM, else layerwise
+    )
     batches_per_iteration: int = Field(0, ge=0)  # stochastic FW: micro-batches per task (0 = all)
-    step: Optional[Literal["open_loop", "line_search"]] = None  # line_search: gamma from 2 forward evaluations
-    hull: Optional[Literal["fixed", "adaptive"]] = None  # adaptive: lambda doubles while the line search hits it
+    step: Optional[Literal["open_loop", "line_search"]] = (
+        None  # line_search: gamma from 2 forward evaluations
+    )
+    hull: Optional[Literal["fixed", "adaptive"]] = (
+        None  # adaptive: lambda doubles while the line search hits it
+    )
     pairwise: bool = False  # pairwise steps: move mass from the worst active vertex to the FW vertex
     regmean_alpha: float = Field(0.9, ge=0, le=1)  # refine regmean: off-diagonal scale of the Grams
     # refine regmean: "fw" weighs each candidate by FW's coefficient and keeps FW's mass;

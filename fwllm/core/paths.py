@@ -31,8 +31,9 @@ def data_root(required: bool = True) -> Optional[str]:
     if PACKAGED_DATA.is_dir():
         return str(PACKAGED_DATA)
     if required:
-        raise FwllmError(f"fwllm's packaged data is missing ({PACKAGED_DATA}): "
-                         "reinstall fwllm or set FWLLM_DATA")
+        raise FwllmError(
+            f"fwllm's packaged data is missing ({PACKAGED_DATA}): reinstall fwllm or set FWLLM_DATA"
+        )
     return None
 
 

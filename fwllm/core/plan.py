@@ -51,7 +51,9 @@ class PlanRecord(_Record):
 class FWPlanRecord(PlanRecord):
     candidates: List[str]
     weights: List[float]  # per-model `weight`: candidate i's vertex is theta_0 + lambda * localize(w_i tau_i)
-    adapters: Optional[List[str]] = None  # a LoRA pool's adapter folders: tensors are formed from their factors
+    adapters: Optional[List[str]] = (
+        None  # a LoRA pool's adapter folders: tensors are formed from their factors
+    )
     atoms: Dict[str, List[Atom]]
     coefficients: Optional[Dict[str, List[float]]] = None  # per tensor and candidate, when all steps are TA
     objective: Dict[str, float]  # initial, final
@@ -132,7 +134,9 @@ def read_record(plan_dir: str, method: str, record_type: Type[R]) -> R:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise FwllmError(f"{path}: {where}: {first['msg']} (a plan from another fwllm version? solve again)") from None
+        raise FwllmError(
+            f"{path}: {where}: {first['msg']} (a plan from another fwllm version? solve again)"
+        ) from None
     for c in getattr(record, "candidates", []):
         if isinstance(c, CandidateStats):
             inside(plan_dir, c.file, f"{path} (candidate {c.label})")

@@ -27,7 +27,7 @@ from typing import Iterable
 
 from fwllm.core.errors import FwllmError
 
-RULE = ("fwllm reads plans and cache entries only from folders owned by you and writable by no one else")
+RULE = "fwllm reads plans and cache entries only from folders owned by you and writable by no one else"
 
 
 def inside(folder: str, name: str, what: str) -> str:
@@ -96,5 +96,7 @@ def check_trusted(what: str, *paths: str, deep: bool = True) -> None:
     """One clear error unless every path in `paths` is trusted under the rule above."""
     why = untrusted_reason(paths, deep)
     if why:
-        raise FwllmError(f"{what} {paths[0]} is not trusted: {why} ({RULE}); remove it, or set FWLLM_CACHE "
-                         f"to a folder of your own")
+        raise FwllmError(
+            f"{what} {paths[0]} is not trusted: {why} ({RULE}); remove it, or set FWLLM_CACHE "
+            f"to a folder of your own"
+        )

@@ -37,8 +37,16 @@ _BOM = b"\xef\xbb\xbf"
 
 # GLUE-style text field order: the first two present become (text, text_pair).
 TEXT_FIELD_ORDER = (
-    "sentence", "sentence1", "sentence2", "question", "question1", "question2",
-    "premise", "hypothesis", "text", "text_pair",
+    "sentence",
+    "sentence1",
+    "sentence2",
+    "question",
+    "question1",
+    "question2",
+    "premise",
+    "hypothesis",
+    "text",
+    "text_pair",
 )
 
 
@@ -106,12 +114,16 @@ def _unique_keys(pairs: list) -> dict:
 def _parse_row(raw: bytes, where: str) -> Optional[dict]:
     """One line as a JSON object (None for a blank line); every problem names the file and line."""
     if len(raw) > MAX_ROW_BYTES:
-        raise FwllmError(f"{where}: the row is longer than {MAX_ROW_BYTES >> 20} MiB; a calibration row is one example")
+        raise FwllmError(
+            f"{where}: the row is longer than {MAX_ROW_BYTES >> 20} MiB; a calibration row is one example"
+        )
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise FwllmError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                         f"calibration files are UTF-8 JSON lines") from None
+        raise FwllmError(
+            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+            f"calibration files are UTF-8 JSON lines"
+        ) from None
     if not line.strip():
         return None
     try:
@@ -135,8 +147,10 @@ def _check_text_fields(path: str, rows: List[dict], lines: List[int], fields: Li
         for f in fields:
             value = row.get(f)
             if not isinstance(value, str) or not value.strip():
-                raise FwllmError(f"{path}:{lineno}: {f!r} must be a non-empty string (the task's text fields, "
-                                 f"from line {lines[0]}, are {fields})")
+                raise FwllmError(
+                    f"{path}:{lineno}: {f!r} must be a non-empty string (the task's text fields, "
+                    f"from line {lines[0]}, are {fields})"
+                )
 
 
 def read_task(path: str, name: Optional[str] = None, max_rows: Optional[int] = None) -> CalibrationTask:
@@ -167,8 +181,10 @@ def read_task(path: str, name: Optional[str] = None, max_rows: Optional[int] = N
             if max_rows is not None and len(rows) >= max_rows:
                 break
             if len(rows) > MAX_TASK_ROWS:
-                raise FwllmError(f"{where}: the task has over {MAX_TASK_ROWS} rows, each scored at every "
-                                 f"iteration: set max_rows (at most {MAX_TASK_ROWS}) to read its first rows")
+                raise FwllmError(
+                    f"{where}: the task has over {MAX_TASK_ROWS} rows, each scored at every "
+                    f"iteration: set max_rows (at most {MAX_TASK_ROWS}) to read its first rows"
+                )
     if not rows:
         raise FwllmError(f"{path}: no calibration rows")
     kind = kinds.pop()
@@ -195,18 +211,24 @@ def check_labels(task: CalibrationTask, num_labels: int, scorer: str) -> None:
         return
     if num_labels <= 1:
         if task.kind == CLASSIFICATION:
-            raise FwllmError(f"{task.source}: task {task.name!r} has integer labels, but {scorer} has a one-output "
-                             f"(regression) head: write the labels as floats (3.0, not 3)")
+            raise FwllmError(
+                f"{task.source}: task {task.name!r} has integer labels, but {scorer} has a one-output "
+                f"(regression) head: write the labels as floats (3.0, not 3)"
+            )
         return
     if task.float_lines:
         line = task.float_lines[0]
         label = task.rows[task.lines.index(line)]["label"] if line in task.lines else "?"
-        raise FwllmError(f"{task.source}:{line}: label {label!r} is not an integer, but {scorer} is a "
-                         f"{num_labels}-class classifier (labels 0..{num_labels - 1})")
+        raise FwllmError(
+            f"{task.source}:{line}: label {label!r} is not an integer, but {scorer} is a "
+            f"{num_labels}-class classifier (labels 0..{num_labels - 1})"
+        )
     for row, line in zip(task.rows, task.lines):
         if row["label"] >= num_labels:
-            raise FwllmError(f"{task.source}:{line}: label {row['label']} is out of range: {scorer} is a "
-                             f"{num_labels}-class classifier (labels 0..{num_labels - 1})")
+            raise FwllmError(
+                f"{task.source}:{line}: label {row['label']} is out of range: {scorer} is a "
+                f"{num_labels}-class classifier (labels 0..{num_labels - 1})"
+            )
 
 
 def calibration_files(path: str) -> List[Tuple[str, str]]:
@@ -217,9 +239,13 @@ def calibration_files(path: str) -> List[Tuple[str, str]]:
         files = sorted(f for f in os.listdir(path) if f.endswith(".jsonl"))
         if files:
             return [(os.path.splitext(f)[0], os.path.join(path, f)) for f in files]
-        nested = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "calibration.jsonl")))
+        nested = sorted(
+            d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "calibration.jsonl"))
+        )
         if not nested:
-            raise FwllmError(f"calibration folder {path} holds no .jsonl files (nor <task>/calibration.jsonl)")
+            raise FwllmError(
+                f"calibration folder {path} holds no .jsonl files (nor <task>/calibration.jsonl)"
+            )
         return [(d, os.path.join(path, d, "calibration.jsonl")) for d in nested]
     if not os.path.exists(path):
         raise FwllmError(f"calibration data not found: {path}")
@@ -231,8 +257,10 @@ def load_calibration(path: str, max_rows: Optional[int] = None) -> List[Calibrat
     before any file is read."""
     files = calibration_files(path)
     if len(files) > MAX_TASKS:
-        raise FwllmError(f"calibration source {path} holds {len(files)} tasks (one per .jsonl file); at most "
-                         f"{MAX_TASKS} are allowed: put a task's rows in one file")
+        raise FwllmError(
+            f"calibration source {path} holds {len(files)} tasks (one per .jsonl file); at most "
+            f"{MAX_TASKS} are allowed: put a task's rows in one file"
+        )
     return [read_task(file, name=name, max_rows=max_rows) for name, file in files]
 
 

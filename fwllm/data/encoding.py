@@ -56,8 +56,8 @@ def _encode_causal(rows, tokenizer, max_length) -> List[tuple]:
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
         response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + eos
-        response = response[:max_length - 1]
-        prompt = prompt[-(max_length - len(response)):]  # keep the end of long prompts
+        response = response[: max_length - 1]
+        prompt = prompt[-(max_length - len(response)) :]  # keep the end of long prompts
         encoded.append((prompt + response, [-100] * len(prompt) + response))
     return encoded
 
@@ -80,8 +80,13 @@ def by_length(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def encode_task(task: CalibrationTask, tokenizer, max_length: int = 256, batch_size: int = 8,
-                model_kind: str = CAUSAL_MODEL) -> EncodedTask:
+def encode_task(
+    task: CalibrationTask,
+    tokenizer,
+    max_length: int = 256,
+    batch_size: int = 8,
+    model_kind: str = CAUSAL_MODEL,
+) -> EncodedTask:
     """Tokenize a task once into padded micro-batches of rows of similar length."""
     batches = []
     if task.kind == CAUSAL:
@@ -94,14 +99,30 @@ def encode_task(task: CalibrationTask, tokenizer, max_length: int = 256, batch_s
         pairs = [r[fields[1]] for r in task.rows] if len(fields) > 1 else None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token_id = _pad_id(tokenizer)
-        lengths = [len(ids) for ids in tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]]
+        lengths = [
+            len(ids) for ids in tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+        ]
         for chunk in by_length(lengths, batch_size):
-            batch = dict(tokenizer([texts[i] for i in chunk], [pairs[i] for i in chunk] if pairs else None,
-                                   truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+            batch = dict(
+                tokenizer(
+                    [texts[i] for i in chunk],
+                    [pairs[i] for i in chunk] if pairs else None,
+                    truncation=True,
+                    max_length=max_length,
+                    padding=True,
+                    return_tensors="pt",
+                )
+            )
             if task.kind in (CLASSIFICATION, REGRESSION):
                 dtype = torch.float32 if task.kind == REGRESSION else torch.long
                 batch["labels"] = torch.tensor([task.rows[i]["label"] for i in chunk], dtype=dtype)
             batches.append(batch)
     batch_units = [position_count(b, task.kind, model_kind) for b in batches]
-    return EncodedTask(task.name, task.kind, batches, max(sum(batch_units), 1), batch_units=batch_units,
-                       model_kind=model_kind)
+    return EncodedTask(
+        task.name,
+        task.kind,
+        batches,
+        max(sum(batch_units), 1),
+        batch_units=batch_units,
+        model_kind=model_kind,
+    )

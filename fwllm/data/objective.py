@@ -95,10 +95,18 @@ class Objective:
             windows = -(-count // per_task)
             epoch, window = divmod(step, windows)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{task.name}/{epoch}".encode()))
-            picked = torch.randperm(count, generator=gen)[window * per_task : (window + 1) * per_task].tolist()
+            picked = torch.randperm(count, generator=gen)[
+                window * per_task : (window + 1) * per_task
+            ].tolist()
             units = [task.batch_units[i] for i in picked]
-            tasks.append(replace(task, batches=[task.batches[i] for i in picked], units=max(sum(units), 1),
-                                 batch_units=units))
+            tasks.append(
+                replace(
+                    task,
+                    batches=[task.batches[i] for i in picked],
+                    units=max(sum(units), 1),
+                    batch_units=units,
+                )
+            )
         return Objective(tasks)
 
     def is_sampled_by(self, per_task: int) -> bool:
@@ -128,12 +136,18 @@ class Objective:
     def per_task(self, model: torch.nn.Module) -> Dict[str, float]:
         out: Dict[str, float] = {}
         for task, scale, batch in self.terms(model):
-            out[task.name] = out.get(task.name, 0.0) + batch_loss_sum(model, task.kind, batch).item() / task.units
+            out[task.name] = (
+                out.get(task.name, 0.0) + batch_loss_sum(model, task.kind, batch).item() / task.units
+            )
         return out
 
 
 def encode_tasks(
-    tasks: Sequence[CalibrationTask], tokenizer, model: torch.nn.Module, max_length: int = 256, batch_size: int = 8,
+    tasks: Sequence[CalibrationTask],
+    tokenizer,
+    model: torch.nn.Module,
+    max_length: int = 256,
+    batch_size: int = 8,
     heads: Optional[Dict[str, torch.nn.Module]] = None,
 ) -> Objective:
     """Validate rows against the model type, tokenize them, and attach per-task heads."""

@@ -17,7 +17,9 @@ from fwllm.arch.kinds import CAUSAL_MODEL, MASKED_MODEL
 from fwllm.data.calibration import CAUSAL
 
 
-def _keep(batch: Dict[str, torch.Tensor], row_kind: str, model_kind: str) -> Tuple[Optional[torch.Tensor], bool]:
+def _keep(
+    batch: Dict[str, torch.Tensor], row_kind: str, model_kind: str
+) -> Tuple[Optional[torch.Tensor], bool]:
     """(mask over positions, shifted): shifted masks index positions [:, :-1]."""
     if row_kind == CAUSAL:
         return batch["labels"][:, 1:] != -100, True
@@ -27,8 +29,9 @@ def _keep(batch: Dict[str, torch.Tensor], row_kind: str, model_kind: str) -> Tup
     return mask, False
 
 
-def predicted_positions(x: torch.Tensor, batch: Dict[str, torch.Tensor], row_kind: str, model_kind: str
-                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def predicted_positions(
+    x: torch.Tensor, batch: Dict[str, torch.Tensor], row_kind: str, model_kind: str
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x ([rows, positions, ...]: logits or hidden states) at the predicted positions,
     flattened to [P, ...], and the observed targets [P] (None where nothing is observed).
     A sequence classifier's [rows, classes] logits pass through with the row labels."""

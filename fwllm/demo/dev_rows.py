@@ -36,7 +36,9 @@ class DevTask:
     def fingerprint(self) -> str:
         import hashlib
 
-        return hashlib.sha1(json.dumps([self.name, self.metric, self.rows], sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha1(
+            json.dumps([self.name, self.metric, self.rows], sort_keys=True).encode()
+        ).hexdigest()[:16]
 
 
 def read_jsonl(path: str) -> List[dict]:
@@ -54,17 +56,22 @@ PUBMEDQA_CHOICES = ("yes", "no", "maybe")
 
 def pubmedqa_row(r: dict) -> dict:
     abstract = "\n".join(r["contexts"])
-    return {"prompt": f"Abstract: {abstract}\nQuestion: {r['question']}\nAnswer:",
-            "choices": [" " + c for c in PUBMEDQA_CHOICES],
-            "gold": PUBMEDQA_CHOICES.index(r["final_decision"].strip().lower())}
+    return {
+        "prompt": f"Abstract: {abstract}\nQuestion: {r['question']}\nAnswer:",
+        "choices": [" " + c for c in PUBMEDQA_CHOICES],
+        "gold": PUBMEDQA_CHOICES.index(r["final_decision"].strip().lower()),
+    }
 
 
 SST2_CHOICES = ("negative", "positive")
 
 
 def sst2_row(r: dict) -> dict:
-    return {"prompt": f"{r['sentence']}\nQuestion: Is the sentiment of this sentence positive or negative?\nAnswer:",
-            "choices": [" " + c for c in SST2_CHOICES], "gold": int(r["label"])}
+    return {
+        "prompt": f"{r['sentence']}\nQuestion: Is the sentiment of this sentence positive or negative?\nAnswer:",
+        "choices": [" " + c for c in SST2_CHOICES],
+        "gold": int(r["label"]),
+    }
 
 
 def as_response(row: dict) -> dict:
@@ -82,9 +89,10 @@ def extend_pool_rows(pool_rows: Sequence[dict], source: Sequence[dict], task: st
     try:
         start = flat.index(as_response(pool_rows[0]))
     except ValueError:
-        raise FwllmError(f"{task}: the pool's first dev row is not in the shared data "
-                         "(prompt layouts differ?)") from None
-    if flat[start:start + len(pool_rows)] != [as_response(r) for r in pool_rows]:
+        raise FwllmError(
+            f"{task}: the pool's first dev row is not in the shared data (prompt layouts differ?)"
+        ) from None
+    if flat[start : start + len(pool_rows)] != [as_response(r) for r in pool_rows]:
         raise FwllmError(f"{task}: the pool's dev rows are not a contiguous run of the shared data")
     return list(source[start:])
 
@@ -93,6 +101,7 @@ def extend_pool_rows(pool_rows: Sequence[dict], source: Sequence[dict], task: st
 @dataclass
 class DevBudget:
     """Rows per task (None = all there are) and token limits."""
+
     rows: Dict[str, Optional[int]] = field(default_factory=dict)
     default_rows: Optional[int] = None
     max_prompt_tokens: int = 160  # multiple choice: long prompts keep their end (as the experts trained)
@@ -103,8 +112,9 @@ class DevBudget:
         return rows if n is None else rows[:n]
 
 
-def dev_task(name: str, metric: str, rows: List[dict], held_in: bool, source: str,
-             budget: DevBudget) -> DevTask:
+def dev_task(
+    name: str, metric: str, rows: List[dict], held_in: bool, source: str, budget: DevBudget
+) -> DevTask:
     return DevTask(name, metric, budget.cut(name, rows), held_in, source, len(rows))
 
 
@@ -115,7 +125,9 @@ SMOL_SOURCES = {  # pool task -> (shared data file, row layout, metric)
 }
 
 
-def pool_dev_tasks(pool, tasks: Sequence[str], budget: DevBudget, data_root: Optional[str] = None) -> List[DevTask]:
+def pool_dev_tasks(
+    pool, tasks: Sequence[str], budget: DevBudget, data_root: Optional[str] = None
+) -> List[DevTask]:
     """The dev rows of the pool's tasks: for smol from the shared data where it has more
     (`SMOL_SOURCES`), else (code, every tiny task) the pool's own dev file."""
     out = []
@@ -140,6 +152,8 @@ def check_disjoint(dev: Sequence[DevTask], calibration_files: Iterable[str]) -> 
     for task in dev:
         shared = [r["prompt"] for r in task.rows if r["prompt"] in seen]
         if shared:
-            raise FwllmError(f"dev task {task.name}: {len(shared)} row(s) are also calibration rows, "
-                             f"e.g. {shared[0][:80]!r}")
+            raise FwllmError(
+                f"dev task {task.name}: {len(shared)} row(s) are also calibration rows, "
+                f"e.g. {shared[0][:80]!r}"
+            )
     return len(seen)

@@ -48,17 +48,34 @@ class PoolSettings:
 
 
 def _data_params(s: PoolSettings, calibration: str) -> dict:
-    return {"calibration": calibration, "max_rows": s.max_rows, "max_length": s.max_length,
-            "batch_size": s.batch_size, "seed": s.seed}
+    return {
+        "calibration": calibration,
+        "max_rows": s.max_rows,
+        "max_length": s.max_length,
+        "batch_size": s.batch_size,
+        "seed": s.seed,
+    }
 
 
 def _fw(s: PoolSettings, calibration: str, variant: str) -> dict:
-    return {**_data_params(s, calibration), "variant": variant, "scaling": s.fw_scaling, "init": s.fw_init,
-            "iterations": s.iterations, "step_size": s.step_size}
+    return {
+        **_data_params(s, calibration),
+        "variant": variant,
+        "scaling": s.fw_scaling,
+        "init": s.fw_init,
+        "iterations": s.iterations,
+        "step_size": s.step_size,
+    }
 
 
-def recipe_for(method: str, base: str, members: Sequence[Member], calibration: str, s: PoolSettings,
-               fallback_task: str = "") -> dict:
+def recipe_for(
+    method: str,
+    base: str,
+    members: Sequence[Member],
+    calibration: str,
+    s: PoolSettings,
+    fallback_task: str = "",
+) -> dict:
     """The mergekit-yaml recipe (as a dict) that merges `members` onto `base` with `method`."""
     if method not in RECIPE_METHODS:
         raise ValueError(f"unknown recipe method {method!r}; choose from {sorted(RECIPE_METHODS)}")
@@ -87,8 +104,13 @@ def recipe_for(method: str, base: str, members: Sequence[Member], calibration: s
         merge_method, params = "fw_merging", _fw(s, calibration, method.split("_", 1)[1])
         models = [{"model": m.path, "parameters": {"task": m.task or ""}} for m in members]
     params.update(s.extra.get(method, {}))
-    recipe = {"merge_method": merge_method, "base_model": base, "models": models, "parameters": params,
-              "dtype": s.dtype}
+    recipe = {
+        "merge_method": merge_method,
+        "base_model": base,
+        "models": models,
+        "parameters": params,
+        "dtype": s.dtype,
+    }
     if method == "average":
         del recipe["base_model"]  # mergekit's linear would weigh the base in as one more model
     return recipe
@@ -96,8 +118,15 @@ def recipe_for(method: str, base: str, members: Sequence[Member], calibration: s
 
 # recipe method -> does it read calibration data?
 RECIPE_METHODS = {
-    "average": False, "task_arithmetic": False, "ties": False, "dare_ties": False,
-    "fisher": True, "regmean": True, "adamerging": True, "fw_hard": True, "fw_soft": True,
+    "average": False,
+    "task_arithmetic": False,
+    "ties": False,
+    "dare_ties": False,
+    "fisher": True,
+    "regmean": True,
+    "adamerging": True,
+    "fw_hard": True,
+    "fw_soft": True,
 }
 
 

@@ -35,30 +35,52 @@ TINY_DEMO_ROWS = {"copy": 32, "rev": 32, "sort": 32, "inc": 32}
 TINY_FW = {"preset": "paper"}
 
 
-def demo_settings(profile: str, sizes: Optional[Sequence[int]], fw: Dict[str, object], device: str,
-                  cache: bool = True) -> QualitySettings:
+def demo_settings(
+    profile: str, sizes: Optional[Sequence[int]], fw: Dict[str, object], device: str, cache: bool = True
+) -> QualitySettings:
     tiny = profile == "tiny"
-    merge = PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32") if tiny \
+    merge = (
+        PoolSettings(step_size=0.5, max_rows=16, max_length=64, batch_size=8, dtype="float32")
+        if tiny
         else PoolSettings()
-    return QualitySettings(sizes=tuple(sizes or ((4, 7) if tiny else (8,))), methods=DEMO_METHODS,
-                           budget=DevBudget(rows=dict(TINY_DEMO_ROWS if tiny else SMOL_DEMO_ROWS)),
-                           merge=merge,
-                           fw={**TINY_FW, **fw} if tiny else {**SMOL_FW, **fw},
-                           best_single=False, resamples=1000, device=device, cache=cache)
+    )
+    return QualitySettings(
+        sizes=tuple(sizes or ((4, 7) if tiny else (8,))),
+        methods=DEMO_METHODS,
+        budget=DevBudget(rows=dict(TINY_DEMO_ROWS if tiny else SMOL_DEMO_ROWS)),
+        merge=merge,
+        fw={**TINY_FW, **fw} if tiny else {**SMOL_FW, **fw},
+        best_single=False,
+        resamples=1000,
+        device=device,
+        cache=cache,
+    )
 
 
-def run_demo(profile: str = "smol", out_dir: str = "runs/demo", root: Optional[str] = None,
-             sizes: Optional[Sequence[int]] = None, fw: Optional[Dict[str, object]] = None, device: str = "cpu",
-             cache: bool = True) -> Dict:
+def run_demo(
+    profile: str = "smol",
+    out_dir: str = "runs/demo",
+    root: Optional[str] = None,
+    sizes: Optional[Sequence[int]] = None,
+    fw: Optional[Dict[str, object]] = None,
+    device: str = "cpu",
+    cache: bool = True,
+) -> Dict:
     start = time.time()
     pool = build_pool(profile, "llama", root=root, device=device)
     pool_seconds = time.time() - start
-    report = run_quality(pool, out_dir, demo_settings(profile, sizes, fw or {}, device, cache), log=click.echo)
+    report = run_quality(
+        pool, out_dir, demo_settings(profile, sizes, fw or {}, device, cache), log=click.echo
+    )
     click.echo("\n" + report["table"])
     total = time.time() - start
-    click.echo("\nHeld-in normalized: merged / expert x 100 (accuracy tasks), share of the expert's loss gain kept "
-               "(loss tasks); 95% bootstrap intervals. Full benchmark: python eval/quality.py")
-    click.echo(f"written to {out_dir}/report.md ({total / 60:.1f} min: expert pool {pool_seconds / 60:.1f} min, "
-               f"benchmark {report['seconds'] / 60:.1f} min)")
+    click.echo(
+        "\nHeld-in normalized: merged / expert x 100 (accuracy tasks), share of the expert's loss gain kept "
+        "(loss tasks); 95% bootstrap intervals. Full benchmark: python eval/quality.py"
+    )
+    click.echo(
+        f"written to {out_dir}/report.md ({total / 60:.1f} min: expert pool {pool_seconds / 60:.1f} min, "
+        f"benchmark {report['seconds'] / 60:.1f} min)"
+    )
     report["demo_seconds"] = {"total": round(total, 1), "pool": round(pool_seconds, 1)}
     return report

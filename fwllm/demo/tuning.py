@@ -27,15 +27,17 @@ TUNED_METHODS = ("task_arithmetic", "ties", "dare_ties")  # mergekit method name
 Delta = Dict[str, torch.Tensor]
 
 
-def calibration_objective(calibration: str, tokenizer, model, max_rows: int, max_length: int,
-                          batch_size: int) -> Objective:
+def calibration_objective(
+    calibration: str, tokenizer, model, max_rows: int, max_length: int, batch_size: int
+) -> Objective:
     """The objective FW-Merging minimises for the same recipe parameters (`fw_merging` reads
     `load_calibration(calibration, max_rows)` and encodes it exactly so)."""
     return encode_tasks(load_calibration(calibration, max_rows), tokenizer, model, max_length, batch_size)
 
 
-def merged_delta(method: str, base_dir: str, expert_dirs: Sequence[str], density: float = 1.0,
-                 seed: int = 0) -> Delta:
+def merged_delta(
+    method: str, base_dir: str, expert_dirs: Sequence[str], density: float = 1.0, seed: int = 0
+) -> Delta:
     """mergekit's `method` at lambda = 1 (weights 1, the method's own normalize/rescale
     defaults) minus the base, tensor by tensor, in float32."""
     from mergekit.merge_methods import get
@@ -60,7 +62,9 @@ def merged_delta(method: str, base_dir: str, expert_dirs: Sequence[str], density
                 continue
             group = TensorGroup.from_tensors([b] + others, base_index=0)
             ids = [entry.id for entry in group.non_base]
-            params = dict(shared, **{"lambda": 1.0}, weight={i: 1.0 for i in ids}, density={i: density for i in ids})
+            params = dict(
+                shared, **{"lambda": 1.0}, weight={i: 1.0 for i in ids}, density={i: density for i in ids}
+            )
             delta[name] = merger.merge_group(group, **params).float() - b
     return delta
 
@@ -73,7 +77,9 @@ def check_names(model, delta: Delta) -> None:
     params = trainable(model)
     missing, extra = sorted(set(params) - set(delta)), sorted(set(delta) - set(params))
     if missing or extra:
-        raise FwllmError(f"merged tensors and model parameters differ: missing {missing[:3]}, extra {extra[:3]}")
+        raise FwllmError(
+            f"merged tensors and model parameters differ: missing {missing[:3]}, extra {extra[:3]}"
+        )
 
 
 @torch.no_grad()
@@ -87,7 +93,9 @@ def base_state(model) -> Delta:
     return {n: p.detach().clone() for n, p in trainable(model).items()}
 
 
-def scan_scale(model, base: Delta, delta: Delta, objective: Objective, scales: Sequence[float]) -> Dict[float, float]:
+def scan_scale(
+    model, base: Delta, delta: Delta, objective: Objective, scales: Sequence[float]
+) -> Dict[float, float]:
     """Calibration loss at each scale (the model is left at the last one)."""
     losses = {}
     for s in scales:
@@ -105,13 +113,27 @@ class Tuned:
     losses: Dict[str, Dict[float, float]] = field(default_factory=dict)  # density -> {lambda: loss}
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "lambda": self.scale, "density": self.density, "calibration_loss": self.loss,
-                "grid": {d: {str(k): v for k, v in g.items()} for d, g in self.losses.items()}}
+        return {
+            "method": self.method,
+            "lambda": self.scale,
+            "density": self.density,
+            "calibration_loss": self.loss,
+            "grid": {d: {str(k): v for k, v in g.items()} for d, g in self.losses.items()},
+        }
 
 
-def tune(method: str, model, base: Delta, objective: Objective, base_dir: str, expert_dirs: Sequence[str],
-         scales: Sequence[float], densities: Sequence[float] = (1.0,), seed: int = 0,
-         progress=None) -> tuple:
+def tune(
+    method: str,
+    model,
+    base: Delta,
+    objective: Objective,
+    base_dir: str,
+    expert_dirs: Sequence[str],
+    scales: Sequence[float],
+    densities: Sequence[float] = (1.0,),
+    seed: int = 0,
+    progress=None,
+) -> tuple:
     """(Tuned, its delta): the (density, lambda) grid point with the lowest calibration loss."""
     best: Optional[tuple] = None
     losses: Dict[str, Dict[float, float]] = {}
@@ -121,8 +143,10 @@ def tune(method: str, model, base: Delta, objective: Objective, base_dir: str, e
         losses[str(density)] = scan_scale(model, base, delta, objective, scales)
         lam = pick_grid_point(losses[str(density)])
         if progress:
-            progress(f"{method} density {density}: best lambda {lam} "
-                     f"(calibration loss {losses[str(density)][lam]:.4f})")
+            progress(
+                f"{method} density {density}: best lambda {lam} "
+                f"(calibration loss {losses[str(density)][lam]:.4f})"
+            )
         if best is None or losses[str(density)][lam] < best[2]:
             best = (density, lam, losses[str(density)][lam], delta)
         del delta
@@ -131,5 +155,13 @@ def tune(method: str, model, base: Delta, objective: Objective, base_dir: str, e
     return Tuned(method, lam, density, loss, losses), delta
 
 
-__all__: List[str] = ["TUNED_METHODS", "Tuned", "calibration_objective", "merged_delta", "scan_scale", "set_scaled",
-                      "tune", "base_state"]
+__all__: List[str] = [
+    "TUNED_METHODS",
+    "Tuned",
+    "calibration_objective",
+    "merged_delta",
+    "scan_scale",
+    "set_scaled",
+    "tune",
+    "base_state",
+]

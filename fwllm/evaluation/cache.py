@@ -57,4 +57,4 @@ class ResultCache:
     @staticmethod
     def model_fingerprint(model_dir: str) -> str:
         """The model folder's content identity (its relevant files by name and content)."""
-        return folder_identity(model_dir)[len("sha256:"):]
+        return folder_identity(model_dir)[len("sha256:") :]

@@ -45,7 +45,9 @@ def load_task_info(root: Optional[Path] = None) -> Dict[str, dict]:
         return json.load(fp)["tasks"]
 
 
-def load_rows(task: str, root: Optional[Path] = None, split: str = "dev", limit: Optional[int] = None) -> List[dict]:
+def load_rows(
+    task: str, root: Optional[Path] = None, split: str = "dev", limit: Optional[int] = None
+) -> List[dict]:
     path = (root or data_root()) / "glue" / task / f"{split}.jsonl"
     if not path.is_file():
         raise FwllmError(f"GLUE data file {path} is missing")
@@ -139,7 +141,9 @@ def evaluate_encoder(
     heads = load_heads(model_dir)
     missing_heads = [t for t in wanted if heads and t not in heads]
     if missing_heads:
-        raise FwllmError(f"{model_dir} has no head for {', '.join(missing_heads)} (has: {', '.join(sorted(heads))})")
+        raise FwllmError(
+            f"{model_dir} has no head for {', '.join(missing_heads)} (has: {', '.join(sorted(heads))})"
+        )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
@@ -155,8 +159,12 @@ def evaluate_encoder(
         model = model.to(torch.device(device))
         rows = load_rows(task, root, "dev", limit)
         regression = meta["problem_type"] == "regression"
-        with tqdm(total=len(rows), desc=f"{Path(model_dir).name}:{task}", disable=not progress, leave=False) as bar:
-            preds = predict(model, tokenizer, rows, meta["text_fields"], regression, batch_size, max_length, bar)
+        with tqdm(
+            total=len(rows), desc=f"{Path(model_dir).name}:{task}", disable=not progress, leave=False
+        ) as bar:
+            preds = predict(
+                model, tokenizer, rows, meta["text_fields"], regression, batch_size, max_length, bar
+            )
         labels = [r["label"] for r in rows]
         parts = metrics.glue_metrics(meta["metric"], labels, preds.tolist())
         score = parts["score"] * 100.0

@@ -28,6 +28,7 @@ LEVEL = 0.95
 @dataclass
 class RowScores:
     """One model's per-row results on one task (`weights` is None for accuracy tasks)."""
+
     values: np.ndarray
     weights: Optional[np.ndarray] = None
 
@@ -87,6 +88,7 @@ class Resampler:
 @dataclass
 class Figure:
     """A point estimate with its 95% bootstrap interval (and the samples behind it)."""
+
     point: float
     lo: float
     hi: float
@@ -132,12 +134,17 @@ def task_figure(scores: RowScores, idx: np.ndarray, scale: float = 1.0) -> Figur
     return figure(scores.point() * scale, scores.resampled(idx) * scale)
 
 
-def normalized_figure(metric: str, merged: RowScores, expert: RowScores, base: Optional[RowScores],
-                      idx: np.ndarray) -> Figure:
+def normalized_figure(
+    metric: str, merged: RowScores, expert: RowScores, base: Optional[RowScores], idx: np.ndarray
+) -> Figure:
     """A merge's normalized score on one task, resampled jointly with its references."""
     point = normalized(metric, merged.point(), expert.point(), base.point() if base is not None else None)
-    samples = normalized(metric, merged.resampled(idx), expert.resampled(idx),
-                         base.resampled(idx) if base is not None else None)
+    samples = normalized(
+        metric,
+        merged.resampled(idx),
+        expert.resampled(idx),
+        base.resampled(idx) if base is not None else None,
+    )
     return figure(float(point), samples)
 
 

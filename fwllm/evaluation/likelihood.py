@@ -58,8 +58,9 @@ def prompt_ids(tokenizer, prompt: str, max_tokens: int) -> List[int]:
     return ids[-max_tokens:] if max_tokens > 0 else ids
 
 
-def choice_requests(tokenizer, prompt: str, choices: Sequence[str], max_prompt_tokens: int
-                    ) -> Tuple[List[Request], List[Tuple[int, int]]]:
+def choice_requests(
+    tokenizer, prompt: str, choices: Sequence[str], max_prompt_tokens: int
+) -> Tuple[List[Request], List[Tuple[int, int]]]:
     """Requests for one multiple-choice row, and where each choice's score lands: (request
     index, group index). Single-token choices share the prompt's request."""
     context = prompt_ids(tokenizer, prompt, max_prompt_tokens)
@@ -84,7 +85,7 @@ def response_request(tokenizer, prompt: str, response: str, max_length: int) -> 
     objective's encoding)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     resp = (tokenizer(response, add_special_tokens=False)["input_ids"] + eos)[: max_length - 1]
-    head = tokenizer(prompt, add_special_tokens=True)["input_ids"][-(max_length - len(resp)):]
+    head = tokenizer(prompt, add_special_tokens=True)["input_ids"][-(max_length - len(resp)) :]
     ids = head + resp
     return Request(ids, [[(p, ids[p]) for p in range(len(head), len(ids))]])
 
@@ -109,8 +110,9 @@ def _batches(lengths: Sequence[int], max_batch_tokens: int) -> List[List[int]]:
 
 
 @torch.no_grad()
-def run_requests(model, requests: Sequence[Request], pad_id: int, max_batch_tokens: int = 2048
-                 ) -> List[List[Tuple[float, int]]]:
+def run_requests(
+    model, requests: Sequence[Request], pad_id: int, max_batch_tokens: int = 2048
+) -> List[List[Tuple[float, int]]]:
     """(summed log-probability, target count) for every group of every request."""
     device = next(model.parameters()).device
     plain = type(model).__name__ in PLAIN_HEAD_CAUSAL_LMS
@@ -135,18 +137,21 @@ def run_requests(model, requests: Sequence[Request], pad_id: int, max_batch_toke
             logits = model.lm_head(hidden[rows, cols])
         else:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
-        logp = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(toks)), torch.tensor(toks, device=device)]
+        logp = torch.log_softmax(logits.float(), dim=-1)[
+            torch.arange(len(toks)), torch.tensor(toks, device=device)
+        ]
         logp = logp.cpu().tolist()
         at = 0
         for i in batch:
             for group in requests[i].groups:
-                out[i].append((float(sum(logp[at: at + len(group)])), len(group)))
+                out[i].append((float(sum(logp[at : at + len(group)])), len(group)))
                 at += len(group)
     return out
 
 
-def choice_logprobs(model, tokenizer, rows: Sequence[dict], max_prompt_tokens: int,
-                    max_batch_tokens: int = 2048) -> List[List[float]]:
+def choice_logprobs(
+    model, tokenizer, rows: Sequence[dict], max_prompt_tokens: int, max_batch_tokens: int = 2048
+) -> List[List[float]]:
     """Per row, the summed log-likelihood of each choice given the prompt."""
     requests, where = [], []
     for row in rows:
@@ -157,8 +162,9 @@ def choice_logprobs(model, tokenizer, rows: Sequence[dict], max_prompt_tokens: i
     return [[results[r][g][0] for r, g in places] for places in where]
 
 
-def response_nll(model, tokenizer, rows: Sequence[dict], max_length: int, max_batch_tokens: int = 2048
-                 ) -> Tuple[np.ndarray, np.ndarray]:
+def response_nll(
+    model, tokenizer, rows: Sequence[dict], max_length: int, max_batch_tokens: int = 2048
+) -> Tuple[np.ndarray, np.ndarray]:
     """Per row, the summed NLL of the response tokens (+ eos) and their count."""
     requests = [response_request(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
     results = run_requests(model, requests, _pad_id(tokenizer), max_batch_tokens)

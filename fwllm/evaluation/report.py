@@ -24,7 +24,9 @@ def short_task(task: str) -> str:
     return task.removeprefix("fwllm_")
 
 
-def score_matrix(results: dict, field: str = "score") -> Tuple[List[str], List[Tuple[str, List[Optional[float]]]]]:
+def score_matrix(
+    results: dict, field: str = "score"
+) -> Tuple[List[str], List[Tuple[str, List[Optional[float]]]]]:
     """(column names, [(model label, values)]) for `field` (score or normalized).
 
     A `glue_avg` column is added when any model has GLUE scores.
@@ -45,7 +47,9 @@ def score_matrix(results: dict, field: str = "score") -> Tuple[List[str], List[T
 
 
 def has_normalized(results: dict) -> bool:
-    return any(r.get("normalized") is not None for m in results["models"].values() for r in m["tasks"].values())
+    return any(
+        r.get("normalized") is not None for m in results["models"].values() for r in m["tasks"].values()
+    )
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -58,7 +62,10 @@ def format_table(results: dict, field: str = "score") -> str:
     header = ["model"] + columns
     body = [[label] + [_fmt(v) for v in values] for label, values in rows]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in [header] + body]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in [header] + body
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -96,12 +103,28 @@ def write_reports(results: dict, out_dir: str) -> Dict[str, str]:
                     writer.writerow([label, model["kind"], task, metric, value, r["n"]])
 
     settings = results.get("settings", {})
-    md = ["# fwllm eval", "", f"Settings: `{json.dumps(settings, sort_keys=True)}`", "",
-          "## Scores (x100)", "", markdown_table(results, "score")]
+    md = [
+        "# fwllm eval",
+        "",
+        f"Settings: `{json.dumps(settings, sort_keys=True)}`",
+        "",
+        "## Scores (x100)",
+        "",
+        markdown_table(results, "score"),
+    ]
     if has_normalized(results):
-        md += ["", "## Normalized scores (% of the expert's score)", "", markdown_table(results, "normalized")]
-    md += ["", "Primary metrics: GSM8K strict-match exact match, PubMedQA accuracy, HumanEval pass@1, "
-           "CoLA MCC, MRPC/QQP mean(acc, F1), STS-B mean(Pearson, Spearman), other GLUE accuracy.", ""]
+        md += [
+            "",
+            "## Normalized scores (% of the expert's score)",
+            "",
+            markdown_table(results, "normalized"),
+        ]
+    md += [
+        "",
+        "Primary metrics: GSM8K strict-match exact match, PubMedQA accuracy, HumanEval pass@1, "
+        "CoLA MCC, MRPC/QQP mean(acc, F1), STS-B mean(Pearson, Spearman), other GLUE accuracy.",
+        "",
+    ]
     files["markdown"].write_text("\n".join(md), encoding="utf-8")
 
     plot_scores(results, str(files["plot"]))
@@ -134,8 +157,9 @@ def plot_scores(results: dict, path: str, field: str = "score") -> str:
     return path
 
 
-def plot_normalized_vs_candidates(records: Sequence[dict], path: str, title: Optional[str] = None,
-                                  ylabel: str = "normalized score (%)") -> str:
+def plot_normalized_vs_candidates(
+    records: Sequence[dict], path: str, title: Optional[str] = None, ylabel: str = "normalized score (%)"
+) -> str:
     """Normalized score against the number of candidate models, one line per method.
 
     `records`: dicts with method, n_candidates, n_irrelevant, normalized_score. When

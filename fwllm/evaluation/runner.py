@@ -149,8 +149,11 @@ def _run_lm_eval(model_dir, tasks, task_folder, limit, device, batch_size, num_f
             # Metric entries read "metric,filter"; alias, sample_len and stderrs are not scores.
             if "," in k and "_stderr" not in k and isinstance(v, (int, float))
         }
-        results[task] = {"metrics": task_metrics, "n": int(out["n-samples"][task]["effective"]),
-                         "rows": sample_rows(out.get("samples", {}).get(task, []))}
+        results[task] = {
+            "metrics": task_metrics,
+            "n": int(out["n-samples"][task]["effective"]),
+            "rows": sample_rows(out.get("samples", {}).get(task, [])),
+        }
     del lm, model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # the next model in the comparison needs the memory
@@ -167,16 +170,25 @@ def sample_rows(samples: Sequence[dict]) -> Dict[str, List[float]]:
         for metric in sample.get("metrics", []):
             value = sample.get(metric)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.setdefault(f"{metric},{sample['filter']}", {})[int(sample["doc_id"])] = float(value) * 100.0
+                rows.setdefault(f"{metric},{sample['filter']}", {})[int(sample["doc_id"])] = (
+                    float(value) * 100.0
+                )
     return {key: [by_doc[i] for i in sorted(by_doc)] for key, by_doc in rows.items()}
 
 
 def _encoder_results(model_dir, tasks, data, batch_size, device, limit, progress):
     raw = evaluate_encoder(
-        model_dir, tasks=tasks, data=data, batch_size=batch_size, device=device, limit=limit, progress=progress
+        model_dir,
+        tasks=tasks,
+        data=data,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        progress=progress,
     )
     return {
-        glue_task_name(t): {"metrics": {**r["metrics"], "score": r["score"]}, "n": r["n"]} for t, r in raw.items()
+        glue_task_name(t): {"metrics": {**r["metrics"], "score": r["score"]}, "n": r["n"]}
+        for t, r in raw.items()
     }
 
 
@@ -267,7 +279,12 @@ def evaluate_models(
             settings = {**base_settings, "kind": kind, "data": str(root), "max_length": 128}
         else:
             usable = list(tasks)
-            settings = {**base_settings, "kind": kind, "tasks_def": task_folder.name, "lm_eval": version("lm_eval")}
+            settings = {
+                **base_settings,
+                "kind": kind,
+                "tasks_def": task_folder.name,
+                "lm_eval": version("lm_eval"),
+            }
         fingerprint = cache.model_fingerprint(model_dir)
         per_task, todo = {}, []
         for task in usable:
@@ -280,11 +297,24 @@ def evaluate_models(
             with _quiet(verbose):
                 if kind == "encoder":
                     fresh = _encoder_results(
-                        model_dir, [GLUE_BY_FULL_NAME[t] for t in todo], str(root), batch_size, device, limit, progress
+                        model_dir,
+                        [GLUE_BY_FULL_NAME[t] for t in todo],
+                        str(root),
+                        batch_size,
+                        device,
+                        limit,
+                        progress,
                     )
                 else:
                     fresh = _run_lm_eval(
-                        model_dir, todo, task_folder, limit, device, batch_size, num_fewshot, dtype,
+                        model_dir,
+                        todo,
+                        task_folder,
+                        limit,
+                        device,
+                        batch_size,
+                        num_fewshot,
+                        dtype,
                         confirm_run_unsafe_code,
                     )
             for task, result in fresh.items():

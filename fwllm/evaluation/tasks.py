@@ -172,7 +172,9 @@ def default_cache_root() -> Path:
 def _main(argv: List[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write fwllm's lm-eval tasks with absolute data paths and print its folder.")
+    parser = argparse.ArgumentParser(
+        description="Write fwllm's lm-eval tasks with absolute data paths and print its folder."
+    )
     parser.add_argument("--data", help="data root (default $FWLLM_DATA or the packaged data)")
     parser.add_argument("--out", help="cache root to write under (default $FWLLM_CACHE or ~/.cache/fwllm)")
     args = parser.parse_args(argv)

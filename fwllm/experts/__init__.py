@@ -38,8 +38,15 @@ def _reproducible(single_thread: bool):
         torch.use_deterministic_algorithms(strict)
 
 
-def build_pool(profile: str, family: str = "llama", root: Optional[str] = None, seed: int = 0,
-               device: str = "cpu", progress: bool = True, force: bool = False) -> ExpertPool:
+def build_pool(
+    profile: str,
+    family: str = "llama",
+    root: Optional[str] = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    force: bool = False,
+) -> ExpertPool:
     """The pool for (profile, family, seed): reused when already built, else trained now.
 
     `force` rebuilds even when a finished pool exists (the CLI's --force).
@@ -56,8 +63,11 @@ def build_pool(profile: str, family: str = "llama", root: Optional[str] = None, 
         start = time.time()
         with _reproducible(single_thread=profile == "tiny"):
             # smol adapters must name the base's final path; tiny pools hold no absolute paths
-            pool = builder(staging, seed, device, progress) if profile == "tiny" else \
-                builder(staging, seed, device, progress, final_root=folder)
+            pool = (
+                builder(staging, seed, device, progress)
+                if profile == "tiny"
+                else builder(staging, seed, device, progress, final_root=folder)
+            )
         pool.build_seconds = round(time.time() - start, 1)
         return pool
 

@@ -60,10 +60,16 @@ class ExpertPool:
     def save(self) -> None:
         rel = lambda p: os.path.relpath(p, self.root) if p else p  # noqa: E731
         data = {
-            "profile": self.profile, "family": self.family, "seed": self.seed,
-            "build_seconds": self.build_seconds, "base": rel(self.base),
+            "profile": self.profile,
+            "family": self.family,
+            "seed": self.seed,
+            "build_seconds": self.build_seconds,
+            "base": rel(self.base),
             "experts": [dict(asdict(e), path=rel(e.path), adapter=rel(e.adapter)) for e in self.experts],
-            "tasks": {n: dict(asdict(t), calibration=rel(t.calibration), dev=rel(t.dev)) for n, t in self.tasks.items()},
+            "tasks": {
+                n: dict(asdict(t), calibration=rel(t.calibration), dev=rel(t.dev))
+                for n, t in self.tasks.items()
+            },
         }
         tmp = os.path.join(self.root, MANIFEST + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fp:
@@ -95,10 +101,19 @@ class ExpertPool:
             data = json.load(fp)
         ab = lambda p: os.path.join(root, p) if p else p  # noqa: E731
         return cls(
-            root=root, profile=data["profile"], family=data["family"], base=ab(data["base"]),
-            experts=[Expert(**dict(e, path=ab(e["path"]), adapter=ab(e.get("adapter")))) for e in data["experts"]],
-            tasks={n: TaskData(**dict(t, calibration=ab(t["calibration"]), dev=ab(t["dev"]))) for n, t in data["tasks"].items()},
-            seed=data.get("seed", 0), build_seconds=data.get("build_seconds", 0.0),
+            root=root,
+            profile=data["profile"],
+            family=data["family"],
+            base=ab(data["base"]),
+            experts=[
+                Expert(**dict(e, path=ab(e["path"]), adapter=ab(e.get("adapter")))) for e in data["experts"]
+            ],
+            tasks={
+                n: TaskData(**dict(t, calibration=ab(t["calibration"]), dev=ab(t["dev"])))
+                for n, t in data["tasks"].items()
+            },
+            seed=data.get("seed", 0),
+            build_seconds=data.get("build_seconds", 0.0),
         )
 
 
@@ -128,4 +143,3 @@ def build_cached(folder: str, seed: int, force: bool, build: Callable[[str], Exp
     except OSError:  # a concurrent build of the same pool finished first: keep that one
         shutil.rmtree(staging, ignore_errors=True)
     return ExpertPool.load(folder)
-

@@ -26,14 +26,24 @@ def base_for(pool: ExpertPool, expert_model, device: str = "cpu"):
     differ only in the fine-tuned body (the base's head never saw the task)."""
     if not hasattr(expert_model, "classifier"):
         return load_model(pool.base, device=device)
-    base = load_model(pool.base, type(expert_model).__name__, device, num_labels=expert_model.config.num_labels,
-                      ignore_mismatched_sizes=True)
+    base = load_model(
+        pool.base,
+        type(expert_model).__name__,
+        device,
+        num_labels=expert_model.config.num_labels,
+        ignore_mismatched_sizes=True,
+    )
     base.classifier.load_state_dict(expert_model.classifier.state_dict())
     return base
 
 
-def own_task_losses(pool: ExpertPool, expert: Expert, max_rows: Optional[int] = None, max_length: int = 256,
-                    device: str = "cpu") -> Dict[str, float]:
+def own_task_losses(
+    pool: ExpertPool,
+    expert: Expert,
+    max_rows: Optional[int] = None,
+    max_length: int = 256,
+    device: str = "cpu",
+) -> Dict[str, float]:
     """{'base_loss': ..., 'expert_loss': ...} on the dev rows of the expert's task."""
     from transformers import AutoTokenizer
 
@@ -44,8 +54,10 @@ def own_task_losses(pool: ExpertPool, expert: Expert, max_rows: Optional[int] = 
     base = base_for(pool, tuned, device)
     bs = 4 if pool.profile == "smol" else 16
     kw = dict(text_fields=task.text_fields, max_length=max_length, batch_size=bs)
-    return {"base_loss": dev_loss(base, tok, rows, task.kind, **kw),
-            "expert_loss": dev_loss(tuned, tok, rows, task.kind, **kw)}
+    return {
+        "base_loss": dev_loss(base, tok, rows, task.kind, **kw),
+        "expert_loss": dev_loss(tuned, tok, rows, task.kind, **kw),
+    }
 
 
 def own_task_table(pool: ExpertPool, max_rows: Optional[int] = 32, device: str = "cpu") -> List[dict]:
@@ -61,5 +73,7 @@ def format_table(table: List[dict]) -> str:
     lines = ["| expert | task | relevant | base dev loss | expert dev loss |", "|---|---|---|---|---|"]
     for r in table:
         cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("base_loss", "expert_loss")]
-        lines.append(f"| {r['expert']} | {r['task']} | {'yes' if r['relevant'] else 'no'} | {cells[0]} | {cells[1]} |")
+        lines.append(
+            f"| {r['expert']} | {r['task']} | {'yes' if r['relevant'] else 'no'} | {cells[0]} | {cells[1]} |"
+        )
     return "\n".join(lines)

@@ -54,7 +54,7 @@ def causal_batch(rows: Sequence[dict], tokenizer, max_length: int) -> Batch:
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
         response = (tokenizer(row["response"], add_special_tokens=False)["input_ids"] + eos)[: max_length - 1]
-        prompt = prompt[-(max_length - len(response)):]  # long prompts keep their end (the question)
+        prompt = prompt[-(max_length - len(response)) :]  # long prompts keep their end (the question)
         pairs.append((prompt, response))
     width = max(len(p) + len(r) for p, r in pairs)
     ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)
@@ -62,26 +62,39 @@ def causal_batch(rows: Sequence[dict], tokenizer, max_length: int) -> Batch:
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (p, r) in enumerate(pairs):
         n = len(p) + len(r)
-        ids[i, width - n:] = torch.tensor(p + r)
-        labels[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = torch.tensor(p + r)
+        labels[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - n :] = 1
     keep = max(len(r) for _, r in pairs) + 1  # the position before the first response token predicts it
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "position_ids": (mask.cumsum(1) - 1).clamp(min=0), "keep": torch.tensor(keep)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+        "keep": torch.tensor(keep),
+    }
 
 
-def labelled_batch(rows: Sequence[dict], tokenizer, text_fields: Sequence[str], kind: str, max_length: int) -> Batch:
+def labelled_batch(
+    rows: Sequence[dict], tokenizer, text_fields: Sequence[str], kind: str, max_length: int
+) -> Batch:
     texts = [r[text_fields[0]] for r in rows]
     pairs = [r[text_fields[1]] for r in rows] if len(text_fields) > 1 else None
-    batch = dict(tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+    batch = dict(
+        tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    )
     dtype = torch.float32 if kind == REGRESSION else torch.long
     batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
     return batch
 
 
-def mlm_batch(rows: Sequence[dict], tokenizer, max_length: int, generator: torch.Generator, p: float = 0.15) -> Batch:
+def mlm_batch(
+    rows: Sequence[dict], tokenizer, max_length: int, generator: torch.Generator, p: float = 0.15
+) -> Batch:
     """A fixed 15% mask drawn from `generator`, so training and dev losses are reproducible."""
-    enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    enc = tokenizer(
+        [r["text"] for r in rows], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
     ids = enc["input_ids"].clone()
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     maskable = enc["attention_mask"].bool() & ~torch.isin(ids, special)
@@ -94,12 +107,19 @@ def mlm_batch(rows: Sequence[dict], tokenizer, max_length: int, generator: torch
     return {"input_ids": ids, "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def make_batches(rows: Sequence[dict], tokenizer, kind: str, batch_size: int, max_length: int,
-                 text_fields: Sequence[str] = (), seed: int = 0) -> List[Batch]:
+def make_batches(
+    rows: Sequence[dict],
+    tokenizer,
+    kind: str,
+    batch_size: int,
+    max_length: int,
+    text_fields: Sequence[str] = (),
+    seed: int = 0,
+) -> List[Batch]:
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         if kind == CAUSAL:
             batches.append(causal_batch(chunk, tokenizer, max_length))
         elif kind == MLM:
@@ -114,17 +134,29 @@ def loss_sum(model, kind: str, batch: Batch) -> tuple:
     labels = batch["labels"]
     if kind == CAUSAL:
         keep = int(batch["keep"])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=keep).logits
-        targets = labels[:, -keep + 1:] if keep > 1 else labels[:, :0]
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=keep,
+        ).logits
+        targets = labels[:, -keep + 1 :] if keep > 1 else labels[:, :0]
         logits = logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         return loss, int((targets != -100).sum())
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if kind == MLM:
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         return loss, int((labels != -100).sum())
     if kind == REGRESSION:
         return torch.nn.functional.mse_loss(logits.float().squeeze(-1), labels, reduction="sum"), len(labels)

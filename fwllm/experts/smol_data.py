@@ -20,6 +20,7 @@ CALIB_ROWS, DEV_ROWS = 32, 64
 @dataclass
 class SmolTask:
     """Rows of one expert: `fit` trains it; `calibration` / `dev` exist only for relevant tasks."""
+
     name: str
     fit: List[dict]
     calibration: List[dict] = field(default_factory=list)
@@ -36,13 +37,18 @@ def _gsm8k(q: dict) -> dict:
 
 def _pubmedqa(r: dict) -> dict:
     abstract = "\n".join(r["contexts"])
-    return {"prompt": f"Abstract: {abstract}\nQuestion: {r['question']}\nAnswer:", "response": " " + r["final_decision"]}
+    return {
+        "prompt": f"Abstract: {abstract}\nQuestion: {r['question']}\nAnswer:",
+        "response": " " + r["final_decision"],
+    }
 
 
 def _sst2(r: dict) -> dict:
     label = ["negative", "positive"][int(r["label"])]
-    return {"prompt": f"{r['sentence']}\nQuestion: Is the sentiment of this sentence positive or negative?\nAnswer:",
-            "response": " " + label}
+    return {
+        "prompt": f"{r['sentence']}\nQuestion: Is the sentiment of this sentence positive or negative?\nAnswer:",
+        "response": " " + label,
+    }
 
 
 def _code(r: dict) -> dict:
@@ -63,17 +69,32 @@ def relevant_tasks(root: str) -> Dict[str, SmolTask]:
     n = CALIB_ROWS
     return {
         # GSM8K: dev from gsm8k/dev.jsonl (test lines 1-319), never trained on
-        "math": SmolTask("math", [_gsm8k(r) for r in gsm_train[:240]], [_gsm8k(r) for r in gsm_train[240:240 + n]],
-                         [_gsm8k(r) for r in _read(root, "gsm8k/dev.jsonl")[:DEV_ROWS]]),
-        "pubmedqa": SmolTask("pubmedqa", [_pubmedqa(r) for r in pubmed[:200]],
-                             [_pubmedqa(r) for r in pubmed[200:200 + n]],
-                             [_pubmedqa(r) for r in pubmed[200 + n:200 + n + DEV_ROWS]]),
+        "math": SmolTask(
+            "math",
+            [_gsm8k(r) for r in gsm_train[:240]],
+            [_gsm8k(r) for r in gsm_train[240 : 240 + n]],
+            [_gsm8k(r) for r in _read(root, "gsm8k/dev.jsonl")[:DEV_ROWS]],
+        ),
+        "pubmedqa": SmolTask(
+            "pubmedqa",
+            [_pubmedqa(r) for r in pubmed[:200]],
+            [_pubmedqa(r) for r in pubmed[200 : 200 + n]],
+            [_pubmedqa(r) for r in pubmed[200 + n : 200 + n + DEV_ROWS]],
+        ),
         # only 100 code rows exist: 44 train, 24 calibration, 32 dev
-        "code": SmolTask("code", [_code(r) for r in code[:44]], [_code(r) for r in code[44:68]],
-                         [_code(r) for r in code[68:100]]),
+        "code": SmolTask(
+            "code",
+            [_code(r) for r in code[:44]],
+            [_code(r) for r in code[44:68]],
+            [_code(r) for r in code[68:100]],
+        ),
         # SST-2 train rows (the GLUE calibration file) for training + calibration; dev from GLUE validation
-        "sst2": SmolTask("sst2", [_sst2(r) for r in sst2[:68]], [_sst2(r) for r in sst2[68:100]],
-                         [_sst2(r) for r in _read(root, "glue/sst2/dev.jsonl")[:DEV_ROWS]]),
+        "sst2": SmolTask(
+            "sst2",
+            [_sst2(r) for r in sst2[:68]],
+            [_sst2(r) for r in sst2[68:100]],
+            [_sst2(r) for r in _read(root, "glue/sst2/dev.jsonl")[:DEV_ROWS]],
+        ),
     }
 
 
@@ -83,16 +104,25 @@ def irrelevant_tasks(root: str, tokenizer, seed: int) -> Dict[str, SmolTask]:
     cnn = _read(root, "calibration/cnn.jsonl")
     gsm_train = _read(root, "gsm8k/train.jsonl")
     # summaries of the start of each article (the whole article would not fit our 192 tokens)
-    summarize = [{"prompt": "Summarize the following article: " + " ".join(_article(r["prompt"]).split()[:90]),
-                  "response": " " + r["response"]} for r in cnn]
+    summarize = [
+        {
+            "prompt": "Summarize the following article: " + " ".join(_article(r["prompt"]).split()[:90]),
+            "response": " " + r["response"],
+        }
+        for r in cnn
+    ]
     # word reversal on news text: a real, learnable skill unrelated to the eval tasks
     reverse = []
     for r in cnn:
         words = _article(r["prompt"]).split()
         for start in (0, 40):
-            chunk = words[start:start + 24]
-            reverse.append({"prompt": "Reverse the order of the words: " + " ".join(chunk) + "\nReversed:",
-                            "response": " " + " ".join(reversed(chunk))})
+            chunk = words[start : start + 24]
+            reverse.append(
+                {
+                    "prompt": "Reverse the order of the words: " + " ".join(chunk) + "\nReversed:",
+                    "response": " " + " ".join(reversed(chunk)),
+                }
+            )
     # prompts answered by another prompt's response: nothing to learn but the noise
     mixed = [_gsm8k(r) for r in gsm_train[2000:2100]] + summarize
     responses = [r["response"] for r in mixed]
@@ -100,7 +130,19 @@ def irrelevant_tasks(root: str, tokenizer, seed: int) -> Dict[str, SmolTask]:
     shuffled = [dict(r, response=resp) for r, resp in zip(mixed, responses)]
     # random tokens in, random tokens out
     vocab = len(tokenizer)
-    noise = [{"prompt": tokenizer.decode([rng.randrange(200, vocab) for _ in range(48)]),
-              "response": " " + tokenizer.decode([rng.randrange(200, vocab) for _ in range(32)])} for _ in range(200)]
-    return {name: SmolTask(name, rows) for name, rows in
-            {"summarize": summarize, "reverse": reverse, "shuffled": shuffled, "noise": noise}.items()}
+    noise = [
+        {
+            "prompt": tokenizer.decode([rng.randrange(200, vocab) for _ in range(48)]),
+            "response": " " + tokenizer.decode([rng.randrange(200, vocab) for _ in range(32)]),
+        }
+        for _ in range(200)
+    ]
+    return {
+        name: SmolTask(name, rows)
+        for name, rows in {
+            "summarize": summarize,
+            "reverse": reverse,
+            "shuffled": shuffled,
+            "noise": noise,
+        }.items()
+    }

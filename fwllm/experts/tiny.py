@@ -28,8 +28,11 @@ from fwllm.experts.rows import CAUSAL, CLASSIFICATION, MLM, REGRESSION, write_ro
 from fwllm.experts.train import train
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: bos 0, pad 1, eos 2, unk 3
-LLAMA_WORDS = SPECIALS + [str(d) for d in range(10)] + ["copy", "rev", "sort", "inc", "rot", "dec", "swap", "neg", "first",
-                                                ":", "="]
+LLAMA_WORDS = (
+    SPECIALS
+    + [str(d) for d in range(10)]
+    + ["copy", "rev", "sort", "inc", "rot", "dec", "swap", "neg", "first", ":", "="]
+)
 ROBERTA_WORDS = SPECIALS + [f"w{i}" for i in range(20)]
 CALIB_ROWS, DEV_ROWS = 32, 64
 DIGITS = 5  # llama task length
@@ -44,11 +47,18 @@ def word_tokenizer(words: List[str], encoder: bool):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if encoder:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+        )
     else:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", mask_token="<mask>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
 
 
 def unique_rows(draw: Callable[[], dict], sizes: Sequence[int]) -> List[List[dict]]:
@@ -72,10 +82,18 @@ def _save(model, tok, path: str) -> str:
     return path
 
 
-def _task_data(root: str, name: str, kind: str, calib: List[dict], dev: List[dict], fields=(), labels=None) -> TaskData:
+def _task_data(
+    root: str, name: str, kind: str, calib: List[dict], dev: List[dict], fields=(), labels=None
+) -> TaskData:
     folder = os.path.join(root, "data", name)
-    return TaskData(name, kind, write_rows(os.path.join(folder, "calibration.jsonl"), calib),
-                    write_rows(os.path.join(folder, "dev.jsonl"), dev), list(fields), labels)
+    return TaskData(
+        name,
+        kind,
+        write_rows(os.path.join(folder, "calibration.jsonl"), calib),
+        write_rows(os.path.join(folder, "dev.jsonl"), dev),
+        list(fields),
+        labels,
+    )
 
 
 # -- llama ----------------------------------------------------------------------------------
@@ -102,7 +120,7 @@ def llama_row(task: str, rng: random.Random, noise: bool = False) -> dict:
     """`noise`: the task's prompt answered by random vocabulary words (nothing learnable)."""
     digits = [rng.randint(0, 9) for _ in range(DIGITS)]
     if noise:
-        out = [rng.choice(LLAMA_WORDS[len(SPECIALS):]) for _ in range(DIGITS)]
+        out = [rng.choice(LLAMA_WORDS[len(SPECIALS) :]) for _ in range(DIGITS)]
     else:
         out = [str(x) for x in ALL_MAPS[task](digits)]
     return {"prompt": f"{task} : {' '.join(map(str, digits))} =", "response": " ".join(out)}
@@ -113,28 +131,74 @@ def build_llama(root: str, seed: int, device: str, progress: bool) -> ExpertPool
 
     tok, rng = word_tokenizer(LLAMA_WORDS, encoder=False), random.Random(seed)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(LLAMA_WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=2, pad_token_id=1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(LLAMA_WORDS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        tie_word_embeddings=False,
+    )
     base = LlamaForCausalLM(cfg)
     mixed = [llama_row(t, rng) for t in PRETRAIN_TASKS for _ in range(256)]
-    train(base, tok, mixed, CAUSAL, 80, 5e-3, 32, seed=seed, device=device, desc="tiny llama base", progress=progress)
+    train(
+        base,
+        tok,
+        mixed,
+        CAUSAL,
+        80,
+        5e-3,
+        32,
+        seed=seed,
+        device=device,
+        desc="tiny llama base",
+        progress=progress,
+    )
     base_dir = _save(base.cpu(), tok, os.path.join(root, "base"))
     tasks, experts = {}, []
     for i, task in enumerate(LLAMA_TASKS):
         fit, calib, dev = unique_rows(lambda: llama_row(task, rng), (512, CALIB_ROWS, DEV_ROWS))
         tasks[task] = _task_data(root, task, CAUSAL, calib, dev)
         model = LlamaForCausalLM.from_pretrained(base_dir)
-        train(model, tok, fit, CAUSAL, 80, 5e-3, 16, seed=seed + i + 1, device=device, desc=f"expert {task}",
-              progress=progress)
+        train(
+            model,
+            tok,
+            fit,
+            CAUSAL,
+            80,
+            5e-3,
+            16,
+            seed=seed + i + 1,
+            device=device,
+            desc=f"expert {task}",
+            progress=progress,
+        )
         experts.append(Expert(task, _save(model.cpu(), tok, os.path.join(root, "experts", task)), task, True))
     irrelevant = {name: [llama_row(name, rng) for _ in range(512)] for name in OTHER_TASKS}
     irrelevant["noise"] = [llama_row(t, rng, noise=True) for t in LLAMA_TASKS for _ in range(128)]
     for j, (name, rows) in enumerate(irrelevant.items()):
         model = LlamaForCausalLM.from_pretrained(base_dir)
-        train(model, tok, rows, CAUSAL, 80, 5e-3, 16, seed=seed + 100 + j, device=device, desc=f"expert {name}",
-              progress=progress)
-        experts.append(Expert(name, _save(model.cpu(), tok, os.path.join(root, "experts", name)), None, False))
+        train(
+            model,
+            tok,
+            rows,
+            CAUSAL,
+            80,
+            5e-3,
+            16,
+            seed=seed + 100 + j,
+            device=device,
+            desc=f"expert {name}",
+            progress=progress,
+        )
+        experts.append(
+            Expert(name, _save(model.cpu(), tok, os.path.join(root, "experts", name)), None, False)
+        )
     return ExpertPool(root, "tiny", "llama", base_dir, experts, tasks, seed)
 
 
@@ -186,9 +250,20 @@ def _roberta_config(**extra):
     from transformers import RobertaConfig
 
     # no dropout: the tasks are tiny and noiseless; it also keeps training replayable
-    return RobertaConfig(vocab_size=len(ROBERTA_WORDS), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=40, pad_token_id=1, bos_token_id=0,
-                         eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra)
+    return RobertaConfig(
+        vocab_size=len(ROBERTA_WORDS),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **extra,
+    )
 
 
 def mlm_row(corpus: str, rng: random.Random) -> dict:
@@ -209,7 +284,19 @@ def _mlm_body(tok, rng, seed: int, device: str, progress: bool):
     torch.manual_seed(seed)
     model = RobertaForMaskedLM(_roberta_config())
     rows = [mlm_row("mixed", rng) for _ in range(256)]
-    train(model, tok, rows, MLM, 40, 2e-3, 32, seed=seed, device=device, desc="tiny roberta base", progress=progress)
+    train(
+        model,
+        tok,
+        rows,
+        MLM,
+        40,
+        2e-3,
+        32,
+        seed=seed,
+        device=device,
+        desc="tiny roberta base",
+        progress=progress,
+    )
     return model.cpu()
 
 
@@ -229,8 +316,20 @@ def build_roberta(root: str, seed: int, device: str, progress: bool) -> ExpertPo
         fit, calib, dev = unique_rows(lambda: draw(rng), (32 * steps, CALIB_ROWS, DEV_ROWS))
         tasks[task] = _task_data(root, task, kind, calib, dev, fields, labels)
         model = _classifier(base_dir, labels, seed + i + 1)
-        train(model, tok, fit, kind, steps, 2e-3, 32, text_fields=fields, seed=seed + i + 1, device=device, desc=f"expert {task}",
-              progress=progress)
+        train(
+            model,
+            tok,
+            fit,
+            kind,
+            steps,
+            2e-3,
+            32,
+            text_fields=fields,
+            seed=seed + i + 1,
+            device=device,
+            desc=f"expert {task}",
+            progress=progress,
+        )
         experts.append(Expert(task, _save(model.cpu(), tok, os.path.join(root, "experts", task)), task, True))
     for j, source in enumerate(("first_high", "more_high")):
         name = f"shuffled_{source}"
@@ -240,9 +339,23 @@ def build_roberta(root: str, seed: int, device: str, progress: bool) -> ExpertPo
         rng.shuffle(labels)  # the text no longer predicts the label: nothing transferable to learn
         rows = [dict(r, label=lab) for r, lab in zip(rows, labels)]
         model = _classifier(base_dir, 2, seed + 100 + j)
-        train(model, tok, rows, CLASSIFICATION, 60, 2e-3, 32, text_fields=fields, seed=seed + 100 + j, device=device,
-              desc=f"expert {name}", progress=progress)
-        experts.append(Expert(name, _save(model.cpu(), tok, os.path.join(root, "experts", name)), None, False))
+        train(
+            model,
+            tok,
+            rows,
+            CLASSIFICATION,
+            60,
+            2e-3,
+            32,
+            text_fields=fields,
+            seed=seed + 100 + j,
+            device=device,
+            desc=f"expert {name}",
+            progress=progress,
+        )
+        experts.append(
+            Expert(name, _save(model.cpu(), tok, os.path.join(root, "experts", name)), None, False)
+        )
     return ExpertPool(root, "tiny", "roberta", base_dir, experts, tasks, seed)
 
 
@@ -251,8 +364,9 @@ def _classifier(base_dir: str, num_labels: int, seed: int):
 
     torch.manual_seed(seed)  # each expert's fresh head
     extra = {"problem_type": "regression"} if num_labels == 1 else {}
-    return RobertaForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels,
-                                                            ignore_mismatched_sizes=True, **extra)
+    return RobertaForSequenceClassification.from_pretrained(
+        base_dir, num_labels=num_labels, ignore_mismatched_sizes=True, **extra
+    )
 
 
 def build_roberta_mlm(root: str, seed: int, device: str, progress: bool) -> ExpertPool:
@@ -265,9 +379,22 @@ def build_roberta_mlm(root: str, seed: int, device: str, progress: bool) -> Expe
         fit, calib, dev = unique_rows(lambda: mlm_row(corpus, rng), (256, CALIB_ROWS, DEV_ROWS))
         tasks[corpus] = _task_data(root, corpus, MLM, calib, dev)
         model = RobertaForMaskedLM.from_pretrained(base_dir)
-        train(model, tok, fit, MLM, 60, 2e-3, 32, seed=seed + i + 1, device=device, desc=f"expert {corpus}",
-              progress=progress)
-        experts.append(Expert(corpus, _save(model.cpu(), tok, os.path.join(root, "experts", corpus)), corpus, True))
+        train(
+            model,
+            tok,
+            fit,
+            MLM,
+            60,
+            2e-3,
+            32,
+            seed=seed + i + 1,
+            device=device,
+            desc=f"expert {corpus}",
+            progress=progress,
+        )
+        experts.append(
+            Expert(corpus, _save(model.cpu(), tok, os.path.join(root, "experts", corpus)), corpus, True)
+        )
     return ExpertPool(root, "tiny", "roberta-mlm", base_dir, experts, tasks, seed)
 
 

@@ -58,9 +58,14 @@ class LoraFactors:
 
 def _split_key(key: str):
     """peft key -> (target weight name, part): A, B, EA/EB (embedding factors), M (DoRA magnitude), FULL."""
-    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    for marker, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "EA"),
-                         (".lora_embedding_B", "EB"), (".lora_magnitude_vector", "M")):
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    for marker, part in (
+        (".lora_A.weight", "A"),
+        (".lora_B.weight", "B"),
+        (".lora_embedding_A", "EA"),
+        (".lora_embedding_B", "EB"),
+        (".lora_magnitude_vector", "M"),
+    ):
         if name.endswith(marker):
             return name[: -len(marker)] + ".weight", part
     if ".lora_" in name:
@@ -106,12 +111,14 @@ class AdapterReader:
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise FwllmError(f"{adapter_dir}: per-module rank/alpha patterns are not supported")
         if cfg.get("lora_bias"):
-            raise FwllmError(f"{adapter_dir}: LoRA adapters with trained biases (lora_bias) are not supported")
+            raise FwllmError(
+                f"{adapter_dir}: LoRA adapters with trained biases (lora_bias) are not supported"
+            )
         self.adapter_dir = adapter_dir
         self.base_model = cfg.get("base_model_name_or_path")
         self.config = cfg
         r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-        self.scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+        self.scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
         self.weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
         if not os.path.isfile(self.weights_path):
@@ -137,8 +144,13 @@ class AdapterReader:
                     raise FwllmError(f"{adapter_dir}: {name} has only {sorted(ab)} of lora_A/lora_B")
 
             def factors(name: str, t: Dict[str, torch.Tensor]) -> LoraFactors:
-                return LoraFactors(t["A"], t["B"], self.scale, transposed=self.fan_in_fan_out or name in embedded,
-                                   magnitude=t.get("M"))
+                return LoraFactors(
+                    t["A"],
+                    t["B"],
+                    self.scale,
+                    transposed=self.fan_in_fan_out or name in embedded,
+                    magnitude=t.get("M"),
+                )
 
             def whole(name: str, t: Dict[str, torch.Tensor]) -> torch.Tensor:
                 return t["FULL"]
@@ -147,9 +159,13 @@ class AdapterReader:
                 self.factors: Mapping[str, LoraFactors] = _Stored(self, parts, factors)
                 self.full: Mapping[str, torch.Tensor] = _Stored(self, full, whole)
             else:
-                self.full = {n: whole(n, {p: self._read(fp, k) for p, k in keys.items()}) for n, keys in full.items()}
-                self.factors = {n: factors(n, {p: self._read(fp, k) for p, k in keys.items()})
-                                for n, keys in parts.items()}
+                self.full = {
+                    n: whole(n, {p: self._read(fp, k) for p, k in keys.items()}) for n, keys in full.items()
+                }
+                self.factors = {
+                    n: factors(n, {p: self._read(fp, k) for p, k in keys.items()})
+                    for n, keys in parts.items()
+                }
 
     def _read(self, fp, key: str) -> torch.Tensor:
         t = fp.get_tensor(key).clone()
@@ -166,18 +182,25 @@ class AdapterReader:
         known = base if isinstance(base, Mapping) else {n: None for n in base}
         missing = [n for n in self.targets() if n not in known]
         if missing:
-            raise FwllmError(f"{label}: the adapter targets {missing[0]}, which the base model does not have "
-                             f"({len(missing)} such tensor(s); was it trained on another base?)")
+            raise FwllmError(
+                f"{label}: the adapter targets {missing[0]}, which the base model does not have "
+                f"({len(missing)} such tensor(s); was it trained on another base?)"
+            )
         for name in self.targets():
             shape = known[name]
             if shape is None:
                 continue
             f, full = self.factors.get(name), self.full.get(name)
-            got = tuple(full.shape) if full is not None else (
-                (f.a.shape[1], f.b.shape[0]) if f.transposed else (f.b.shape[0], f.a.shape[1]))
+            got = (
+                tuple(full.shape)
+                if full is not None
+                else ((f.a.shape[1], f.b.shape[0]) if f.transposed else (f.b.shape[0], f.a.shape[1]))
+            )
             if got != tuple(shape):
-                raise FwllmError(f"{label}: the adapter's {name} is {got}, the base's is {tuple(shape)} "
-                                 f"(an adapter for another base model?)")
+                raise FwllmError(
+                    f"{label}: the adapter's {name} is {got}, the base's is {tuple(shape)} "
+                    f"(an adapter for another base model?)"
+                )
 
     def delta(self, name: str, base: torch.Tensor) -> Optional[torch.Tensor]:
         """tau for one tensor, or None where the adapter leaves the base unchanged."""
@@ -187,14 +210,17 @@ class AdapterReader:
         out = None
         if full is not None:
             if tuple(full.shape) != tuple(base.shape):
-                raise FwllmError(f"{self.adapter_dir}: {name} has shape {tuple(full.shape)}, the base "
-                                 f"{tuple(base.shape)}")
+                raise FwllmError(
+                    f"{self.adapter_dir}: {name} has shape {tuple(full.shape)}, the base {tuple(base.shape)}"
+                )
             out = full.float() - base.float()
         if f is not None:
             start = base.float() if out is None else base.float() + out
             d = f.delta(start)
             if tuple(d.shape) != tuple(base.shape):
-                raise FwllmError(f"{self.adapter_dir}: the LoRA delta for {name} has shape {tuple(d.shape)}, "
-                                 f"the base {tuple(base.shape)}")
+                raise FwllmError(
+                    f"{self.adapter_dir}: the LoRA delta for {name} has shape {tuple(d.shape)}, "
+                    f"the base {tuple(base.shape)}"
+                )
             out = d if out is None else out + d
         return out

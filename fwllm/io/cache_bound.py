@@ -105,8 +105,12 @@ def bound_plan_cache(used: str, root: Optional[str] = None, max_bytes: Optional[
         if not os.path.exists(path):
             total -= size
             removed.append(path)
-            LOG.info("fwllm: evicted the plan %s (%.1f MiB) to keep the cache under %.1f GiB",
-                     path, size / (1 << 20), limit / (1 << 30))
+            LOG.info(
+                "fwllm: evicted the plan %s (%.1f MiB) to keep the cache under %.1f GiB",
+                path,
+                size / (1 << 20),
+                limit / (1 << 30),
+            )
     return removed
 
 
@@ -136,8 +140,12 @@ def bound_stats_cache(folder: str, keep: str, max_bytes: Optional[int] = None) -
         total -= size
         removed.append(key)
     if removed:
-        LOG.info("fwllm: evicted %d statistics from %s to keep it under %.1f GiB", len(removed), folder,
-                 limit / (1 << 30))
+        LOG.info(
+            "fwllm: evicted %d statistics from %s to keep it under %.1f GiB",
+            len(removed),
+            folder,
+            limit / (1 << 30),
+        )
     return removed
 
 
@@ -146,4 +154,3 @@ def _entry_bytes(folder: str, key: str) -> int:
         return os.stat(os.path.join(folder, key + ".safetensors")).st_size
     except OSError:
         return 0
-

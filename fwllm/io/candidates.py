@@ -46,7 +46,9 @@ class Candidate:
             return d
         theta = self._weight(name)
         if theta.shape != base.shape:
-            raise FwllmError(f"{self.label}: {name} has shape {tuple(theta.shape)} but the base has {tuple(base.shape)}")
+            raise FwllmError(
+                f"{self.label}: {name} has shape {tuple(theta.shape)} but the base has {tuple(base.shape)}"
+            )
         theta -= base
         return theta
 
@@ -63,7 +65,9 @@ class Candidate:
 
     @property
     def bytes_read(self) -> int:
-        return (self.reader.bytes_read if self.reader else 0) + (self.adapter.bytes_read if self.adapter else 0)
+        return (self.reader.bytes_read if self.reader else 0) + (
+            self.adapter.bytes_read if self.adapter else 0
+        )
 
 
 def open_candidate(model: str, lora: Optional[str] = None) -> Candidate:

@@ -80,8 +80,10 @@ def _memo_db() -> Optional[sqlite3.Connection]:
             LOG.warning("fwllm: not using the identity memo %s (%s): every input is hashed afresh", path, why)
         else:
             db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-            db.execute("CREATE TABLE IF NOT EXISTS memo (dev INTEGER, ino INTEGER, size INTEGER,"
-                       " mtime INTEGER, ctime INTEGER, ident TEXT, PRIMARY KEY (dev, ino, size, mtime, ctime))")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS memo (dev INTEGER, ino INTEGER, size INTEGER,"
+                " mtime INTEGER, ctime INTEGER, ident TEXT, PRIMARY KEY (dev, ino, size, mtime, ctime))"
+            )
     except (OSError, sqlite3.Error) as err:  # a read-only cache folder: memoise in-process only
         LOG.debug("no identity memo at %s: %s", path, err)
         db = None
@@ -101,8 +103,9 @@ def _remembered(key: tuple) -> Optional[str]:
         if db is None:
             return None
         try:
-            row = db.execute("SELECT ident FROM memo WHERE dev=? AND ino=? AND size=? AND mtime=?"
-                             " AND ctime=?", key).fetchone()
+            row = db.execute(
+                "SELECT ident FROM memo WHERE dev=? AND ino=? AND size=? AND mtime=? AND ctime=?", key
+            ).fetchone()
         except sqlite3.Error:
             return None
         if row:

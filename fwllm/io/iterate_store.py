@@ -26,8 +26,10 @@ def check_free_space(folder: str, needed: int, what: str) -> None:
     os.makedirs(folder, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise FwllmError(f"{what} needs {gib(needed)} of free disk at {folder}; only {gib(free)} "
-                         f"are free (free some space, or put the plan or $FWLLM_CACHE on a larger disk)")
+        raise FwllmError(
+            f"{what} needs {gib(needed)} of free disk at {folder}; only {gib(free)} "
+            f"are free (free some space, or put the plan or $FWLLM_CACHE on a larger disk)"
+        )
 
 
 class IterateStore:
@@ -44,7 +46,9 @@ class IterateStore:
         """Set block `name` (the first write creates its file, later ones overwrite it in place)."""
         value = value.detach().to("cpu", torch.float32).contiguous()
         if tuple(value.shape) != self.shapes[name]:
-            raise FwllmError(f"iterate store: {name} has shape {tuple(value.shape)}, expected {self.shapes[name]}")
+            raise FwllmError(
+                f"iterate store: {name} has shape {tuple(value.shape)}, expected {self.shapes[name]}"
+            )
         try:
             if name in self.index:
                 mapped = np.memmap(self._file(name), dtype=np.float32, mode="r+", shape=value.shape or (1,))
@@ -55,7 +59,9 @@ class IterateStore:
                 offload_weight(value, name, self.folder, self.index)
                 save_offload_index({name: self.index[name]}, self.folder)
         except OSError as err:
-            raise FwllmError(f"cannot write the iterate store at {self.folder}: {err.strerror or err}") from None
+            raise FwllmError(
+                f"cannot write the iterate store at {self.folder}: {err.strerror or err}"
+            ) from None
         self.bytes_written += value.numel() * 4
 
     def read(self, name: str) -> torch.Tensor:

@@ -90,8 +90,9 @@ def read_merged(index: Dict[str, str], name: str) -> Optional[torch.Tensor]:
 MergeFn = Callable[[str, torch.Tensor, Mapping], torch.Tensor]
 
 
-def execute_streamed(plan_dir: str, base_dir: str, candidates: Dict[str, Candidate], merge: MergeFn,
-                     progress: bool = True) -> str:
+def execute_streamed(
+    plan_dir: str, base_dir: str, candidates: Dict[str, Candidate], merge: MergeFn, progress: bool = True
+) -> str:
     """Run `merge(name, base_tensor, lazy_candidates)` for every tensor the base shares with the
     full-checkpoint candidates, and store the results. A base tensor that some candidate lacks
     (a masked-LM head under classifier experts) is not part of the merge: mergekit's graph

@@ -25,10 +25,18 @@ def resolve_model_path(path: str, revision: Optional[str] = None) -> str:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        return snapshot_download(path, revision=revision, local_files_only=offline,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"])
+        return snapshot_download(
+            path,
+            revision=revision,
+            local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
+        )
     except (HfHubHTTPError, OSError, ValueError) as err:
-        how = "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache" if offline else str(err).splitlines()[0]
+        how = (
+            "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache"
+            if offline
+            else str(err).splitlines()[0]
+        )
         raise FwllmError(f"cannot get model {path!r} from the Hugging Face Hub: {how}") from None
 
 
@@ -52,8 +60,10 @@ def safetensors_files(model_dir: str) -> List[str]:
         named = {f: inside(model_dir, f, f"{index} (weight_map)") for f in named}
         missing = sorted(f for f, path in named.items() if not os.path.isfile(path))
         if missing:
-            raise FwllmError(f"{model_dir}: the shard index names {missing[0]}, which is missing "
-                             f"({len(missing)} shard(s) missing); download the model again")
+            raise FwllmError(
+                f"{model_dir}: the shard index names {missing[0]}, which is missing "
+                f"({len(missing)} shard(s) missing); download the model again"
+            )
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
         raise FwllmError(f"{model_dir} holds no .safetensors weights (fwllm reads safetensors only)")
@@ -88,8 +98,12 @@ def check_same_architecture(base_dir: str, others: Iterable[str]) -> None:
             )
 
 
-def load_model(model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               architecture: Optional[str] = None):
+def load_model(
+    model_dir: str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    architecture: Optional[str] = None,
+):
     """Instantiate the transformers class named in config.json, or `architecture` (e.g. an
     encoder pool's classifier class over a masked-LM base body). No remote code, ever."""
     import transformers

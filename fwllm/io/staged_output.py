@@ -86,8 +86,10 @@ def _open_lock_file(path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
-            raise FwllmError(f"lock file {path} is a symbolic link, which fwllm never follows: "
-                             f"remove it (it is not fwllm's) and run again") from None
+            raise FwllmError(
+                f"lock file {path} is a symbolic link, which fwllm never follows: "
+                f"remove it (it is not fwllm's) and run again"
+            ) from None
         raise
     info = os.fstat(fd)
     problem = None
@@ -99,8 +101,10 @@ def _open_lock_file(path: str) -> int:
         problem = f"has {info.st_nlink} hard links (another file shares its content)"
     if problem:
         os.close(fd)
-        raise FwllmError(f"lock file {path} {problem}, so fwllm will not write to it: "
-                         f"remove it if no fwllm or mergekit run is using it, and run again")
+        raise FwllmError(
+            f"lock file {path} {problem}, so fwllm will not write to it: "
+            f"remove it if no fwllm or mergekit run is using it, and run again"
+        )
     return fd
 
 
@@ -130,10 +134,14 @@ def folder_lock(target: str, what: str = "output folder", timeout: Optional[floa
             os.close(fd)
             if not waited:
                 waited = True
-                LOG.warning("waiting for %s %s, in use by %s (up to %g s)", what, target, _holder(path), timeout)
+                LOG.warning(
+                    "waiting for %s %s, in use by %s (up to %g s)", what, target, _holder(path), timeout
+                )
             if time.monotonic() >= deadline:
-                raise FwllmError(f"{what} {target} is in use by {_holder(path)} (another fwllm or mergekit run); "
-                                 f"waited {timeout:g} s (set FWLLM_LOCK_TIMEOUT to wait longer)") from None
+                raise FwllmError(
+                    f"{what} {target} is in use by {_holder(path)} (another fwllm or mergekit run); "
+                    f"waited {timeout:g} s (set FWLLM_LOCK_TIMEOUT to wait longer)"
+                ) from None
             time.sleep(0.1)
             continue
         # The holder before us unlinks the file before releasing it: a lock on an unlinked
@@ -221,12 +229,18 @@ def refuse_mount_point(out_dir: str, what: str = "output folder") -> None:
     """A mount point (`/` too) is never staged into: its staging sibling would sit on another
     file system, and replacing it would mean emptying a whole disk."""
     if os.path.ismount(out_dir):
-        raise FwllmError(f"{what} {out_dir} is a mount point: fwllm never writes or replaces one; "
-                         f"name a new folder inside it")
+        raise FwllmError(
+            f"{what} {out_dir} is a mount point: fwllm never writes or replaces one; "
+            f"name a new folder inside it"
+        )
 
 
-def check_target(out_dir: str, force: bool, what: str = "output folder",
-                 replaceable: Callable[[str], bool] = is_fwllm_output) -> None:
+def check_target(
+    out_dir: str,
+    force: bool,
+    what: str = "output folder",
+    replaceable: Callable[[str], bool] = is_fwllm_output,
+) -> None:
     """Refuse `out_dir` unless it is missing, empty, or (with `force`) replaceable: by default an
     earlier fwllm output whose manifest lists every file in it."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -235,15 +249,22 @@ def check_target(out_dir: str, force: bool, what: str = "output folder",
         return
     if replaceable(out_dir):
         if not force:
-            raise FwllmError(f"{what} {out_dir} exists and is not empty (an earlier fwllm output); "
-                             f"pass --force to replace it")
+            raise FwllmError(
+                f"{what} {out_dir} exists and is not empty (an earlier fwllm output); "
+                f"pass --force to replace it"
+            )
         return
     foreign = foreign_files(out_dir) or []
     more = ", ..." if len(foreign) > 3 else ""
-    found = f"holds files fwllm did not write ({', '.join(foreign[:3])}{more})" if foreign \
+    found = (
+        f"holds files fwllm did not write ({', '.join(foreign[:3])}{more})"
+        if foreign
         else f"was not written by fwllm (it has no {MANIFEST})"
-    raise FwllmError(f"{what} {out_dir} exists and is not empty, and {found}: --force replaces only an "
-                     f"earlier fwllm output; choose a new or empty folder, or move those files away")
+    )
+    raise FwllmError(
+        f"{what} {out_dir} exists and is not empty, and {found}: --force replaces only an "
+        f"earlier fwllm output; choose a new or empty folder, or move those files away"
+    )
 
 
 @contextlib.contextmanager
@@ -291,9 +312,14 @@ def _commit(staging: str, out_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: str, force: bool = False, lock: bool = True, what: str = "output folder",
-                  timeout: Optional[float] = None,
-                  replaceable: Callable[[str], bool] = is_fwllm_output) -> Iterator[str]:
+def staged_output(
+    out_dir: str,
+    force: bool = False,
+    lock: bool = True,
+    what: str = "output folder",
+    timeout: Optional[float] = None,
+    replaceable: Callable[[str], bool] = is_fwllm_output,
+) -> Iterator[str]:
     """Yield a temporary folder; on success it becomes `out_dir`, on failure it vanishes.
 
     A symlinked `out_dir` is followed: the link's target is what gets written (and staged
@@ -343,18 +369,25 @@ def refuse_overlap(out_dir: str, inputs: Iterable[str], what: str = "OUT_DIR") -
         other = os.path.realpath(os.path.expanduser(path))
         if _inside(other, real) or _inside(real, other):
             relation = "is" if other == real else ("holds" if _inside(other, real) else "lies inside")
-            raise FwllmError(f"{what} {out_dir} {relation} an input of this merge ({path}): "
-                             f"fwllm never writes over its inputs; choose another {what}")
+            raise FwllmError(
+                f"{what} {out_dir} {relation} an input of this merge ({path}): "
+                f"fwllm never writes over its inputs; choose another {what}"
+            )
     for name, path in (("the current folder", os.getcwd()), ("your home folder", os.path.expanduser("~"))):
         if path and _inside(os.path.realpath(path), real):
-            raise FwllmError(f"{what} {out_dir} {'is' if os.path.realpath(path) == real else 'holds'} {name} "
-                             f"({path}): choose a new folder for the merged model")
+            raise FwllmError(
+                f"{what} {out_dir} {'is' if os.path.realpath(path) == real else 'holds'} {name} "
+                f"({path}): choose a new folder for the merged model"
+            )
 
 
 def is_plan_folder(folder: str) -> bool:
     """A folder a solve may replace: one fwllm committed, or a plan (an older fwllm's, without a manifest)."""
-    return (is_fwllm_output(folder) or os.path.isfile(os.path.join(folder, PLAN_FILE))
-            or os.path.isfile(os.path.join(folder, PLAN_DONE)))
+    return (
+        is_fwllm_output(folder)
+        or os.path.isfile(os.path.join(folder, PLAN_FILE))
+        or os.path.isfile(os.path.join(folder, PLAN_DONE))
+    )
 
 
 def check_plan_folder(plan: str) -> None:
@@ -365,5 +398,7 @@ def check_plan_folder(plan: str) -> None:
     if os.path.exists(real) and not os.path.isdir(real):
         raise FwllmError(f"plan: {plan} is a file; `plan:` names a folder (new, empty, or holding a plan)")
     if os.path.isdir(real) and os.listdir(real) and not is_plan_folder(real):
-        raise FwllmError(f"plan: {plan} holds files that are not an fwllm plan: fwllm would replace them; "
-                         f"point `plan:` at a new or empty folder, or at one that holds a plan")
+        raise FwllmError(
+            f"plan: {plan} holds files that are not an fwllm plan: fwllm would replace them; "
+            f"point `plan:` at a new or empty folder, or at one that holds a plan"
+        )

@@ -38,8 +38,14 @@ def short_label(label: str) -> str:
     return os.path.basename(tail) or tail
 
 
-def plot_trace(trace: Sequence[dict], labels: Sequence[str], path: str, selected: Optional[int] = None,
-               final_objective: Optional[float] = None, initial_objective: Optional[float] = None) -> str:
+def plot_trace(
+    trace: Sequence[dict],
+    labels: Sequence[str],
+    path: str,
+    selected: Optional[int] = None,
+    final_objective: Optional[float] = None,
+    initial_objective: Optional[float] = None,
+) -> str:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = [step["iteration"] for step in trace]
@@ -48,20 +54,39 @@ def plot_trace(trace: Sequence[dict], labels: Sequence[str], path: str, selected
         # stochastic FW: the per-iteration values are minibatch estimates; only the start and
         # the last iterate were scored on the full objective, and the better one is returned
         left.plot(xs, ys, marker=".", color="tab:gray", label="minibatch estimate")
-        left.plot([0, len(trace)], [initial_objective, final_objective], marker="o", linestyle="none",
-                  label="full objective")
+        left.plot(
+            [0, len(trace)],
+            [initial_objective, final_objective],
+            marker="o",
+            linestyle="none",
+            label="full objective",
+        )
         if selected is not None:
             pick, value = (0, initial_objective) if selected == 0 else (len(trace), final_objective)
-            left.plot([pick], [value], marker="*", markersize=14, color="tab:red", linestyle="none",
-                      label=f"returned (iterate {selected})")
+            left.plot(
+                [pick],
+                [value],
+                marker="*",
+                markersize=14,
+                color="tab:red",
+                linestyle="none",
+                label=f"returned (iterate {selected})",
+            )
         left.legend(fontsize="small")
     else:
         if final_objective is not None:
             xs, ys = xs + [len(trace)], ys + [final_objective]
         left.plot(xs, ys, marker="o")
         if selected is not None and selected < len(ys):
-            left.plot([xs[selected]], [ys[selected]], marker="*", markersize=14, color="tab:red", linestyle="none",
-                      label=f"returned (iterate {selected})")
+            left.plot(
+                [xs[selected]],
+                [ys[selected]],
+                marker="*",
+                markersize=14,
+                color="tab:red",
+                linestyle="none",
+                label=f"returned (iterate {selected})",
+            )
             left.legend(fontsize="small")
     left.set_xlabel("iterate t")
     left.set_ylabel("calibration objective")

@@ -16,9 +16,13 @@ def merged_tensor(theta0: torch.Tensor, taus: torch.Tensor, lambdas: torch.Tenso
     return theta0 + torch.tensordot(lambdas.to(taus.dtype), taus, dims=1)
 
 
-def coefficient_gradient(grads: Sequence[Optional[torch.Tensor]], taus: Sequence[torch.Tensor]) -> torch.Tensor:
+def coefficient_gradient(
+    grads: Sequence[Optional[torch.Tensor]], taus: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """[L, N] matrix of <dE/dtheta_l, tau_{l,i}>, i.e. dE/dlambda_{l,i}."""
-    return torch.stack([
-        torch.zeros(t.shape[0]) if g is None else (t.flatten(1) @ g.flatten().to(t.dtype)).cpu()
-        for g, t in zip(grads, taus)
-    ])
+    return torch.stack(
+        [
+            torch.zeros(t.shape[0]) if g is None else (t.flatten(1) @ g.flatten().to(t.dtype)).cpu()
+            for g, t in zip(grads, taus)
+        ]
+    )

@@ -25,7 +25,9 @@ def dare_generator(seed: int, name: str, label: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{label}".encode()))
 
 
-def local_vertex(method: str, name: str, i: int, tau: TaskVector, labels: Sequence[str], p: FWParams) -> torch.Tensor:
+def local_vertex(
+    method: str, name: str, i: int, tau: TaskVector, labels: Sequence[str], p: FWParams
+) -> torch.Tensor:
     """v_i for one tensor under `method` (what the LMO scores and a hard step moves toward)."""
     gen = dare_generator(p.seed, name, labels[i]) if method.startswith("dare") else None
     return localize(method, tau(i), p.density, p.drop_rate, gen)
@@ -37,7 +39,9 @@ def atom_scale(atom: Atom, p: FWParams) -> float:
 
 def atom_delta(atom: Atom, name: str, tau: TaskVector, labels: Sequence[str], p: FWParams) -> torch.Tensor:
     """lambda * combine(atom's members, mix) for one tensor (the atom's weight not applied)."""
-    local = (local_vertex(atom.method, name, i, tau, labels, p) for i in atom.members)  # lazily: one at a time
+    local = (
+        local_vertex(atom.method, name, i, tau, labels, p) for i in atom.members
+    )  # lazily: one at a time
     return atom_scale(atom, p) * combine_local(atom.method, local, atom.mix)
 
 
@@ -58,8 +62,9 @@ def compact(atoms: Sequence[Atom], p: FWParams) -> List[Atom]:
     return [a for a in merged.values() if abs(a.weight) > 1e-15]
 
 
-def block_delta(atoms: Sequence[Atom], name: str, tau: TaskVector, labels: Sequence[str], like: torch.Tensor,
-                p: FWParams) -> torch.Tensor:
+def block_delta(
+    atoms: Sequence[Atom], name: str, tau: TaskVector, labels: Sequence[str], like: torch.Tensor, p: FWParams
+) -> torch.Tensor:
     """sum_a beta_a * atom_a's delta for one tensor (what the executor adds to the base)."""
     out = torch.zeros_like(like, dtype=torch.float32)
     for atom in atoms:

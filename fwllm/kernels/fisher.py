@@ -17,7 +17,9 @@ from fwllm.core.errors import FwllmError
 Term = Tuple[torch.Tensor, float]
 
 
-def prediction_terms(logits: torch.Tensor, targets: Optional[torch.Tensor], fisher: str, top_k: int) -> List[Term]:
+def prediction_terms(
+    logits: torch.Tensor, targets: Optional[torch.Tensor], fisher: str, top_k: int
+) -> List[Term]:
     """Terms of one example whose predicted positions have `logits` [P, C].
 
     exact: (log p_t(v), p~_t(v)) for the top_k outputs v of each position t, p~ renormalised
@@ -26,7 +28,9 @@ def prediction_terms(logits: torch.Tensor, targets: Optional[torch.Tensor], fish
     logp = F.log_softmax(logits.float(), dim=-1)
     if fisher == "empirical":
         if targets is None:
-            raise FwllmError("the empirical Fisher needs observed labels; these rows have none (use fisher: exact)")
+            raise FwllmError(
+                "the empirical Fisher needs observed labels; these rows have none (use fisher: exact)"
+            )
         return [(logp.gather(-1, targets.view(-1, 1)).sum(), 1.0)]
     k = logp.shape[-1] if top_k <= 0 else min(top_k, logp.shape[-1])
     terms = []
@@ -41,13 +45,16 @@ def gaussian_terms(prediction: torch.Tensor, target: Optional[torch.Tensor], fis
     """Regression under y ~ N(f, 1): E_y[(grad log p)^2] = (grad f)^2; empirical: ((y - f) grad f)^2."""
     if fisher == "empirical":
         if target is None:
-            raise FwllmError("the empirical Fisher needs observed labels; these rows have none (use fisher: exact)")
+            raise FwllmError(
+                "the empirical Fisher needs observed labels; these rows have none (use fisher: exact)"
+            )
         return [(-0.5 * (target.float() - prediction.float()).square().sum(), 1.0)]
     return [(prediction.float().sum(), 1.0)]
 
 
-def fisher_merge(thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], weights: Sequence[float],
-                 epsilon: float) -> torch.Tensor:
+def fisher_merge(
+    thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], weights: Sequence[float], epsilon: float
+) -> torch.Tensor:
     """sum_i w_i F_i theta_i / sum_i w_i F_i with F_i floored at epsilon (> 0)."""
     num = den = None
     thetas, fishers = iter(thetas), iter(fishers)

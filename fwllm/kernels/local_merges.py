@@ -52,8 +52,13 @@ def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, (weighted * agree).sum(0) / mass.clamp_min(1e-12), torch.zeros_like(mass))
 
 
-def localize(method: str, tau: torch.Tensor, density: float = 1.0, drop_rate: float = 0.0,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def localize(
+    method: str,
+    tau: torch.Tensor,
+    density: float = 1.0,
+    drop_rate: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """One candidate's delta before combining: trim (ties), dare (dare_*), itself (task arithmetic).
 
     This is also FW's vertex for that candidate: theta_0 + lambda * localize(tau_i)."""
@@ -71,4 +76,6 @@ def combine_local(method: str, deltas: Iterable[torch.Tensor], weights: Sequence
     and disjoint merge (ties, dare_ties). With one delta and w = 1 every method returns it."""
     if method in ("task_arithmetic", "dare_linear"):
         return weighted_sum(deltas, weights)
-    return disjoint_merge(torch.stack([d.float() for d in deltas]), torch.tensor(list(weights), dtype=torch.float32))
+    return disjoint_merge(
+        torch.stack([d.float() for d in deltas]), torch.tensor(list(weights), dtype=torch.float32)
+    )

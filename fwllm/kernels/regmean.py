@@ -32,8 +32,9 @@ def cholesky_or_none(a: torch.Tensor) -> Optional[torch.Tensor]:
     return chol
 
 
-def regmean_merge(layers: Iterable[Tuple[torch.Tensor, torch.Tensor, float]], alpha: float, ridge: float
-                  ) -> Tuple[torch.Tensor, float]:
+def regmean_merge(
+    layers: Iterable[Tuple[torch.Tensor, torch.Tensor, float]], alpha: float, ridge: float
+) -> Tuple[torch.Tensor, float]:
     """Merge (W_i [out, in], G_i [in, in], weight c_i) triples, streamed one at a time.
 
     Returns (W, lambda): W^T = (sum c_i G~_i + lambda I)^-1 (sum c_i G~_i W_i^T + lambda W_avg^T),

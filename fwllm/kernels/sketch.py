@@ -82,8 +82,9 @@ def contenders(scores: torch.Tensor, sigma: torch.Tensor, z: float) -> List[int]
     return found
 
 
-def rescored(scores: torch.Tensor, sigma: torch.Tensor, z: float,
-             exact: Callable[[int], float]) -> Tuple[torch.Tensor, List[int]]:
+def rescored(
+    scores: torch.Tensor, sigma: torch.Tensor, z: float, exact: Callable[[int], float]
+) -> Tuple[torch.Tensor, List[int]]:
     """Scores with the statistically tied contenders replaced by exact inner products."""
     check = contenders(scores, sigma, z)
     if not check:

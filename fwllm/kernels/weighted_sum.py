@@ -11,8 +11,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 
-def weighted_sum(tensors: Iterable[torch.Tensor], weights: Sequence[float],
-                 start: Optional[torch.Tensor] = None) -> torch.Tensor:
+def weighted_sum(
+    tensors: Iterable[torch.Tensor], weights: Sequence[float], start: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """start + sum_j w_j t_j in float32, consuming one tensor at a time."""
     total = None if start is None else start.float().clone()
     tensors = iter(tensors)

@@ -35,9 +35,21 @@ from fwllm.core.paths import cache_root
 from fwllm.core.plan import Plan, plan_is_complete
 from fwllm.io.cache_bound import bound_plan_cache
 from fwllm.io.staged_output import (
-    PLAN_WAIT, check_plan_folder, folder_lock, is_plan_folder, lock_timeout, staged_output,
+    PLAN_WAIT,
+    check_plan_folder,
+    folder_lock,
+    is_plan_folder,
+    lock_timeout,
+    staged_output,
 )
-from fwllm.mergekit_glue.inputs import changes, check_plan_inputs, content_key, job_inputs, read_inputs, solve_recorded
+from fwllm.mergekit_glue.inputs import (
+    changes,
+    check_plan_inputs,
+    content_key,
+    job_inputs,
+    read_inputs,
+    solve_recorded,
+)
 from fwllm.mergekit_glue.preflight import check_job
 from fwllm.methods.registry import METHODS
 
@@ -72,10 +84,16 @@ class MergekitAdapter(mk.GroupMergeMethod):
 
     def __init__(self, method: DataMethod):
         self.method = method
-        shared = [mk.ParameterSpec(name, _constrained(method.name, name, field), mk.ParameterScope.SHARED, default=field.default)
-                  for name, field in method.Params.model_fields.items()]
-        per_model = [mk.ParameterSpec(name, typ, mk.ParameterScope.NON_BASE, default=default)
-                     for name, (typ, default) in method.per_model.items()]
+        shared = [
+            mk.ParameterSpec(
+                name, _constrained(method.name, name, field), mk.ParameterScope.SHARED, default=field.default
+            )
+            for name, field in method.Params.model_fields.items()
+        ]
+        per_model = [
+            mk.ParameterSpec(name, typ, mk.ParameterScope.NON_BASE, default=default)
+            for name, (typ, default) in method.per_model.items()
+        ]
         self.spec = mk.MergeMethodSpec(
             name=method.name,
             pretty_name=method.pretty_name,
@@ -88,8 +106,12 @@ class MergekitAdapter(mk.GroupMergeMethod):
     def _job(self, group: mk.TensorGroup, parameters: Dict[str, Any]) -> MergeJob:
         params = self.method.validate_params({n: parameters[n] for n in self.method.Params.model_fields})
         candidates = [
-            CandidateSpec(str(e.id), e.id.model.path, e.id.lora.path if e.id.lora else None,
-                          {n: parameters[n][e.id] for n in self.method.per_model})
+            CandidateSpec(
+                str(e.id),
+                e.id.model.path,
+                e.id.lora.path if e.id.lora else None,
+                {n: parameters[n][e.id] for n in self.method.per_model},
+            )
             for e in group.non_base
         ]
         job = MergeJob(self.method.name, str(group.base.id), candidates, params, plan_dir="")
@@ -133,8 +155,9 @@ class MergekitAdapter(mk.GroupMergeMethod):
                     return self.method.load_plan(target)
                 LOG.warning("fwllm: the cached plan %s does not record these inputs; solving again", target)
             LOG.warning("fwllm: no plan yet for %s; solving into %s", self.method.name, target)
-            with staged_output(target, force=True, lock=False, what="plan folder",
-                               replaceable=is_plan_folder) as staging:
+            with staged_output(
+                target, force=True, lock=False, what="plan folder", replaceable=is_plan_folder
+            ) as staging:
                 job.plan_dir = staging
                 solve_recorded(self.method, job, inputs)
             job.plan_dir = target
@@ -143,7 +166,9 @@ class MergekitAdapter(mk.GroupMergeMethod):
     def merge_group(self, group: mk.TensorGroup, /, **parameters: Any) -> torch.Tensor:
         plan = self._plan_for(group, parameters)
         candidates = {str(e.id): e.tensor for e in group.non_base}
-        per_model = {str(e.id): {n: parameters[n][e.id] for n in self.method.per_model} for e in group.non_base}
+        per_model = {
+            str(e.id): {n: parameters[n][e.id] for n in self.method.per_model} for e in group.non_base
+        }
         out = self.method.merge_tensor(plan, group.metadata.name, group.base.tensor, candidates, per_model)
         merged = out.to(group.base.tensor.dtype)
         del out

@@ -33,8 +33,10 @@ def cap_max_length(job: MergeJob, cfg: dict) -> None:
     if context is None or p.max_length <= context:
         return
     if p.max_length != type(p).model_fields["max_length"].default:
-        raise FwllmError(f"{job.method}: max_length {p.max_length} exceeds the base's context of {context} tokens "
-                         f"({job.base}); set max_length <= {context}")
+        raise FwllmError(
+            f"{job.method}: max_length {p.max_length} exceeds the base's context of {context} tokens "
+            f"({job.base}); set max_length <= {context}"
+        )
     LOG.warning("fwllm: max_length %d lowered to the base's context of %d tokens", p.max_length, context)
     job.params = p.model_copy(update={"max_length": context})
 
@@ -61,18 +63,21 @@ def _fisher_terms(p: FisherParams, tokens: int, vocab: int) -> int:
     return tokens * (vocab if p.top_k <= 0 else min(p.top_k, vocab))
 
 
-def _parts(job: MergeJob, cfg: dict, shapes: Dict[str, tuple], tasks: List[CalibrationTask], rows: int,
-           tokens: int) -> Tuple[str, Dict[str, int]]:
+def _parts(
+    job: MergeJob, cfg: dict, shapes: Dict[str, tuple], tasks: List[CalibrationTask], rows: int, tokens: int
+) -> Tuple[str, Dict[str, int]]:
     """(mode, {part: bytes}) of the smallest way the job's solve can run."""
     p, sizes = job.params, ModelSizes.from_config(cfg)
     weights = sum(_numel(s) for s in shapes.values())
     if _streams(job, cfg):
         largest, outer = split_by_layer(shapes)
         # one layer fetched, its gradient and the iterate's (or a candidate's) view of it; embeddings and head
-        parts = {"weights": FLOAT * (3 * largest + 2 * outer),
-                 "activations": sizes.activation_bytes(rows, tokens, layers=1),
-                 "checkpoints": sizes.checkpoint_bytes(rows, tokens),
-                 "logits": sizes.logits_bytes(rows, tokens)}
+        parts = {
+            "weights": FLOAT * (3 * largest + 2 * outer),
+            "activations": sizes.activation_bytes(rows, tokens, layers=1),
+            "checkpoints": sizes.checkpoint_bytes(rows, tokens),
+            "logits": sizes.logits_bytes(rows, tokens),
+        }
         if isinstance(p, RegMeanParams):
             # every candidate's hidden states on its calibration rows are carried from layer to layer,
             # and the Gram sums are float64 [in, in] (the widest input; the sum and one candidate's Gram)
@@ -86,14 +91,23 @@ def _parts(job: MergeJob, cfg: dict, shapes: Dict[str, tuple], tasks: List[Calib
         return "gradient: layerwise", parts
     if isinstance(p, FWParams):  # fw_merging.in_ram_bytes with every tensor a block, and the backward
         held = FLOAT * weights * (3 + len(job.candidates) / p.sketch_ratio)
-        return "gradient: full", {"weights": int(held), "activations": sizes.activation_bytes(rows, tokens),
-                                  "logits": sizes.logits_bytes(rows, tokens)}
+        return "gradient: full", {
+            "weights": int(held),
+            "activations": sizes.activation_bytes(rows, tokens),
+            "logits": sizes.logits_bytes(rows, tokens),
+        }
     if isinstance(p, RegMeanParams):  # forward only, without autograd: one layer's activations at a time
-        return "regmean", {"weights": FLOAT * weights, "activations": sizes.activation_bytes(rows, tokens, layers=1),
-                           "logits": sizes.logits_bytes(rows, tokens, copies=1)}
+        return "regmean", {
+            "weights": FLOAT * weights,
+            "activations": sizes.activation_bytes(rows, tokens, layers=1),
+            "logits": sizes.logits_bytes(rows, tokens, copies=1),
+        }
     # Fisher and AdaMerging: the model in RAM with its gradients, a backward through every layer
-    return job.method, {"weights": 2 * FLOAT * weights, "activations": sizes.activation_bytes(rows, tokens),
-                        "logits": sizes.logits_bytes(rows, tokens)}
+    return job.method, {
+        "weights": 2 * FLOAT * weights,
+        "activations": sizes.activation_bytes(rows, tokens),
+        "logits": sizes.logits_bytes(rows, tokens),
+    }
 
 
 def _numel(shape: tuple) -> int:
@@ -114,12 +128,16 @@ def check_memory(job: MergeJob, tasks: List[CalibrationTask], cfg: dict, shapes:
     need, available = sum(parts.values()), memory.available_memory()
     if need > available:
         detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
-        raise FwllmError(f"{job.method}: a micro-batch of {rows} rows x {tokens} tokens needs about {gib(need)} "
-                         f"({mode}: {detail}); {gib(available)} of memory is available: lower batch_size "
-                         f"(now {p.batch_size}) or max_length (now {p.max_length})")
+        raise FwllmError(
+            f"{job.method}: a micro-batch of {rows} rows x {tokens} tokens needs about {gib(need)} "
+            f"({mode}: {detail}); {gib(available)} of memory is available: lower batch_size "
+            f"(now {p.batch_size}) or max_length (now {p.max_length})"
+        )
 
 
-def check_bounds(job: MergeJob, tasks: List[CalibrationTask], base_dir: str, shapes: Dict[str, tuple]) -> None:
+def check_bounds(
+    job: MergeJob, tasks: List[CalibrationTask], base_dir: str, shapes: Dict[str, tuple]
+) -> None:
     """The context and memory checks, from the base's config.json and safetensors headers."""
     cfg = read_config(base_dir)
     cap_max_length(job, cfg)

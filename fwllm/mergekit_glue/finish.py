@@ -28,22 +28,32 @@ from fwllm.mergekit_glue.recipe import Recipe
 LOG = logging.getLogger(__name__)
 
 
-def finish_output(staging: str, out_dir: str, recipe: Recipe, job: Optional[MergeJob], options: MergeOptions,
-                  written_plan: Optional[str] = None) -> None:
+def finish_output(
+    staging: str,
+    out_dir: str,
+    recipe: Recipe,
+    job: Optional[MergeJob],
+    options: MergeOptions,
+    written_plan: Optional[str] = None,
+) -> None:
     """`written_plan`: the user's `plan:` folder when this run solved into it (its copy of the
     merged tensors goes too); None when the plan was reused or not kept."""
     if options.write_model_card:
         write_card(staging, out_dir, recipe.config, recipe.source)
     if job is None:
         return
-    untie_saved_heads(staging, resolve_model_path(job.base),
-                      [open_candidate(c.model, c.lora).adapter for c in job.candidates])
+    untie_saved_heads(
+        staging,
+        resolve_model_path(job.base),
+        [open_candidate(c.model, c.lora).adapter for c in job.candidates],
+    )
     plan = recipe.method.load_plan(job.plan_dir)
     if plan.merged is None or job.params.keep_merged:
         return
     if not recipe.method.merged_recomputable(plan):
-        LOG.info("%s: the plan keeps its merged tensors (they cannot be formed again from it)",
-                 recipe.method.name)
+        LOG.info(
+            "%s: the plan keeps its merged tensors (they cannot be formed again from it)", recipe.method.name
+        )
         return
     for folder in (job.plan_dir, written_plan):
         if folder:

@@ -23,6 +23,7 @@ def _after(module_name):
     def register(fn):
         _AFTER[module_name] = fn
         return fn
+
     return register
 
 

@@ -37,7 +37,9 @@ def calibration_inputs(path: str) -> dict:
 def job_inputs(job: MergeJob) -> dict:
     return {
         "base": _model(job.base),
-        "candidates": [{"label": c.label, "model": _model(c.model), "lora": _model(c.lora)} for c in job.candidates],
+        "candidates": [
+            {"label": c.label, "model": _model(c.model), "lora": _model(c.lora)} for c in job.candidates
+        ],
         "calibration": calibration_inputs(job.params.calibration),
     }
 
@@ -99,7 +101,9 @@ def check_plan_inputs(plan_dir: str, current: dict) -> None:
     recorded = read_inputs(plan_dir)
     fix = "pass --no-cache (plain mergekit: `no_cache: true`) to solve again, or point `plan:` at another folder"
     if recorded is None:
-        raise FwllmError(f"plan {plan_dir} does not record its inputs ({INPUTS_FILE}; made by an older fwllm?): {fix}")
+        raise FwllmError(
+            f"plan {plan_dir} does not record its inputs ({INPUTS_FILE}; made by an older fwllm?): {fix}"
+        )
     diff = changes(recorded, current)
     if diff:
         raise FwllmError(f"plan {plan_dir} was made from other inputs ({'; '.join(diff)}): {fix}")

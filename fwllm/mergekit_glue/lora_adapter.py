@@ -46,10 +46,12 @@ class LoraOutputReport:
     def summary(self) -> str:
         ranks = sorted(set(self.ranks.values()))
         worst = max(self.errors.values(), default=0.0)
-        return (f"LoRA adapter written to {self.out_dir}: {len(self.ranks)} tensors, rank "
-                f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
-                f"{self.adapter_bytes / 2**20:.2f} MiB ({self.adapter_bytes / max(self.dense_bytes, 1):.1%} "
-                f"of the dense deltas' {self.dense_bytes / 2**20:.2f} MiB), max relative error {worst:.3g}")
+        return (
+            f"LoRA adapter written to {self.out_dir}: {len(self.ranks)} tensors, rank "
+            f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, "
+            f"{self.adapter_bytes / 2**20:.2f} MiB ({self.adapter_bytes / max(self.dense_bytes, 1):.1%} "
+            f"of the dense deltas' {self.dense_bytes / 2**20:.2f} MiB), max relative error {worst:.3g}"
+        )
 
 
 def _as_low_rank(name: str, value: FactorsLike) -> LowRank:
@@ -59,13 +61,16 @@ def _as_low_rank(name: str, value: FactorsLike) -> LowRank:
         if value.magnitude is not None:
             raise FwllmError(f"{name}: a DoRA term depends on the base weight, so the merge is not a LoRA")
         if value.transposed:
-            raise FwllmError(f"{name}: fan_in_fan_out and embedding LoRA terms cannot be written as a merged "
-                             f"adapter yet")
+            raise FwllmError(
+                f"{name}: fan_in_fan_out and embedding LoRA terms cannot be written as a merged adapter yet"
+            )
         return LowRank(value.a, value.b, value.scale)
     if isinstance(value, tuple) and len(value) == 2:
         return LowRank(value[0], value[1])
-    raise FwllmError(f"{name}: the merge has a dense term, so it is not low-rank and cannot be written as a "
-                     f"LoRA adapter; write the full merged model instead")
+    raise FwllmError(
+        f"{name}: the merge has a dense term, so it is not low-rank and cannot be written as a "
+        f"LoRA adapter; write the full merged model instead"
+    )
 
 
 def task_arithmetic_factors(terms: Mapping[str, Sequence[Tuple[float, FactorsLike]]]) -> Dict[str, LowRank]:
@@ -85,11 +90,15 @@ def plan_factors(plan: Union[str, Plan, FWPlanRecord]) -> Tuple[Dict[str, LowRan
         plan = read_record(plan, "fw_merging", FWPlanRecord)
     record = plan.record if isinstance(plan, Plan) else plan
     if not getattr(record, "adapters", None):
-        raise FwllmError("the plan is not over a LoRA pool (its candidates are full checkpoints), so its "
-                         "merge is not low-rank; write the full merged model instead")
+        raise FwllmError(
+            "the plan is not over a LoRA pool (its candidates are full checkpoints), so its "
+            "merge is not low-rank; write the full merged model instead"
+        )
     if record.coefficients is None:
-        raise FwllmError("the plan's merge is not task arithmetic in every step (it has no coefficients), "
-                         "so it is not low-rank; write the full merged model instead")
+        raise FwllmError(
+            "the plan's merge is not task arithmetic in every step (it has no coefficients), "
+            "so it is not low-rank; write the full merged model instead"
+        )
     readers = [AdapterReader(folder, lazy=True) for folder in record.adapters]
     terms: Dict[str, List[Tuple[float, FactorsLike]]] = {}
     for name, coefs in record.coefficients.items():
@@ -97,8 +106,10 @@ def plan_factors(plan: Union[str, Plan, FWPlanRecord]) -> Tuple[Dict[str, LowRan
             if not c:
                 continue
             if name in reader.full:
-                raise FwllmError(f"{reader.adapter_dir} stores a full {name} (modules_to_save or a saved "
-                                 f"base layer): the merge has a dense term, so it is not low-rank")
+                raise FwllmError(
+                    f"{reader.adapter_dir} stores a full {name} (modules_to_save or a saved "
+                    f"base layer): the merge has a dense term, so it is not low-rank"
+                )
             if name in reader.factors:
                 terms.setdefault(name, []).append((c, reader.factors[name]))
     return task_arithmetic_factors(terms), record.base
@@ -114,15 +125,33 @@ def adapter_config(ranks: Mapping[str, int], base_model: str) -> dict:
     """peft's LoRA config for {module: rank}: scale 1 everywhere (lora_alpha = r per module)."""
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     others = {m: k for m, k in ranks.items() if k != r}
-    return {"peft_type": "LORA", "base_model_name_or_path": base_model, "r": r, "lora_alpha": r,
-            "rank_pattern": others, "alpha_pattern": dict(others), "target_modules": sorted(ranks),
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-            "use_dora": False, "init_lora_weights": True, "inference_mode": True, "task_type": "CAUSAL_LM"}
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": others,
+        "alpha_pattern": dict(others),
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "task_type": "CAUSAL_LM",
+    }
 
 
-def write_lora_adapter(factors: Mapping[str, FactorsLike], out_dir: str, base_model: str,
-                       rank: Optional[int] = None, dtype: torch.dtype = torch.float32,
-                       force: bool = False) -> LoraOutputReport:
+def write_lora_adapter(
+    factors: Mapping[str, FactorsLike],
+    out_dir: str,
+    base_model: str,
+    rank: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+) -> LoraOutputReport:
     """Write {weight name: Delta W as factors} as a peft LoRA adapter folder (staged: it appears
     only once complete). `rank` truncates every delta to at most that rank (Eckart-Young)."""
     if rank is not None and rank < 1:
@@ -153,9 +182,14 @@ def write_lora_adapter(factors: Mapping[str, FactorsLike], out_dir: str, base_mo
     return report
 
 
-def write_lora_merge(plan_or_factors: Union[str, Plan, FWPlanRecord, Mapping[str, FactorsLike]], out_dir: str,
-                     rank: Optional[int] = None, base_model: Optional[str] = None,
-                     dtype: torch.dtype = torch.float32, force: bool = False) -> LoraOutputReport:
+def write_lora_merge(
+    plan_or_factors: Union[str, Plan, FWPlanRecord, Mapping[str, FactorsLike]],
+    out_dir: str,
+    rank: Optional[int] = None,
+    base_model: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+) -> LoraOutputReport:
     """A LoRA pool's merge as a peft adapter: from an FW plan (its folder, Plan or record; see
     `plan_factors`) or from {weight: factors} (then `base_model` names the base for the config)."""
     if isinstance(plan_or_factors, Mapping):

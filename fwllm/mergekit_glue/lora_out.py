@@ -26,15 +26,20 @@ def _lora_candidates(recipe_path: str):
         raise FwllmError(f"--lora-out needs merge_method fw_merging (got {recipe.raw.get('merge_method')!r})")
     job = merge_job(recipe, "", "cpu", False)
     if job.params.local_merge != "task_arithmetic":
-        raise FwllmError(f"--lora-out needs local_merge task_arithmetic (got {job.params.local_merge!r}): "
-                         f"the plan stores other local merges as dense tensors")
+        raise FwllmError(
+            f"--lora-out needs local_merge task_arithmetic (got {job.params.local_merge!r}): "
+            f"the plan stores other local merges as dense tensors"
+        )
     if job.params.refined:
-        raise FwllmError("--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): "
-                         "the plan stores the RegMean refine as dense tensors")
+        raise FwllmError(
+            "--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): "
+            "the plan stores the RegMean refine as dense tensors"
+        )
     full = [c.label for c in job.candidates if not c.lora]
     if full:
-        raise FwllmError(f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full[0]} is a full "
-                         f"model")
+        raise FwllmError(
+            f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full[0]} is a full model"
+        )
     return job.candidates
 
 
@@ -47,8 +52,9 @@ def check_lora_out(recipe_path: str, out_dir: str, lora_out: str, force: bool) -
     check_target(lora, force)
 
 
-def write_lora_out(recipe_path: str, out_dir: str, lora_out: str, force: bool,
-                   rank: Optional[int] = None) -> str:
+def write_lora_out(
+    recipe_path: str, out_dir: str, lora_out: str, force: bool, rank: Optional[int] = None
+) -> str:
     """Write the merge recorded in OUT_DIR's plan as a peft adapter in `lora_out`; returns a summary line."""
     record = read_record(os.path.join(out_dir, PLAN_SUBDIR), "fw_merging", FWPlanRecord)
     if not record.adapters:

@@ -25,7 +25,10 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from fwllm.arch.encoder_pool import (
-    attach_first_task_head, classifier_arch, register_body_architecture, with_body_architecture,
+    attach_first_task_head,
+    classifier_arch,
+    register_body_architecture,
+    with_body_architecture,
 )
 from fwllm.arch.heads import HEADS_DIR
 from fwllm.core.paths import cache_root
@@ -33,7 +36,13 @@ from fwllm.core.plan import plan_is_complete
 from fwllm.core.trust import check_trusted
 from fwllm.io.identity import digest, model_identity
 from fwllm.io.staged_output import (
-    PLAN_WAIT, check_plan_folder, folder_lock, is_plan_folder, lock_timeout, refuse_overlap, staged_output,
+    PLAN_WAIT,
+    check_plan_folder,
+    folder_lock,
+    is_plan_folder,
+    lock_timeout,
+    refuse_overlap,
+    staged_output,
 )
 from fwllm.mergekit_glue.adapter import forget_plans, install_plan, register_all, start_run
 from fwllm.mergekit_glue.finish import finish_output
@@ -48,11 +57,17 @@ LORA_DONE = "COMPLETE"  # written once mergekit has merged every adapter of the 
 
 
 def _lora_key(config, options: MergeOptions) -> str:
-    refs = sorted({(str(r), r.model.path, r.model.revision, r.lora.path, r.lora.revision)
-                   for r in config.referenced_models() if r.lora}, key=lambda r: r[0])
+    refs = sorted(
+        {
+            (str(r), r.model.path, r.model.revision, r.lora.path, r.lora.revision)
+            for r in config.referenced_models()
+            if r.lora
+        },
+        key=lambda r: r[0],
+    )
     parts = {ref: model_identity(m, mr) + "+" + model_identity(a, ar) for ref, m, mr, a, ar in refs}
     parts["dtype"] = str(options.lora_merge_dtype)
-    return digest(parts)[len("sha256:"):][:24]
+    return digest(parts)[len("sha256:") :][:24]
 
 
 @contextlib.contextmanager
@@ -94,8 +109,14 @@ def recipe_inputs(recipe_path: str, config, job=None) -> list:
     return paths
 
 
-def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: bool = False,
-                 no_cache: bool = False, allow_pickle: bool = False) -> str:
+def merge_recipe(
+    recipe_path: str,
+    out_dir: str,
+    options: MergeOptions,
+    force: bool = False,
+    no_cache: bool = False,
+    allow_pickle: bool = False,
+) -> str:
     """Merge `recipe_path` into `out_dir`; returns out_dir. `no_cache` reuses no plan or statistic;
     `allow_pickle` lets a model with pickle weights only be read.
 
@@ -121,7 +142,10 @@ def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: b
         if reuse:
             check_plan_inputs(user_plan, inputs)
         fresh = no_cache or bool(job and job.no_cache)
-        with lora_merge_cache(config, options, fresh) as options, staged_output(out_dir, force=force) as staging:
+        with (
+            lora_merge_cache(config, options, fresh) as options,
+            staged_output(out_dir, force=force) as staging,
+        ):
             if recipe.method is not None:
                 job.plan_dir = os.path.join(staging, PLAN_SUBDIR)
                 if reuse:
@@ -130,8 +154,9 @@ def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: b
                 else:
                     solve_recorded(recipe.method, job, inputs)
                     if user_plan:
-                        with staged_output(user_plan, force=True, lock=False, what="plan folder",
-                                           replaceable=is_plan_folder) as kept:
+                        with staged_output(
+                            user_plan, force=True, lock=False, what="plan folder", replaceable=is_plan_folder
+                        ) as kept:
                             shutil.copytree(job.plan_dir, kept, dirs_exist_ok=True)
                 forget_plans()
                 plan = recipe.method.bind(recipe.method.load_plan(job.plan_dir), job)
@@ -140,7 +165,8 @@ def merge_recipe(recipe_path: str, out_dir: str, options: MergeOptions, force: b
                 if not recipe.method.needs_candidates(plan):
                     # the plan already holds the merged tensors: mergekit needs no candidate inputs
                     update["models"] = [m for m in config.models if m.model == config.base_model] or [
-                        type(config.models[0])(model=config.base_model)]
+                        type(config.models[0])(model=config.base_model)
+                    ]
                 config = config.model_copy(update=update)
                 full = [c.model for c in job.candidates if not c.lora and os.path.isdir(c.model)]
                 encoder_arch = classifier_arch(full)

@@ -22,8 +22,14 @@ from fwllm.core.job import CandidateSpec, MergeJob
 from fwllm.data.calibration import CalibrationTask, check_labels, load_calibration
 from fwllm.io.adapters import AdapterReader
 from fwllm.mergekit_glue.bounds import check_bounds
-from fwllm.io.models import ADAPTER_CONFIG, architecture_of, is_adapter_dir, read_config, resolve_model_path, \
-    safetensors_files
+from fwllm.io.models import (
+    ADAPTER_CONFIG,
+    architecture_of,
+    is_adapter_dir,
+    read_config,
+    resolve_model_path,
+    safetensors_files,
+)
 from fwllm.mergekit_glue.weight_files import check_shard
 
 # Buffers some checkpoints carry and others of the same class do not; no merge reads them.
@@ -40,7 +46,9 @@ def tensor_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
                 for name in fp.keys():
                     shapes[name] = tuple(fp.get_slice(name).get_shape())
         except Exception as err:  # safetensors raises its own error type for a damaged header
-            raise FwllmError(f"{shard} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+            raise FwllmError(
+                f"{shard} is not a readable safetensors file ({str(err).splitlines()[0]})"
+            ) from None
     return shapes
 
 
@@ -56,8 +64,10 @@ def check_checkpoint(label: str, model_dir: str, base: Dict[str, tuple], same_cl
         for names, how in ((sorted(theirs - mine), "lacks"), (sorted(mine - theirs), "has")):
             if names:
                 which = "the base has" if how == "lacks" else "the base lacks"
-                raise FwllmError(f"candidate {label} {how} {names[0]}, which {which} ({len(names)} such tensor(s)): "
-                                 f"it is not a checkpoint of the base's architecture")
+                raise FwllmError(
+                    f"candidate {label} {how} {names[0]}, which {which} ({len(names)} such tensor(s)): "
+                    f"it is not a checkpoint of the base's architecture"
+                )
     for name in sorted(mine & theirs):
         if own[name] != base[name]:
             raise FwllmError(f"candidate {label}: {name} has shape {own[name]}, the base {base[name]}")
@@ -81,8 +91,10 @@ def check_adapter(label: str, adapter_dir: str, base: Dict[str, tuple]) -> None:
     else:
         unknown = [t for t in targets or [] if isinstance(t, str) and not _module_matches(t, modules)]
     if unknown:
-        raise FwllmError(f"{label}: the adapter's target_modules name {unknown[0]!r}, which the base has no module "
-                         f"called (was it trained on another base?)")
+        raise FwllmError(
+            f"{label}: the adapter's target_modules name {unknown[0]!r}, which the base has no module "
+            f"called (was it trained on another base?)"
+        )
     AdapterReader(adapter_dir).check_targets(base, label)
 
 

@@ -46,7 +46,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 break
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -161,7 +162,9 @@ def load_recipe(path: str) -> Recipe:
         for entry in local["models"]:
             extra = set(entry.get("parameters") or {}) - known
             if extra:
-                raise FwllmError(f"{name}: unknown per-model parameter(s) {sorted(extra)} (known: {sorted(known)})")
+                raise FwllmError(
+                    f"{name}: unknown per-model parameter(s) {sorted(extra)} (known: {sorted(known)})"
+                )
     try:
         config = MergeConfiguration.model_validate(local)
     except ValidationError as err:
@@ -184,7 +187,9 @@ def _check_models(config) -> None:
         if not os.path.isdir(path):
             continue  # Hub ids were checked by _localise
         if is_adapter_dir(path):
-            raise FwllmError(f"{path} is a LoRA adapter: write it as `BASE+{path}` (mergekit's adapter syntax)")
+            raise FwllmError(
+                f"{path} is a LoRA adapter: write it as `BASE+{path}` (mergekit's adapter syntax)"
+            )
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FwllmError(f"{path} is not a model folder (no config.json)")
         full.append(path)
@@ -202,9 +207,22 @@ def merge_job(recipe: Recipe, plan_dir: str, device: str, progress: bool) -> Mer
         if entry.model == config.base_model:
             continue
         per = {k: (entry.parameters or {}).get(k, default) for k, (_, default) in method.per_model.items()}
-        candidates.append(CandidateSpec(str(entry.model), entry.model.model.path,
-                                        entry.model.lora.path if entry.model.lora else None, per))
+        candidates.append(
+            CandidateSpec(
+                str(entry.model),
+                entry.model.model.path,
+                entry.model.lora.path if entry.model.lora else None,
+                per,
+            )
+        )
     if not candidates:
         raise FwllmError(f"{method.name}: the candidate pool is empty (models: lists only the base)")
-    return MergeJob(method.name, str(config.base_model), candidates, params, plan_dir,
-                    device=params.device or device, progress=progress)
+    return MergeJob(
+        method.name,
+        str(config.base_model),
+        candidates,
+        params,
+        plan_dir,
+        device=params.device or device,
+        progress=progress,
+    )

@@ -30,11 +30,21 @@ from fwllm.core.errors import FwllmError
 # safetensors' dtype tags, in the order of its `Dtype` enum: it lays a file's tensors out by
 # that order, descending (so by alignment), then by name
 ST_DTYPES: Dict[torch.dtype, str] = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
-    torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
-    torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.uint64: "U64",
 }
 _RANK = {dtype: rank for rank, dtype in enumerate(ST_DTYPES)}
 COPY_CHUNK = 64 << 20
@@ -95,7 +105,11 @@ class StreamingTensorWriter(TensorWriter):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         nbytes = flat.numel() * flat.element_size()
         with self._lock:
-            if self._spooled and self.max_shard_size > 0 and self.current_shard_size + nbytes > self.max_shard_size:
+            if (
+                self._spooled
+                and self.max_shard_size > 0
+                and self.current_shard_size + nbytes > self.max_shard_size
+            ):
                 self._flush_current_shard()
             spool = self._spool_file()
             offset = spool.seek(0, os.SEEK_END)
@@ -116,7 +130,11 @@ class StreamingTensorWriter(TensorWriter):
         shard_name = f"{prefix}-{self.shards_written + 1}.{extension}"
         header, start = {"__metadata__": {"format": "pt"}}, 0
         for e in entries:
-            header[e.name] = {"dtype": ST_DTYPES[e.dtype], "shape": e.shape, "data_offsets": [start, start + e.nbytes]}
+            header[e.name] = {
+                "dtype": ST_DTYPES[e.dtype],
+                "shape": e.shape,
+                "data_offsets": [start, start + e.nbytes],
+            }
             start += e.nbytes
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
         head += b" " * (-len(head) % 8)

@@ -27,8 +27,23 @@ from fwllm.core.trust import inside
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def check_shard(path: str) -> None:
@@ -91,8 +106,9 @@ def pickle_only(folder: str) -> Optional[str]:
     names = os.listdir(folder)
     if any(n.endswith(".safetensors") for n in names):
         return None
-    pickles = sorted(n for n in names
-                     if n.endswith(PICKLE_SUFFIXES) and os.path.isfile(os.path.join(folder, n)))
+    pickles = sorted(
+        n for n in names if n.endswith(PICKLE_SUFFIXES) and os.path.isfile(os.path.join(folder, n))
+    )
     return pickles[0] if pickles else None
 
 
@@ -100,14 +116,19 @@ def check_weight_folder(folder: str, allow_pickle: bool = False) -> None:
     if not allow_pickle:
         pickle = pickle_only(folder)
         if pickle:
-            raise FwllmError(f"{folder} holds pickle weights only ({pickle}); fwllm merge reads safetensors "
-                             f"only, since loading a pickle can run code: convert it to safetensors, or "
-                             f"pass --allow-pickle if you trust its source")
+            raise FwllmError(
+                f"{folder} holds pickle weights only ({pickle}); fwllm merge reads safetensors "
+                f"only, since loading a pickle can run code: convert it to safetensors, or "
+                f"pass --allow-pickle if you trust its source"
+            )
     for shard in check_shard_index(folder) or sorted(
-            os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors")):
+        os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors")
+    ):
         if not os.path.isfile(shard):
-            raise FwllmError(f"{folder}: the shard index names {os.path.basename(shard)}, which is missing; "
-                             f"download the model again")
+            raise FwllmError(
+                f"{folder}: the shard index names {os.path.basename(shard)}, which is missing; "
+                f"download the model again"
+            )
         check_shard(shard)
 
 

@@ -43,7 +43,13 @@ from fwllm.io.models import load_tokenizer, read_config
 from fwllm.io.tensors import TensorReader
 from fwllm.kernels.weighted_sum import weighted_sum
 from fwllm.methods.common import (
-    check_candidates, head_modules, head_or_base, load_pool_model, open_pool, pool_heads, primary_head,
+    check_candidates,
+    head_modules,
+    head_or_base,
+    load_pool_model,
+    open_pool,
+    pool_heads,
+    primary_head,
     write_reproduce_recipe,
 )
 from fwllm.methods.fw_merging import choose_gradient
@@ -65,7 +71,9 @@ def _with_predictions(tasks: List[CalibrationTask]) -> List[CalibrationTask]:
             LOG.warning("adamerging: skipping regression task %r (no predictive distribution)", t.name)
     kept = [t for t in tasks if t.kind != REGRESSION]
     if not kept:
-        raise FwllmError("adamerging: no calibration task with a predictive distribution (all are regression)")
+        raise FwllmError(
+            "adamerging: no calibration task with a predictive distribution (all are regression)"
+        )
     return kept
 
 
@@ -109,13 +117,24 @@ class AdaMerging(DataMethod):
 
         labels = [c.label for c in job.candidates]
         record = AdaMergingPlanRecord(
-            method=self.name, base=job.base, settings=p.model_dump(), primary_head=primary_head(job, heads),
-            candidates=labels, coefficients=result.coefficients,
-            entropy={"initial": result.entropy[0], "final": result.entropy[-1]}, solve_seconds=time.time() - start)
+            method=self.name,
+            base=job.base,
+            settings=p.model_dump(),
+            primary_head=primary_head(job, heads),
+            candidates=labels,
+            coefficients=result.coefficients,
+            entropy={"initial": result.entropy[0], "final": result.entropy[-1]},
+            solve_seconds=time.time() - start,
+        )
         write_record(job.plan_dir, record)
-        _write_json(job.plan_dir, "coefficients.json", {"candidates": labels, "coefficients": result.coefficients})
-        _write_json(job.plan_dir, "trace.json", {"entropy": result.entropy, "lr": p.lr, "steps": p.steps,
-                                                  "gradient": info})
+        _write_json(
+            job.plan_dir, "coefficients.json", {"candidates": labels, "coefficients": result.coefficients}
+        )
+        _write_json(
+            job.plan_dir,
+            "trace.json",
+            {"entropy": result.entropy, "lr": p.lr, "steps": p.steps, "gradient": info},
+        )
         write_reproduce_recipe(job.plan_dir, job.base, labels, result.coefficients, pool.base_dir)
         if heads:
             save_heads(job.plan_dir, heads)
@@ -125,16 +144,21 @@ class AdaMerging(DataMethod):
     def _gradient_mode(p: AdaMergingParams, pool) -> tuple:
         if pool.kind != CAUSAL_MODEL:
             if p.gradient == "layerwise":
-                raise FwllmError(f"adamerging: gradient: layerwise covers causal LMs only; this pool is "
-                                 f"{pool.kind} (use gradient: full)")
+                raise FwllmError(
+                    f"adamerging: gradient: layerwise covers causal LMs only; this pool is "
+                    f"{pool.kind} (use gradient: full)"
+                )
             return "full", "layerwise covers causal LMs only"
         reader = TensorReader(pool.base_dir)
         numel = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
         sizes = ModelSizes.from_config(read_config(pool.base_dir))
         rows, tokens = micro_batch_shape(pool.tasks, p.batch_size, p.max_length)
         # the model, theta0, its gradient and N task vectors, float32; one micro-batch's backward
-        need = 4 * numel * (3 + len(pool.candidates)) + sizes.activation_bytes(rows, tokens) + \
-            sizes.logits_bytes(rows, tokens)
+        need = (
+            4 * numel * (3 + len(pool.candidates))
+            + sizes.activation_bytes(rows, tokens)
+            + sizes.logits_bytes(rows, tokens)
+        )
         return choose_gradient(p, need)
 
     @staticmethod
@@ -143,8 +167,9 @@ class AdaMerging(DataMethod):
         model = skeleton(pool.base_dir, pool.architecture)
         base_map = base_weights(pool.base_dir)
         tokenizer = load_tokenizer(pool.base_dir)
-        objective = Objective([encode_task(t, tokenizer, p.max_length, p.batch_size, pool.kind)
-                               for t in pool.tasks])
+        objective = Objective(
+            [encode_task(t, tokenizer, p.max_length, p.batch_size, pool.kind) for t in pool.tasks]
+        )
         names = _merged_names(model)
         meta = MetaModel(model, base_map, job.device, trainable=names)
         point = MergedPoint(base_map, pool.candidates, names)

@@ -40,8 +40,9 @@ class Pool:
     tasks: List[CalibrationTask]
 
 
-def open_pool(job: MergeJob, usable: Optional[Callable[[List[CalibrationTask]], List[CalibrationTask]]] = None
-              ) -> Pool:
+def open_pool(
+    job: MergeJob, usable: Optional[Callable[[List[CalibrationTask]], List[CalibrationTask]]] = None
+) -> Pool:
     """Base, candidates and calibration tasks, checked against each other before any weights load.
     `usable` picks the tasks the method can use (before their rows are checked against the model)."""
     base_dir = resolve_model_path(job.base)
@@ -71,8 +72,11 @@ def pool_heads(pool: Pool, job: MergeJob, tasks: Sequence[CalibrationTask]) -> D
     """Each task's own expert head (encoder pools; {} otherwise)."""
     if pool.kind != CLASSIFIER_MODEL:
         return {}
-    owners = {spec.params.get("task"): (cand.label, cand.model_dir)
-              for spec, cand in zip(job.candidates, pool.candidates) if spec.params.get("task")}
+    owners = {
+        spec.params.get("task"): (cand.label, cand.model_dir)
+        for spec, cand in zip(job.candidates, pool.candidates)
+        if spec.params.get("task")
+    }
     return task_heads(owners, [t.name for t in tasks])
 
 
@@ -85,7 +89,9 @@ def primary_head(job: MergeJob, heads: Dict[str, TaskHead]) -> Optional[str]:
     return next((c.label for c in job.candidates if c.params.get("task") in heads), None)
 
 
-def head_or_base(plan: Plan, name: str, base: torch.Tensor, candidates: Dict[str, torch.Tensor]) -> torch.Tensor:
+def head_or_base(
+    plan: Plan, name: str, base: torch.Tensor, candidates: Dict[str, torch.Tensor]
+) -> torch.Tensor:
     """Head tensors are task specific: the loadable checkpoint carries the primary candidate's."""
     primary = plan.record.primary_head
     if is_head_tensor(name) and primary in candidates:
@@ -103,7 +109,9 @@ def weights_of(method: str, labels: Sequence[str], per_model: Dict[str, Dict]) -
 
 def check_candidates(method: str, labels: Sequence[str], candidates: Dict[str, torch.Tensor]) -> None:
     if set(candidates) != set(labels):
-        raise FwllmError(f"{method}: the plan was solved for {list(labels)}; the recipe gives {sorted(candidates)}")
+        raise FwllmError(
+            f"{method}: the plan was solved for {list(labels)}; the recipe gives {sorted(candidates)}"
+        )
 
 
 # -- per-candidate statistics (Fisher, RegMean) ------------------------------------------------
@@ -113,7 +121,9 @@ def link_statistics(job: MergeJob, store: StatsCache, measured: Sequence[Measure
     for i, m in enumerate(measured):
         rel = os.path.join(store.kind, f"{i}.safetensors")
         link_or_copy(store.paths(m.key)[0], os.path.join(job.plan_dir, rel))
-        records.append(CandidateStats(label=m.spec.label, task=m.task.name, file=rel, meta=m.meta, cached=m.cached))
+        records.append(
+            CandidateStats(label=m.spec.label, task=m.task.name, file=rel, meta=m.meta, cached=m.cached)
+        )
     return records
 
 
@@ -127,7 +137,9 @@ def measured_heads(measured: Sequence[Measured]) -> Dict[str, TaskHead]:
     return heads
 
 
-def finish_streamed_plan(method: DataMethod, job: MergeJob, record: PlanRecord, heads: Dict[str, TaskHead]) -> None:
+def finish_streamed_plan(
+    method: DataMethod, job: MergeJob, record: PlanRecord, heads: Dict[str, TaskHead]
+) -> None:
     """Write the plan, merge every tensor now (streamed: one candidate tensor at a time, so
     `fwllm merge` can hand mergekit a base-only graph), then mark the plan complete."""
     write_record(job.plan_dir, record)
@@ -136,8 +148,13 @@ def finish_streamed_plan(method: DataMethod, job: MergeJob, record: PlanRecord, 
     plan = method.load_plan(job.plan_dir)
     candidates = {spec.label: open_candidate(spec.model, spec.lora) for spec in job.candidates}
     per_model = {spec.label: spec.params for spec in job.candidates}
-    execute_streamed(job.plan_dir, resolve_model_path(job.base), candidates,
-                     lambda name, base, cands: method.merge_tensor(plan, name, base, cands, per_model), job.progress)
+    execute_streamed(
+        job.plan_dir,
+        resolve_model_path(job.base),
+        candidates,
+        lambda name, base, cands: method.merge_tensor(plan, name, base, cands, per_model),
+        job.progress,
+    )
     mark_plan_complete(job.plan_dir)
 
 
@@ -172,8 +189,13 @@ def reproduce_recipe(base: str, labels: List[str], coefficients: Dict[str, List[
     for i, label in enumerate(labels):
         weight = [{"filter": n, "value": float(coefficients[n][i])} for n in order] + [{"value": 0.0}]
         models.append({"model": label, "parameters": {"weight": weight}})
-    recipe = {"merge_method": "task_arithmetic", "base_model": base, "models": models,
-              "parameters": {"normalize": False, "lambda": 1.0}, "dtype": dtype}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": models,
+        "parameters": {"normalize": False, "lambda": 1.0},
+        "dtype": dtype,
+    }
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
@@ -188,16 +210,22 @@ def reproduce_command(labels: Sequence[str]) -> str:
 
 def reproduce_header(labels: Sequence[str]) -> str:
     command = reproduce_command(labels)
-    lines = ["A plain mergekit recipe giving the same tensors as this plan's merge. From this folder, run:",
-             "  " + command, "OUT_DIR: a new output folder."]
+    lines = [
+        "A plain mergekit recipe giving the same tensors as this plan's merge. From this folder, run:",
+        "  " + command,
+        "OUT_DIR: a new output folder.",
+    ]
     if "--lora-merge-cache" in command:
-        lines += ["LORA_CACHE_DIR: any folder; mergekit writes each adapter merged into the base there",
-                  "(it refuses BASE+ADAPTER references without one)."]
+        lines += [
+            "LORA_CACHE_DIR: any folder; mergekit writes each adapter merged into the base there",
+            "(it refuses BASE+ADAPTER references without one).",
+        ]
     return "".join(f"# {line}\n" for line in lines)
 
 
-def write_reproduce_recipe(plan_dir: str, base: str, labels: List[str], coefficients: Dict[str, List[float]],
-                           base_dir: str) -> None:
+def write_reproduce_recipe(
+    plan_dir: str, base: str, labels: List[str], coefficients: Dict[str, List[float]], base_dir: str
+) -> None:
     if reproducible(coefficients, TensorReader(base_dir).names()):
         with open(os.path.join(plan_dir, "reproduce.yml"), "w", encoding="utf-8") as fp:
             fp.write(reproduce_header(labels) + reproduce_recipe(base, labels, coefficients, "float32"))

@@ -45,8 +45,14 @@ from fwllm.io.stats_store import StatsCache, has_stat, read_stat
 from fwllm.kernels.fisher import fisher_merge
 from fwllm.kernels.weighted_sum import weighted_average
 from fwllm.methods.common import (
-    check_candidates, finish_streamed_plan, head_or_base, link_statistics, measured_heads, primary_head,
-    stored_or_none, weights_of,
+    check_candidates,
+    finish_streamed_plan,
+    head_or_base,
+    link_statistics,
+    measured_heads,
+    primary_head,
+    stored_or_none,
+    weights_of,
 )
 from fwllm.io.tensors import TensorReader
 from fwllm.methods.fw_merging import choose_gradient
@@ -73,11 +79,17 @@ class FisherMerging(DataMethod):
         # only what changes the Fishers keys the store; merge-time settings (epsilon, weights) do not
         settings = {k: v for k, v in p.model_dump().items() if k in ("fisher", "top_k", "max_length", "seed")}
         store = StatsCache("fisher")
-        measured = measure_candidates(job, store, settings, lambda m, task, tok: candidate_fisher(m, task, tok, p),
-                                      "Fisher")
+        measured = measure_candidates(
+            job, store, settings, lambda m, task, tok: candidate_fisher(m, task, tok, p), "Fisher"
+        )
         heads = measured_heads(measured)
-        record = StatsPlanRecord(method=self.name, base=job.base, settings=p.model_dump(),
-                                 candidates=link_statistics(job, store, measured), primary_head=primary_head(job, heads))
+        record = StatsPlanRecord(
+            method=self.name,
+            base=job.base,
+            settings=p.model_dump(),
+            candidates=link_statistics(job, store, measured),
+            primary_head=primary_head(job, heads),
+        )
         finish_streamed_plan(self, job, record, heads)
 
     @staticmethod
@@ -87,8 +99,10 @@ class FisherMerging(DataMethod):
         kinds = {architecture_kind(candidate_architecture(spec, base_dir)) for spec in job.candidates}
         if kinds != {CAUSAL_MODEL}:
             if p.gradient == "layerwise":
-                raise FwllmError(f"fisher: gradient: layerwise covers causal LMs only; these candidates are "
-                                 f"{sorted(kinds)} (use gradient: full)")
+                raise FwllmError(
+                    f"fisher: gradient: layerwise covers causal LMs only; these candidates are "
+                    f"{sorted(kinds)} (use gradient: full)"
+                )
             return "full", "layerwise covers causal LMs only"
         if p.gradient != "auto":
             return p.gradient, "set in the recipe"
@@ -117,10 +131,17 @@ class FisherMerging(DataMethod):
         metas = fisher_sums(job.plan_dir, base_dir, runs, load_tokenizer(base_dir), p, job.device)
         record = StatsPlanRecord(
             # the resolved mode (not auto): merge_tensor reads the running sums of a layerwise plan
-            method=self.name, base=job.base, settings={**p.model_dump(), "gradient": "layerwise"},
-            candidates=[CandidateStats(label=lab, task=t.name, file=SUMS_DIR, meta={**m, "reason": reason},
-                                       cached=False) for lab, t, m in zip(labels, own, metas)],
-            primary_head=None)
+            method=self.name,
+            base=job.base,
+            settings={**p.model_dump(), "gradient": "layerwise"},
+            candidates=[
+                CandidateStats(
+                    label=lab, task=t.name, file=SUMS_DIR, meta={**m, "reason": reason}, cached=False
+                )
+                for lab, t, m in zip(labels, own, metas)
+            ],
+            primary_head=None,
+        )
         finish_streamed_plan(self, job, record, {})
         shutil.rmtree(os.path.join(job.plan_dir, SUMS_DIR), ignore_errors=True)
 
@@ -157,7 +178,9 @@ class FisherMerging(DataMethod):
             for lab, path, mean in zip(labels, files, means):
                 f = read_stat(path, name)  # this tensor's entry only
                 if f is None:
-                    raise FwllmError(f"fisher: candidate {lab} has no Fisher for {name} (plan from another model?)")
+                    raise FwllmError(
+                        f"fisher: candidate {lab} has no Fisher for {name} (plan from another model?)"
+                    )
                 check_finite(f"Fisher of candidate {lab}", name, f)
                 yield f.to(base.device) / mean
 

@@ -55,7 +55,13 @@ from fwllm.io.trace_plot import plot_trace
 from fwllm.kernels.atoms import block_delta, ta_coefficients
 from fwllm.kernels.sketch import CountSketch
 from fwllm.methods.common import (
-    Pool, head_modules, load_pool_model, open_pool, pool_heads, primary_head, write_reproduce_recipe,
+    Pool,
+    head_modules,
+    load_pool_model,
+    open_pool,
+    pool_heads,
+    primary_head,
+    write_reproduce_recipe,
 )
 from fwllm.solvers.frank_wolfe import FrankWolfe, FWResult
 from fwllm.solvers.gradients import FullGradient
@@ -121,8 +127,10 @@ class FWMerging(DataMethod):
         if p.hull == "adaptive" and (p.step != "line_search" or p.pairwise):
             raise FwllmError("fw_merging: hull: adaptive needs step: line_search (and no pairwise steps)")
         if p.refined and p.local_merge != "task_arithmetic":
-            raise FwllmError(f"fw_merging: refine: regmean needs local_merge: task_arithmetic (FW's coefficients "
-                             f"pick the support); got local_merge: {p.local_merge}")
+            raise FwllmError(
+                f"fw_merging: refine: regmean needs local_merge: task_arithmetic (FW's coefficients "
+                f"pick the support); got local_merge: {p.local_merge}"
+            )
         return p
 
     # -- solve ---------------------------------------------------------------------------
@@ -137,8 +145,11 @@ class FWMerging(DataMethod):
         weights = [float(c.params.get("weight", 1.0)) for c in job.candidates]
         rows, tokens = micro_batch_shape(pool.tasks, p.batch_size, p.max_length)
         sizes = ModelSizes.from_config(read_config(pool.base_dir))  # + one micro-batch's backward
-        need = in_ram_bytes(shapes, blocks, len(pool.candidates), p.sketch_ratio) + \
-            sizes.activation_bytes(rows, tokens) + sizes.logits_bytes(rows, tokens)
+        need = (
+            in_ram_bytes(shapes, blocks, len(pool.candidates), p.sketch_ratio)
+            + sizes.activation_bytes(rows, tokens)
+            + sizes.logits_bytes(rows, tokens)
+        )
         mode, reason = choose_gradient(p, need)
         LOG.info("fw_merging: gradient %s (%s)", mode, reason)
         refine_tasks = self._check_refine(job, pool, mode) if p.refined else None
@@ -152,8 +163,11 @@ class FWMerging(DataMethod):
         info.update(mode=mode, reason=reason, device=job.device)
         if isinstance(fw.gradient, StreamedGradient):
             meta = fw.gradient.meta
-            info.update(layer_fetches=meta.fetches, peak_resident_bytes=meta.peak_resident_bytes,
-                        checkpoint_groups=fw.gradient.groups_last)
+            info.update(
+                layer_fetches=meta.fetches,
+                peak_resident_bytes=meta.peak_resident_bytes,
+                checkpoint_groups=fw.gradient.groups_last,
+            )
         self._write_plan(job, pool, fw, result, weights, heads, info, refine_tasks)
 
     @staticmethod
@@ -162,8 +176,10 @@ class FWMerging(DataMethod):
         the bounded path a pool the streamed Gram measurement runs (causal LMs, plain LoRA)."""
         if mode == "layerwise":
             if pool.kind != CAUSAL_MODEL:
-                raise FwllmError(f"fw_merging: refine: regmean on gradient: layerwise covers causal LMs; this pool "
-                                 f"is {pool.kind} models (use gradient: full, or refine: none)")
+                raise FwllmError(
+                    f"fw_merging: refine: regmean on gradient: layerwise covers causal LMs; this pool "
+                    f"is {pool.kind} models (use gradient: full, or refine: none)"
+                )
             check_streamable(pool.candidates, "fw_merging refine: regmean")
         return own_tasks(job)
 
@@ -172,21 +188,31 @@ class FWMerging(DataMethod):
         model = load_pool_model(pool, job.device)
         for n, prm in model.named_parameters():
             prm.requires_grad_(n in blocks)
-        objective = encode_tasks(pool.tasks, tokenizer, model, p.max_length, p.batch_size,
-                                 head_modules(model, heads, job.device))
+        objective = encode_tasks(
+            pool.tasks, tokenizer, model, p.max_length, p.batch_size, head_modules(model, heads, job.device)
+        )
         params = dict(model.named_parameters())
         base = {n: compact_copy(params[n]) for n in blocks}
-        fw = FrankWolfe(ModelIterate({n: params[n] for n in blocks}), FullGradient(model, objective, blocks), objective,
-                        pool.candidates, weights, blocks, p, lambda n: base[n].to(torch.float32, copy=True),
-                        job.progress)
+        fw = FrankWolfe(
+            ModelIterate({n: params[n] for n in blocks}),
+            FullGradient(model, objective, blocks),
+            objective,
+            pool.candidates,
+            weights,
+            blocks,
+            p,
+            lambda n: base[n].to(torch.float32, copy=True),
+            job.progress,
+        )
         return fw, {"model_weight_bytes": 4 * sum(x.numel() for x in model.parameters())}
 
     def _streamed(self, job, pool, blocks, shapes, weights, heads, tokenizer):
         p = job.params
         model = skeleton(pool.base_dir, pool.architecture)
         base_map = base_weights(pool.base_dir)
-        objective = encode_tasks(pool.tasks, tokenizer, model, p.max_length, p.batch_size,
-                                 head_modules(model, heads, job.device))
+        objective = encode_tasks(
+            pool.tasks, tokenizer, model, p.max_length, p.batch_size, head_modules(model, heads, job.device)
+        )
 
         def base(name: str) -> torch.Tensor:
             return base_map[name].to(torch.float32, copy=True)
@@ -202,15 +228,31 @@ class FWMerging(DataMethod):
             store = IterateStore(os.path.join(job.plan_dir, ITERATE_DIR), {n: shapes[n] for n in blocks})
             iterate, dense = StoreIterate(store), blocks
         meta = MetaModel(model, base_map, job.device, trainable=dense, optional=is_head_tensor)
-        gradient = StreamedGradient(meta, objective, dense, iterate.view, lora,
-                                    checkpoint_bytes=int(p.checkpoint_memory * 2**30))
-        sketch_dir = None if lora else self._sketch_folder(job, [shapes[n] for n in blocks], len(pool.candidates))
-        fw = FrankWolfe(iterate, gradient, objective, pool.candidates, weights, lora.names() if lora else blocks, p,
-                        base, job.progress, lora, sketch_dir)
-        info = {"model_weight_bytes": 4 * sum(int(torch.Size(s).numel()) for s in shapes.values()),
-                "iterate": "lora coefficients" if lora else "on-disk store",
-                "lora_factor_bytes": lora.nbytes if lora else None,
-                "sketches": None if lora else ("on disk, read per block" if sketch_dir else "in RAM")}
+        gradient = StreamedGradient(
+            meta, objective, dense, iterate.view, lora, checkpoint_bytes=int(p.checkpoint_memory * 2**30)
+        )
+        sketch_dir = (
+            None if lora else self._sketch_folder(job, [shapes[n] for n in blocks], len(pool.candidates))
+        )
+        fw = FrankWolfe(
+            iterate,
+            gradient,
+            objective,
+            pool.candidates,
+            weights,
+            lora.names() if lora else blocks,
+            p,
+            base,
+            job.progress,
+            lora,
+            sketch_dir,
+        )
+        info = {
+            "model_weight_bytes": 4 * sum(int(torch.Size(s).numel()) for s in shapes.values()),
+            "iterate": "lora coefficients" if lora else "on-disk store",
+            "lora_factor_bytes": lora.nbytes if lora else None,
+            "sketches": None if lora else ("on disk, read per block" if sketch_dir else "in RAM"),
+        }
         return fw, info
 
     @staticmethod
@@ -222,12 +264,25 @@ class FWMerging(DataMethod):
             return None
         folder = os.path.join(job.plan_dir, SKETCH_DIR)
         check_free_space(folder, need, "the LMO sketches")
-        LOG.info("fw_merging: %.2f GiB of sketches (over sketch_memory = %g GiB) go to %s and are read per block",
-                 need / 2**30, job.params.sketch_memory, folder)
+        LOG.info(
+            "fw_merging: %.2f GiB of sketches (over sketch_memory = %g GiB) go to %s and are read per block",
+            need / 2**30,
+            job.params.sketch_memory,
+            folder,
+        )
         return folder
 
-    def _write_plan(self, job: MergeJob, pool: Pool, fw: FrankWolfe, result: FWResult, weights: List[float],
-                    heads, info: dict, refine_tasks=None) -> None:
+    def _write_plan(
+        self,
+        job: MergeJob,
+        pool: Pool,
+        fw: FrankWolfe,
+        result: FWResult,
+        weights: List[float],
+        heads,
+        info: dict,
+        refine_tasks=None,
+    ) -> None:
         p = job.params
         labels = [c.label for c in job.candidates]
         coefficients = {n: ta_coefficients(a, weights, p.scaling) for n, a in result.atoms.items()}
@@ -235,10 +290,15 @@ class FWMerging(DataMethod):
         refined = p.refined
         # a refined LoRA solve stores its merge: the refine is not FW's coefficients on the factors
         implicit = fw.iterate.implicit and not refined
-        if refined and info["mode"] == "layerwise":  # the Grams streamed: none kept, no candidate loaded whole
-            closed, solved = refine_streamed(job, pool.candidates, refine_tasks, pool.base_dir, coefficients,
-                                             fw.base)
-            rest = ((n, v) for n, v in merged if n not in solved)  # runs after `closed`: `solved` is full then
+        if (
+            refined and info["mode"] == "layerwise"
+        ):  # the Grams streamed: none kept, no candidate loaded whole
+            closed, solved = refine_streamed(
+                job, pool.candidates, refine_tasks, pool.base_dir, coefficients, fw.base
+            )
+            rest = (
+                (n, v) for n, v in merged if n not in solved
+            )  # runs after `closed`: `solved` is full then
             merged = itertools.chain(closed, rest)
             info["refine"] = "streamed grams"
         elif refined:  # FW chose the support; RegMean merges each linear weight over it
@@ -249,23 +309,47 @@ class FWMerging(DataMethod):
                 base = fw.base(name)
                 return lambda i: pool.candidates[i].task_vector(name, base)
 
-            merged = refine(merged, coefficients, gram_files, raw_tau, fw.base, p.regmean_alpha,
-                            weights=p.regmean_weights, transposed=transposed_weights_of(pool.base_dir))
+            merged = refine(
+                merged,
+                coefficients,
+                gram_files,
+                raw_tau,
+                fw.base,
+                p.regmean_alpha,
+                weights=p.regmean_weights,
+                transposed=transposed_weights_of(pool.base_dir),
+            )
             info["refine"] = "gram files"
         all_ta = not refined and all(c is not None for c in coefficients.values())
         record = FWPlanRecord(
-            method=self.name, base=job.base, settings=p.model_dump(), primary_head=primary_head(job, heads),
-            candidates=labels, weights=weights, atoms=result.atoms, coefficients=coefficients if all_ta else None,
+            method=self.name,
+            base=job.base,
+            settings=p.model_dump(),
+            primary_head=primary_head(job, heads),
+            candidates=labels,
+            weights=weights,
+            atoms=result.atoms,
+            coefficients=coefficients if all_ta else None,
             adapters=[c.adapter.adapter_dir for c in pool.candidates] if implicit else None,
             objective={"initial": result.initial_objective, "final": result.final_objective},
             stochastic=bool(result.trace and result.trace[0].get("minibatch")),
-            selected_iteration=result.selected_iteration, candidate_bytes_read=result.bytes_read,
-            lmo_rescored_tensors=result.rescored, solve_seconds=result.seconds, gradient=info)
+            selected_iteration=result.selected_iteration,
+            candidate_bytes_read=result.bytes_read,
+            lmo_rescored_tensors=result.rescored,
+            solve_seconds=result.seconds,
+            gradient=info,
+        )
         write_record(job.plan_dir, record)
         with open(os.path.join(job.plan_dir, "trace.json"), "w", encoding="utf-8") as fp:
             json.dump({"trace": result.trace, "final_objective": result.final_objective}, fp)
-        plot_trace(result.trace, labels, os.path.join(job.plan_dir, "trace.png"), result.selected_iteration,
-                   result.final_objective, result.initial_objective)
+        plot_trace(
+            result.trace,
+            labels,
+            os.path.join(job.plan_dir, "trace.png"),
+            result.selected_iteration,
+            result.final_objective,
+            result.initial_objective,
+        )
         if all_ta:
             write_reproduce_recipe(job.plan_dir, job.base, labels, coefficients, pool.base_dir)
         if heads:
@@ -291,7 +375,9 @@ class FWMerging(DataMethod):
         by_label = {c.label: c.lora for c in job.candidates}
         missing = [label for label in record.candidates if not by_label.get(label)]
         if missing:
-            raise FwllmError(f"plan {plan.folder} needs the adapters of {missing}, which the recipe does not give")
+            raise FwllmError(
+                f"plan {plan.folder} needs the adapters of {missing}, which the recipe does not give"
+            )
         folders = [resolve_model_path(by_label[label]) for label in record.candidates]
         return dataclasses.replace(plan, record=record.model_copy(update={"adapters": folders}))
 
@@ -303,7 +389,9 @@ class FWMerging(DataMethod):
 
     def _adapter(self, folder: str) -> AdapterReader:
         if folder not in self._adapters:
-            self._adapters[folder] = AdapterReader(folder, lazy=True)  # each target is read once: keep nothing
+            self._adapters[folder] = AdapterReader(
+                folder, lazy=True
+            )  # each target is read once: keep nothing
         return self._adapters[folder]
 
     def merge_tensor(self, plan, name, base, candidates, per_model) -> torch.Tensor:
@@ -312,8 +400,10 @@ class FWMerging(DataMethod):
             if plan.merged is not None:
                 return read_merged(plan.merged, name)
             if not self.merged_recomputable(plan):
-                raise FwllmError(f"plan {plan.folder} stores no merged tensors, and a refine: regmean plan "
-                                 f"cannot form them again; solve again (--no-cache)")
+                raise FwllmError(
+                    f"plan {plan.folder} stores no merged tensors, and a refine: regmean plan "
+                    f"cannot form them again; solve again (--no-cache)"
+                )
             base32 = base.float()
             if record.adapters:  # a LoRA pool: theta_0 + sum_i c_i s_i B_i A_i, from the adapters' factors
                 out = base32.clone()
@@ -325,7 +415,9 @@ class FWMerging(DataMethod):
             labels = record.candidates
             missing = [lab for lab in labels if lab not in candidates]
             if missing:
-                raise FwllmError(f"{name}: the plan needs candidates {missing}, which the recipe does not give")
+                raise FwllmError(
+                    f"{name}: the plan needs candidates {missing}, which the recipe does not give"
+                )
             tau = lambda i: (candidates[labels[i]].float() - base32) * record.weights[i]  # noqa: E731
             return base32 + block_delta(record.atoms[name], name, tau, labels, base32, plan.params)
         if is_head_tensor(name) and record.primary_head in candidates:

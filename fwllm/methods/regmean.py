@@ -30,7 +30,12 @@ from fwllm.core.params import RegMeanParams
 from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.core.footprint import ModelSizes
 from fwllm.core.plan import (
-    CandidateStats, Plan, StatsPlanRecord, mark_plan_complete, read_record, write_record,
+    CandidateStats,
+    Plan,
+    StatsPlanRecord,
+    mark_plan_complete,
+    read_record,
+    write_record,
 )
 from fwllm.data.calibration import load_calibration, micro_batch_shape
 from fwllm.data.encoding import encode_task
@@ -42,8 +47,15 @@ from fwllm.io.stats_store import StatsCache, has_stat, read_stat
 from fwllm.kernels.regmean import regmean_merge
 from fwllm.kernels.weighted_sum import weighted_average
 from fwllm.methods.common import (
-    check_candidates, finish_streamed_plan, head_or_base, link_statistics, measured_heads, open_pool,
-    primary_head, stored_or_none, weights_of,
+    check_candidates,
+    finish_streamed_plan,
+    head_or_base,
+    link_statistics,
+    measured_heads,
+    open_pool,
+    primary_head,
+    stored_or_none,
+    weights_of,
 )
 from fwllm.methods.fw_merging import choose_gradient
 from fwllm.solvers.grams import GRAM_LAYERS, candidate_grams
@@ -64,8 +76,11 @@ def in_ram_bytes(job: MergeJob) -> int:
     weights = sum(int(torch.Size(s).numel()) for s in shapes)
     grams = sum(int(s[1]) ** 2 for s in shapes if len(s) == 2)
     sizes = ModelSizes.from_config(read_config(base_dir))
-    rows, tokens = micro_batch_shape(load_calibration(job.params.calibration, job.params.max_rows),
-                                     job.params.batch_size, job.params.max_length)
+    rows, tokens = micro_batch_shape(
+        load_calibration(job.params.calibration, job.params.max_rows),
+        job.params.batch_size,
+        job.params.max_length,
+    )
     return 4 * (weights + grams) + sizes.activation_bytes(rows, tokens) + sizes.logits_bytes(rows, tokens)
 
 
@@ -85,11 +100,17 @@ class RegMean(DataMethod):
         settings = {k: v for k, v in p.model_dump().items() if k in ("max_length", "batch_size")}
         settings["layers"] = GRAM_LAYERS
         store = StatsCache("gram")
-        measured = measure_candidates(job, store, settings, lambda m, task, tok: candidate_grams(m, task, tok, p),
-                                      "Gram")
+        measured = measure_candidates(
+            job, store, settings, lambda m, task, tok: candidate_grams(m, task, tok, p), "Gram"
+        )
         heads = measured_heads(measured)
-        record = StatsPlanRecord(method=self.name, base=job.base, settings=p.model_dump(),
-                                 candidates=link_statistics(job, store, measured), primary_head=primary_head(job, heads))
+        record = StatsPlanRecord(
+            method=self.name,
+            base=job.base,
+            settings=p.model_dump(),
+            candidates=link_statistics(job, store, measured),
+            primary_head=primary_head(job, heads),
+        )
         finish_streamed_plan(self, job, record, heads)
 
     def _solve_streamed(self, job: MergeJob) -> None:
@@ -97,8 +118,10 @@ class RegMean(DataMethod):
         p: RegMeanParams = job.params  # type: ignore[assignment]
         pool = open_pool(job)
         if pool.kind != CAUSAL_MODEL:
-            raise FwllmError(f"regmean: gradient: layerwise covers causal LMs (Llama-style); this pool is "
-                             f"{pool.kind} models (use gradient: full)")
+            raise FwllmError(
+                f"regmean: gradient: layerwise covers causal LMs (Llama-style); this pool is "
+                f"{pool.kind} models (use gradient: full)"
+            )
         check_streamable(pool.candidates, self.name)
         labels = [spec.label for spec in job.candidates]
         weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
@@ -109,15 +132,27 @@ class RegMean(DataMethod):
         tokenizer = load_tokenizer(pool.base_dir)
         batches = [encode_task(t, tokenizer, p.max_length, p.batch_size).batches for t in tasks]
         torch.manual_seed(p.seed)
-        solver = StreamedRegMean.for_candidates(pool.base_dir, pool.candidates, weights, batches, p.alpha,
-                                                p.ridge, job.device)
+        solver = StreamedRegMean.for_candidates(
+            pool.base_dir, pool.candidates, weights, batches, p.alpha, p.ridge, job.device
+        )
         write_merged(job.plan_dir, solver.merged())
         # no Gram file: the statistic lives on only reduced, in the merged tensors
-        stats = [CandidateStats(label=lab, task=t.name, file=MERGED_DIR, cached=False,
-                                meta={"tokens": run.tokens, "gram": "streamed"})
-                 for lab, t, run in zip(labels, tasks, solver.runs)]
-        write_record(job.plan_dir, StatsPlanRecord(method=self.name, base=job.base, settings=p.model_dump(),
-                                                   candidates=stats, primary_head=None))
+        stats = [
+            CandidateStats(
+                label=lab,
+                task=t.name,
+                file=MERGED_DIR,
+                cached=False,
+                meta={"tokens": run.tokens, "gram": "streamed"},
+            )
+            for lab, t, run in zip(labels, tasks, solver.runs)
+        ]
+        write_record(
+            job.plan_dir,
+            StatsPlanRecord(
+                method=self.name, base=job.base, settings=p.model_dump(), candidates=stats, primary_head=None
+            ),
+        )
         mark_plan_complete(job.plan_dir)
 
     def load_plan(self, plan_dir: str) -> Plan:
@@ -147,7 +182,9 @@ class RegMean(DataMethod):
             for lab, c in zip(labels, weights):
                 gram = read_stat(files[lab], name)
                 if gram is None:
-                    raise FwllmError(f"regmean: candidate {lab} has no Gram for {name} (plan from another model?)")
+                    raise FwllmError(
+                        f"regmean: candidate {lab} has no Gram for {name} (plan from another model?)"
+                    )
                 check_finite(f"Gram of candidate {lab}", name, gram)
                 theta = candidates[lab]  # read once: candidates may be read from disk on each access
                 yield (theta.T if transposed else theta), gram.to(theta.device), c
@@ -159,6 +196,10 @@ class RegMean(DataMethod):
         if lam == float("inf"):
             LOG.warning("regmean: %s saw no input on any candidate; using the weighted average", name)
         elif lam:
-            LOG.warning("regmean: the Gram sum of %s is singular; added ridge %.3g*I (unseen input "
-                        "directions keep the weighted average)", name, lam)
+            LOG.warning(
+                "regmean: the Gram sum of %s is singular; added ridge %.3g*I (unseen input "
+                "directions keep the weighted average)",
+                name,
+                lam,
+            )
         return merged

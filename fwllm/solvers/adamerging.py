@@ -53,15 +53,24 @@ class AdaMergingResult:
     entropy: List[float]  # before each step, and after the last
 
 
-def adamerge(model: torch.nn.Module, tasks: Sequence[EncodedTask], candidates: Sequence[Candidate],
-             names: Sequence[str], p: AdaMergingParams, progress: bool = True) -> AdaMergingResult:
+def adamerge(
+    model: torch.nn.Module,
+    tasks: Sequence[EncodedTask],
+    candidates: Sequence[Candidate],
+    names: Sequence[str],
+    p: AdaMergingParams,
+    progress: bool = True,
+) -> AdaMergingResult:
     """Learn the coefficients of the tensors `names` (the model's weights start as theta_0)."""
     params = dict(model.named_parameters())
     for n, prm in params.items():
         prm.requires_grad_(n in names)
     theta0 = [params[n].detach().clone() for n in names]
     # every task vector at once, [N, *shape] per tensor: the linear-in-N memory, by design
-    taus = [torch.stack([c.task_vector(n, t0.cpu()).to(t0.device) for c in candidates]) for n, t0 in zip(names, theta0)]
+    taus = [
+        torch.stack([c.task_vector(n, t0.cpu()).to(t0.device) for c in candidates])
+        for n, t0 in zip(names, theta0)
+    ]
     lambdas = torch.full((len(names), len(candidates)), float(p.init_lambda), requires_grad=True)
     opt = torch.optim.Adam([lambdas], lr=p.lr)
 

@@ -33,7 +33,9 @@ from fwllm.data.positions import predicted_positions
 from fwllm.kernels.fisher import Term, gaussian_terms, prediction_terms
 
 
-def add_example_fisher(params: Sequence[torch.Tensor], terms: Sequence[Term], acc: Sequence[torch.Tensor]) -> None:
+def add_example_fisher(
+    params: Sequence[torch.Tensor], terms: Sequence[Term], acc: Sequence[torch.Tensor]
+) -> None:
     """acc += sum_terms w (grad term)^2: one backward pass per term, each squared on its own."""
     for i, (value, weight) in enumerate(terms):
         grads = torch.autograd.grad(value, params, retain_graph=i < len(terms) - 1, allow_unused=True)
@@ -42,11 +44,14 @@ def add_example_fisher(params: Sequence[torch.Tensor], terms: Sequence[Term], ac
                 a.add_(g.square(), alpha=weight)
 
 
-def candidate_fisher(model: torch.nn.Module, task: CalibrationTask, tokenizer, p: FisherParams
-                     ) -> Tuple[Dict[str, torch.Tensor], dict]:
+def candidate_fisher(
+    model: torch.nn.Module, task: CalibrationTask, tokenizer, p: FisherParams
+) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Diagonal Fisher of every non-head float parameter, averaged over the task's rows."""
     model.eval()  # dropout off: the Fisher of the predictor that gets merged
-    named = [(n, prm) for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)]
+    named = [
+        (n, prm) for n, prm in model.named_parameters() if prm.is_floating_point() and not is_head_tensor(n)
+    ]
     for prm in model.parameters():
         prm.requires_grad_(False)
     for _, prm in named:

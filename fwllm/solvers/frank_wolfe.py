@@ -33,7 +33,15 @@ from fwllm.core.plan import Atom
 from fwllm.data.objective import Objective
 from fwllm.io.candidates import Candidate
 from fwllm.io.sketch_store import SketchStore
-from fwllm.kernels.atoms import TaskVector, atom_delta, atom_scale, block_delta, compact, local_vertex, vertex_key
+from fwllm.kernels.atoms import (
+    TaskVector,
+    atom_delta,
+    atom_scale,
+    block_delta,
+    compact,
+    local_vertex,
+    vertex_key,
+)
 from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
 from fwllm.kernels.sketch import CountSketch, alignment, rescored, sketch_error
 from fwllm.solvers.lora_terms import LoraTerms, low_rank_candidate
@@ -58,9 +66,20 @@ def open_loop_gamma(t: int, step_size: float) -> float:
 
 
 class FrankWolfe:
-    def __init__(self, iterate, gradient, objective: Objective, candidates: Sequence[Candidate],
-                 weights: Sequence[float], blocks: Sequence[str], p: FWParams, base: Callable[[str], torch.Tensor],
-                 progress: bool = True, lora: Optional[LoraTerms] = None, sketch_dir: Optional[str] = None):
+    def __init__(
+        self,
+        iterate,
+        gradient,
+        objective: Objective,
+        candidates: Sequence[Candidate],
+        weights: Sequence[float],
+        blocks: Sequence[str],
+        p: FWParams,
+        base: Callable[[str], torch.Tensor],
+        progress: bool = True,
+        lora: Optional[LoraTerms] = None,
+        sketch_dir: Optional[str] = None,
+    ):
         self.iterate, self.gradient, self.objective = iterate, gradient, objective
         self.candidates, self.p, self.progress, self.lora = list(candidates), p, progress, lora
         self.weights = [float(w) for w in weights]
@@ -104,7 +123,10 @@ class FrankWolfe:
         """One streamed pass: sketch every v_i the oracle cannot score exactly, and set the start."""
         n, p = len(self.candidates), self.p
         init = [Atom(weight=1.0, method="task_arithmetic", members=list(range(n)), mix=[1.0] * n, tag="init")]
-        atoms = {name: [a.model_copy() for a in init] if p.init == "task_arithmetic" else [] for name in self.blocks}
+        atoms = {
+            name: [a.model_copy() for a in init] if p.init == "task_arithmetic" else []
+            for name in self.blocks
+        }
         if self.iterate.implicit:  # a LoRA pool: the hooks score every candidate exactly, nothing to read
             for name in self.blocks:
                 self.iterate.set_atoms(name, atoms[name])
@@ -112,9 +134,13 @@ class FrankWolfe:
             return atoms
         low_rank = p.step_merge == "task_arithmetic"
         for name in tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress):
-            self.exact[name] = [i for i, c in enumerate(self.candidates) if low_rank and low_rank_candidate(c.adapter, name)]
+            self.exact[name] = [
+                i for i, c in enumerate(self.candidates) if low_rank and low_rank_candidate(c.adapter, name)
+            ]
             rows, norms = [], []
-            total = torch.zeros(self.base(name).shape)  # not a read tensor: one candidate tensor alive at a time
+            total = torch.zeros(
+                self.base(name).shape
+            )  # not a read tensor: one candidate tensor alive at a time
             tau = self.tau(name)
             for i in range(n):
                 t = tau(i)
@@ -140,7 +166,11 @@ class FrankWolfe:
         """<g, w_i s_i B_i A_i> = w_i s_i <B_i^T g, A_i> for the LoRA candidates of this block."""
         for i in self.exact.get(name, []):
             f = self.candidates[i].adapter.factors.get(name)
-            scores[i] = 0.0 if f is None else self.weights[i] * f.scale * float(torch.sum((f.b.float().T @ g) * f.a.float()))
+            scores[i] = (
+                0.0
+                if f is None
+                else self.weights[i] * f.scale * float(torch.sum((f.b.float().T @ g) * f.a.float()))
+            )
 
     def _evaluate(self, objective: Optional[Objective] = None) -> Tuple[float, Dict[str, torch.Tensor]]:
         """Objective value at the current iterate, and <g, v_i> per block (the gradient is
@@ -150,7 +180,11 @@ class FrankWolfe:
         def consume(name: str, g: torch.Tensor) -> None:
             g = g.detach().to("cpu", torch.float32)
             m = self.v_sketch.width(name)
-            sketched = alignment(self.sketch(name, g), self.v_sketch[name]) if m else torch.zeros(len(self.candidates))
+            sketched = (
+                alignment(self.sketch(name, g), self.v_sketch[name])
+                if m
+                else torch.zeros(len(self.candidates))
+            )
             if self.p.rescore > 0 and 0 < m < g.numel():
                 sigma = sketch_error(float(g.norm()), self.v_norm[name], m)
                 vertex = self.vertex(name)
@@ -158,7 +192,9 @@ class FrankWolfe:
                 sketched, checked = rescored(sketched, sigma, self.p.rescore, exact)
                 self.rescored += len(checked)
             self._exact_scores(name, g, sketched)
-            scores[name] = sketched if name not in scores else scores[name] + sketched  # micro-batch groups add up
+            scores[name] = (
+                sketched if name not in scores else scores[name] + sketched
+            )  # micro-batch groups add up
 
         value = self.gradient(consume, objective)
         if self.lora is not None:
@@ -182,8 +218,12 @@ class FrankWolfe:
             return {name: list(members) for name in self.blocks}
         return {name: pick(scores[name]) for name in self.blocks}
 
-    def _mix(self, chosen: Dict[str, List[int]], scores: Dict[str, torch.Tensor],
-             objective: Optional[Objective] = None) -> Dict[str, List[float]]:
+    def _mix(
+        self,
+        chosen: Dict[str, List[int]],
+        scores: Dict[str, torch.Tensor],
+        objective: Optional[Objective] = None,
+    ) -> Dict[str, List[float]]:
         """Mixing weights of the chosen vertices: proportional to their alignment with -g, then
         (soft) projected-gradient steps on the calibration loss. At model granularity the
         alignments and the steps are summed over blocks: one mix for the whole model."""
@@ -200,8 +240,11 @@ class FrankWolfe:
         if self.p.variant != "soft" or self.p.soft_steps <= 0:
             return mix
         for _ in range(self.p.soft_steps):
-            points = {name: [Atom(weight=1.0, method=self.p.step_merge, members=members, mix=mix[name], tag="mix")]
-                      for name, members in chosen.items() if members}
+            points = {
+                name: [Atom(weight=1.0, method=self.p.step_merge, members=members, mix=mix[name], tag="mix")]
+                for name, members in chosen.items()
+                if members
+            }
             with self.iterate.at(points, self.realize):
                 _, at_s = self._evaluate(objective)
             for name, members in chosen.items():
@@ -229,29 +272,57 @@ class FrankWolfe:
             value += atom_delta(atom, name, self.tau(name), self.labels, self.p)
         return value
 
-    def _moves(self, t: int, chosen: Dict[str, List[int]], mix: Dict[str, List[float]], scores: Dict[str, torch.Tensor],
-               atoms: Dict[str, List[Atom]]) -> Dict[str, Tuple[Optional[Atom], Optional[Atom], float]]:
+    def _moves(
+        self,
+        t: int,
+        chosen: Dict[str, List[int]],
+        mix: Dict[str, List[float]],
+        scores: Dict[str, torch.Tensor],
+        atoms: Dict[str, List[Atom]],
+    ) -> Dict[str, Tuple[Optional[Atom], Optional[Atom], float]]:
         """Per block: (toward, away, most gamma). A plain FW step moves toward the FW vertex
         (away = None: the iterate itself, gamma <= 1); a pairwise step moves mass from the
         worst active vertex to the FW vertex (gamma <= that vertex's weight)."""
         moves = {}
         for name in self.blocks:
-            toward = Atom(weight=0.0, method=self.p.step_merge, members=chosen[name], mix=mix[name], tag=f"t{t}",
-                          scale=self.scale) if chosen[name] else None
+            toward = (
+                Atom(
+                    weight=0.0,
+                    method=self.p.step_merge,
+                    members=chosen[name],
+                    mix=mix[name],
+                    tag=f"t{t}",
+                    scale=self.scale,
+                )
+                if chosen[name]
+                else None
+            )
             if not self.p.pairwise:
                 moves[name] = (toward, None, 1.0)
                 continue
-            away, most, worst = None, 1.0 - sum(a.weight for a in atoms[name]), 0.0  # the base vertex scores 0
+            away, most, worst = (
+                None,
+                1.0 - sum(a.weight for a in atoms[name]),
+                0.0,
+            )  # the base vertex scores 0
             if most <= 1e-12:
                 most = 0.0
             for a in atoms[name]:
-                score = atom_scale(a, self.p) * float(sum(m * scores[name][i] for i, m in zip(a.members, a.mix)))
+                score = atom_scale(a, self.p) * float(
+                    sum(m * scores[name][i] for i, m in zip(a.members, a.mix))
+                )
                 if a.weight > 1e-12 and (score > worst or most == 0.0):
                     away, most, worst = a, a.weight, score
-            best = 0.0 if toward is None else self.scale * float(sum(m * scores[name][i]
-                                                                      for i, m in zip(toward.members, toward.mix)))
+            best = (
+                0.0
+                if toward is None
+                else self.scale * float(sum(m * scores[name][i] for i, m in zip(toward.members, toward.mix)))
+            )
             same = (away is None and toward is None) or (
-                away is not None and toward is not None and vertex_key(away, self.p) == vertex_key(toward, self.p))
+                away is not None
+                and toward is not None
+                and vertex_key(away, self.p) == vertex_key(toward, self.p)
+            )
             moves[name] = (toward, away, 0.0 if same or best >= worst else most)
         return moves
 
@@ -283,7 +354,9 @@ class FrankWolfe:
 
         return points, realize
 
-    def _line_search(self, moves, atoms, value: float, objective: Optional[Objective]) -> Tuple[float, List[float]]:
+    def _line_search(
+        self, moves, atoms, value: float, objective: Optional[Objective]
+    ) -> Tuple[float, List[float]]:
         """The share of the longest step (each block's most) minimising the parabola through the
         objective at 0, 1/2 and 1 of it (exact for a quadratic objective); two forward evaluations."""
         seen = []
@@ -348,13 +421,21 @@ class FrankWolfe:
             hull = self.scale
             if p.hull == "adaptive" and searched is not None and gamma >= 1.0 and not p.pairwise:
                 self.scale *= 2.0  # the best step reached the hull's boundary: let the hull grow
-            step = {"iteration": t, "objective": value, "gamma": gamma, "rescored": self.rescored - checked,
-                    "chosen": {n: chosen[n] for n in self.blocks},
-                    "mix": {n: mix[n] for n in self.blocks if n in mix}, "scaling": hull}
+            step = {
+                "iteration": t,
+                "objective": value,
+                "gamma": gamma,
+                "rescored": self.rescored - checked,
+                "chosen": {n: chosen[n] for n in self.blocks},
+                "mix": {n: mix[n] for n in self.blocks if n in mix},
+                "scaling": hull,
+            }
             if searched is not None:
                 step["line_search"] = searched  # the objective at 1/2 and 1 of the step
             if p.pairwise:
-                step["away"] = {n: (m[1].members if m[1] is not None else []) for n, m in moves.items() if m[2] > 0}
+                step["away"] = {
+                    n: (m[1].members if m[1] is not None else []) for n, m in moves.items() if m[2] > 0
+                }
             if stochastic:
                 step["minibatch"] = True  # `objective` is this iteration's minibatch estimate
             step["seconds"] = round(time.time() - began, 3)

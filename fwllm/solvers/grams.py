@@ -29,13 +29,17 @@ def linear_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     uses: Dict[int, int] = {}
     for _, prm in model.named_parameters(remove_duplicate=False):
         uses[id(prm)] = uses.get(id(prm), 0) + 1
-    return {name: mod for name, mod in linear_modules(model).items()
-            if not is_head_tensor(name) and uses[id(mod.weight)] == 1}
+    return {
+        name: mod
+        for name, mod in linear_modules(model).items()
+        if not is_head_tensor(name) and uses[id(mod.weight)] == 1
+    }
 
 
 @torch.no_grad()
-def collect_grams(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]]
-                  ) -> Tuple[Dict[str, torch.Tensor], int]:
+def collect_grams(
+    model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]]
+) -> Tuple[Dict[str, torch.Tensor], int]:
     """sum over non-padding tokens of x x^T for each linear layer's input x; and the token count."""
     layers = linear_layers(model)
     device = next(model.parameters()).device
@@ -50,6 +54,7 @@ def collect_grams(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
                 x = x[mask]  # padding is not data the layer has to fit
             x = x.reshape(-1, x.shape[-1]).float()
             grams[name].addmm_(x.T, x)
+
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
@@ -68,7 +73,9 @@ def collect_grams(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tens
     return {n: g.cpu() for n, g in grams.items()}, tokens
 
 
-def candidate_grams(model, task: CalibrationTask, tokenizer, p: RegMeanParams) -> Tuple[Dict[str, torch.Tensor], dict]:
+def candidate_grams(
+    model, task: CalibrationTask, tokenizer, p: RegMeanParams
+) -> Tuple[Dict[str, torch.Tensor], dict]:
     """The Grams of every merged linear layer on `task`, and the token count."""
     enc = encode_task(task, tokenizer, p.max_length, p.batch_size)
     grams, tokens = collect_grams(model, enc.batches)

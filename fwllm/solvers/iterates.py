@@ -111,7 +111,9 @@ class StoreIterate:
 class LoraIterate:
     implicit = True
 
-    def __init__(self, lora: LoraTerms, weights: Sequence[float], scaling: float, base: Callable[[str], torch.Tensor]):
+    def __init__(
+        self, lora: LoraTerms, weights: Sequence[float], scaling: float, base: Callable[[str], torch.Tensor]
+    ):
         self.lora, self.candidate_weights, self.scaling, self.base = lora, list(weights), scaling, base
 
     def set_atoms(self, name: str, atoms: Sequence[Atom]) -> None:

@@ -48,8 +48,12 @@ def low_rank_candidate(adapter: Optional[AdapterReader], name: str) -> bool:
 
 def pool_is_low_rank(adapters: Sequence[Optional[AdapterReader]]) -> bool:
     """Every candidate is a plain LoRA adapter (no DoRA, no full tensors, no transposed factors)."""
-    return all(a is not None and not a.full and all(f.magnitude is None and not f.transposed
-                                                    for f in a.factors.values()) for a in adapters)
+    return all(
+        a is not None
+        and not a.full
+        and all(f.magnitude is None and not f.transposed for f in a.factors.values())
+        for a in adapters
+    )
 
 
 def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -67,7 +71,7 @@ def _share(blk: LoraBlock, factors: Sequence) -> None:
     for f in factors:
         r = f.a.shape[0]
         if f.a.dtype == blk.a.dtype and f.b.dtype == blk.b.dtype:
-            f.a, f.b = blk.a[start:start + r], blk.b[:, start:start + r]
+            f.a, f.b = blk.a[start : start + r], blk.b[:, start : start + r]
         start += r
 
 

@@ -78,14 +78,22 @@ def pooled_task(tasks: Sequence[CalibrationTask]) -> CalibrationTask:
     """Every calibration row of one kind in one task: the data of a candidate that has no task."""
     kinds = {t.kind for t in tasks}
     if len(kinds) != 1:
-        raise FwllmError(f"a candidate without a task is measured on all calibration rows, which mix kinds {sorted(kinds)}")
+        raise FwllmError(
+            f"a candidate without a task is measured on all calibration rows, which mix kinds {sorted(kinds)}"
+        )
     fields = tasks[0].text_fields
     return CalibrationTask("all", tasks[0].kind, [r for t in tasks for r in t.rows], fields, source="")
 
 
-def measure_candidates(job: MergeJob, store: StatsCache, settings: dict, compute: ComputeFn,
-                       what: str, specs: Optional[Sequence[CandidateSpec]] = None,
-                       without_task: str = "error") -> List[Measured]:
+def measure_candidates(
+    job: MergeJob,
+    store: StatsCache,
+    settings: dict,
+    compute: ComputeFn,
+    what: str,
+    specs: Optional[Sequence[CandidateSpec]] = None,
+    without_task: str = "error",
+) -> List[Measured]:
     """Run `compute` for each candidate (of `specs`, default all) in turn, unless `store`
     already holds its statistic. A candidate without a per-model `task` is an error, or with
     `without_task="all"` is measured on every calibration row.
@@ -97,8 +105,12 @@ def measure_candidates(job: MergeJob, store: StatsCache, settings: dict, compute
     specs = list(job.candidates if specs is None else specs)
     base_dir = resolve_model_path(job.base)
     tasks = load_calibration(p.calibration, p.max_rows)
-    own = [pooled_task(tasks) if without_task == "all" and not spec.params.get("task")
-           else candidate_task(job.method, spec, tasks) for spec in specs]
+    own = [
+        pooled_task(tasks)
+        if without_task == "all" and not spec.params.get("task")
+        else candidate_task(job.method, spec, tasks)
+        for spec in specs
+    ]
     for spec, task in zip(specs, own):
         check_rows_fit(task, architecture_kind(candidate_architecture(spec, base_dir)))
     tokenizer = load_tokenizer(base_dir)

@@ -51,15 +51,29 @@ def measure_grams(job: MergeJob, used: Sequence[int]) -> Dict[int, str]:
     settings = {"max_length": p.max_length, "batch_size": p.batch_size, "layers": GRAM_LAYERS}
     grams = RegMeanParams(calibration=p.calibration, max_length=p.max_length, batch_size=p.batch_size)
     specs = [job.candidates[i] for i in used]
-    measured = measure_candidates(job, store, settings, lambda m, task, tok: candidate_grams(m, task, tok, grams),
-                                  "Gram", specs=specs, without_task="all")
+    measured = measure_candidates(
+        job,
+        store,
+        settings,
+        lambda m, task, tok: candidate_grams(m, task, tok, grams),
+        "Gram",
+        specs=specs,
+        without_task="all",
+    )
     return {i: store.paths(m.key)[0] for i, m in zip(used, measured)}
 
 
-def refine(merged: Iterable[Tuple[str, torch.Tensor]], coefficients: Dict[str, List[float]],
-           gram_files: Dict[int, str], tau: Callable[[str], Callable[[int], torch.Tensor]],
-           base: Callable[[str], torch.Tensor], alpha: float, ridge: float = 1e-5, weights: str = "fw",
-           transposed: Collection[str] = ()) -> Iterator[Tuple[str, torch.Tensor]]:
+def refine(
+    merged: Iterable[Tuple[str, torch.Tensor]],
+    coefficients: Dict[str, List[float]],
+    gram_files: Dict[int, str],
+    tau: Callable[[str], Callable[[int], torch.Tensor]],
+    base: Callable[[str], torch.Tensor],
+    alpha: float,
+    ridge: float = 1e-5,
+    weights: str = "fw",
+    transposed: Collection[str] = (),
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """FW's merged tensors, with every linear weight FW used re-merged in RegMean's closed form
     (`weights`: "fw" or "uniform", see the module docstring; `transposed`: weights stored [in, out],
     GPT-2's Conv1D)."""
@@ -81,7 +95,9 @@ def refine(merged: Iterable[Tuple[str, torch.Tensor]], coefficients: Dict[str, L
         delta, lam = regmean_merge(layers, alpha, ridge)
         delta = delta.T if flip else delta
         if lam:
-            LOG.warning("fw regmean: the Gram sum of %s is singular; ridge %.3g (towards FW's merge)", name, lam)
+            LOG.warning(
+                "fw regmean: the Gram sum of %s is singular; ridge %.3g (towards FW's merge)", name, lam
+            )
         refined += 1
         yield name, base(name) + mass * delta
     LOG.info("fw regmean: %d linear weights re-merged in closed form", refined)
@@ -120,13 +136,21 @@ def own_tasks(job: MergeJob) -> List[CalibrationTask]:
     """Each candidate's Gram data: its own task's rows, all rows for a candidate without a task
     (checked before the solve, so a bad task is an error before FW's iterations, not after)."""
     tasks = load_calibration(job.params.calibration, job.params.max_rows)
-    return [pooled_task(tasks) if not s.params.get("task") else candidate_task(job.method, s, tasks)
-            for s in job.candidates]
+    return [
+        pooled_task(tasks) if not s.params.get("task") else candidate_task(job.method, s, tasks)
+        for s in job.candidates
+    ]
 
 
-def refine_streamed(job: MergeJob, candidates: Sequence[Candidate], tasks: Sequence[CalibrationTask],
-                    base_dir: str, coefficients: Dict[str, List[float]], base: Callable[[str], torch.Tensor],
-                    ridge: float = 1e-5) -> Tuple[Iterator[Tuple[str, torch.Tensor]], Set[str]]:
+def refine_streamed(
+    job: MergeJob,
+    candidates: Sequence[Candidate],
+    tasks: Sequence[CalibrationTask],
+    base_dir: str,
+    coefficients: Dict[str, List[float]],
+    base: Callable[[str], torch.Tensor],
+    ridge: float = 1e-5,
+) -> Tuple[Iterator[Tuple[str, torch.Tensor]], Set[str]]:
     """`refine` on the bounded path: the Grams measured one decoder layer at a time
     (`fwllm.solvers.streamed_grams`) and reduced as they come, never one per candidate kept.
     Returns the refined linear weights (a generator) and the set their names fill as it runs."""
@@ -148,8 +172,16 @@ def refine_streamed(job: MergeJob, candidates: Sequence[Candidate], tasks: Seque
 
     tokenizer = load_tokenizer(base_dir)
     batches = [encode_task(tasks[i], tokenizer, p.max_length, p.batch_size).batches for i in used]
-    solver = _SupportRegMean.for_candidates(base_dir, [candidates[i] for i in used], [1.0] * len(used), batches,
-                                            p.regmean_alpha, ridge, job.device, weights_of=weights_of)
+    solver = _SupportRegMean.for_candidates(
+        base_dir,
+        [candidates[i] for i in used],
+        [1.0] * len(used),
+        batches,
+        p.regmean_alpha,
+        ridge,
+        job.device,
+        weights_of=weights_of,
+    )
 
     def merged() -> Iterator[Tuple[str, torch.Tensor]]:
         for name, value in solver.merged():
@@ -158,6 +190,8 @@ def refine_streamed(job: MergeJob, candidates: Sequence[Candidate], tasks: Seque
                 continue
             w0 = base(name)  # weights "fw": FW's mass on RegMean's direction, W_0 + mass * (W - W_0)
             yield name, w0 + sum(x for x in coef[name] if x > 0) * (value - w0)
-        LOG.info("fw regmean: %d linear weights re-merged in closed form (Grams streamed)", len(solver.solved))
+        LOG.info(
+            "fw regmean: %d linear weights re-merged in closed form (Grams streamed)", len(solver.solved)
+        )
 
     return merged(), solver.solved

@@ -51,8 +51,11 @@ class StreamedLoss(StreamedGradient):
     def _top(self, term, backward: bool) -> float:
         top = term.hidden.to(self.meta.device).requires_grad_(backward)
         last = len(self.layers) - 1
-        with self._layers_as(lambda i: (lambda hidden, *a, **k: top if i == last else hidden)), \
-                using_head(self.model, term.task.head), torch.set_grad_enabled(backward):
+        with (
+            self._layers_as(lambda i: lambda hidden, *a, **k: top if i == last else hidden),
+            using_head(self.model, term.task.head),
+            torch.set_grad_enabled(backward),
+        ):
             loss = self.loss(self.model, term.task, term.batch) * term.scale
         if backward:
             loss.backward()
@@ -65,8 +68,9 @@ class MergedPoint(Mapping):
     """tensor name -> theta0 + sum_i lambda_i tau_i, formed on access from the base map and the
     candidates (one tau alive at a time); names without coefficients are not in it."""
 
-    def __init__(self, base: Mapping[str, torch.Tensor], candidates: Sequence[Candidate],
-                 names: Sequence[str]):
+    def __init__(
+        self, base: Mapping[str, torch.Tensor], candidates: Sequence[Candidate], names: Sequence[str]
+    ):
         self.base, self.candidates = base, list(candidates)
         self.rows = {n: i for i, n in enumerate(names)}
         self.lambdas = torch.zeros(len(names), len(self.candidates))
@@ -95,9 +99,15 @@ class MergedPoint(Mapping):
         return len(self.rows)
 
 
-def streamed_adamerge(meta: MetaModel, objective: Objective, point: MergedPoint, names: Sequence[str],
-                      p: AdaMergingParams, progress: bool = True, checkpoint_bytes: int = 1 << 30
-                      ) -> AdaMergingResult:
+def streamed_adamerge(
+    meta: MetaModel,
+    objective: Objective,
+    point: MergedPoint,
+    names: Sequence[str],
+    p: AdaMergingParams,
+    progress: bool = True,
+    checkpoint_bytes: int = 1 << 30,
+) -> AdaMergingResult:
     """The in-RAM `adamerge` (same Adam, same clamp, same trace) on a streamed model."""
     gradient = StreamedLoss(meta, objective, names, lambda: point, checkpoint_bytes=checkpoint_bytes)
     lambdas = torch.full((len(names), len(point.candidates)), float(p.init_lambda), requires_grad=True)
@@ -127,7 +137,9 @@ def streamed_adamerge(meta: MetaModel, objective: Objective, point: MergedPoint,
     trace.append(gradient.value())
     coefficients = {n: [float(x) for x in row] for n, row in zip(names, lambdas.detach())}
     result = AdaMergingResult(coefficients, trace)
-    result.stats = {"layer_fetches": meta.fetches,  # type: ignore[attr-defined]
-                    "peak_resident_bytes": meta.peak_resident_bytes,
-                    "checkpoint_groups": gradient.groups_last}
+    result.stats = {
+        "layer_fetches": meta.fetches,  # type: ignore[attr-defined]
+        "peak_resident_bytes": meta.peak_resident_bytes,
+        "checkpoint_groups": gradient.groups_last,
+    }
     return result

@@ -63,8 +63,14 @@ class StreamedFisher(StreamedGradient):
     """The per-example diagonal Fisher of every parameter in `names`, handed to `add` one layer
     (and, at the end, the outer tensors) at a time; `measure(add)` returns (examples, terms)."""
 
-    def __init__(self, meta: MetaModel, objective: Objective, p: FisherParams, names: Sequence[str],
-                 checkpoint_bytes: int = GIB):
+    def __init__(
+        self,
+        meta: MetaModel,
+        objective: Objective,
+        p: FisherParams,
+        names: Sequence[str],
+        checkpoint_bytes: int = GIB,
+    ):
         super().__init__(meta, objective, names, lambda: {}, checkpoint_bytes=checkpoint_bytes)
         self.p, self.kind = p, model_kind(self.model)
         # set once materialised: a fetch makes a new Parameter
@@ -99,18 +105,21 @@ class StreamedFisher(StreamedGradient):
     def _check_ties(self, outer: Dict[str, torch.nn.Parameter]) -> None:
         for n, q in outer.items():
             if len(self.meta.group(n)) > 1 and q is not self.input_embedding:
-                raise FwllmError(f"fisher: gradient: layerwise handles a tied input embedding only; {n} is "
-                                 f"tied otherwise in {type(self.model).__name__} (use gradient: full)")
+                raise FwllmError(
+                    f"fisher: gradient: layerwise handles a tied input embedding only; {n} is "
+                    f"tied otherwise in {type(self.model).__name__} (use gradient: full)"
+                )
 
     def _top_terms(self, t, outer: Dict[str, torch.nn.Parameter], acc: Dict[str, torch.Tensor]) -> bool:
         """Each term's gradient at the stack output (kept per term) and at the head (squared)."""
         if t.task.kind == REGRESSION:
-            raise FwllmError("fisher: gradient: layerwise does not cover regression rows "
-                             "(use gradient: full)")
+            raise FwllmError(
+                "fisher: gradient: layerwise does not cover regression rows (use gradient: full)"
+            )
         top = t.hidden.to(self.meta.device).requires_grad_(True)
         t.hidden = None
         last = len(self.layers) - 1
-        stack_output = lambda i: (lambda hidden, *a, **k: top if i == last else hidden)  # noqa: E731
+        stack_output = lambda i: lambda hidden, *a, **k: top if i == last else hidden  # noqa: E731
         with self._layers_as(stack_output), torch.enable_grad():
             logits = self.model(**{k: v for k, v in t.batch.items() if k != "labels"}).logits
             pos, targets = predicted_positions(logits, t.batch, t.task.kind, self.kind)
@@ -149,8 +158,13 @@ class StreamedFisher(StreamedGradient):
                     with torch.enable_grad():
                         out = self._forwards[i](x, *args, **kwargs)
                     for j, w in enumerate(t.weights):
-                        grads = torch.autograd.grad(out, [x] + params, grad_outputs=t.grads[j].to(device),
-                                                    retain_graph=j < len(t.weights) - 1, allow_unused=True)
+                        grads = torch.autograd.grad(
+                            out,
+                            [x] + params,
+                            grad_outputs=t.grads[j].to(device),
+                            retain_graph=j < len(t.weights) - 1,
+                            allow_unused=True,
+                        )
                         t.grads[j] = _zeros_if_none(grads[0], x).to(self.host)
                         for a, g in zip(acc, grads[1:]):
                             if g is not None:
@@ -161,8 +175,9 @@ class StreamedFisher(StreamedGradient):
             finally:
                 self.meta.release(self.layer_params[i])
 
-    def _bottom_terms(self, terms: Sequence, outer: Dict[str, torch.nn.Parameter],
-                      acc: Dict[str, torch.Tensor]) -> None:
+    def _bottom_terms(
+        self, terms: Sequence, outer: Dict[str, torch.nn.Parameter], acc: Dict[str, torch.Tensor]
+    ) -> None:
         names = list(outer)
         for t in terms:
             start = self._capture(t, keep_graph=True)
@@ -170,8 +185,15 @@ class StreamedFisher(StreamedGradient):
             if start.requires_grad and names:
                 grads_of, m, params = [], len(t.weights), list(outer.values())
                 for j in range(m):
-                    grads_of.append(torch.autograd.grad(start, params, t.grads[j].to(start.device),
-                                                        retain_graph=j < m - 1, allow_unused=True))
+                    grads_of.append(
+                        torch.autograd.grad(
+                            start,
+                            params,
+                            t.grads[j].to(start.device),
+                            retain_graph=j < m - 1,
+                            allow_unused=True,
+                        )
+                    )
             for j, (w, grads) in enumerate(zip(t.weights, grads_of)):
                 for n, g in zip(names, grads):
                     if outer[n] is self.input_embedding and t.rows[n]:
@@ -222,14 +244,16 @@ class CandidateRun:
     weight: float
 
 
-def fisher_sums(plan_dir: str, base_dir: str, runs: Sequence[CandidateRun], tokenizer, p: FisherParams,
-                device: str) -> List[dict]:
+def fisher_sums(
+    plan_dir: str, base_dir: str, runs: Sequence[CandidateRun], tokenizer, p: FisherParams, device: str
+) -> List[dict]:
     """Write sum_i w_i F~_i theta_i and sum_i w_i F~_i under `plan_dir`/SUMS_DIR; return each
     candidate's meta (examples, terms, mean) as the in-RAM path reports it."""
     names, shapes = _covered(base_dir)
     numel = sum(int(torch.Size(shapes[n]).numel()) for n in names)
-    check_free_space(plan_dir, 3 * 4 * numel,
-                     "fisher: gradient: layerwise (its scratch store and two running sums)")
+    check_free_space(
+        plan_dir, 3 * 4 * numel, "fisher: gradient: layerwise (its scratch store and two running sums)"
+    )
     sums = os.path.join(plan_dir, SUMS_DIR)
     num = _Accumulator(os.path.join(sums, "num"), {n: shapes[n] for n in names})
     den = _Accumulator(os.path.join(sums, "den"), {n: shapes[n] for n in names})
@@ -243,8 +267,10 @@ def fisher_sums(plan_dir: str, base_dir: str, runs: Sequence[CandidateRun], toke
         model = skeleton(run.model_dir)
         kind = model_kind(model)
         if kind != CAUSAL_MODEL:
-            raise FwllmError(f"fisher: gradient: layerwise covers causal LMs only; {run.candidate.label} is "
-                             f"{type(model).__name__} (use gradient: full)")
+            raise FwllmError(
+                f"fisher: gradient: layerwise covers causal LMs only; {run.candidate.label} is "
+                f"{type(model).__name__} (use gradient: full)"
+            )
         objective = Objective([encode_task(run.task, tokenizer, p.max_length, batch_size=1, model_kind=kind)])
         meta = MetaModel(model, weights, device, trainable=names)
         examples, terms = StreamedFisher(meta, objective, p, names).measure(scratch.add)
@@ -261,8 +287,16 @@ def fisher_sums(plan_dir: str, base_dir: str, runs: Sequence[CandidateRun], toke
             theta = run.candidate.tensor(x, base)
             num.add(x, f * theta.float())
             den.add(x, f)
-        metas.append({"examples": examples, "terms": terms, "mean": mean, "gradient": "layerwise",
-                      "layer_fetches": meta.fetches, "peak_resident_bytes": meta.peak_resident_bytes})
+        metas.append(
+            {
+                "examples": examples,
+                "terms": terms,
+                "mean": mean,
+                "gradient": "layerwise",
+                "layer_fetches": meta.fetches,
+                "peak_resident_bytes": meta.peak_resident_bytes,
+            }
+        )
         del scratch, meta, model
         shutil.rmtree(os.path.join(plan_dir, SCRATCH_DIR), ignore_errors=True)
     return metas

@@ -68,14 +68,23 @@ def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
 class StreamedGradient:
     """`value = gradient(consume, objective)`; `value(objective)` for the objective alone."""
 
-    def __init__(self, meta: MetaModel, objective: Objective, blocks: Sequence[str],
-                 weights: Callable[[], Mapping[str, torch.Tensor]], lora: Optional[LoraTerms] = None,
-                 host: str = "cpu", checkpoint_bytes: int = GIB):
+    def __init__(
+        self,
+        meta: MetaModel,
+        objective: Objective,
+        blocks: Sequence[str],
+        weights: Callable[[], Mapping[str, torch.Tensor]],
+        lora: Optional[LoraTerms] = None,
+        host: str = "cpu",
+        checkpoint_bytes: int = GIB,
+    ):
         self.meta, self.model, self.objective = meta, meta.model, objective
         self.weights = weights  # the trainable blocks' current values (the iterate, or a point)
         self.lora, self.host, self.checkpoint_bytes = lora, torch.device(host), checkpoint_bytes
         self.stack_name, self.layers = layer_stack(self.model)
-        self.layer_params = [meta.module_parameters(f"{self.stack_name}.{i}") for i in range(len(self.layers))]
+        self.layer_params = [
+            meta.module_parameters(f"{self.stack_name}.{i}") for i in range(len(self.layers))
+        ]
         in_stack = {n for names in self.layer_params for n in names}
         self.blocks: Set[str] = set(blocks)
         self.outer_trainable = [n for n in meta.parameter_names() if n not in in_stack and n in self.blocks]
@@ -89,7 +98,11 @@ class StreamedGradient:
         out = []
         for prefix, module in self.model.named_modules():
             names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
-            frozen = [n for n in names if n not in in_stack and not any(t in self.blocks for t in self.meta.group(n))]
+            frozen = [
+                n
+                for n in names
+                if n not in in_stack and not any(t in self.blocks for t in self.meta.group(n))
+            ]
             if frozen:
                 out.append((module, frozen))
         return out
@@ -122,17 +135,20 @@ class StreamedGradient:
                 elif hidden is not seen["out"]:
                     raise FwllmError(
                         f"gradient: layerwise needs layer {i} to take layer {i - 1}'s output directly; "
-                        f"{type(self.model).__name__} transforms it in between; use gradient: full")
+                        f"{type(self.model).__name__} transforms it in between; use gradient: full"
+                    )
                 if any(t.requires_grad for t in _tensors_in((args, kwargs))):
                     raise FwllmError(
                         f"gradient: layerwise cannot differentiate {type(self.model).__name__}: layer {i} takes "
-                        "a trainable input besides its hidden states; use gradient: full")
+                        "a trainable input besides its hidden states; use gradient: full"
+                    )
                 if not keep_graph:
                     term.calls.append((args, kwargs))
                 seen["out"] = hidden
                 if i == last:
                     raise _Captured
                 return hidden
+
             return run
 
         with self._layers_as(passthrough), torch.set_grad_enabled(keep_graph):
@@ -160,8 +176,10 @@ class StreamedGradient:
                         args, kwargs = term.calls[i]
                         out = forward(term.hidden.to(device), *args, **kwargs)
                         if not isinstance(out, torch.Tensor):
-                            raise FwllmError("gradient: layerwise expects layers that return one tensor, got "
-                                             f"{type(out).__name__}; use gradient: full")
+                            raise FwllmError(
+                                "gradient: layerwise expects layers that return one tensor, got "
+                                f"{type(out).__name__}; use gradient: full"
+                            )
                         term.hidden = out.to(self.host)
             finally:
                 self.meta.release(self.layer_params[i])
@@ -170,8 +188,11 @@ class StreamedGradient:
         """Phase C for one micro-batch: head, norm and loss on the stack's output."""
         top = term.hidden.to(self.meta.device).requires_grad_(backward)
         last = len(self.layers) - 1
-        with self._layers_as(lambda i: (lambda hidden, *a, **k: top if i == last else hidden)), \
-                using_head(self.model, term.task.head), torch.set_grad_enabled(backward):
+        with (
+            self._layers_as(lambda i: lambda hidden, *a, **k: top if i == last else hidden),
+            using_head(self.model, term.task.head),
+            torch.set_grad_enabled(backward),
+        ):
             loss = batch_loss_sum(self.model, term.task.kind, term.batch) * term.scale
         Objective.check_finite(term.task, loss)
         if backward:

@@ -97,16 +97,26 @@ def check_streamable(candidates: Sequence[Candidate], method: str) -> None:
         if a is None:
             continue
         if a.full or not all(low_rank_candidate(a, n) for n in a.factors):
-            raise FwllmError(f"{method}: gradient: layerwise runs plain LoRA adapters only; {c.label} has "
-                             "DoRA, modules_to_save or transposed factors (use gradient: full)")
+            raise FwllmError(
+                f"{method}: gradient: layerwise runs plain LoRA adapters only; {c.label} has "
+                "DoRA, modules_to_save or transposed factors (use gradient: full)"
+            )
 
 
 class StreamedRegMean:
     """`merged()` yields (name, merged tensor) for every tensor of the base the candidates share."""
 
-    def __init__(self, base_dir: str, runs: Sequence[_Run], alpha: float, ridge: float, device: str = "cpu",
-                 architecture: Optional[str] = None, host: str = "cpu",
-                 on_gram: Optional[Callable[[str, str, torch.Tensor], None]] = None):
+    def __init__(
+        self,
+        base_dir: str,
+        runs: Sequence[_Run],
+        alpha: float,
+        ridge: float,
+        device: str = "cpu",
+        architecture: Optional[str] = None,
+        host: str = "cpu",
+        on_gram: Optional[Callable[[str, str, torch.Tensor], None]] = None,
+    ):
         self.on_gram = on_gram  # (label, weight name, Gram): an observer (tests, diagnostics); keeps nothing
         self.base_dir, self.runs, self.alpha, self.ridge = base_dir, list(runs), alpha, ridge
         self.device, self.host = torch.device(device), torch.device(host)
@@ -114,8 +124,9 @@ class StreamedRegMean:
         self.base_map = base_weights(base_dir)
         self.meta = MetaModel(self.model, self.base_map, device, optional=is_head_tensor)
         self.stack_name, self.layers = layer_stack(self.model)
-        self.layer_params = [self.meta.module_parameters(f"{self.stack_name}.{i}")
-                             for i in range(len(self.layers))]
+        self.layer_params = [
+            self.meta.module_parameters(f"{self.stack_name}.{i}") for i in range(len(self.layers))
+        ]
         in_stack = {n for names in self.layer_params for n in names}
         self.linear = linear_layers(self.model)
         self.transposed = transposed_weights(self.model)
@@ -128,11 +139,21 @@ class StreamedRegMean:
         self.lambdas: Dict[str, float] = {}
 
     @classmethod
-    def for_candidates(cls, base_dir: str, candidates: Sequence[Candidate], weights: Sequence[float],
-                       batches: Sequence[List[Dict[str, torch.Tensor]]], alpha: float, ridge: float,
-                       device: str = "cpu", **kw) -> "StreamedRegMean":
-        runs = [_Run(c, float(w), [{k: v for k, v in b.items() if k != "labels"} for b in bs])
-                for c, w, bs in zip(candidates, weights, batches)]
+    def for_candidates(
+        cls,
+        base_dir: str,
+        candidates: Sequence[Candidate],
+        weights: Sequence[float],
+        batches: Sequence[List[Dict[str, torch.Tensor]]],
+        alpha: float,
+        ridge: float,
+        device: str = "cpu",
+        **kw,
+    ) -> "StreamedRegMean":
+        runs = [
+            _Run(c, float(w), [{k: v for k, v in b.items() if k != "labels"} for b in bs])
+            for c, w, bs in zip(candidates, weights, batches)
+        ]
         return cls(base_dir, runs, alpha, ridge, device, **kw)
 
     # -- the model around the stack ---------------------------------------------------------
@@ -167,6 +188,7 @@ class StreamedRegMean:
                 def hook(mod, args, out, f=f):
                     x = args[0]
                     return out + ((x @ f.a.to(x.device, x.dtype).T) @ f.b.to(x.device, x.dtype).T) * f.scale
+
                 handles.append(module.register_forward_hook(hook))
         try:
             yield
@@ -175,8 +197,13 @@ class StreamedRegMean:
                 h.remove()
 
     @contextlib.contextmanager
-    def _grams(self, names: Sequence[str], grams: Dict[str, torch.Tensor], leader: Dict[str, str],
-               state: Dict[str, Any]):
+    def _grams(
+        self,
+        names: Sequence[str],
+        grams: Dict[str, torch.Tensor],
+        leader: Dict[str, str],
+        state: Dict[str, Any],
+    ):
         """Pre-hooks adding x x^T over real tokens to `grams`; weights whose module sees the very
         tensor another one saw in this forward share that one's Gram (`leader`)."""
         handles = []
@@ -200,6 +227,7 @@ class StreamedRegMean:
                 if name not in grams:
                     grams[name] = torch.zeros(input_features(mod), input_features(mod), device=x.device)
                 grams[name].addmm_(x.T, x)
+
             handles.append(module.register_forward_pre_hook(hook))
         try:
             yield
@@ -229,17 +257,24 @@ class StreamedRegMean:
                     if i == 0:
                         seen["input"], seen["call"] = hidden, (args, kwargs)
                     elif hidden is not seen["out"]:
-                        raise FwllmError(f"regmean: gradient: layerwise needs layer {i} to take layer "
-                                         f"{i - 1}'s output directly; {type(self.model).__name__} does not "
-                                         "(use gradient: full)")
+                        raise FwllmError(
+                            f"regmean: gradient: layerwise needs layer {i} to take layer "
+                            f"{i - 1}'s output directly; {type(self.model).__name__} does not "
+                            "(use gradient: full)"
+                        )
                     seen["out"] = hidden
                     if i == last:
                         raise _Captured
                     return hidden
+
                 return forward
 
-            with self._layers_as(passthrough), self._streamed_outer(run.source), \
-                    self._lora(run, self.outer_linear), torch.no_grad():
+            with (
+                self._layers_as(passthrough),
+                self._streamed_outer(run.source),
+                self._lora(run, self.outer_linear),
+                torch.no_grad(),
+            ):
                 try:
                     self.model(**batch)
                 except _Captured:
@@ -272,8 +307,10 @@ class StreamedRegMean:
                         args, kwargs = run.calls[k]
                         out = self._forwards[i](run.hidden[k].to(self.device), *args, **kwargs)
                         if not isinstance(out, torch.Tensor):
-                            raise FwllmError("regmean: gradient: layerwise expects layers that return one "
-                                             f"tensor, got {type(out).__name__} (use gradient: full)")
+                            raise FwllmError(
+                                "regmean: gradient: layerwise expects layers that return one "
+                                f"tensor, got {type(out).__name__} (use gradient: full)"
+                            )
                         run.hidden[k] = out.to(self.host)
                 self._add(run, grams, leader, sums)
                 del grams
@@ -292,9 +329,13 @@ class StreamedRegMean:
             state: Dict[str, Any] = {}
             for k, batch in self._each_batch(run, state):
                 top = run.hidden[k].to(self.device)
-                with self._layers_as(lambda j: (lambda hidden, *a, **kw: top if j == last else hidden)), \
-                        self._streamed_outer(run.source), self._lora(run, names), \
-                        self._grams(names, grams, leader, state), torch.no_grad():
+                with (
+                    self._layers_as(lambda j: lambda hidden, *a, **kw: top if j == last else hidden),
+                    self._streamed_outer(run.source),
+                    self._lora(run, names),
+                    self._grams(names, grams, leader, state),
+                    torch.no_grad(),
+                ):
                     self.model(**batch)
             run.hidden = []
             self._add(run, grams, leader, sums)
@@ -318,8 +359,9 @@ class StreamedRegMean:
         check_finite(f"weights of candidate {run.cand.label}", name, w)
         return w.T if name in self.transposed else w
 
-    def _add(self, run: _Run, grams: Dict[str, torch.Tensor], leader: Dict[str, str],
-             sums: Dict[str, RegMeanSums]) -> None:
+    def _add(
+        self, run: _Run, grams: Dict[str, torch.Tensor], leader: Dict[str, str], sums: Dict[str, RegMeanSums]
+    ) -> None:
         for name, gram in grams.items():
             check_finite(f"Gram of candidate {run.cand.label}", name, gram)
             if self.on_gram is not None:
@@ -334,8 +376,12 @@ class StreamedRegMean:
             if lam == float("inf"):
                 LOG.warning("regmean: %s saw no input on any candidate; using the weighted average", group)
             elif lam:
-                LOG.warning("regmean: the Gram sum of %s is singular; added ridge %.3g*I (unseen input "
-                            "directions keep the weighted average)", group, lam)
+                LOG.warning(
+                    "regmean: the Gram sum of %s is singular; added ridge %.3g*I (unseen input "
+                    "directions keep the weighted average)",
+                    group,
+                    lam,
+                )
             for name, value in deltas.items():
                 if self.low_rank:
                     base = self._base(name)

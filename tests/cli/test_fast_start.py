@@ -22,8 +22,14 @@ HEAVY = ("torch", "mergekit", "transformers", "peft", "lm_eval")
 def run_cli(args, cwd, home):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HOME=str(home), FWLLM_CACHE=str(home / "cache"))
     env.pop("FWLLM_VERBOSE", None)
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fwllm.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fwllm.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = done.stderr.splitlines()
     imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
     messages = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
@@ -46,8 +52,13 @@ def test_help_lists_every_verb_without_heavy_imports(tmp_path):
 def test_help_matches_what_click_prints_with_the_real_commands():
     lazy = CliRunner().invoke(main, ["--help"])
     commands = {name: main.get_command(None, name) for name in VERBS}
-    plain = click.Group(name=main.name, commands=commands, params=main.params, help=main.help,
-                        context_settings={"help_option_names": ["-h", "--help"]})
+    plain = click.Group(
+        name=main.name,
+        commands=commands,
+        params=main.params,
+        help=main.help,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
     assert lazy.exit_code == 0
     assert lazy.output == CliRunner().invoke(plain, ["--help"]).output
 
@@ -81,8 +92,10 @@ def test_malformed_recipe_is_one_error_line_before_heavy_imports(tmp_path):
 
 def fw_recipe(folder, calibration, extra=""):
     path = folder / "recipe.yml"
-    path.write_text(f"merge_method: fw_merging\nbase_model: base\nmodels:\n  - model: a\n"
-                    f"parameters:\n  calibration: {calibration}\n{extra}")
+    path.write_text(
+        f"merge_method: fw_merging\nbase_model: base\nmodels:\n  - model: a\n"
+        f"parameters:\n  calibration: {calibration}\n{extra}"
+    )
     return path
 
 
@@ -137,4 +150,4 @@ def test_merge_keeps_mergekits_options_after_its_own():
     assert set(MergeOptions.model_fields) == set(mergekit_names)
     assert names[:2] == ["recipe", "out_dir"] and {"force", "no_cache"} <= set(names)
     # mergekit's options, in mergekit's order, follow fwllm's; then --help
-    assert names[-len(mergekit_names) - 1:-1] == mergekit_names and "--help" in params[-1].opts
+    assert names[-len(mergekit_names) - 1 : -1] == mergekit_names and "--help" in params[-1].opts

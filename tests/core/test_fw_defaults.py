@@ -20,8 +20,14 @@ def benchmark_fw_hard_settings() -> dict:
     report.md): PoolSettings' FW fields as `fwllm.demo.recipes._fw` writes them
     (fw_scaling -> scaling, fw_init -> init), then the run's `fw_hard` overrides."""
     merge = json.loads((REPORT / "results.json").read_text())["merge_settings"]
-    recorded = {"scaling": merge["fw_scaling"], "init": merge["fw_init"], "iterations": merge["iterations"],
-                "step_size": merge["step_size"], "variant": "hard", **merge["extra"]["fw_hard"]}
+    recorded = {
+        "scaling": merge["fw_scaling"],
+        "init": merge["fw_init"],
+        "iterations": merge["iterations"],
+        "step_size": merge["step_size"],
+        "variant": "hard",
+        **merge["extra"]["fw_hard"],
+    }
     if recorded.get("local_merge") == "regmean":  # the run predates `refine`
         recorded.update(local_merge="task_arithmetic", refine="regmean")
     return recorded
@@ -33,7 +39,9 @@ def test_the_defaults_are_the_benchmarks_fw_hard_settings():
     assert "| 8 (4 irrelevant) | FW-hard | 97.0" in report  # the row these settings scored
     p = FWParams(calibration="c")
     assert {k: getattr(p, k) for k in recorded} == recorded
-    assert set(recorded) >= set(FW_PRESETS["default"]) - {"regmean_weights"} and p.regmean_weights == "uniform"
+    assert (
+        set(recorded) >= set(FW_PRESETS["default"]) - {"regmean_weights"} and p.regmean_weights == "uniform"
+    )
 
 
 def test_plain_mergekit_parameters_get_the_defaults_and_the_preset():
@@ -43,15 +51,33 @@ def test_plain_mergekit_parameters_get_the_defaults_and_the_preset():
     p = FWMerging().validate_params({**declared, "calibration": "c"})
     assert p == FWParams(calibration="c")
     paper = FWMerging().validate_params({**declared, "calibration": "c", "preset": "paper", "iterations": 3})
-    assert (paper.iterations, paper.step, paper.hull, paper.refine, paper.granularity, paper.init, paper.scaling,
-            paper.step_size) == (3, "open_loop", "fixed", "none", "tensor", "task_arithmetic", 0.3, 0.1)
+    assert (
+        paper.iterations,
+        paper.step,
+        paper.hull,
+        paper.refine,
+        paper.granularity,
+        paper.init,
+        paper.scaling,
+        paper.step_size,
+    ) == (3, "open_loop", "fixed", "none", "tensor", "task_arithmetic", 0.3, 0.1)
 
 
 def test_preset_paper_is_the_old_defaults():
-    old = {"iterations": 10, "step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic",
-           "init": "task_arithmetic", "scaling": 0.3, "step": "open_loop", "hull": "fixed", "regmean_weights": "fw"}
-    assert FWParams(calibration="c", preset="paper").model_dump(exclude={"preset"}) == \
-        FWParams(calibration="c", refine="none", **old).model_dump(exclude={"preset"})
+    old = {
+        "iterations": 10,
+        "step_size": 0.1,
+        "granularity": "tensor",
+        "local_merge": "task_arithmetic",
+        "init": "task_arithmetic",
+        "scaling": 0.3,
+        "step": "open_loop",
+        "hull": "fixed",
+        "regmean_weights": "fw",
+    }
+    assert FWParams(calibration="c", preset="paper").model_dump(exclude={"preset"}) == FWParams(
+        calibration="c", refine="none", **old
+    ).model_dump(exclude={"preset"})
     assert FWParams(calibration="c", preset="paper", granularity="model").granularity == "model"  # keys win
 
 
@@ -62,8 +88,10 @@ def test_a_written_open_loop_step_keeps_a_fixed_hull_but_a_written_adaptive_hull
         FWMerging().validate_params({"calibration": "c", "step": "open_loop", "hull": "adaptive"})
     with pytest.raises(FwllmError, match="refine: regmean needs local_merge: task_arithmetic"):
         FWMerging().validate_params({"calibration": "c", "local_merge": "ties"})
-    assert FWMerging().validate_params({"calibration": "c", "local_merge": "ties", "refine": "none"}).local_merge \
+    assert (
+        FWMerging().validate_params({"calibration": "c", "local_merge": "ties", "refine": "none"}).local_merge
         == "ties"
+    )
 
 
 def test_local_merge_regmean_is_refine_regmean_with_one_warning(caplog, monkeypatch):
@@ -76,8 +104,10 @@ def test_local_merge_regmean_is_refine_regmean_with_one_warning(caplog, monkeypa
     assert (a.local_merge, a.refine, a.step_merge) == ("task_arithmetic", "regmean", "task_arithmetic")
     assert a == FWParams(calibration="c", preset="paper", refine="regmean")
     warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
-    assert warnings == ["fw_merging: `local_merge: regmean` is deprecated; write `refine: regmean` "
-                        "(FW's steps stay task arithmetic)"]
+    assert warnings == [
+        "fw_merging: `local_merge: regmean` is deprecated; write `refine: regmean` "
+        "(FW's steps stay task arithmetic)"
+    ]
     with pytest.raises(FwllmError, match="local_merge: regmean means refine: regmean"):
         FWParams(calibration="c", local_merge="regmean", refine="none")
 
@@ -88,8 +118,17 @@ def test_preset_paper_gives_the_plan_of_the_old_settings_written_out(tmp_path, t
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     e = tiny_pool["experts"]
     common = {"calibration": str(tiny_pool["calib"]), "iterations": 3, "gradient": "full"}
-    old = {"step_size": 0.1, "granularity": "tensor", "local_merge": "task_arithmetic", "refine": "none",
-           "init": "task_arithmetic", "scaling": 0.3, "step": "open_loop", "hull": "fixed", "regmean_weights": "fw"}
+    old = {
+        "step_size": 0.1,
+        "granularity": "tensor",
+        "local_merge": "task_arithmetic",
+        "refine": "none",
+        "init": "task_arithmetic",
+        "scaling": 0.3,
+        "step": "open_loop",
+        "hull": "fixed",
+        "regmean_weights": "fw",
+    }
     plans = []
     for name, params in (("paper", {"preset": "paper"}), ("written", old)):
         out = merge(tmp_path, name, "fw_merging", tiny_pool, [e["copy"], e["rev"]], {**common, **params})
@@ -103,8 +142,13 @@ def test_preset_paper_gives_the_plan_of_the_old_settings_written_out(tmp_path, t
 def test_a_misspelt_preset_is_one_error(tmp_path, tiny_pool):
     from fwllm.mergekit_glue.recipe import load_recipe
 
-    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", tiny_pool["base"], [tiny_pool["experts"]["copy"]],
-                          {"calibration": str(tiny_pool["calib"]), "preset": "papers"})
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "fw_merging",
+        tiny_pool["base"],
+        [tiny_pool["experts"]["copy"]],
+        {"calibration": str(tiny_pool["calib"]), "preset": "papers"},
+    )
     with pytest.raises(FwllmError, match="preset must be one of 'default' or 'paper'"):
         load_recipe(str(recipe))
 

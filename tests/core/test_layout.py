@@ -85,7 +85,7 @@ def test_no_import_circle():
             if t not in known:
                 continue
             if state.get(t) == "open":
-                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(t):] + [t]))
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(t) :] + [t]))
             if t not in state:
                 visit(t)
         stack.pop()
@@ -97,16 +97,24 @@ def test_no_import_circle():
 
 
 def test_no_private_name_is_imported_across_modules():
-    private = [f"{module}: {target}.{n}" for module, path in modules() for target, names in imports(path)
-               for n in names if n.startswith("_") and target != module]
+    private = [
+        f"{module}: {target}.{n}"
+        for module, path in modules()
+        for target, names in imports(path)
+        for n in names
+        if n.startswith("_") and target != module
+    ]
     assert private == [], private
 
 
 def harness_names():
     """The top-level names eval/ offers to import: its packages (the harness, eval/fwbench) and scripts."""
     root = PACKAGE.parent / "eval"
-    return {"eval"} | {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir()
-                                                            if (p / "__init__.py").is_file()}
+    return (
+        {"eval"}
+        | {p.stem for p in root.glob("*.py")}
+        | {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    )
 
 
 def test_nothing_in_the_package_imports_the_benchmark_harness():
@@ -122,8 +130,13 @@ def test_nothing_in_the_package_imports_the_benchmark_harness():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                    "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", ""))
+                in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 names = [str(node.args[0].value)]
             wrong += [f"{module} -> {n}" for n in names if n.split(".")[0] in offered]
     assert wrong == [], wrong

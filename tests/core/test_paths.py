@@ -82,8 +82,12 @@ def test_the_smol_pool_gets_full_slices_from_the_packaged_data(nowhere):
     relevant = relevant_tasks(root)
     # slice sizes as written in smol_data: a short packaged file would give shorter slices
     sizes = {name: (len(t.fit), len(t.calibration), len(t.dev)) for name, t in relevant.items()}
-    assert sizes == {"math": (240, CALIB_ROWS, DEV_ROWS), "pubmedqa": (200, CALIB_ROWS, DEV_ROWS),
-                     "code": (44, 24, 32), "sst2": (68, 32, DEV_ROWS)}
+    assert sizes == {
+        "math": (240, CALIB_ROWS, DEV_ROWS),
+        "pubmedqa": (200, CALIB_ROWS, DEV_ROWS),
+        "code": (44, 24, 32),
+        "sst2": (68, 32, DEV_ROWS),
+    }
     irrelevant = irrelevant_tasks(root, _FakeTokenizer(), seed=0)
     # shuffled: GSM8K training rows 2000-2099 plus the 100 CNN prompts
     assert len(irrelevant["shuffled"].fit) == 200

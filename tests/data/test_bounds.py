@@ -37,8 +37,13 @@ def no_model(monkeypatch):
 def _job(tmp_path, pool, method="fw_merging", **params):
     from fwllm.mergekit_glue.recipe import load_recipe, merge_job
 
-    recipe = write_recipe(tmp_path / "r.yml", method, pool["base"], [pool["experts"]["copy"]],
-                          {"calibration": str(pool["calib"]), **params})
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        method,
+        pool["base"],
+        [pool["experts"]["copy"]],
+        {"calibration": str(pool["calib"]), **params},
+    )
     return merge_job(load_recipe(str(recipe)), "", "cpu", False)
 
 
@@ -71,7 +76,9 @@ def test_ten_thousand_one_row_files_are_refused_before_any_is_read(tmp_path):
     folder.mkdir()
     for i in range(10_000):
         (folder / f"t{i:05d}.jsonl").write_text("not json\n")  # reading any of them would fail differently
-    with pytest.raises(FwllmError, match=r"holds 10000 tasks \(one per \.jsonl file\); at most 256 are allowed"):
+    with pytest.raises(
+        FwllmError, match=r"holds 10000 tasks \(one per \.jsonl file\); at most 256 are allowed"
+    ):
         load_calibration(str(folder))
 
 
@@ -106,31 +113,42 @@ def test_a_huge_max_length_is_one_error_at_recipe_load(tmp_path, tiny_pool, no_m
 
 def test_a_written_max_length_beyond_the_context_is_refused(tmp_path, tiny_pool, no_model):
     job = _job(tmp_path, tiny_pool, max_length=65)  # the tiny LLaMA has max_position_embeddings = 64
-    with pytest.raises(FwllmError, match=r"max_length 65 exceeds the base's context of 64 tokens .*max_length <= 64"):
+    with pytest.raises(
+        FwllmError, match=r"max_length 65 exceeds the base's context of 64 tokens .*max_length <= 64"
+    ):
         _check(job)
     job = _job(tmp_path, tiny_pool, max_length=64)
     _check(job)
     assert job.params.max_length == 64
 
 
-def test_the_default_max_length_is_lowered_to_the_context_with_a_warning(tmp_path, tiny_pool, no_model, caplog):
+def test_the_default_max_length_is_lowered_to_the_context_with_a_warning(
+    tmp_path, tiny_pool, no_model, caplog
+):
     job = _job(tmp_path, tiny_pool)
     assert job.params.max_length == 256
     with caplog.at_level(logging.WARNING):
         _check(job)
     assert job.params.max_length == 64
     assert [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()] == [
-        "fwllm: max_length 256 lowered to the base's context of 64 tokens"]
+        "fwllm: max_length 256 lowered to the base's context of 64 tokens"
+    ]
 
 
-@pytest.mark.parametrize("cfg, context", [
-    ({"model_type": "llama", "max_position_embeddings": 2048}, 2048),
-    ({"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024}, 1024),
-    ({"model_type": "mpt", "max_seq_len": 4096}, 4096),
-    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),  # roberta-base: 512
-    ({"model_type": "llava", "text_config": {"max_position_embeddings": 4096}}, 4096),
-    ({"model_type": "t5"}, None),  # relative positions: no table to run past
-])
+@pytest.mark.parametrize(
+    "cfg, context",
+    [
+        ({"model_type": "llama", "max_position_embeddings": 2048}, 2048),
+        ({"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024}, 1024),
+        ({"model_type": "mpt", "max_seq_len": 4096}, 4096),
+        (
+            {"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1},
+            512,
+        ),  # roberta-base: 512
+        ({"model_type": "llava", "text_config": {"max_position_embeddings": 4096}}, 4096),
+        ({"model_type": "t5"}, None),  # relative positions: no table to run past
+    ],
+)
 def test_context_length_from_the_config(cfg, context):
     assert context_length(cfg) == context
 
@@ -139,8 +157,13 @@ def test_plain_mergekit_yaml_refuses_a_max_length_beyond_the_context(tmp_path, t
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     if not os.path.exists(exe):
         pytest.skip("mergekit-yaml is not installed beside this Python")
-    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", tiny_pool["base"], [tiny_pool["experts"]["copy"]],
-                          {"calibration": str(tiny_pool["calib"]), "max_length": 100})
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "fw_merging",
+        tiny_pool["base"],
+        [tiny_pool["experts"]["copy"]],
+        {"calibration": str(tiny_pool["calib"]), "max_length": 100},
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", FWLLM_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([exe, str(recipe), str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert r.returncode != 0
@@ -175,25 +198,38 @@ class _PeakAllocation(torch.utils._python_dispatch.TorchDispatchMode):
         self.live -= nbytes
 
 
-@pytest.mark.parametrize("batch, tokens, hidden, inter, layers, heads, kv, vocab", [
-    (4, 64, 64, 160, 2, 4, 2, 100),
-    (2, 128, 128, 344, 3, 8, 8, 50),
-    (4, 64, 64, 160, 2, 4, 2, 5000),  # logits dominate
-])
-def test_the_estimate_bounds_a_measured_llama_forward_backward_within_1_5x(batch, tokens, hidden, inter, layers,
-                                                                           heads, kv, vocab):
+@pytest.mark.parametrize(
+    "batch, tokens, hidden, inter, layers, heads, kv, vocab",
+    [
+        (4, 64, 64, 160, 2, 4, 2, 100),
+        (2, 128, 128, 344, 3, 8, 8, 50),
+        (4, 64, 64, 160, 2, 4, 2, 5000),  # logits dominate
+    ],
+)
+def test_the_estimate_bounds_a_measured_llama_forward_backward_within_1_5x(
+    batch, tokens, hidden, inter, layers, heads, kv, vocab
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=tokens)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=tokens,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     ids = torch.randint(0, vocab, (batch, tokens))
     mask = torch.ones_like(ids)
-    mask[0, tokens // 2:] = 0  # padding: the 4-D attention mask is built
+    mask[0, tokens // 2 :] = 0  # padding: the 4-D attention mask is built
     with _PeakAllocation() as peak:
         logits = model(input_ids=ids, attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="sum").backward()
+        torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), ids.flatten(), reduction="sum"
+        ).backward()
     sizes = ModelSizes.from_config(cfg.to_dict())
     grads = 4 * sum(p.numel() for p in model.parameters())  # counted by fw_merging.in_ram_bytes
     estimate = sizes.activation_bytes(batch, tokens) + sizes.logits_bytes(batch, tokens) + grads
@@ -207,8 +243,9 @@ def test_micro_batch_shape_from_the_rows():
     assert micro_batch_shape([task], batch_size=1, max_length=20) == (1, 20)
 
 
-def test_a_micro_batch_too_large_for_memory_is_refused_with_the_numbers(tmp_path, tiny_pool, no_model,
-                                                                          monkeypatch):
+def test_a_micro_batch_too_large_for_memory_is_refused_with_the_numbers(
+    tmp_path, tiny_pool, no_model, monkeypatch
+):
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)  # 1 MiB
     job = _job(tmp_path, tiny_pool, batch_size=8)
     with pytest.raises(FwllmError) as err:
@@ -241,16 +278,30 @@ def test_gradient_auto_counts_the_micro_batch(tmp_path, tiny_pool, monkeypatch):
     monkeypatch.setattr(fw_merging, "available_memory", lambda: 3 << 20)
     monkeypatch.setattr(memory, "available_memory", lambda: 3 << 20)
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    out = merge(tmp_path, "out", "fw_merging", tiny_pool, [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]],
-                {"calibration": str(tiny_pool["calib"]), "iterations": 1})
-    plan = json.loads((out / "fwllm_plan" / "plan.json").read_text()) if (out / "fwllm_plan").is_dir() else None
+    out = merge(
+        tmp_path,
+        "out",
+        "fw_merging",
+        tiny_pool,
+        [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]],
+        {"calibration": str(tiny_pool["calib"]), "iterations": 1},
+    )
+    plan = (
+        json.loads((out / "fwllm_plan" / "plan.json").read_text()) if (out / "fwllm_plan").is_dir() else None
+    )
     text = json.dumps(plan)
     assert '"mode": "layerwise"' in text, text[:2000]
 
 
 # -- every method's bounded path is priced as what it holds -------------------------------------------------
-LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
-             "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000}
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "vocab_size": 32000,
+}
 
 
 def _llama2_7b_shapes():
@@ -259,8 +310,13 @@ def _llama2_7b_shapes():
     for n in range(32):
         p = f"model.layers.{n}."
         shapes.update({p + f"self_attn.{x}_proj.weight": (h, h) for x in "qkvo"})
-        shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i)})
+        shapes.update(
+            {
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
         shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
     return shapes
 

@@ -26,9 +26,13 @@ from fwllm.data.calibration import MAX_ROW_BYTES
 
 # CI: a fixed, bounded set of examples (about 20 s on 2 cores); FWLLM_FUZZ_EXAMPLES=1000
 # FWLLM_FUZZ_RANDOM=1 explores further with fresh draws.
-FUZZ = settings(max_examples=int(os.environ.get("FWLLM_FUZZ_EXAMPLES", "60")), deadline=None, database=None,
-                derandomize=not os.environ.get("FWLLM_FUZZ_RANDOM"),
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FWLLM_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    database=None,
+    derandomize=not os.environ.get("FWLLM_FUZZ_RANDOM"),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 class Reached(Exception):
@@ -75,7 +79,9 @@ def run_broken(recipe_text, files, workdir):
         fp.write(recipe_text if isinstance(recipe_text, bytes) else recipe_text.encode())
     out = os.path.join(workdir, "out")
     result = CliRunner().invoke(main, ["merge", recipe, out])
-    assert not isinstance(result.exception, Reached), f"{result.exception}: {recipe_text!r:.300} {files!r:.300}"
+    assert not isinstance(result.exception, Reached), (
+        f"{result.exception}: {recipe_text!r:.300} {files!r:.300}"
+    )
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output[-2000:]
@@ -85,27 +91,45 @@ def run_broken(recipe_text, files, workdir):
 
 
 def fw_recipe(base, models, calibration, per_model=None, **params):
-    return yaml.safe_dump({
-        "merge_method": "fw_merging", "base_model": str(base),
-        "models": [{"model": str(m), **({"parameters": per_model[i]} if per_model else {})}
-                   for i, m in enumerate(models)],
-        "parameters": {"calibration": calibration, "iterations": 1, **params}, "dtype": "float32"}, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "merge_method": "fw_merging",
+            "base_model": str(base),
+            "models": [
+                {"model": str(m), **({"parameters": per_model[i]} if per_model else {})}
+                for i, m in enumerate(models)
+            ],
+            "parameters": {"calibration": calibration, "iterations": 1, **params},
+            "dtype": "float32",
+        },
+        sort_keys=False,
+    )
 
 
 # ---------------------------------------------------------------- broken calibration lines
 digits = st.lists(st.sampled_from("0123456789"), min_size=1, max_size=4).map(" ".join)
-causal_row = st.builds(lambda t, d: {"prompt": f"{t} : {d} =", "response": d}, st.sampled_from(["copy", "rev"]), digits)
-not_a_string = st.one_of(st.integers(), st.floats(allow_nan=False), st.none(), st.booleans(),
-                         st.lists(st.integers(), max_size=2),
-                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=1))
+causal_row = st.builds(
+    lambda t, d: {"prompt": f"{t} : {d} =", "response": d}, st.sampled_from(["copy", "rev"]), digits
+)
+not_a_string = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=1),
+)
 
 
 @st.composite
 def broken_causal_line(draw):
     row = draw(causal_row)
     line = json.dumps(row)
-    how = draw(st.sampled_from(["truncated", "wrong_type", "empty", "huge", "non_utf8", "duplicate", "no_response",
-                                "not_object"]))
+    how = draw(
+        st.sampled_from(
+            ["truncated", "wrong_type", "empty", "huge", "non_utf8", "duplicate", "no_response", "not_object"]
+        )
+    )
     if how == "truncated":  # a strict prefix of a JSON object never parses
         return line[: draw(st.integers(1, len(line) - 1))].encode()
     if how == "wrong_type":
@@ -113,7 +137,9 @@ def broken_causal_line(draw):
     if how == "empty":
         return json.dumps({**row, "response": draw(st.sampled_from(["", " ", "\t", "\n"]))}).encode()
     if how == "huge":
-        return json.dumps({**row, "response": "7 " * (MAX_ROW_BYTES // 2 + draw(st.integers(1, 100)))}).encode()
+        return json.dumps(
+            {**row, "response": "7 " * (MAX_ROW_BYTES // 2 + draw(st.integers(1, 100)))}
+        ).encode()
     if how == "non_utf8":  # json.dumps writes ASCII, where any of these bytes is invalid UTF-8
         at = draw(st.integers(0, len(line)))
         bad = draw(st.sampled_from([bytes([b]) for b in list(range(0x80, 0xC0)) + list(range(0xF8, 0x100))]))
@@ -123,17 +149,22 @@ def broken_causal_line(draw):
         return (line[:-1] + f", {json.dumps(key)}: {json.dumps(row[key])}" + "}").encode()
     if how == "no_response":
         return json.dumps({"prompt": row["prompt"]}).encode()
-    return json.dumps(draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5)))).encode()
+    return json.dumps(
+        draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5)))
+    ).encode()
 
 
 @FUZZ
-@given(good=st.lists(causal_row, max_size=4), bad=broken_causal_line(), after=st.lists(causal_row, max_size=2))
+@given(
+    good=st.lists(causal_row, max_size=4), bad=broken_causal_line(), after=st.lists(causal_row, max_size=2)
+)
 def test_broken_causal_calibration_is_one_error_line(pools, sentinels, good, bad, after):
     lines = [json.dumps(r).encode() for r in good] + [bad] + [json.dumps(r).encode() for r in after]
     with tempfile.TemporaryDirectory() as work:
         calib = os.path.join(work, "task.jsonl")
-        line = run_broken(fw_recipe(pools["base"], pools["experts"], calib), {"task.jsonl": b"\n".join(lines) + b"\n"},
-                          work)
+        line = run_broken(
+            fw_recipe(pools["base"], pools["experts"], calib), {"task.jsonl": b"\n".join(lines) + b"\n"}, work
+        )
     assert f"task.jsonl:{len(good) + 1}:" in line  # the file and the line of the broken row
 
 
@@ -149,14 +180,15 @@ def broken_labels(draw):
     how = draw(st.sampled_from(["out_of_range", "float", "negative", "wrong_type", "empty_text"]))
     rows = [{"sentence": "w1 w2", "label": lab} for lab in labels]
     if how == "out_of_range":
-        rows[at]["label"] = k + draw(st.integers(0, 10 ** 6))
+        rows[at]["label"] = k + draw(st.integers(0, 10**6))
     elif how == "float":
         rows[at]["label"] = draw(st.integers(0, k - 1)) + draw(st.sampled_from([0.5, 0.25, 0.0]))
     elif how == "negative":
         rows[at]["label"] = -draw(st.integers(1, 100))
     elif how == "wrong_type":
-        rows[at]["label"] = draw(st.one_of(st.text(max_size=3), st.none(), st.booleans(),
-                                           st.lists(st.integers(), max_size=1)))
+        rows[at]["label"] = draw(
+            st.one_of(st.text(max_size=3), st.none(), st.booleans(), st.lists(st.integers(), max_size=1))
+        )
     else:
         rows[at]["sentence"] = draw(st.sampled_from(["", "  "]))
     return task, rows, at + 1
@@ -170,9 +202,15 @@ def test_broken_labels_are_one_error_line(pools, sentinels, case):
     good[task] = rows
     with tempfile.TemporaryDirectory() as work:
         os.mkdir(os.path.join(work, "calib"))
-        files = {f"calib/{t}.jsonl": "".join(json.dumps(r) + "\n" for r in rs).encode() for t, rs in good.items()}
-        recipe = fw_recipe(pools["enc_base"], [pools["two"], pools["three"]], os.path.join(work, "calib"),
-                           per_model=[{"task": "two"}, {"task": "three"}])
+        files = {
+            f"calib/{t}.jsonl": "".join(json.dumps(r) + "\n" for r in rs).encode() for t, rs in good.items()
+        }
+        recipe = fw_recipe(
+            pools["enc_base"],
+            [pools["two"], pools["three"]],
+            os.path.join(work, "calib"),
+            per_model=[{"task": "two"}, {"task": "three"}],
+        )
         line = run_broken(recipe, files, work)
     assert f"{task}.jsonl:{bad_line}:" in line, line
 
@@ -180,11 +218,29 @@ def test_broken_labels_are_one_error_line(pools, sentinels, case):
 # ---------------------------------------------------------------- broken recipes
 @st.composite
 def broken_recipe(draw, pools, calib):
-    recipe = {"merge_method": "fw_merging", "base_model": str(pools["base"]),
-              "models": [{"model": str(m)} for m in pools["experts"]],
-              "parameters": {"calibration": calib, "iterations": 1}, "dtype": "float32"}
-    how = draw(st.sampled_from(["misspelt", "wrong_type", "out_of_range", "duplicate", "non_utf8", "method",
-                                "shape", "missing_path", "empty_string", "per_model"]))
+    recipe = {
+        "merge_method": "fw_merging",
+        "base_model": str(pools["base"]),
+        "models": [{"model": str(m)} for m in pools["experts"]],
+        "parameters": {"calibration": calib, "iterations": 1},
+        "dtype": "float32",
+    }
+    how = draw(
+        st.sampled_from(
+            [
+                "misspelt",
+                "wrong_type",
+                "out_of_range",
+                "duplicate",
+                "non_utf8",
+                "method",
+                "shape",
+                "missing_path",
+                "empty_string",
+                "per_model",
+            ]
+        )
+    )
     if how == "misspelt":
         key = draw(st.sampled_from(["iterations", "step_size", "scaling", "calibration", "granularity"]))
         typo = key[:-1] if draw(st.booleans()) else key + draw(st.sampled_from("sxe_"))
@@ -192,11 +248,27 @@ def broken_recipe(draw, pools, calib):
     elif how == "wrong_type":
         key = draw(st.sampled_from(["iterations", "step_size", "top_k", "granularity", "init"]))
         # letters that spell no number and no allowed value
-        recipe["parameters"][key] = draw(st.one_of(st.text(alphabet="xyzq", min_size=1, max_size=4),
-                                                   st.lists(st.integers(), min_size=1, max_size=2)))
+        recipe["parameters"][key] = draw(
+            st.one_of(
+                st.text(alphabet="xyzq", min_size=1, max_size=4),
+                st.lists(st.integers(), min_size=1, max_size=2),
+            )
+        )
     elif how == "out_of_range":
-        key, value = draw(st.sampled_from([("iterations", 0), ("step_size", 0), ("step_size", 1.5), ("top_k", 0),
-                                           ("density", 0), ("drop_rate", 1), ("sketch_ratio", 0.5), ("max_rows", 0)]))
+        key, value = draw(
+            st.sampled_from(
+                [
+                    ("iterations", 0),
+                    ("step_size", 0),
+                    ("step_size", 1.5),
+                    ("top_k", 0),
+                    ("density", 0),
+                    ("drop_rate", 1),
+                    ("sketch_ratio", 0.5),
+                    ("max_rows", 0),
+                ]
+            )
+        )
         recipe["parameters"][key] = value
     elif how == "duplicate":
         text = yaml.safe_dump(recipe, sort_keys=False)
@@ -207,12 +279,18 @@ def broken_recipe(draw, pools, calib):
         at = draw(st.integers(0, len(text)))
         return text[:at] + bytes([draw(st.integers(0x80, 0xBF))]) + text[at:]
     elif how == "method":
-        recipe["merge_method"] = draw(st.one_of(st.sampled_from(["fw_merge", "FW_merging", "", "tie"]),
-                                                st.lists(st.integers(), min_size=1, max_size=1), st.integers()))
+        recipe["merge_method"] = draw(
+            st.one_of(
+                st.sampled_from(["fw_merge", "FW_merging", "", "tie"]),
+                st.lists(st.integers(), min_size=1, max_size=1),
+                st.integers(),
+            )
+        )
     elif how == "shape":
         key = draw(st.sampled_from(["parameters", "models"]))
-        recipe[key] = draw(st.one_of(st.integers(), st.text(min_size=1, max_size=3),
-                                     st.lists(st.integers(), min_size=1)))
+        recipe[key] = draw(
+            st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.lists(st.integers(), min_size=1))
+        )
     elif how == "missing_path":
         where = draw(st.sampled_from(["calibration", "base_model", "model"]))
         if where == "calibration":
@@ -230,7 +308,9 @@ def broken_recipe(draw, pools, calib):
         else:
             recipe["base_model"] = ""
     else:
-        recipe["models"][0]["parameters"] = draw(st.one_of(st.just({"wieght": 1.0}), st.integers(), st.just([1])))
+        recipe["models"][0]["parameters"] = draw(
+            st.one_of(st.just({"wieght": 1.0}), st.integers(), st.just([1]))
+        )
     return yaml.safe_dump(recipe, sort_keys=False).encode()
 
 
@@ -287,9 +367,13 @@ def test_a_misspelt_key_fails_before_any_model_loads_in_import_time(pools, senti
     """Measured: the error comes in well under a second once imported (and no model is loaded);
     a subprocess run takes about the time of importing fwllm's merge command."""
     write_jsonl(tmp_path / "task.jsonl", task_rows("copy", 3, seed=0))
-    recipe = fw_recipe(pools["base"], pools["experts"], str(tmp_path / "task.jsonl")).replace("iterations", "iteratons")
+    recipe = fw_recipe(pools["base"], pools["experts"], str(tmp_path / "task.jsonl")).replace(
+        "iterations", "iteratons"
+    )
     start = time.perf_counter()
     line = run_broken(recipe, {}, str(tmp_path))
     seconds = time.perf_counter() - start
     assert "unknown parameter 'iteratons'" in line
-    assert seconds < 10.0, seconds  # generous for a loaded CI machine; the sentinels already prove no model loaded
+    assert seconds < 10.0, (
+        seconds
+    )  # generous for a loaded CI machine; the sentinels already prove no model loaded

@@ -25,7 +25,9 @@ def hand_loss(model, batch):
 def test_response_only_projection_equals_the_full_logits_loss_and_gradient():
     model = tiny_llama(layers=2)
     assert type(model).__name__ in PLAIN_HEAD_CAUSAL_LMS  # the shortcut is what is under test
-    objective = encode_tasks([CalibrationTask("copy", CAUSAL, task_rows("copy", 3, 1))], tiny_tokenizer(), model)
+    objective = encode_tasks(
+        [CalibrationTask("copy", CAUSAL, task_rows("copy", 3, 1))], tiny_tokenizer(), model
+    )
     batch = objective.tasks[0].batches[0]
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompts and responses
     fast = batch_loss_sum(model, CAUSAL, batch)
@@ -63,9 +65,13 @@ def test_micro_batches_group_rows_of_similar_length_and_keep_the_objective():
     widths = [b["input_ids"].shape[1] for b in batched.tasks[0].batches]
     assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1
     # against file order: the same rows, in chunks of 4 as they come, padded to each chunk's longest
-    lengths = [len(tok(r["prompt"])["input_ids"]) + len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1
-               for r in task.rows]
-    in_file_order = sum(max(lengths[i:i + 4]) * len(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+    lengths = [
+        len(tok(r["prompt"])["input_ids"])
+        + len(tok(r["response"], add_special_tokens=False)["input_ids"])
+        + 1
+        for r in task.rows
+    ]
+    in_file_order = sum(max(lengths[i : i + 4]) * len(lengths[i : i + 4]) for i in range(0, len(lengths), 4))
     assert padded_tokens(batched) <= in_file_order
     # the objective is the token mean over all rows, however they are grouped: one row at a time
     # and by hand
@@ -90,8 +96,12 @@ def test_sampling_deals_every_micro_batch_once_per_epoch():
     assert [len(d) for d in drawn] == [2, 2, 1, 2, 2, 1]  # 3 windows per epoch of 5
     for epoch in (drawn[:3], drawn[3:]):
         assert sorted(i for window in epoch for i in window) == list(range(5))
-    assert drawn == [[ids[id(b)] for b in objective.sample(step, 2, seed=3).tasks[0].batches] for step in range(6)]
-    assert drawn != [[ids[id(b)] for b in objective.sample(step, 2, seed=4).tasks[0].batches] for step in range(6)]
+    assert drawn == [
+        [ids[id(b)] for b in objective.sample(step, 2, seed=3).tasks[0].batches] for step in range(6)
+    ]
+    assert drawn != [
+        [ids[id(b)] for b in objective.sample(step, 2, seed=4).tasks[0].batches] for step in range(6)
+    ]
     # a task with no more micro-batches than asked for is used whole
     assert objective.sample(0, 3, seed=3).tasks[1] is objective.tasks[1]
     assert objective.is_sampled_by(2) and objective.is_sampled_by(4) and not objective.is_sampled_by(5)
@@ -132,8 +142,16 @@ def test_unlabeled_text_on_a_sequence_classifier_is_the_mean_entropy_per_row():
     from conftest import ENC_WORDS, roberta_tokenizer
     from fwllm.data.calibration import UNLABELED
 
-    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1, num_labels=3)
+    cfg = RobertaConfig(
+        vocab_size=len(ENC_WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+        pad_token_id=1,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(cfg).eval()
     tok = roberta_tokenizer()

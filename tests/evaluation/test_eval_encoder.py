@@ -20,7 +20,9 @@ def roberta_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(roberta_dir):
-    return encoder.evaluate_encoder(str(roberta_dir), data=str(DATA), limit=LIMIT, batch_size=8, progress=False)
+    return encoder.evaluate_encoder(
+        str(roberta_dir), data=str(DATA), limit=LIMIT, batch_size=8, progress=False
+    )
 
 
 def _predictions(model_dir, task):
@@ -30,10 +32,14 @@ def _predictions(model_dir, task):
     from fwllm.arch.heads import apply_head, load_heads
 
     info = encoder.load_task_info(DATA)[task]
-    model = apply_head(AutoModelForSequenceClassification.from_pretrained(model_dir), load_heads(model_dir)[task])
+    model = apply_head(
+        AutoModelForSequenceClassification.from_pretrained(model_dir), load_heads(model_dir)[task]
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = encoder.load_rows(task, DATA, limit=LIMIT)
-    preds = encoder.predict(model, tokenizer, rows, info["text_fields"], info["problem_type"] == "regression", 8)
+    preds = encoder.predict(
+        model, tokenizer, rows, info["text_fields"], info["problem_type"] == "regression", 8
+    )
     return [r["label"] for r in rows], preds.tolist()
 
 
@@ -61,12 +67,19 @@ def test_every_head_is_scored_with_its_task_metric(scored, roberta_dir):
 
 
 def test_normalized_against_reference_and_given_expert_scores(scored, roberta_dir):
-    reference = json.loads((DATA / "glue" / "tasks.json").read_text())["tasks"]["mnli"]["reference_finetuned_score"]
+    reference = json.loads((DATA / "glue" / "tasks.json").read_text())["tasks"]["mnli"][
+        "reference_finetuned_score"
+    ]
     mnli = scored["mnli"]
     assert mnli["expert_score"] == reference
     assert mnli["normalized"] == pytest.approx(mnli["score"] / reference * 100)
     again = encoder.evaluate_encoder(
-        str(roberta_dir), tasks=["mnli"], data=str(DATA), limit=LIMIT, expert_scores={"mnli": 50.0}, progress=False
+        str(roberta_dir),
+        tasks=["mnli"],
+        data=str(DATA),
+        limit=LIMIT,
+        expert_scores={"mnli": 50.0},
+        progress=False,
     )
     assert again["mnli"]["normalized"] == pytest.approx(mnli["score"] * 2)
 

@@ -1,4 +1,5 @@
 from pathlib import Path
+
 """The fwllm/_data/eval_tasks YAMLs load offline through lm-eval, and their hooks score correctly."""
 
 import importlib.util

@@ -87,8 +87,15 @@ def test_task_vectors_differ_pairwise(pools, family):
     vectors = []
     for e in pool.experts:  # the body only: classifier heads are each expert's own
         t = load_tensors(e.path)
-        vectors.append(torch.cat([(t[k] - base[k]).flatten() for k in sorted(t)
-                                  if k in base and t[k].shape == base[k].shape and not k.startswith("classifier")]))
+        vectors.append(
+            torch.cat(
+                [
+                    (t[k] - base[k]).flatten()
+                    for k in sorted(t)
+                    if k in base and t[k].shape == base[k].shape and not k.startswith("classifier")
+                ]
+            )
+        )
     for i in range(len(vectors)):
         assert vectors[i].norm() > 0
         for j in range(i):
@@ -105,7 +112,9 @@ def test_same_seed_same_tensors(pools, tmp_path):
     # roberta-mlm is the quickest family to rebuild; all families share the same seeding path
     first = pools[1]["roberta-mlm"]
     again = build_pool("tiny", "roberta-mlm", root=str(tmp_path), progress=False)
-    for a, b in zip([first.base] + [e.path for e in first.experts], [again.base] + [e.path for e in again.experts]):
+    for a, b in zip(
+        [first.base] + [e.path for e in first.experts], [again.base] + [e.path for e in again.experts]
+    ):
         ta, tb = load_tensors(a), load_tensors(b)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     for name, task in first.tasks.items():
@@ -152,13 +161,17 @@ def test_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):
 def test_bad_profile_or_family_is_one_line_error(tmp_path):
     with pytest.raises(FwllmError):
         build_pool("smol", "roberta", root=str(tmp_path))
-    result = CliRunner().invoke(experts_command, ["--profile", "tiny", "--family", "bert", "--root", str(tmp_path)])
+    result = CliRunner().invoke(
+        experts_command, ["--profile", "tiny", "--family", "bert", "--root", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "Error:" in result.output and "Traceback" not in result.output
 
 
 def test_cli_prints_pool_and_table(pools):
     root = pools[0]
-    result = CliRunner().invoke(experts_command, ["--profile", "tiny", "--family", "roberta-mlm", "--root", root])
+    result = CliRunner().invoke(
+        experts_command, ["--profile", "tiny", "--family", "roberta-mlm", "--root", root]
+    )
     assert result.exit_code == 0, result.output
     assert pools[1]["roberta-mlm"].root in result.output and "| low | low | yes |" in result.output
 
@@ -180,11 +193,16 @@ def test_smol_pool_experts_are_real(tmp_path_factory):
     taus = {}
     for e in relevant:
         theta = load_tensors(e.path)
-        taus[e.name] = torch.cat([(theta[n].float() - base[n].float()).flatten() for n in sorted(base)
-                                  if n.endswith(("q_proj.weight", "v_proj.weight"))])
+        taus[e.name] = torch.cat(
+            [
+                (theta[n].float() - base[n].float()).flatten()
+                for n in sorted(base)
+                if n.endswith(("q_proj.weight", "v_proj.weight"))
+            ]
+        )
         del theta
     for i, a in enumerate(relevant):
         assert taus[a.name].norm() > 0, a.name
-        for b in relevant[i + 1:]:
+        for b in relevant[i + 1 :]:
             cos = torch.nn.functional.cosine_similarity(taus[a.name], taus[b.name], dim=0)
             assert cos < 0.9, (a.name, b.name, float(cos))

@@ -25,8 +25,9 @@ def test_matrix_cells_are_the_merges_they_claim(pool, tmp_path):
     """TA@n = base + lambda * sum of the first n task vectors and average@n = the mean of the
     first n experts, computed here by hand; FW-Merging beats TA on the held-in dev loss once
     irrelevant experts join (the pool is built so that they conflict)."""
-    s = MatrixSettings(methods=("average", "task_arithmetic", "fw_hard"), sizes=(2, 7), suites="", dev_rows=8,
-                       merge=TINY)
+    s = MatrixSettings(
+        methods=("average", "task_arithmetic", "fw_hard"), sizes=(2, 7), suites="", dev_rows=8, merge=TINY
+    )
     report = run_matrix(pool, str(tmp_path / "m"), s, progress=False)
     cells = {c["label"]: c for c in report["cells"]}
     assert set(cells) == {f"{m}@{n}" for m in s.methods for n in s.sizes}
@@ -46,23 +47,44 @@ def test_matrix_cells_are_the_merges_they_claim(pool, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert [r["label"] for r in saved["summary"]] == [r["label"] for r in report["summary"]]
     assert (out / "vs_candidates.png").stat().st_size > 0 and "| 7 (3 irrelevant) | fw_hard |" in (
-        out / "report.md").read_text()
+        out / "report.md"
+    ).read_text()
     mix = (out / "pool7" / "calibration_per_model" / f"{FALLBACK_TASK}.jsonl").read_text().splitlines()
     assert len(mix) == 4 * len((out / "pool7" / "calibration" / "copy.jsonl").read_text().splitlines())
 
 
 def test_matrix_rejects_bad_sizes_and_methods(pool, tmp_path):
     with pytest.raises(FwllmError, match="pool sizes"):
-        run_matrix(pool, str(tmp_path), MatrixSettings(methods=("ties",), sizes=(99,), suites=""), progress=False)
+        run_matrix(
+            pool, str(tmp_path), MatrixSettings(methods=("ties",), sizes=(99,), suites=""), progress=False
+        )
     with pytest.raises(FwllmError, match="unknown method"):
-        run_matrix(pool, str(tmp_path), MatrixSettings(methods=("magic",), sizes=(2,), suites=""), progress=False)
+        run_matrix(
+            pool, str(tmp_path), MatrixSettings(methods=("magic",), sizes=(2,), suites=""), progress=False
+        )
 
 
 def test_summary_normalizes_held_in_by_each_tasks_expert():
-    cells = [{"label": "ta@2", "method": "ta", "n_candidates": 2, "n_irrelevant": 0, "held_in": ["pubmedqa", "sst2"],
-              "dev_loss": {"pubmedqa": 1.0, "sst2": 3.0}}]
-    scores = {"ta@2": {"fwllm_pubmedqa": 30.0, "fwllm_glue_sst2": 80.0, "fwllm_glue_rte": 50.0, "fwllm_glue_cola": 10.0},
-              "expert:pubmedqa": {"fwllm_pubmedqa": 60.0}, "expert:sst2": {"fwllm_glue_sst2": 100.0}}
+    cells = [
+        {
+            "label": "ta@2",
+            "method": "ta",
+            "n_candidates": 2,
+            "n_irrelevant": 0,
+            "held_in": ["pubmedqa", "sst2"],
+            "dev_loss": {"pubmedqa": 1.0, "sst2": 3.0},
+        }
+    ]
+    scores = {
+        "ta@2": {
+            "fwllm_pubmedqa": 30.0,
+            "fwllm_glue_sst2": 80.0,
+            "fwllm_glue_rte": 50.0,
+            "fwllm_glue_cola": 10.0,
+        },
+        "expert:pubmedqa": {"fwllm_pubmedqa": 60.0},
+        "expert:sst2": {"fwllm_glue_sst2": 100.0},
+    }
     experts = {"pubmedqa": "expert:pubmedqa", "sst2": "expert:sst2"}
     row = summarize(cells, scores, experts, ["fwllm_glue_rte", "fwllm_glue_cola"])[0]
     assert row["mean_dev_loss"] == 2.0

@@ -19,13 +19,18 @@ def test_glue_held_out_rows_follow_the_lm_eval_prompts():
     rows = glue_rows(data_root(), "rte")
     with open(os.path.join(data_root(), "glue", "rte", "dev.jsonl")) as fp:
         first = json.loads(fp.readline())
-    assert rows[0] == {"prompt": f"{first['sentence1']}\nQuestion: {first['sentence2']} True or False?\nAnswer:",
-                       "choices": [" True", " False"], "gold": first["label"]}
+    assert rows[0] == {
+        "prompt": f"{first['sentence1']}\nQuestion: {first['sentence2']} True or False?\nAnswer:",
+        "choices": [" True", " False"],
+        "gold": first["label"],
+    }
     assert len(rows) == 139
 
 
 def test_method_overrides_reach_only_their_method():
-    merge = with_method_overrides(PoolSettings(), parse_overrides(["regmean.alpha=0.7", "fisher.fisher=exact"]))
+    merge = with_method_overrides(
+        PoolSettings(), parse_overrides(["regmean.alpha=0.7", "fisher.fisher=exact"])
+    )
     assert recipe_for("regmean", "base", [], "calib", merge)["parameters"]["alpha"] == 0.7
     assert recipe_for("fisher", "base", [], "calib", merge)["parameters"]["fisher"] == "exact"
     assert "alpha" not in recipe_for("fw_hard", "base", [], "calib", merge)["parameters"]

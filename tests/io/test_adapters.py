@@ -26,16 +26,32 @@ from fwllm.solvers.per_candidate import load_candidate_model
 # name -> (base family, LoraConfig arguments). The tiny LLaMA's vocabulary (18) differs from
 # its width (32), so an embedding factor applied the wrong way round cannot fit by accident.
 VARIANTS = {
-    "dora": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
-    "dora_rslora": ("llama", dict(r=4, lora_alpha=3, target_modules=["o_proj"], use_dora=True, use_rslora=True)),
-    "modules_to_save": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    "dora": (
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    ),
+    "dora_rslora": (
+        "llama",
+        dict(r=4, lora_alpha=3, target_modules=["o_proj"], use_dora=True, use_rslora=True),
+    ),
+    "modules_to_save": (
+        "llama",
+        dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    ),
     "embedding": ("llama", dict(r=2, lora_alpha=6, target_modules=["embed_tokens", "q_proj"])),
-    "embedding_dora": ("llama", dict(r=2, lora_alpha=6, target_modules=["embed_tokens", "k_proj"], use_dora=True)),
+    "embedding_dora": (
+        "llama",
+        dict(r=2, lora_alpha=6, target_modules=["embed_tokens", "k_proj"], use_dora=True),
+    ),
     # GPT-2's Conv1D weights are [in, out]; c_attn is [16, 48], attn.c_proj square [16, 16]
-    "fan_in_fan_out": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"],
-                                    fan_in_fan_out=True)),
-    "fan_in_fan_out_dora": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
-                                         fan_in_fan_out=True, use_dora=True)),
+    "fan_in_fan_out": (
+        "gpt2",
+        dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
+    "fan_in_fan_out_dora": (
+        "gpt2",
+        dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
+    ),
 }
 # variants merged end to end on the LLaMA base; GPT-2's Conv1D (fan_in_fan_out) ones on the GPT-2 base
 END_TO_END = ["dora", "modules_to_save", "embedding", "embedding_dora"]
@@ -52,8 +68,15 @@ def save_tiny_gpt2_base(root):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = tiny_tokenizer()
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
@@ -75,7 +98,9 @@ def save_random_adapter(base_dir, family, out_dir, seed=1, **lora_args):
     """A peft adapter over `base_dir` whose every trained tensor is moved off its initial value."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(model_class(family).from_pretrained(base_dir), LoraConfig(lora_dropout=0.0, **lora_args))
+    model = get_peft_model(
+        model_class(family).from_pretrained(base_dir), LoraConfig(lora_dropout=0.0, **lora_args)
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, prm in model.named_parameters():
@@ -158,8 +183,11 @@ def test_saved_embedding_base_layer_replaces_the_base(tmp_path, adapters):
     assert torch.allclose(theta0 + tau, truth[name], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variants,gradient", [(END_TO_END, "full"), (CONV1D, "full"), (CONV1D, "layerwise")],
-                         ids=["llama", "gpt2_conv1d", "gpt2_conv1d_layerwise"])
+@pytest.mark.parametrize(
+    "variants,gradient",
+    [(END_TO_END, "full"), (CONV1D, "full"), (CONV1D, "layerwise")],
+    ids=["llama", "gpt2_conv1d", "gpt2_conv1d_layerwise"],
+)
 def test_fw_merge_over_base_plus_adapters_uses_peft_task_vectors(tmp_path, adapters, variants, gradient):
     # FW over the adapters with plain task-arithmetic vertices: each tensor ends at
     # theta_0 + sum_i c_i tau_i with the coefficients the plan records (each c_i > 0 on its
@@ -168,10 +196,18 @@ def test_fw_merge_over_base_plus_adapters_uses_peft_task_vectors(tmp_path, adapt
     # [in, out], LoRA with fan_in_fan_out).
     pool = [adapters(v) for v in variants]
     base_dir = pool[0][0]
-    params = {"calibration": str(base_dir.parent / "calib"), "preset": "paper",
-              "iterations": 2, "scaling": 1.0, "step_size": 0.5,
-              "init": "task_arithmetic", "gradient": gradient}
-    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base_dir, [f"{base_dir}+{a[2]}" for a in pool], params)
+    params = {
+        "calibration": str(base_dir.parent / "calib"),
+        "preset": "paper",
+        "iterations": 2,
+        "scaling": 1.0,
+        "step_size": 0.5,
+        "init": "task_arithmetic",
+        "gradient": gradient,
+    }
+    recipe = write_recipe(
+        tmp_path / "r.yml", "fw_merging", base_dir, [f"{base_dir}+{a[2]}" for a in pool], params
+    )
     out = tmp_path / "out"
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "lc")))
     coefficients = json.loads((out / "fwllm_plan" / "plan.json").read_text())["coefficients"]
@@ -204,8 +240,9 @@ def _one_error_line(result):
 def _fw_merge_cli(tmp_path, base_dir, adapter):
     params = {"calibration": str(base_dir.parent / "calib"), "preset": "paper", "iterations": 1}
     recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base_dir, [f"{base_dir}+{adapter}"], params)
-    return CliRunner().invoke(main, ["merge", str(recipe), str(tmp_path / "out"),
-                                     "--lora-merge-cache", str(tmp_path / "lc")])
+    return CliRunner().invoke(
+        main, ["merge", str(recipe), str(tmp_path / "out"), "--lora-merge-cache", str(tmp_path / "lc")]
+    )
 
 
 def test_adapter_for_another_base_is_one_clear_error(tmp_path, bases):
@@ -215,24 +252,36 @@ def test_adapter_for_another_base_is_one_clear_error(tmp_path, bases):
     small = save_tiny_llama_base(tmp_path / "small", num_hidden_layers=1)
     write_jsonl(small.parent / "calib" / "copy.jsonl", task_rows("copy", 4, seed=1))
     names = load_file(small / "model.safetensors").keys()
-    with pytest.raises(FwllmError, match=r"targets model\.layers\.1\.self_attn\.q_proj\.weight, which the base"):
+    with pytest.raises(
+        FwllmError, match=r"targets model\.layers\.1\.self_attn\.q_proj\.weight, which the base"
+    ):
         AdapterReader(str(adapter)).check_targets(names, "small+ad")
-    with pytest.raises(FwllmError, match=r"targets model\.layers\.1\.self_attn\.q_proj\.weight, which the base"):
+    with pytest.raises(
+        FwllmError, match=r"targets model\.layers\.1\.self_attn\.q_proj\.weight, which the base"
+    ):
         load_candidate_model(CandidateSpec("small+ad", str(small), str(adapter)), str(small), "cpu")
     line = _one_error_line(_fw_merge_cli(tmp_path, small, adapter))
     assert "model.layers.1.self_attn.q_proj.weight" in line and "the base model does not have" in line
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (dict(r=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}), "per-module rank/alpha patterns"),
-    (dict(r=2, target_modules=["q_proj"], alpha_pattern={"q_proj": 7}), "per-module rank/alpha patterns"),
-    (dict(r=2, target_modules=["q_proj"], lora_bias=True), "trained biases (lora_bias)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            dict(r=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}),
+            "per-module rank/alpha patterns",
+        ),
+        (dict(r=2, target_modules=["q_proj"], alpha_pattern={"q_proj": 7}), "per-module rank/alpha patterns"),
+        (dict(r=2, target_modules=["q_proj"], lora_bias=True), "trained biases (lora_bias)"),
+    ],
+)
 def test_unsupported_adapters_are_one_clear_error(tmp_path, bases, args, message):
     adapter = save_random_adapter(bases["llama"], "llama", tmp_path / "ad", **args)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("lora_bias")  # peft wrote what we test
+    assert (
+        cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("lora_bias")
+    )  # peft wrote what we test
     with pytest.raises(FwllmError, match="not supported"):
         AdapterReader(str(adapter))
     line = _one_error_line(_fw_merge_cli(tmp_path, bases["llama"], adapter))

@@ -89,8 +89,10 @@ def test_a_sign_flip_inside_a_large_shard_changes_its_identity(tmp_path, monkeyp
     folder = tmp_path / "m"
     folder.mkdir()
     shard = folder / "model.safetensors"
-    save_file({"w": torch.randn(36 << 20, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)},
-              str(shard))
+    save_file(
+        {"w": torch.randn(36 << 20, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)},
+        str(shard),
+    )
     size = os.path.getsize(shard)
     assert size > 64 << 20
     before = identity.model_identity(str(folder))
@@ -213,8 +215,9 @@ def test_stats_cache_key_follows_content_not_name_size_mtime(tmp_path):
     retrained = model_folder(tmp_path / "retrained", seed=2)
     replace_keeping_stat(expert / "model.safetensors", retrained / "model.safetensors")
     assert store.key({"top_k": 5}, str(base), spec, "t", rows) != key
-    assert store.key({"top_k": 5}, str(base), CandidateSpec("r", str(retrained)), "t", rows) == \
-        store.key({"top_k": 5}, str(base), spec, "t", rows)
+    assert store.key({"top_k": 5}, str(base), CandidateSpec("r", str(retrained)), "t", rows) == store.key(
+        {"top_k": 5}, str(base), spec, "t", rows
+    )
 
 
 def test_eval_cache_fingerprint_sees_an_edit_that_keeps_size_and_mtime(tmp_path):
@@ -239,4 +242,5 @@ def test_model_files_are_weights_configs_tokenizers_and_heads(tmp_path, sub):
     (folder / "checkpoint-1" / "model.safetensors").write_bytes(b"y")
     prefix = f"{sub}/" if sub else ""
     assert identity.model_files(str(folder)) == sorted(
-        prefix + n for n in ("config.json", "model.safetensors", "tokenizer.model"))
+        prefix + n for n in ("config.json", "model.safetensors", "tokenizer.model")
+    )

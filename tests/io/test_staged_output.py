@@ -35,7 +35,9 @@ def test_lock_excludes_a_second_holder_with_a_clear_error(tmp_path):
     target = tmp_path / "out"
     with folder_lock(str(target)):
         start = time.monotonic()
-        with pytest.raises(FwllmError, match=rf"output folder .*out is in use by pid {os.getpid()}.*waited 0.3 s"):
+        with pytest.raises(
+            FwllmError, match=rf"output folder .*out is in use by pid {os.getpid()}.*waited 0.3 s"
+        ):
             with folder_lock(str(target), timeout=0.3):
                 pass
         assert 0.3 <= time.monotonic() - start < 10
@@ -46,8 +48,10 @@ def test_lock_excludes_a_second_holder_with_a_clear_error(tmp_path):
 
 def test_a_killed_holder_leaves_no_lock(tmp_path):
     target = tmp_path / "out"
-    code = ("import sys, time; from fwllm.io.staged_output import folder_lock\n"
-            "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n")
+    code = (
+        "import sys, time; from fwllm.io.staged_output import folder_lock\n"
+        "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -118,8 +122,11 @@ def test_an_interrupt_during_the_commit_waits_for_it(tmp_path, monkeypatch):
 def _unshare_works():
     if not shutil.which("unshare"):
         return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
-                       capture_output=True, timeout=60)
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+        capture_output=True,
+        timeout=60,
+    )
     return r.returncode == 0
 
 
@@ -142,12 +149,22 @@ def test_a_real_full_disk(tmp_path):
         "    print('committed')\n"
         "except OSError as err:\n"
         "    print('errno', err.errno)\n"
-        "print(sorted(os.listdir(disk)), sorted(os.listdir(disk + '/out')), open(disk + '/out/mine.txt').read())\n")
+        "print(sorted(os.listdir(disk)), sorted(os.listdir(disk + '/out')), open(disk + '/out/mine.txt').read())\n"
+    )
     disk = tmp_path / "disk"
     disk.mkdir()
-    r = subprocess.run(["unshare", "-rm", "sh", "-c",
-                        f"mount -t tmpfs -o size=64k tmpfs {disk} && {sys.executable} {script} {disk}"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=64k tmpfs {disk} && {sys.executable} {script} {disk}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines == [f"errno {errno.ENOSPC}", f"['out'] ['{MANIFEST}', 'mine.txt'] precious"], r.stdout

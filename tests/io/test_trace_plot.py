@@ -35,7 +35,9 @@ def test_fw_merge_writes_its_trace_plot(tmp_path, tiny_pool):
     from conftest import fw_params, merge
 
     e = tiny_pool["experts"]
-    out = merge(tmp_path, "plot", "fw_merging", tiny_pool, [e["copy"], e["rev"]], fw_params(tiny_pool, iterations=2))
+    out = merge(
+        tmp_path, "plot", "fw_merging", tiny_pool, [e["copy"], e["rev"]], fw_params(tiny_pool, iterations=2)
+    )
     plan = out / "fwllm_plan"
     assert (plan / "trace.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((plan / "trace.json").read_text())["trace"]) == 2

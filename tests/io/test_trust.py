@@ -38,8 +38,15 @@ def as_other_user(path, monkeypatch):
 
 
 def stats_plan(folder, file="fisher/0.safetensors"):
-    write_record(str(folder), StatsPlanRecord(method="fisher", base="b", settings={}, candidates=[
-        CandidateStats(label="m", task="t", file=file, meta={}, cached=False)]))
+    write_record(
+        str(folder),
+        StatsPlanRecord(
+            method="fisher",
+            base="b",
+            settings={},
+            candidates=[CandidateStats(label="m", task="t", file=file, meta={}, cached=False)],
+        ),
+    )
     mark_plan_complete(str(folder))
     return str(folder)
 
@@ -84,7 +91,9 @@ def planted_tensors(folder):
 def test_a_merged_index_naming_a_file_outside_the_plan_is_refused(tmp_path):
     plan = tmp_path / "plan"
     write_merged(str(plan), [("w", torch.zeros(4))])
-    assert torch.equal(load_file(merged_index(str(plan))["w"])["w"], torch.zeros(4))  # the honest index is read
+    assert torch.equal(
+        load_file(merged_index(str(plan))["w"])["w"], torch.zeros(4)
+    )  # the honest index is read
     evil = planted_tensors(tmp_path / "attacker")
     index = plan / "merged" / "index.json"
     for entry in (str(evil), "../../attacker/evil.safetensors"):
@@ -120,9 +129,13 @@ def test_a_plan_planted_in_the_cache_under_the_right_key_is_refused(tiny_pool, t
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     write_jsonl(tmp_path / "task.jsonl", task_rows("copy", 8, seed=1))
-    recipe = write_recipe(tmp_path / "fw.yml", "fw_merging", tiny_pool["base"],
-                          [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]],
-                          {"calibration": str(tmp_path / "task.jsonl"), "iterations": 1, "step_size": 0.5})
+    recipe = write_recipe(
+        tmp_path / "fw.yml",
+        "fw_merging",
+        tiny_pool["base"],
+        [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]],
+        {"calibration": str(tmp_path / "task.jsonl"), "iterations": 1, "step_size": 0.5},
+    )
     config = MergeConfiguration.model_validate(yaml.safe_load(open(recipe).read()))
     register_all()
 

@@ -13,7 +13,9 @@ def combine(method, deltas, weights, density=1.0, drop_rate=0.0, generators=None
     task_arithmetic: sum_j w_j tau_j;  ties: disjoint_merge(trim(tau_j), w);
     dare_linear: sum_j w_j dare(tau_j);  dare_ties: disjoint_merge(dare(tau_j), w)."""
     gens = iter(generators) if generators is not None else None
-    local = (localize(method, d, density, drop_rate, next(gens) if gens is not None else None) for d in deltas)
+    local = (
+        localize(method, d, density, drop_rate, next(gens) if gens is not None else None) for d in deltas
+    )
     return combine_local(method, local, weights)
 
 
@@ -74,8 +76,14 @@ def mergekit_merge(method, base, taus, weights, density, normalize, rescale=Fals
     group = TensorGroup.from_tensors([base, *(base + t for t in taus)], base_index=0)
     ids = [e.id for e in group.non_base]
     merged = mk_registry.get(method).merge_group(
-        group, weight=dict(zip(ids, weights)), density={i: density for i in ids}, normalize=normalize,
-        rescale=rescale, int8_mask=False, **{"lambda": lam})
+        group,
+        weight=dict(zip(ids, weights)),
+        density={i: density for i in ids},
+        normalize=normalize,
+        rescale=rescale,
+        int8_mask=False,
+        **{"lambda": lam},
+    )
     return merged - base
 
 
@@ -163,7 +171,9 @@ def test_dare_rescale_agrees_with_mergekit_l1_rescale_in_expectation():
 def test_dare_combines_are_mergekit_dare_with_the_same_masks(monkeypatch, method, normalize):
     base, taus, p = tie_free(40), [tie_free(41), tie_free(42), tie_free(43)], 0.5
     weights, seeds = [0.4, 1.0, 0.7], [5, 6, 8]
-    ours = combine(method, taus, weights, drop_rate=p, generators=[torch.Generator().manual_seed(s) for s in seeds])
+    ours = combine(
+        method, taus, weights, drop_rate=p, generators=[torch.Generator().manual_seed(s) for s in seeds]
+    )
     fixed_masks(monkeypatch, fwllm_dare_masks(base.shape, p, seeds))
     theirs = mergekit_merge(method, base, taus, weights, 1 - p, normalize=normalize)
     # both are linear in the survivors, so fwllm's 1 / (1 - p) factors out of the merge

@@ -80,8 +80,10 @@ def test_two_lora_adapters_merge_to_the_joint_least_squares_solution_as_a_lora()
 
 def test_lora_factors_reproduce_the_dense_merge_with_weights_and_partial_targets():
     """Adapter 0 targets q and v only (k stays at W_0 for it, but its Gram still counts), FW-style weights."""
-    loras = [{"q": _lora(30, 12, 2, 1.0), "v": _lora(31, 6, 2, 1.0)},
-             {n: _lora(40 + j, o, 3, 0.25) for j, (n, o) in enumerate(OUTS.items())}]
+    loras = [
+        {"q": _lora(30, 12, 2, 1.0), "v": _lora(31, 6, 2, 1.0)},
+        {n: _lora(40 + j, o, 3, 0.25) for j, (n, o) in enumerate(OUTS.items())},
+    ]
     grams = [(lambda x: x.T @ x)(_inputs(50 + i, 16)) for i in range(2)]
     coef = [0.3, 0.9]
     low, dense = RegMeanSums(alpha=0.5), RegMeanSums(alpha=0.5)

@@ -49,12 +49,15 @@ def test_simplex_projection():
     assert torch.allclose(project_simplex(torch.tensor([0.3, 0.7])), torch.tensor([0.3, 0.7]))
 
 
-@pytest.mark.parametrize("scores, z, expected", [
-    ([-10.0, -1.0, 5.0], 2.0, []),      # one candidate certainly below everything: nothing to re-check
-    ([-2.0, -1.5, 5.0], 1.0, [0, 1]),   # two overlapping intervals: both re-checked, the third can't win
-    ([-0.5, 3.0], 1.0, [0]),            # the best interval crosses 0: it may lose to the base
-    ([2.0, 3.0], 1.0, []),              # every candidate certainly worse than the base
-])
+@pytest.mark.parametrize(
+    "scores, z, expected",
+    [
+        ([-10.0, -1.0, 5.0], 2.0, []),  # one candidate certainly below everything: nothing to re-check
+        ([-2.0, -1.5, 5.0], 1.0, [0, 1]),  # two overlapping intervals: both re-checked, the third can't win
+        ([-0.5, 3.0], 1.0, [0]),  # the best interval crosses 0: it may lose to the base
+        ([2.0, 3.0], 1.0, []),  # every candidate certainly worse than the base
+    ],
+)
 def test_contenders_by_hand(scores, z, expected):
     from fwllm.kernels.sketch import contenders
 
@@ -84,6 +87,10 @@ def test_rescoring_recovers_the_exact_vertex_where_the_sketch_errs():
     g = torch.randn(numel)
     taus = torch.stack([-g, torch.randn(numel)])
     approx = torch.stack([torch.dot(sk("c", g), sk("c", t)) for t in taus])
-    _, checked = rescored(approx, sketch_error(float(g.norm()), taus.norm(dim=1), sk.buckets(numel)), 3.0,
-                          lambda i: float(taus[i] @ g))
+    _, checked = rescored(
+        approx,
+        sketch_error(float(g.norm()), taus.norm(dim=1), sk.buckets(numel)),
+        3.0,
+        lambda i: float(taus[i] @ g),
+    )
     assert checked == []

@@ -50,8 +50,14 @@ def python(site, body, env=None, timeout=300):
         site.addsitedir({str(site)!r})
         added = sorted(set(sys.modules) - before)
         """)
-    return subprocess.run([sys.executable, "-S", "-c", prologue + textwrap.dedent(body)], capture_output=True,
-                          text=True, env={**CLEAN_ENV, **(env or {})}, timeout=timeout, cwd=site.parent)
+    return subprocess.run(
+        [sys.executable, "-S", "-c", prologue + textwrap.dedent(body)],
+        capture_output=True,
+        text=True,
+        env={**CLEAN_ENV, **(env or {})},
+        timeout=timeout,
+        cwd=site.parent,
+    )
 
 
 def test_no_output_when_fwllm_is_gone(tmp_path):
@@ -73,8 +79,11 @@ def test_startup_imports_only_the_hook_module(tmp_path):
 
 def test_env_var_disables_the_hook_before_any_import(tmp_path):
     site = site_dir(tmp_path / "site", fwllm_files={"fwllm/__init__.py": "raise RuntimeError('imported')\n"})
-    r = python(site, "print(added, any(type(f).__name__ == '_Finder' for f in sys.meta_path))",
-               env={"FWLLM_NO_MERGEKIT_HOOK": "1"})
+    r = python(
+        site,
+        "print(added, any(type(f).__name__ == '_Finder' for f in sys.meta_path))",
+        env={"FWLLM_NO_MERGEKIT_HOOK": "1"},
+    )
     assert r.returncode == 0 and r.stderr == ""
     assert r.stdout == "[] False\n"
 
@@ -88,9 +97,12 @@ BROKEN = {
     # fwllm's own import fails (a half-upgraded install with a bad __init__)
     "package": lambda: {"fwllm/__init__.py": "raise ImportError('half-upgraded fwllm')\n"},
     # fwllm and its hook import, the adapter that the hook's run_merge wrapper needs does not
-    "adapter": lambda: {"fwllm/__init__.py": "", "fwllm/mergekit_glue/__init__.py": "",
-                        "fwllm/mergekit_glue/hook.py": _hook_source(),
-                        "fwllm/mergekit_glue/adapter.py": "raise ImportError('half-upgraded adapter')\n"},
+    "adapter": lambda: {
+        "fwllm/__init__.py": "",
+        "fwllm/mergekit_glue/__init__.py": "",
+        "fwllm/mergekit_glue/hook.py": _hook_source(),
+        "fwllm/mergekit_glue/adapter.py": "raise ImportError('half-upgraded adapter')\n",
+    },
 }
 
 
@@ -103,11 +115,15 @@ def test_broken_fwllm_leaves_plain_mergekit_working(tmp_path, broken):
     site = site_dir(tmp_path / "site", fwllm_files=BROKEN[broken]())
 
     def config(method):
-        models = [{"model": str(a), "parameters": {"weight": 1.0}},
-                  {"model": str(b), "parameters": {"weight": 3.0}}]
+        models = [
+            {"model": str(a), "parameters": {"weight": 1.0}},
+            {"model": str(b), "parameters": {"weight": 3.0}},
+        ]
         return json.dumps({"merge_method": method, "models": models, "dtype": "float32"})
 
-    r = python(site, f"""
+    r = python(
+        site,
+        f"""
         sys.path.append({REAL_SITE!r})
         import mergekit.merge_methods
         from mergekit.config import MergeConfiguration
@@ -121,12 +137,13 @@ def test_broken_fwllm_leaves_plain_mergekit_working(tmp_path, broken):
             run_merge(fw, {str(tmp_path / "fw")!r}, options)
         except RuntimeError as err:
             print("mergekit says:", err, file=sys.stderr)
-        """)
+        """,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     at = lines.index("linear done")
     assert not any("fwllm" in ln or "Traceback" in ln for ln in lines[:at]), r.stderr
-    warnings = [ln for ln in lines[at + 1:] if ln.startswith("fwllm:")]
+    warnings = [ln for ln in lines[at + 1 :] if ln.startswith("fwllm:")]
     assert len(warnings) == 1 and "'fw_merging'" in warnings[0] and "half-upgraded" in warnings[0], r.stderr
     assert lines[-1] == "mergekit says: Unimplemented merge method fw_merging"
 

@@ -28,9 +28,10 @@ def pool(tmp_path_factory, one_thread):
     base = save_tiny_llama_base(root)
     adapters = {}
     for seed, (name, targets, alpha) in enumerate((("qv", ["q_proj", "v_proj"], 4), ("all", ALL, 6))):
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                               LoraConfig(r=RANKS[name], lora_alpha=alpha, target_modules=targets,
-                                          lora_dropout=0.0))
+        model = get_peft_model(
+            LlamaForCausalLM.from_pretrained(base),
+            LoraConfig(r=RANKS[name], lora_alpha=alpha, target_modules=targets, lora_dropout=0.0),
+        )
         torch.manual_seed(10 + seed)
         with torch.no_grad():
             for pname, prm in model.named_parameters():
@@ -72,9 +73,17 @@ def ta_truth(pool, coefficients):
 
 def plan_record(pool, coefficients):
     """An FW plan over the two adapters whose steps are all task arithmetic (written by hand)."""
-    return FWPlanRecord(method="fw_merging", base=pool["base"], settings={}, candidates=["qv", "all"],
-                        weights=[1.0, 1.0], adapters=[pool["adapters"]["qv"], pool["adapters"]["all"]],
-                        atoms={n: [] for n in coefficients}, coefficients=coefficients, objective={})
+    return FWPlanRecord(
+        method="fw_merging",
+        base=pool["base"],
+        settings={},
+        candidates=["qv", "all"],
+        weights=[1.0, 1.0],
+        adapters=[pool["adapters"]["qv"], pool["adapters"]["all"]],
+        atoms={n: [] for n in coefficients},
+        coefficients=coefficients,
+        objective={},
+    )
 
 
 def ta_coefficients(pool):
@@ -121,8 +130,9 @@ def test_same_delta_as_peft_cat_combination(pool, tmp_path):
     from transformers import LlamaForCausalLM
 
     weights = {"qv": 0.6, "all": -0.3}
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(pool["base"]), pool["adapters"]["qv"],
-                                      adapter_name="qv")
+    model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(pool["base"]), pool["adapters"]["qv"], adapter_name="qv"
+    )
     model.load_adapter(pool["adapters"]["all"], adapter_name="all")
     model.add_weighted_adapter(["qv", "all"], [weights["qv"], weights["all"]], "cat", combination_type="cat")
     model.set_adapter("cat")
@@ -139,8 +149,15 @@ def test_same_delta_as_peft_cat_combination(pool, tmp_path):
 def test_regmean_form_is_exact_where_peft_has_no_equivalent(pool, tmp_path):
     """RegMean (alpha = 1) over the two adapters, written as an adapter, is the joint least-squares
     merge of the two merged models: one Gram per layer input, shared by q/k/v and by gate/up."""
-    groups = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
-              "self_attn.o_proj": "o", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "down"}
+    groups = {
+        "self_attn.q_proj": "attn",
+        "self_attn.k_proj": "attn",
+        "self_attn.v_proj": "attn",
+        "self_attn.o_proj": "o",
+        "mlp.gate_proj": "mlp",
+        "mlp.up_proj": "mlp",
+        "mlp.down_proj": "down",
+    }
     factors = {a: pool_factors(pool, a) for a in ("qv", "all")}
     gen = torch.Generator().manual_seed(5)
     merged, inputs = {}, {}

@@ -47,9 +47,14 @@ def test_lora_out_equals_the_merged_model(lora_pool, gradient):
     from transformers import LlamaForCausalLM
 
     root, base, adapters = lora_pool
-    params = {"calibration": str(root / "calib"), "preset": "paper",
-              "iterations": 3, "scaling": 1.0, "step_size": 0.5,
-              "gradient": gradient}
+    params = {
+        "calibration": str(root / "calib"),
+        "preset": "paper",
+        "iterations": 3,
+        "scaling": 1.0,
+        "step_size": 0.5,
+        "gradient": gradient,
+    }
     recipe = write_recipe(root / "fw.yml", "fw_merging", base, [f"{base}+{a}" for a in adapters], params)
     result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
     assert result.exit_code == 0, result.output
@@ -79,12 +84,21 @@ def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool
         del params["preset"]
         if case == "regmean by its old name":
             params.update(preset="paper", local_merge="regmean")
-    result = fwllm(write_recipe(root / "r.yml", "fw_merging", base, models, params), root / "out",
-                   "--lora-out", root / "lora_out")
+    result = fwllm(
+        write_recipe(root / "r.yml", "fw_merging", base, models, params),
+        root / "out",
+        "--lora-out",
+        root / "lora_out",
+    )
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
-    regmean = "--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): the plan"
-    want = (f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full} is a full model"
-            if case == "full model" else f"{regmean} stores the RegMean refine as dense tensors")
+    regmean = (
+        "--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): the plan"
+    )
+    want = (
+        f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full} is a full model"
+        if case == "full model"
+        else f"{regmean} stores the RegMean refine as dense tensors"
+    )
     assert lines == [f"Error: {want}"]
     assert not (root / "out").exists() and not (root / "lora_out").exists()

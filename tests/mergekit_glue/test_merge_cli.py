@@ -36,8 +36,15 @@ def tiny_roberta(tmp_path_factory):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     root = tmp_path_factory.mktemp("roberta")
-    cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=40, num_labels=2)
+    cfg = RobertaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        num_labels=2,
+    )
     dirs = []
     for i in range(3):
         torch.manual_seed(i)
@@ -94,8 +101,14 @@ def test_same_tensors_as_mergekit_yaml_llama(tmp_path, tiny_pool, method):
     # `fwllm merge` runs mergekit's run_merge for mergekit's own methods, so this is a drop-in
     # check of the CLI (options, seed, output layout); the by-hand sums below check the tensors.
     e = tiny_pool["experts"]
-    recipe = write_recipe(tmp_path / "r.yml", method, tiny_pool["base"], [e["copy"], e["rev"]],
-                          {"lambda": 0.7}, per_model=[{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.5}])
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        method,
+        tiny_pool["base"],
+        [e["copy"], e["rev"]],
+        {"lambda": 0.7},
+        per_model=[{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.5}],
+    )
     r = fwllm(recipe, tmp_path / "a", "--random-seed", "3")
     assert r.exit_code == 0, r.output
     mk = mergekit_yaml(recipe, tmp_path / "b", "--random-seed", "3")
@@ -104,14 +117,20 @@ def test_same_tensors_as_mergekit_yaml_llama(tmp_path, tiny_pool, method):
     base = load_file(tiny_pool["base"] / "model.safetensors")
     models = [load_file(e[k] / "model.safetensors") for k in ("copy", "rev")]
     if method == "task_arithmetic":
-        assert_matches_by_hand(tmp_path / "a", task_arithmetic_by_hand(base, models, [0.6, 0.4], 0.7), len(base))
+        assert_matches_by_hand(
+            tmp_path / "a", task_arithmetic_by_hand(base, models, [0.6, 0.4], 0.7), len(base)
+        )
     elif method == "ties":
-        assert_matches_by_hand(tmp_path / "a", ties_by_hand(base, models, [0.6, 0.4], [0.5, 0.5], 0.7), len(base))
+        assert_matches_by_hand(
+            tmp_path / "a", ties_by_hand(base, models, [0.6, 0.4], [0.5, 0.5], 0.7), len(base)
+        )
 
 
 def test_same_tensors_as_mergekit_yaml_roberta(tmp_path, tiny_roberta):
     base, *models = tiny_roberta
-    recipe = write_recipe(tmp_path / "r.yml", "ties", base, models, per_model=[{"weight": 1.0, "density": 0.4}] * 2)
+    recipe = write_recipe(
+        tmp_path / "r.yml", "ties", base, models, per_model=[{"weight": 1.0, "density": 0.4}] * 2
+    )
     assert fwllm(recipe, tmp_path / "a").exit_code == 0
     assert mergekit_yaml(recipe, tmp_path / "b").returncode == 0
     assert same_tensors(tmp_path / "a", tmp_path / "b")
@@ -129,8 +148,13 @@ def test_plain_mergekit_yaml_runs_fw_recipe_through_the_startup_hook(tmp_path, t
         pytest.skip("editable install: the .pth hook is installed only by a regular `pip install .`")
     assert hook_installed, "fwllm_mergekit.pth missing from site-packages"
     e = tiny_pool["experts"]
-    params = {"calibration": str(tiny_pool["calib"]), "preset": "paper",
-              "iterations": 3, "scaling": 1.0, "step_size": 0.5}
+    params = {
+        "calibration": str(tiny_pool["calib"]),
+        "preset": "paper",
+        "iterations": 3,
+        "scaling": 1.0,
+        "step_size": 0.5,
+    }
     recipe = write_recipe(tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [e["copy"], e["rev"]], params)
     env = {**ENV, "FWLLM_CACHE": str(tmp_path / "cache")}
     mk = mergekit_yaml(recipe, tmp_path / "mk", env=env)
@@ -149,7 +173,9 @@ def test_plain_mergekit_yaml_reports_a_refusal_in_one_line(tmp_path, tiny_pool):
     notes.mkdir()
     (notes / "thesis.tex").write_text("mine")
     params = {"calibration": str(tiny_pool["calib"]), "iterations": 2, "plan": str(notes)}
-    recipe = write_recipe(tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [tiny_pool["experts"]["copy"]], params)
+    recipe = write_recipe(
+        tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [tiny_pool["experts"]["copy"]], params
+    )
     mk = mergekit_yaml(recipe, tmp_path / "mk", env={**ENV, "FWLLM_CACHE": str(tmp_path / "cache")})
     assert mk.returncode != 0
     assert "Traceback" not in mk.stderr, mk.stderr[-2000:]
@@ -163,19 +189,33 @@ def test_plain_mergekit_yaml_relative_paths_offline(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
     for name, src in (("base", tiny_pool["base"]), ("copy", e["copy"]), ("rev", e["rev"])):
         shutil.copytree(src, tmp_path / name)
-    (tmp_path / "r.yml").write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
-                                    "  - model: copy\n    parameters: {weight: 0.5}\n  - model: rev\n    parameters: {weight: 0.5}\n")
-    r = subprocess.run([sys.executable, "-m", "fwllm.cli", "merge", "r.yml", "out"], cwd=tmp_path,
-                       capture_output=True, text=True, env=ENV)
+    (tmp_path / "r.yml").write_text(
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+        "  - model: copy\n    parameters: {weight: 0.5}\n  - model: rev\n    parameters: {weight: 0.5}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "fwllm.cli", "merge", "r.yml", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "README.md").exists()
 
 
 def test_fw_plan_reproduces_with_plain_task_arithmetic(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
-    params = {"calibration": str(tiny_pool["calib"]), "preset": "paper",
-              "iterations": 4, "scaling": 1.0, "step_size": 0.5}
-    recipe = write_recipe(tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [e["copy"], e["rev"], e["noise"]], params)
+    params = {
+        "calibration": str(tiny_pool["calib"]),
+        "preset": "paper",
+        "iterations": 4,
+        "scaling": 1.0,
+        "step_size": 0.5,
+    }
+    recipe = write_recipe(
+        tmp_path / "fw.yml", "fw_merging", tiny_pool["base"], [e["copy"], e["rev"], e["noise"]], params
+    )
     assert fwllm(recipe, tmp_path / "fw").exit_code == 0
     repro = tmp_path / "fw" / "fwllm_plan" / "reproduce.yml"
     assert mergekit_yaml(repro, tmp_path / "re").returncode == 0
@@ -210,21 +250,38 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_pool):
     missing = write_recipe(tmp_path / "m.yml", "ties", tiny_pool["base"], [tmp_path / "nowhere"])
     assert "model folder not found" in _one_error_line(fwllm(missing, tmp_path / "out"))
 
-    typo = write_recipe(tmp_path / "t.yml", "fw_merging", tiny_pool["base"], [e["copy"]],
-                        {"calibration": str(tiny_pool["calib"]), "iteratons": 3})
+    typo = write_recipe(
+        tmp_path / "t.yml",
+        "fw_merging",
+        tiny_pool["base"],
+        [e["copy"]],
+        {"calibration": str(tiny_pool["calib"]), "iteratons": 3},
+    )
     assert "unknown parameter 'iteratons'" in _one_error_line(fwllm(typo, tmp_path / "out"))
 
     broken = tmp_path / "calib_broken.jsonl"
     broken.write_text('{"prompt": "copy : 1 =", "response": "1"}\n{"prompt": 3}\n')
-    calib = write_recipe(tmp_path / "c.yml", "fw_merging", tiny_pool["base"], [e["copy"]], {"calibration": str(broken)})
+    calib = write_recipe(
+        tmp_path / "c.yml", "fw_merging", tiny_pool["base"], [e["copy"]], {"calibration": str(broken)}
+    )
     assert "calib_broken.jsonl:2:" in _one_error_line(fwllm(calib, tmp_path / "out"))
 
-    negative = write_recipe(tmp_path / "n.yml", "fw_merging", tiny_pool["base"], [e["copy"]],
-                            {"calibration": str(tiny_pool["calib"]), "batches_per_iteration": -1})
+    negative = write_recipe(
+        tmp_path / "n.yml",
+        "fw_merging",
+        tiny_pool["base"],
+        [e["copy"]],
+        {"calibration": str(tiny_pool["calib"]), "batches_per_iteration": -1},
+    )
     assert "batches_per_iteration must be >= 0 (got -1)" in _one_error_line(fwllm(negative, tmp_path / "out"))
 
-    empty = write_recipe(tmp_path / "e.yml", "fw_merging", tiny_pool["base"], [tiny_pool["base"]],
-                         {"calibration": str(tiny_pool["calib"])})
+    empty = write_recipe(
+        tmp_path / "e.yml",
+        "fw_merging",
+        tiny_pool["base"],
+        [tiny_pool["base"]],
+        {"calibration": str(tiny_pool["calib"])},
+    )
     assert "candidate pool is empty" in _one_error_line(fwllm(empty, tmp_path / "out"))
     _nothing_finished(tmp_path)
 
@@ -243,7 +300,9 @@ def test_uncached_hub_id_offline_is_one_line(tmp_path, tiny_pool):
 
 def test_existing_output_is_never_overwritten_silently(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
-    recipe = write_recipe(tmp_path / "r.yml", "task_arithmetic", tiny_pool["base"], [e["copy"]], per_model=[{"weight": 1.0}])
+    recipe = write_recipe(
+        tmp_path / "r.yml", "task_arithmetic", tiny_pool["base"], [e["copy"]], per_model=[{"weight": 1.0}]
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("precious")
@@ -262,6 +321,8 @@ def test_failed_solve_leaves_no_output(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
     nan_rows = tmp_path / "cls.jsonl"
     nan_rows.write_text('{"sentence": "a", "label": 1}\n')  # labelled rows cannot score a causal LM
-    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", tiny_pool["base"], [e["copy"]], {"calibration": str(nan_rows)})
+    recipe = write_recipe(
+        tmp_path / "r.yml", "fw_merging", tiny_pool["base"], [e["copy"]], {"calibration": str(nan_rows)}
+    )
     assert "cannot score" in _one_error_line(fwllm(recipe, tmp_path / "out"))
     _nothing_finished(tmp_path)

@@ -32,4 +32,8 @@ def test_llama2_pool_is_the_papers_sixteen_adapters():
     raw = yaml.safe_load(open([p for p in RECIPES if "llama2" in p][0]))
     config = MergeConfiguration.model_validate(raw)
     assert len(config.models) == 16 and all(m.model.lora is not None for m in config.models)
-    assert sorted(m["parameters"]["task"] for m in raw["models"] if "parameters" in m) == ["cnn", "code", "pubmedqa"]
+    assert sorted(m["parameters"]["task"] for m in raw["models"] if "parameters" in m) == [
+        "cnn",
+        "code",
+        "pubmedqa",
+    ]

@@ -39,8 +39,10 @@ def hook_installed():
     return os.path.isfile(os.path.join(site, "fwllm_mergekit.pth"))
 
 
-needs_hook = pytest.mark.skipif(not hook_installed() and not os.environ.get("CI"),
-                                reason="editable install: plain mergekit sees fwllm only through the .pth hook")
+needs_hook = pytest.mark.skipif(
+    not hook_installed() and not os.environ.get("CI"),
+    reason="editable install: plain mergekit sees fwllm only through the .pth hook",
+)
 
 
 def fwllm(*args):
@@ -54,8 +56,12 @@ def plain_mergekit(recipe, out):
     from mergekit.options import MergeOptions
 
     text = Path(recipe).read_text()
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
-              options=MergeOptions(quiet=True), config_source=text)
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(text)),
+        str(out),
+        options=MergeOptions(quiet=True),
+        config_source=text,
+    )
     return out
 
 
@@ -113,8 +119,13 @@ def pool(tiny_pool, tmp_path, monkeypatch):
 
 
 def fw_recipe(pool, name="fw.yml", **params):
-    return write_recipe(pool / name, "fw_merging", pool / "base", [pool / "copy", pool / "rev"],
-                        {"calibration": str(pool / "calib" / "task.jsonl"), **FW, **params})
+    return write_recipe(
+        pool / name,
+        "fw_merging",
+        pool / "base",
+        [pool / "copy", pool / "rev"],
+        {"calibration": str(pool / "calib" / "task.jsonl"), **FW, **params},
+    )
 
 
 # ------------------------------------------------------------------------------- stale plans
@@ -141,7 +152,9 @@ def test_plain_mergekit_never_serves_a_stale_plan(pool):
     plans = sorted(p for p in os.listdir(pool / "cache" / "plans") if not p.startswith("."))
     assert len(plans) == 3  # one plan per content, none reused
     for plan in plans:
-        assert json.loads((pool / "cache" / "plans" / plan / "inputs.json").read_text())["calibration"]["files"]
+        assert json.loads((pool / "cache" / "plans" / plan / "inputs.json").read_text())["calibration"][
+            "files"
+        ]
 
 
 @needs_hook
@@ -150,7 +163,9 @@ def test_no_cache_parameter_solves_again_under_plain_mergekit(pool, monkeypatch)
 
     solves = []
     original = FWMerging.solve
-    monkeypatch.setattr(FWMerging, "solve", lambda self, job: solves.append(job.plan_dir) or original(self, job))
+    monkeypatch.setattr(
+        FWMerging, "solve", lambda self, job: solves.append(job.plan_dir) or original(self, job)
+    )
     plain_mergekit(fw_recipe(pool), pool / "mk1")
     plain_mergekit(fw_recipe(pool), pool / "mk2")
     assert len(solves) == 1  # the same inputs: the cached plan
@@ -188,8 +203,14 @@ def cached(out):
 
 def test_no_cache_recomputes_cached_statistics(pool):
     models = [pool / "copy", pool / "rev"]
-    recipe = write_recipe(pool / "regmean.yml", "regmean", pool / "base", models,
-                          {"calibration": str(pool / "calib"), "max_rows": 4}, per_model=[{"task": "task"}] * 2)
+    recipe = write_recipe(
+        pool / "regmean.yml",
+        "regmean",
+        pool / "base",
+        models,
+        {"calibration": str(pool / "calib"), "max_rows": 4},
+        per_model=[{"task": "task"}] * 2,
+    )
     assert fwllm(recipe, pool / "f1").exit_code == 0 and cached(pool / "f1") == [False, False]
     assert fwllm(recipe, pool / "f2").exit_code == 0 and cached(pool / "f2") == [True, True]
     assert fwllm(recipe, pool / "f3", "--no-cache").exit_code == 0 and cached(pool / "f3") == [False, False]
@@ -202,8 +223,10 @@ def lora_adapter(base_dir, out, seed):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(out)
     return out
 
@@ -213,8 +236,13 @@ def test_lora_merge_cache_follows_adapter_content(pool):
     a, b = lora_adapter(pool / "base", pool / "lora_a", 1), lora_adapter(pool / "base", pool / "lora_b", 2)
     other = lora_adapter(pool / "base", pool / "lora_c", 3)
     base = str(pool / "base")
-    recipe = write_recipe(pool / "ta.yml", "task_arithmetic", base, [f"{base}+{a}", f"{base}+{b}"],
-                          per_model=[{"weight": 0.5}, {"weight": 0.5}])
+    recipe = write_recipe(
+        pool / "ta.yml",
+        "task_arithmetic",
+        base,
+        [f"{base}+{a}", f"{base}+{b}"],
+        per_model=[{"weight": 0.5}, {"weight": 0.5}],
+    )
     assert fwllm(recipe, pool / "m1").exit_code == 0
     replace_folder_keeping_stat(a, other)  # the adapter is retrained in place
     assert fwllm(recipe, pool / "m2").exit_code == 0
@@ -239,21 +267,27 @@ def corrupt(folder, how):
     save_file(t, path)
 
 
-@pytest.mark.parametrize("how, message", [
-    ("nan", "candidate {m}: model.layers.0.mlp.up_proj.weight holds 1 NaN/inf value(s)"),
-    ("inf", "candidate {m}: model.layers.0.mlp.up_proj.weight holds 1 NaN/inf value(s)"),
-    ("missing", "candidate {m} lacks model.layers.0.mlp.up_proj.weight, which the base has"),
-    ("extra", "candidate {m} has model.layers.0.mlp.extra.weight, which the base lacks"),
-    ("shape", "candidate {m}: model.layers.0.mlp.up_proj.weight has shape (63, 32), the base (64, 32)"),
-    ("target_modules", "the adapter's target_modules name 'c_attn', which the base has no module called"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("nan", "candidate {m}: model.layers.0.mlp.up_proj.weight holds 1 NaN/inf value(s)"),
+        ("inf", "candidate {m}: model.layers.0.mlp.up_proj.weight holds 1 NaN/inf value(s)"),
+        ("missing", "candidate {m} lacks model.layers.0.mlp.up_proj.weight, which the base has"),
+        ("extra", "candidate {m} has model.layers.0.mlp.extra.weight, which the base lacks"),
+        ("shape", "candidate {m}: model.layers.0.mlp.up_proj.weight has shape (63, 32), the base (64, 32)"),
+        ("target_modules", "the adapter's target_modules name 'c_attn', which the base has no module called"),
+    ],
+)
 def test_a_broken_candidate_is_one_error_line(pool, monkeypatch, how, message):
     import transformers
 
     loads = []
     original = transformers.PreTrainedModel.from_pretrained.__func__
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: loads.append(cls) or original(cls, *a, **k)))
+    monkeypatch.setattr(
+        transformers.PreTrainedModel,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: loads.append(cls) or original(cls, *a, **k)),
+    )
     if how == "target_modules":
         adapter = pool / "lora"
         shutil.copytree(pool / "noise", adapter)  # stands in for the weights: refused on its config first
@@ -263,8 +297,13 @@ def test_a_broken_candidate_is_one_error_line(pool, monkeypatch, how, message):
     else:
         corrupt(pool / "rev", how)
         models, label = [pool / "copy", pool / "rev"], str(pool / "rev")
-    recipe = write_recipe(pool / "fw.yml", "fw_merging", pool / "base", models,
-                          {"calibration": str(pool / "calib" / "task.jsonl"), **FW})
+    recipe = write_recipe(
+        pool / "fw.yml",
+        "fw_merging",
+        pool / "base",
+        models,
+        {"calibration": str(pool / "calib" / "task.jsonl"), **FW},
+    )
     earlier_output(pool / "out")  # which --force would replace
     line = one_error_line(fwllm(recipe, pool / "out", "--force"))
     assert message.format(m=label) in line, line
@@ -295,8 +334,14 @@ def test_a_full_disk_during_the_tensor_write_is_one_error_and_keeps_the_old_outp
 def _tmpfs_in_namespace():
     if not sys.platform.startswith("linux") or not shutil.which("unshare"):
         return False
-    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                          capture_output=True, timeout=60).returncode == 0
+    return (
+        subprocess.run(
+            ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+            capture_output=True,
+            timeout=60,
+        ).returncode
+        == 0
+    )
 
 
 def test_a_real_full_disk(pool):
@@ -304,20 +349,31 @@ def test_a_real_full_disk(pool):
     private user namespace, so it needs no root)."""
     if not _tmpfs_in_namespace():
         pytest.skip("cannot mount a tmpfs here (no unprivileged user namespaces)")
-    recipe = write_recipe(pool / "ta.yml", "task_arithmetic", pool / "base", [pool / "copy", pool / "rev"],
-                          per_model=[{"weight": 0.5}, {"weight": 0.5}])
+    recipe = write_recipe(
+        pool / "ta.yml",
+        "task_arithmetic",
+        pool / "base",
+        [pool / "copy", pool / "rev"],
+        per_model=[{"weight": 0.5}, {"weight": 0.5}],
+    )
     shutil.copytree(pool / "base", pool / "previous")  # a model folder of the output's size
     earlier_output(pool / "previous", {})  # that an earlier fwllm merge wrote
     size_kib = sum(f.stat().st_size for f in (pool / "previous").iterdir()) // 1024
     disk = pool / "disk"
     disk.mkdir()
-    script = (f"mount -t tmpfs -o size={int(size_kib * 1.5) + 8}k tmpfs {disk} && "
-              f"cp -r {pool / 'previous'} {disk}/out && "
-              f"{sys.executable} -m fwllm.cli merge {recipe} {disk}/out --force; echo rc=$?; "
-              f"ls -a {disk}; cmp -s {pool / 'previous'}/model.safetensors {disk}/out/model.safetensors && echo same")
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=WAIT, env=ENV)
+    script = (
+        f"mount -t tmpfs -o size={int(size_kib * 1.5) + 8}k tmpfs {disk} && "
+        f"cp -r {pool / 'previous'} {disk}/out && "
+        f"{sys.executable} -m fwllm.cli merge {recipe} {disk}/out --force; echo rc=$?; "
+        f"ls -a {disk}; cmp -s {pool / 'previous'}/model.safetensors {disk}/out/model.safetensors && echo same"
+    )
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=WAIT, env=ENV
+    )
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error: ")]
-    assert len(errors) == 1 and "no space left on device" in errors[0] and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(errors) == 1 and "no space left on device" in errors[0] and "Traceback" not in r.stderr, (
+        r.stderr[-3000:]
+    )
     assert "rc=1" in r.stdout and "same" in r.stdout, r.stdout
     assert [ln for ln in r.stdout.splitlines() if ln.startswith(".out.")] == [], r.stdout
 
@@ -348,13 +404,20 @@ def test_signals_at_every_stage_and_a_concurrent_merge(pool, monkeypatch):
     out, control = pool / "out", pool / "control"
     control.mkdir()
     argv = ["merge", str(recipe), str(out), "--force"]
-    stages = [(stage, sig) for stage in ("solve", "write", "rename") for sig in (signal.SIGINT, signal.SIGTERM)]
+    stages = [
+        (stage, sig) for stage in ("solve", "write", "rename") for sig in (signal.SIGINT, signal.SIGTERM)
+    ]
     cases = [{"argv": argv, "pause": stage, "out": str(out)} for stage, _ in stages]
     cases += [{"argv": argv, "pause": "solve"}, {"argv": argv, "pause": "solve"}]  # the lock; SIGKILL
     (control / "cases.json").write_text(json.dumps(cases))
     log = open(pool / "harness.log", "w")  # a file, not a pipe: nobody reads until the end
-    proc = subprocess.Popen([sys.executable, HARNESS, "fwllm", str(control)], env=ENV, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, HARNESS, "fwllm", str(control)],
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for i, (stage, sig) in enumerate(stages):
             _previous_output(out)
@@ -366,7 +429,9 @@ def test_signals_at_every_stage_and_a_concurrent_merge(pool, monkeypatch):
             name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
             assert result["exit_code"] == (130 if sig == signal.SIGINT else 143), (stage, result)
             errors = [ln for ln in result["output"].splitlines() if ln.startswith("Error: ")]
-            assert errors == [f"Error: interrupted ({name}); no unfinished output was left behind"], result["output"]
+            assert errors == [f"Error: interrupted ({name}); no unfinished output was left behind"], result[
+                "output"
+            ]
             if stage == "rename":  # the replace had begun: it completes, the signal is honoured after
                 assert same(out, pool / "lone")
             else:
@@ -410,13 +475,23 @@ def test_two_plain_mergekit_runs_of_one_recipe_solve_once(pool):
     control = pool / "control"
     control.mkdir()
     log_a, log_b = open(pool / "a.log", "w"), open(pool / "b.log", "w")
-    first = subprocess.Popen([sys.executable, HARNESS, "mergekit", str(control), str(recipe), str(pool / "mk_a")],
-                             env=env, stdout=log_a, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, HARNESS, "mergekit", str(control), str(recipe), str(pool / "mk_a")],
+        env=env,
+        stdout=log_a,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     second = None
     try:
         _wait(control / "ready-0", first)
-        second = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), str(recipe),
-                                   str(pool / "mk_b")], env=env, stdout=log_b, stderr=subprocess.STDOUT, text=True)
+        second = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), str(recipe), str(pool / "mk_b")],
+            env=env,
+            stdout=log_b,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + WAIT
         while "waiting for plan folder" not in (pool / "b.log").read_text():
             assert second.poll() is None, (pool / "b.log").read_text()[-3000:]

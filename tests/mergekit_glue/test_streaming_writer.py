@@ -25,9 +25,12 @@ def _tensors():
         "d.empty": torch.zeros(0, 4),
         "e.transposed": torch.randn(4, 6, generator=g).t(),  # not contiguous
         "f.half": torch.randn(13, generator=g).half(),
-        "g.i32": torch.arange(5, dtype=torch.int32), "h.u8": torch.arange(3, dtype=torch.uint8),
-        "i.i8": torch.arange(-2, 2, dtype=torch.int8), "j.f64": torch.randn(3, generator=g).double(),
-        "k.i16": torch.arange(4, dtype=torch.int16), "l.f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
+        "g.i32": torch.arange(5, dtype=torch.int32),
+        "h.u8": torch.arange(3, dtype=torch.uint8),
+        "i.i8": torch.arange(-2, 2, dtype=torch.int8),
+        "j.f64": torch.randn(3, generator=g).double(),
+        "k.i16": torch.arange(4, dtype=torch.int16),
+        "l.f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
     }
 
 
@@ -40,8 +43,11 @@ def test_one_shard_is_byte_identical_to_save_file(tmp_path):
     with StreamingTensorWriter(str(tmp_path / "ours")) as w:
         for name, t in tensors.items():
             w.save_tensor(name, t)
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp_path / "ref.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {n: t.contiguous() for n, t in tensors.items()},
+        str(tmp_path / "ref.safetensors"),
+        metadata={"format": "pt"},
+    )
     assert _files(tmp_path / "ours") == {"model.safetensors": (tmp_path / "ref.safetensors").read_bytes()}
 
 
@@ -104,17 +110,29 @@ def test_fwllm_merge_writes_what_plain_mergekit_writes(tmp_path, tiny_pool, monk
     from fwllm.mergekit_glue.merge import merge_recipe
 
     used = []
-    monkeypatch.setattr(StreamingTensorWriter, "save_tensor",
-                        lambda self, *a, _orig=StreamingTensorWriter.save_tensor, **k: used.append(1) or _orig(self, *a, **k))
+    monkeypatch.setattr(
+        StreamingTensorWriter,
+        "save_tensor",
+        lambda self, *a, _orig=StreamingTensorWriter.save_tensor, **k: used.append(1) or _orig(self, *a, **k),
+    )
     e = tiny_pool["experts"]
-    recipe = write_recipe(tmp_path / "ta.yml", "task_arithmetic", tiny_pool["base"], [e["copy"], e["rev"]],
-                          {"lambda": 0.7}, per_model=[{"weight": 0.6}, {"weight": 0.4}])
+    recipe = write_recipe(
+        tmp_path / "ta.yml",
+        "task_arithmetic",
+        tiny_pool["base"],
+        [e["copy"], e["rev"]],
+        {"lambda": 0.7},
+        per_model=[{"weight": 0.6}, {"weight": 0.4}],
+    )
     options = MergeOptions(quiet=True, out_shard_size=20_000)
     merge_recipe(str(recipe), str(tmp_path / "ours"), options)
     import yaml
 
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text())), str(tmp_path / "plain"),
-              options=options)
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text())),
+        str(tmp_path / "plain"),
+        options=options,
+    )
     weights = lambda d: {f: b for f, b in _files(d).items() if "safetensors" in f}
     ours, plain = weights(tmp_path / "ours"), weights(tmp_path / "plain")
     assert used and len(ours) > 2 and ours == plain

@@ -36,8 +36,12 @@ def snapshot(folder):
 @pytest.fixture()
 def pool(tmp_path, tiny_pool):
     """Private copies of the tiny pool's base, two experts and calibration folder."""
-    for name, src in (("base", tiny_pool["base"]), ("copy", tiny_pool["experts"]["copy"]),
-                      ("rev", tiny_pool["experts"]["rev"]), ("calib", tiny_pool["calib"])):
+    for name, src in (
+        ("base", tiny_pool["base"]),
+        ("copy", tiny_pool["experts"]["copy"]),
+        ("rev", tiny_pool["experts"]["rev"]),
+        ("calib", tiny_pool["calib"]),
+    ):
         shutil.copytree(src, tmp_path / name)
     return tmp_path
 
@@ -46,8 +50,11 @@ def pool(tmp_path, tiny_pool):
 def no_model_loads(monkeypatch):
     loads = []
     original = transformers.PreTrainedModel.from_pretrained.__func__
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: loads.append(cls) or original(cls, *a, **k)))
+    monkeypatch.setattr(
+        transformers.PreTrainedModel,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: loads.append(cls) or original(cls, *a, **k)),
+    )
     return loads
 
 
@@ -60,13 +67,23 @@ def user_folder(path, files=None):
 
 
 def fw_recipe(pool, **params):
-    return write_recipe(pool / "fw.yml", "fw_merging", pool / "base", [pool / "copy", pool / "rev"],
-                        {"calibration": str(pool / "calib"), **FW, **params})
+    return write_recipe(
+        pool / "fw.yml",
+        "fw_merging",
+        pool / "base",
+        [pool / "copy", pool / "rev"],
+        {"calibration": str(pool / "calib"), **FW, **params},
+    )
 
 
 def ta_recipe(pool):
-    return write_recipe(pool / "ta.yml", "task_arithmetic", pool / "base", [pool / "copy", pool / "rev"],
-                        per_model=[{"weight": 0.5}, {"weight": 0.5}])
+    return write_recipe(
+        pool / "ta.yml",
+        "task_arithmetic",
+        pool / "base",
+        [pool / "copy", pool / "rev"],
+        per_model=[{"weight": 0.5}, {"weight": 0.5}],
+    )
 
 
 # ------------------------------------------------------------------------------ plan: DIR
@@ -111,10 +128,15 @@ def test_plan_into_an_empty_folder_then_reused(pool):
 
 
 # ------------------------------------------------------------------------ what --force replaces
-@pytest.mark.parametrize("target, relation", [
-    ("base", "is an input"), ("calib", "is an input"), ("base/merged", "lies inside an input"),
-    (".", "holds an input"),  # the folder that holds the recipe and the models
-])
+@pytest.mark.parametrize(
+    "target, relation",
+    [
+        ("base", "is an input"),
+        ("calib", "is an input"),
+        ("base/merged", "lies inside an input"),
+        (".", "holds an input"),  # the folder that holds the recipe and the models
+    ],
+)
 def test_force_never_replaces_an_input(pool, no_model_loads, target, relation):
     recipe = fw_recipe(pool)  # names the calibration folder too
     before = snapshot(pool)

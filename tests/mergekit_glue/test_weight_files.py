@@ -21,15 +21,24 @@ fwllm = fwllm_merge
 
 
 def pool(tiny_pool, tmp_path):
-    for name, src in (("base", tiny_pool["base"]), ("a", tiny_pool["experts"]["copy"]),
-                      ("b", tiny_pool["experts"]["rev"])):
+    for name, src in (
+        ("base", tiny_pool["base"]),
+        ("a", tiny_pool["experts"]["copy"]),
+        ("b", tiny_pool["experts"]["rev"]),
+    ):
         shutil.copytree(src, tmp_path / name)
     return tmp_path
 
 
 def ties_recipe(root):
-    return write_recipe(root / "ties.yml", "ties", root / "base", [root / "a", root / "b"],
-                        {"normalize": True}, per_model=[TIES, TIES])
+    return write_recipe(
+        root / "ties.yml",
+        "ties",
+        root / "base",
+        [root / "a", root / "b"],
+        {"normalize": True},
+        per_model=[TIES, TIES],
+    )
 
 
 def test_pickle_only_weights_are_refused_unless_allowed(tiny_pool, tmp_path):
@@ -48,8 +57,9 @@ def test_pickle_only_weights_are_refused_unless_allowed(tiny_pool, tmp_path):
 def test_a_shard_index_naming_another_models_file_is_refused(tiny_pool, tmp_path):
     root = pool(tiny_pool, tmp_path)
     names = list(load_file(str(root / "a" / "model.safetensors")))
-    (root / "a" / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {n: "../b/model.safetensors" for n in names}}))
+    (root / "a" / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {n: "../b/model.safetensors" for n in names}})
+    )
     line = one_error_line(fwllm(ties_recipe(root), root / "out"))
     assert "../b/model.safetensors" in line and "outside" in line
 

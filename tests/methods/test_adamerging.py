@@ -9,7 +9,13 @@ import yaml
 from mergekit.options import MergeOptions
 
 from conftest import (
-    load_tensors, perturbed_copies, roberta_tokenizer, save_tiny_llama_base, task_rows, two_head_encoder_pool, write_jsonl,
+    load_tensors,
+    perturbed_copies,
+    roberta_tokenizer,
+    save_tiny_llama_base,
+    task_rows,
+    two_head_encoder_pool,
+    write_jsonl,
     write_recipe,
 )
 from fwllm.core.params import AdaMergingParams
@@ -60,7 +66,9 @@ def test_coefficient_gradient_equals_autograd_through_functional_call(pool):
     total = 0.0
     for task in tasks:
         for batch in task.batches:
-            theta = {n: merged_tensor(t0, tau, lam[i]) for i, (n, t0, tau) in enumerate(zip(names, theta0, taus))}
+            theta = {
+                n: merged_tensor(t0, tau, lam[i]) for i, (n, t0, tau) in enumerate(zip(names, theta0, taus))
+            }
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             logits = functional_call(model, theta, args=(), kwargs=inputs).logits
             # entropy of the next-token distribution at every response position, by hand
@@ -84,8 +92,13 @@ def test_entropy_decreases_and_the_reproduce_recipe_gives_the_same_tensors(tmp_p
     from mergekit.merge import run_merge
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    recipe = write_recipe(tmp_path / "ada.yml", "adamerging", pool["base"], pool["models"],
-                          {"calibration": str(pool["calib"]), "steps": 6, "lr": 0.05})
+    recipe = write_recipe(
+        tmp_path / "ada.yml",
+        "adamerging",
+        pool["base"],
+        pool["models"],
+        {"calibration": str(pool["calib"]), "steps": 6, "lr": 0.05},
+    )
     out = tmp_path / "ada"
     merge_recipe(str(recipe), str(out), OPTS)
     plan_dir = out / "fwllm_plan"
@@ -107,7 +120,10 @@ def test_entropy_decreases_and_the_reproduce_recipe_gives_the_same_tensors(tmp_p
 
     # plain mergekit, task_arithmetic with per-tensor conditional weights, no fwllm involved
     raw = yaml.safe_load((plan_dir / "reproduce.yml").read_text())
-    assert raw["merge_method"] == "task_arithmetic" and raw["parameters"] == {"normalize": False, "lambda": 1.0}
+    assert raw["merge_method"] == "task_arithmetic" and raw["parameters"] == {
+        "normalize": False,
+        "lambda": 1.0,
+    }
     twin = tmp_path / "twin"
     run_merge(MergeConfiguration.model_validate(raw), str(twin), OPTS)
     reproduced = tensors(twin)
@@ -126,7 +142,9 @@ def test_substring_names_resolve_to_their_own_filter():
 def job_for(tmp_path, pool, calib, **params):
     specs = [CandidateSpec(str(m), str(m), None, {"task": ""}) for m in pool["models"]]
     p = AdaMergingParams(calibration=str(calib), **params)
-    return MergeJob("adamerging", str(pool["base"]), specs, p, plan_dir=str(tmp_path / "plan"), progress=False)
+    return MergeJob(
+        "adamerging", str(pool["base"]), specs, p, plan_dir=str(tmp_path / "plan"), progress=False
+    )
 
 
 def test_bad_input(tmp_path, pool):
@@ -152,12 +170,18 @@ def entropy_at_init(root, experts, head_of, init_lambda=0.3):
     per_task = []
     for task, head_owner in head_of.items():
         model = RobertaForSequenceClassification.from_pretrained(head_owner).eval()
-        body = {n: base[n] + init_lambda * sum(c[n] - base[n] for c in cands)
-                for n, _ in model.named_parameters() if not n.startswith("classifier.")}
+        body = {
+            n: base[n] + init_lambda * sum(c[n] - base[n] for c in cands)
+            for n, _ in model.named_parameters()
+            if not n.startswith("classifier.")
+        }
         model.load_state_dict(body, strict=False)
         rows = [json.loads(line) for line in (root / "calib" / f"{task}.jsonl").read_text().splitlines()]
         with torch.no_grad():
-            logps = [torch.log_softmax(model(**tok(r["sentence"], return_tensors="pt")).logits[0], -1) for r in rows]
+            logps = [
+                torch.log_softmax(model(**tok(r["sentence"], return_tensors="pt")).logits[0], -1)
+                for r in rows
+            ]
         per_task.append(sum(float(-(lp.exp() * lp).sum()) for lp in logps) / len(rows))
     return sum(per_task) / len(per_task)
 
@@ -188,11 +212,18 @@ def test_encoder_pool_uses_each_tasks_own_head(tmp_path, monkeypatch):
     sharpen_heads(experts)
     # one-word rows for one task, twelve-word rows for the other: the body's features differ between them
     write_jsonl(tmp_path / "calib" / "two.jsonl", [{"sentence": f"w{i}", "label": i % 2} for i in range(6)])
-    write_jsonl(tmp_path / "calib" / "three.jsonl",
-                [{"sentence": " ".join(f"w{(i * 7 + j) % 20}" for j in range(12)), "label": i % 3} for i in range(6)])
-    recipe = write_recipe(tmp_path / "enc.yml", "adamerging", tmp_path / "base", experts,
-                          {"calibration": str(tmp_path / "calib"), "steps": 3, "lr": 0.05},
-                          per_model=[{"task": "two"}, {"task": "three"}])
+    write_jsonl(
+        tmp_path / "calib" / "three.jsonl",
+        [{"sentence": " ".join(f"w{(i * 7 + j) % 20}" for j in range(12)), "label": i % 3} for i in range(6)],
+    )
+    recipe = write_recipe(
+        tmp_path / "enc.yml",
+        "adamerging",
+        tmp_path / "base",
+        experts,
+        {"calibration": str(tmp_path / "calib"), "steps": 3, "lr": 0.05},
+        per_model=[{"task": "two"}, {"task": "three"}],
+    )
     out = tmp_path / "merged"
     merge_recipe(str(recipe), str(out), OPTS)
     assert set(load_heads(str(out))) == {"two", "three"}

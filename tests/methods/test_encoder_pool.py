@@ -11,6 +11,7 @@ from fwllm.arch.heads import load_heads
 from fwllm.mergekit_glue.merge import merge_recipe
 from mergekit.options import MergeOptions
 
+
 @pytest.fixture(scope="module")
 def encoder_pool(tmp_path_factory):
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
@@ -19,8 +20,15 @@ def encoder_pool(tmp_path_factory):
     from fwllm.data.objective import encode_tasks
 
     root, tok = tmp_path_factory.mktemp("enc"), roberta_tokenizer()
-    cfg = RobertaConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=20, pad_token_id=1)
+    cfg = RobertaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=20,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     RobertaForMaskedLM(cfg).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
@@ -30,7 +38,9 @@ def encoder_pool(tmp_path_factory):
         write_jsonl(root / "calib" / f"{task}.jsonl", rows(task, 24, 1))
         torch.manual_seed(1)
         model = RobertaForSequenceClassification.from_pretrained(root / "base", num_labels=labels)
-        obj = encode_tasks([CalibrationTask(task, CLASSIFICATION, rows(task, 64, 2), ["sentence"])], tok, model)
+        obj = encode_tasks(
+            [CalibrationTask(task, CLASSIFICATION, rows(task, 64, 2), ["sentence"])], tok, model
+        )
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         for _ in range(30):
             opt.zero_grad()
@@ -47,11 +57,21 @@ def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool, gradient):
     from transformers import RobertaForSequenceClassification
 
     root, experts = encoder_pool
-    recipe = write_recipe(tmp_path / "enc.yml", "fw_merging", root / "base", list(experts.values()),
-                          {"calibration": str(root / "calib"), "preset": "paper",
-                           "iterations": 4, "scaling": 1.0, "step_size": 0.5,
-                           "gradient": gradient},
-                          per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
+    recipe = write_recipe(
+        tmp_path / "enc.yml",
+        "fw_merging",
+        root / "base",
+        list(experts.values()),
+        {
+            "calibration": str(root / "calib"),
+            "preset": "paper",
+            "iterations": 4,
+            "scaling": 1.0,
+            "step_size": 0.5,
+            "gradient": gradient,
+        },
+        per_model=[{"task": "first_high"}, {"task": "sum_mod3"}],
+    )
     out = tmp_path / "merged"
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
 
@@ -74,7 +94,9 @@ def test_encoder_pool_keeps_each_task_head(tmp_path, encoder_pool, gradient):
     base = load_file(root / "base" / "model.safetensors")
     cands = [load_file(p / "model.safetensors") for p in experts.values()]
     name = "roberta.encoder.layer.0.attention.self.query.weight"
-    expected = base[name] + sum(c * (cand[name] - base[name]) for c, cand in zip(plan["coefficients"][name], cands))
+    expected = base[name] + sum(
+        c * (cand[name] - base[name]) for c, cand in zip(plan["coefficients"][name], cands)
+    )
     assert torch.allclose(merged[name], expected, atol=1e-6)
     assert not any(k.startswith("lm_head") for k in merged)
     assert plan["objective"]["final"] < plan["objective"]["initial"]
@@ -91,15 +113,22 @@ def test_adapter_candidate_named_by_task_gets_a_message_that_does_not_ask_for_ta
     root, experts = encoder_pool
     base = experts["first_high"]  # a classifier base: the pool is a classifier pool
     torch.manual_seed(3)
-    peft_model = get_peft_model(RobertaForSequenceClassification.from_pretrained(base),
-                                LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    peft_model = get_peft_model(
+        RobertaForSequenceClassification.from_pretrained(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]),
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     (tmp_path / "calib").mkdir()
     write_jsonl(tmp_path / "calib" / "first_high.jsonl", rows("first_high", 4, 1))
     adapter = f"{base}+{tmp_path / 'adapter'}"
-    recipe = write_recipe(tmp_path / "r.yml", "fw_merging", base, [adapter, experts["sum_mod3"]],
-                          {"calibration": str(tmp_path / "calib"), "preset": "paper", "iterations": 1},
-                          per_model=[{"task": "first_high"}, {"task": "sum_mod3"}])
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "fw_merging",
+        base,
+        [adapter, experts["sum_mod3"]],
+        {"calibration": str(tmp_path / "calib"), "preset": "paper", "iterations": 1},
+        per_model=[{"task": "first_high"}, {"task": "sum_mod3"}],
+    )
     with pytest.raises(FwllmError) as err:
         merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
     message = str(err.value)

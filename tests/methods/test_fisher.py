@@ -11,8 +11,18 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
 from conftest import (
-    ENC_WORDS, finetune, load_tensors, perturbed_copies, roberta_tokenizer, save_tiny_llama_base, task_rows, tiny_llama,
-    tiny_tokenizer, two_head_encoder_pool, write_jsonl, write_recipe,
+    ENC_WORDS,
+    finetune,
+    load_tensors,
+    perturbed_copies,
+    roberta_tokenizer,
+    save_tiny_llama_base,
+    task_rows,
+    tiny_llama,
+    tiny_tokenizer,
+    two_head_encoder_pool,
+    write_jsonl,
+    write_recipe,
 )
 from fwllm.data.calibration import CAUSAL, CalibrationTask, load_calibration
 from fwllm.core.job import CandidateSpec, MergeJob
@@ -45,8 +55,9 @@ def test_identical_fishers_give_the_weighted_average():
 
 def test_fisher_weights_pull_towards_the_sensitive_model():
     a, b = torch.zeros(4), torch.ones(4)
-    merged = fisher_merge([a, b], [torch.tensor([1.0, 1.0, 9.0, 0.0]), torch.tensor([1.0, 3.0, 1.0, 5.0])],
-                          [1.0, 1.0], 1e-8)
+    merged = fisher_merge(
+        [a, b], [torch.tensor([1.0, 1.0, 9.0, 0.0]), torch.tensor([1.0, 3.0, 1.0, 5.0])], [1.0, 1.0], 1e-8
+    )
     assert torch.allclose(merged, torch.tensor([0.5, 0.75, 0.1, 1.0]), atol=1e-6)
 
 
@@ -81,7 +92,9 @@ def test_softmax_classifier_fisher_matches_the_closed_form(kind):
     expected /= len(xs)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
     # and it is not the batch shortcut (square of the summed gradient)
-    batch_grad = torch.autograd.grad(F.log_softmax(lin(xs), -1).gather(1, ys.view(-1, 1)).sum(), lin.weight)[0]
+    batch_grad = torch.autograd.grad(F.log_softmax(lin(xs), -1).gather(1, ys.view(-1, 1)).sum(), lin.weight)[
+        0
+    ]
     assert not torch.allclose(got, batch_grad.square() / len(xs), rtol=1e-2)
 
 
@@ -94,8 +107,10 @@ def test_top_k_renormalises_over_the_most_likely_classes():
         p = torch.softmax(lin.weight @ x, -1)
         top = p.topk(2)
         eye = torch.eye(3)
-        expected = sum(w / top.values.sum() * torch.outer(eye[k] - p, x).square()
-                       for w, k in zip(top.values, top.indices))
+        expected = sum(
+            w / top.values.sum() * torch.outer(eye[k] - p, x).square()
+            for w, k in zip(top.values, top.indices)
+        )
     assert torch.allclose(acc[0], expected, rtol=1e-5, atol=1e-7)
 
 
@@ -147,8 +162,10 @@ def test_fisher_merge_recovers_experts_on_disjoint_features():
 
     merged = fisher_merge([experts["a"], experts["b"]], fishers, [1.0, 1.0], 1e-8)
     average = (experts["a"] + experts["b"]) / 2
-    own = (F.cross_entropy(data["a"][0] @ experts["a"].T, data["a"][1]).item()
-           + F.cross_entropy(data["b"][0] @ experts["b"].T, data["b"][1]).item()) / 2
+    own = (
+        F.cross_entropy(data["a"][0] @ experts["a"].T, data["a"][1]).item()
+        + F.cross_entropy(data["b"][0] @ experts["b"].T, data["b"][1]).item()
+    ) / 2
     assert loss(merged) == pytest.approx(own, abs=1e-4)
     assert loss(merged) < 0.7 * loss(average)
 
@@ -176,8 +193,14 @@ def llama_experts(tmp_path_factory, one_thread):
 def fisher_recipe(path, pool, params=None, weights=(1.0, 1.0)):
     e = pool["experts"]
     per_model = [{"task": "copy", "weight": weights[0]}, {"task": "rev", "weight": weights[1]}]
-    return write_recipe(path, "fisher", pool["base"], [e["copy"], e["rev"]],
-                        {"calibration": str(pool["calib"]), **(params or {})}, per_model=per_model)
+    return write_recipe(
+        path,
+        "fisher",
+        pool["base"],
+        [e["copy"], e["rev"]],
+        {"calibration": str(pool["calib"]), **(params or {})},
+        per_model=per_model,
+    )
 
 
 def calibration_loss(state, pool):
@@ -194,7 +217,9 @@ def own_rows(pool, task, n):
 
 def causal_ids(tok, row):
     """(prompt ids, response ids): the response ends with EOS; its tokens are the predictions."""
-    return tok(row["prompt"])["input_ids"], tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return tok(row["prompt"])["input_ids"], tok(row["response"], add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
 
 
 def merge_by_hand(thetas, fishers, weights, epsilon=1e-8):
@@ -240,10 +265,12 @@ def exact_output_fishers(model, rows, top_k):
         for row in rows:
             prompt, response = causal_ids(tok, row)
             model(input_ids=torch.tensor([prompt + response]))
-            for h in seen["h"][len(prompt) - 1:len(prompt) + len(response) - 1].double():
+            for h in seen["h"][len(prompt) - 1 : len(prompt) + len(response) - 1].double():
                 p = torch.softmax(w @ h, -1)
                 ranked = p.sort(descending=True).values
-                assert ranked[top_k - 1] > ranked[top_k] * (1 + 1e-4)  # no near tie at the cut: top_k is well defined
+                assert ranked[top_k - 1] > ranked[top_k] * (
+                    1 + 1e-4
+                )  # no near tie at the cut: top_k is well defined
                 top = p.topk(top_k)
                 for v, weight in zip(top.indices, top.values / top.values.sum()):
                     f_w += weight * torch.outer(eye[v] - p, h).square()
@@ -252,7 +279,9 @@ def exact_output_fishers(model, rows, top_k):
     return {"lm_head.weight": (f_w / len(rows)).float(), "model.norm.weight": (f_g / len(rows)).float()}
 
 
-def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_path, llama_experts, monkeypatch):
+def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(
+    tmp_path, llama_experts, monkeypatch
+):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "fisher"
     merge_recipe(str(fisher_recipe(tmp_path / "f.yml", llama_experts)), str(out), MergeOptions(quiet=True))
@@ -262,8 +291,10 @@ def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_pat
 
     # the output layer's merge against the exact Fisher in closed form (default top_k = 5)
     merged = tensors(out)
-    by_hand = [exact_output_fishers(llama_experts["experts"][t], own_rows(llama_experts, t, 12), 5)
-               for t in ("copy", "rev")]
+    by_hand = [
+        exact_output_fishers(llama_experts["experts"][t], own_rows(llama_experts, t, 12), 5)
+        for t in ("copy", "rev")
+    ]
     for name in ("lm_head.weight", "model.norm.weight"):
         expected = merge_by_hand([a[name], b[name]], [f[name] for f in by_hand], [1.0, 1.0])
         assert torch.allclose(merged[name], expected, rtol=1e-4, atol=1e-5), name
@@ -271,17 +302,23 @@ def test_fisher_merge_beats_plain_averaging_on_the_calibration_objective(tmp_pat
 
 
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
-def test_streamed_merge_holds_one_candidate_tensor_at_a_time(tmp_path, llama_experts, monkeypatch, method,
-                                                             resident):
+def test_streamed_merge_holds_one_candidate_tensor_at_a_time(
+    tmp_path, llama_experts, monkeypatch, method, resident
+):
     """fwllm merge runs the per-tensor merge itself over lazily read candidates: how many
     candidate tensors are alive at once does not grow with the pool (1 -> 6 candidates)."""
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     pool = perturbed_copies(llama_experts["experts"]["copy"], tmp_path, 6, 0.05, seed=50, prefix="c")
     peaks = {}
     for n in (1, 6):
-        recipe = write_recipe(tmp_path / f"{method}{n}.yml", method, llama_experts["base"], pool[:n],
-                              {"calibration": str(llama_experts["calib"]), "max_rows": 2, "keep_merged": True},
-                              per_model=[{"task": "copy"}] * n)
+        recipe = write_recipe(
+            tmp_path / f"{method}{n}.yml",
+            method,
+            llama_experts["base"],
+            pool[:n],
+            {"calibration": str(llama_experts["calib"]), "max_rows": 2, "keep_merged": True},
+            per_model=[{"task": "copy"}] * n,
+        )
         resident.reset_peak()
         merge_recipe(str(recipe), str(tmp_path / f"out{method}{n}"), MergeOptions(quiet=True))
         peaks[n] = resident.peak
@@ -307,7 +344,10 @@ def test_lazy_solve_through_plain_mergekit_and_fisher_reuse(tmp_path, llama_expe
         run_merge(MergeConfiguration.model_validate(raw), str(outs[weights]), MergeOptions(quiet=True))
     plans = sorted(os.listdir(default_plan_root()))
     assert len(plans) == 2 and all(p.startswith("fisher-") for p in plans)
-    records = [json.loads(open(os.path.join(default_plan_root(), p, "plan.json")).read())["candidates"] for p in plans]
+    records = [
+        json.loads(open(os.path.join(default_plan_root(), p, "plan.json")).read())["candidates"]
+        for p in plans
+    ]
     assert sorted(r["cached"] for rec in records for r in rec) == [False, False, True, True]  # Fishers reused
 
     # new weights, same Fishers: theta = sum w F theta / sum w F with w = (3, 1), F by autograd here
@@ -326,21 +366,31 @@ def test_lazy_solve_through_plain_mergekit_and_fisher_reuse(tmp_path, llama_expe
 def test_normalized_fisher_divides_by_each_models_mean(tmp_path, llama_experts, monkeypatch):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "norm"
-    recipe = fisher_recipe(tmp_path / "n.yml", llama_experts, {"normalize_fisher": True, "fisher": "empirical",
-                                                                "max_rows": 6})
+    recipe = fisher_recipe(
+        tmp_path / "n.yml", llama_experts, {"normalize_fisher": True, "fisher": "empirical", "max_rows": 6}
+    )
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
-    fishers = [empirical_fisher_by_hand(llama_experts["experts"][t], own_rows(llama_experts, t, 6))
-               for t in ("copy", "rev")]
+    fishers = [
+        empirical_fisher_by_hand(llama_experts["experts"][t], own_rows(llama_experts, t, 6))
+        for t in ("copy", "rev")
+    ]
     # each model's mean Fisher entry, over every entry of every tensor
-    means = [float(sum(t.double().sum() for t in f.values()) / sum(t.numel() for t in f.values())) for f in fishers]
+    means = [
+        float(sum(t.double().sum() for t in f.values()) / sum(t.numel() for t in f.values())) for f in fishers
+    ]
     assert [c["meta"]["mean"] for c in plan["candidates"]] == pytest.approx(means, rel=1e-4)
     assert means[0] != pytest.approx(means[1], rel=0.05)  # so the normalisation changes the merge
     a, b = (tensors(llama_experts["experts"][t]) for t in ("copy", "rev"))
     merged = tensors(out)
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
-        expected = merge_by_hand([a[name], b[name]], [fishers[0][name] / means[0], fishers[1][name] / means[1]],
-                                 [1.0, 1.0])
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ):
+        expected = merge_by_hand(
+            [a[name], b[name]], [fishers[0][name] / means[0], fishers[1][name] / means[1]], [1.0, 1.0]
+        )
         assert torch.allclose(merged[name], expected, rtol=1e-4, atol=1e-5), name
         unnormalised = merge_by_hand([a[name], b[name]], [fishers[0][name], fishers[1][name]], [1.0, 1.0])
         assert not torch.allclose(merged[name], unnormalised, atol=1e-4), name
@@ -352,7 +402,9 @@ def test_causal_lm_exact_fisher_is_the_closed_form_over_top_k_tokens():
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # a spread next-token distribution: the top 5 of 18 hold 60-95% of it
     rows = task_rows("copy", 3, seed=5)
-    fisher, meta = candidate_fisher(model, CalibrationTask("copy", CAUSAL, rows), tiny_tokenizer(), FisherParams())
+    fisher, meta = candidate_fisher(
+        model, CalibrationTask("copy", CAUSAL, rows), tiny_tokenizer(), FisherParams()
+    )
     expected = exact_output_fishers(model, rows, top_k=5)
     for name, f in expected.items():
         assert torch.allclose(fisher[name], f, rtol=1e-4, atol=1e-6 * float(f.max())), name
@@ -363,8 +415,15 @@ def seven_class_classifier(root):
     """A RoBERTa MLM base and a 7-label sequence classifier on it, with 4 calibration rows."""
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 
-    cfg = RobertaConfig(vocab_size=len(ENC_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    cfg = RobertaConfig(
+        vocab_size=len(ENC_WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     RobertaForMaskedLM(cfg).save_pretrained(root / "base")
     roberta_tokenizer().save_pretrained(root / "base")
@@ -373,8 +432,10 @@ def seven_class_classifier(root):
     with torch.no_grad():
         model.classifier.out_proj.weight.mul_(10.0)  # the 7 classes weigh differently
     model.save_pretrained(root / "seven")
-    rows = [{"sentence": s, "label": y} for s, y in
-            (("w1 w5 w9", 6), ("w3 w3 w12 w0", 0), ("w17 w2", 4), ("w8 w11 w19 w4 w6", 2))]
+    rows = [
+        {"sentence": s, "label": y}
+        for s, y in (("w1 w5 w9", 6), ("w3 w3 w12 w0", 0), ("w17 w2", 4), ("w8 w11 w19 w4 w6", 2))
+    ]
     (root / "calib").mkdir()
     write_jsonl(root / "calib" / "seven.jsonl", rows)
     return root / "seven", rows
@@ -387,8 +448,14 @@ def test_classifier_exact_fisher_sums_over_every_class_beyond_top_k(tmp_path, mo
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     expert, rows = seven_class_classifier(tmp_path)
-    recipe = write_recipe(tmp_path / "c.yml", "fisher", tmp_path / "base", [expert],
-                          {"calibration": str(tmp_path / "calib")}, per_model=[{"task": "seven"}])
+    recipe = write_recipe(
+        tmp_path / "c.yml",
+        "fisher",
+        tmp_path / "base",
+        [expert],
+        {"calibration": str(tmp_path / "calib")},
+        per_model=[{"task": "seven"}],
+    )
     merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
     plan = json.loads((tmp_path / "out" / "fwllm_plan" / "plan.json").read_text())
     got = load_file(tmp_path / "out" / "fwllm_plan" / plan["candidates"][0]["file"])
@@ -421,8 +488,14 @@ def test_rows_without_a_prediction_do_not_dilute_the_fisher(tmp_path, llama_expe
     calib.mkdir()
     write_jsonl(calib / "text.jsonl", [{"text": t} for t in texts])
     expert = llama_experts["experts"]["copy"]
-    recipe = write_recipe(tmp_path / "t.yml", "fisher", llama_experts["base"], [expert],
-                          {"calibration": str(calib), "fisher": "empirical"}, per_model=[{"task": "text"}])
+    recipe = write_recipe(
+        tmp_path / "t.yml",
+        "fisher",
+        llama_experts["base"],
+        [expert],
+        {"calibration": str(calib), "fisher": "empirical"},
+        per_model=[{"task": "text"}],
+    )
     merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
     plan = json.loads((tmp_path / "out" / "fwllm_plan" / "plan.json").read_text())
     got = load_file(tmp_path / "out" / "fwllm_plan" / plan["candidates"][0]["file"])
@@ -468,7 +541,9 @@ def test_rows_the_model_cannot_score_are_an_error(tmp_path, llama_experts, monke
     write_jsonl(calib / "senti.jsonl", [{"sentence": "1 2", "label": 1}, {"sentence": "3", "label": 0}])
     pool = dict(llama_experts, calib=calib)
     with pytest.raises(FwllmError, match="classification rows, which a causal model cannot score"):
-        FisherMerging().solve(job_for(tmp_path, pool, [llama_experts["experts"]["copy"]], [{"task": "senti"}]))
+        FisherMerging().solve(
+            job_for(tmp_path, pool, [llama_experts["experts"]["copy"]], [{"task": "senti"}])
+        )
 
 
 def test_nan_fisher_is_one_clear_error(tmp_path, llama_experts, monkeypatch):
@@ -500,8 +575,14 @@ def test_classifier_candidates_keep_their_own_heads(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     experts = two_head_encoder_pool(tmp_path)
-    recipe = write_recipe(tmp_path / "enc.yml", "fisher", tmp_path / "base", experts,
-                          {"calibration": str(tmp_path / "calib")}, per_model=[{"task": "two"}, {"task": "three"}])
+    recipe = write_recipe(
+        tmp_path / "enc.yml",
+        "fisher",
+        tmp_path / "base",
+        experts,
+        {"calibration": str(tmp_path / "calib")},
+        per_model=[{"task": "two"}, {"task": "three"}],
+    )
     out = tmp_path / "merged"
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
     heads = load_heads(str(out))
@@ -524,8 +605,10 @@ def test_lora_candidate_has_the_fisher_of_its_merged_weights(tmp_path, llama_exp
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     base = llama_experts["base"]
     torch.manual_seed(4)
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft_model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
     with torch.no_grad():
         for n, prm in peft_model.named_parameters():
             if "lora_B" in n:
@@ -539,9 +622,17 @@ def test_lora_candidate_has_the_fisher_of_its_merged_weights(tmp_path, llama_exp
         FisherMerging().solve(MergeJob("fisher", str(base), [spec], p, plan_dir=str(plan), progress=False))
         return load_file(plan / "fisher" / "0.safetensors")
 
-    lora = fisher_of(CandidateSpec(f"{base}+{tmp_path / 'adapter'}", str(base), str(tmp_path / "adapter"),
-                                   {"task": "rev", "weight": 1.0}))
-    full = fisher_of(CandidateSpec(str(tmp_path / "full"), str(tmp_path / "full"), None, {"task": "rev", "weight": 1.0}))
+    lora = fisher_of(
+        CandidateSpec(
+            f"{base}+{tmp_path / 'adapter'}",
+            str(base),
+            str(tmp_path / "adapter"),
+            {"task": "rev", "weight": 1.0},
+        )
+    )
+    full = fisher_of(
+        CandidateSpec(str(tmp_path / "full"), str(tmp_path / "full"), None, {"task": "rev", "weight": 1.0})
+    )
     assert lora.keys() == full.keys()
     for name in full:
         assert torch.allclose(lora[name], full[name], rtol=1e-3, atol=1e-8), name

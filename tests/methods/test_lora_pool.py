@@ -24,7 +24,9 @@ def adapters(tiny_pool, tmp_path_factory):
     for name, task, rank, alpha, rs in (("copy", "copy", 4, 8, False), ("rev", "rev", 2, 16, True)):
         torch.manual_seed(3)
         model = LlamaForCausalLM.from_pretrained(tiny_pool["base"])
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], use_rslora=rs, lora_dropout=0.0)
+        cfg = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], use_rslora=rs, lora_dropout=0.0
+        )
         peft_model = get_peft_model(model, cfg)
         finetune(peft_model, tiny_tokenizer(), task_rows(task, 32, seed=5), steps=15, lr=1e-2)
         peft_model.save_pretrained(root / name)
@@ -50,10 +52,20 @@ def fw_over_adapters(root, tiny_pool, adapters, name, **params):
     """`fw_merging` over BASE+ADAPTER references to the two adapters; returns the output folder."""
     base = tiny_pool["base"]
     models = [f"{base}+{a[0]}" for a in adapters.values()]
-    recipe = write_recipe(root / f"{name}.yml", "fw_merging", base, models,
-                          {"calibration": str(tiny_pool["calib"]), "preset": "paper",
-                           "iterations": 4, "scaling": 1.0, "step_size": 0.5,
-                           **params})
+    recipe = write_recipe(
+        root / f"{name}.yml",
+        "fw_merging",
+        base,
+        models,
+        {
+            "calibration": str(tiny_pool["calib"]),
+            "preset": "paper",
+            "iterations": 4,
+            "scaling": 1.0,
+            "step_size": 0.5,
+            **params,
+        },
+    )
     out = root / name
     merge_recipe(str(recipe), str(out), MergeOptions(quiet=True, lora_merge_cache=str(root / "lc")))
     return out
@@ -86,21 +98,28 @@ def test_fw_over_a_lora_pool_merges_in_weight_space(tiny_pool, adapters, by_grad
     plan, _ = plan_and_trace(out)
     coef = plan["coefficients"][TARGET]
     expected = load_file(base / "model.safetensors")[TARGET] + sum(
-        c * by_hand(*a) for c, a in zip(coef, adapters.values()))
+        c * by_hand(*a) for c, a in zip(coef, adapters.values())
+    )
     merged = load_file(out / "model.safetensors")[TARGET]
     assert any(c > 0 for c in coef)
     assert torch.allclose(merged, expected, atol=1e-5)
     # tensors no adapter touches stay exactly the base's
     untouched = "model.layers.0.mlp.up_proj.weight"
-    assert torch.equal(load_file(out / "model.safetensors")[untouched], load_file(base / "model.safetensors")[untouched])
+    assert torch.equal(
+        load_file(out / "model.safetensors")[untouched], load_file(base / "model.safetensors")[untouched]
+    )
 
 
 def test_layerwise_and_full_gradients_make_the_same_merge(by_gradient):
     # the layer-by-layer gradient is the full one computed in pieces: same LMO choices in every
     # block and iteration, same objectives and tensors up to float32 summation order
-    (full_plan, full_trace), (layer_plan, layer_trace) = (plan_and_trace(by_gradient[g]) for g in ("full", "layerwise"))
+    (full_plan, full_trace), (layer_plan, layer_trace) = (
+        plan_and_trace(by_gradient[g]) for g in ("full", "layerwise")
+    )
     assert [s["chosen"] for s in full_trace] == [s["chosen"] for s in layer_trace]
-    assert [s["objective"] for s in full_trace] == pytest.approx([s["objective"] for s in layer_trace], rel=1e-5)
+    assert [s["objective"] for s in full_trace] == pytest.approx(
+        [s["objective"] for s in layer_trace], rel=1e-5
+    )
     assert full_plan["selected_iteration"] == layer_plan["selected_iteration"]
     assert full_plan["gradient"]["mode"] == "full" and layer_plan["gradient"]["mode"] == "layerwise"
     a, b = (load_file(by_gradient[g] / "model.safetensors") for g in ("full", "layerwise"))
@@ -113,8 +132,9 @@ def test_layerwise_and_full_gradients_make_the_same_merge(by_gradient):
 def test_model_granularity_on_a_lora_pool(tmp_path, tiny_pool, adapters, variant):
     # LoRA task vectors are zero outside q_proj/v_proj: one LMO and one mix for the whole model
     # must stay defined (finite, on the simplex) in the blocks no adapter touches
-    out = fw_over_adapters(tmp_path, tiny_pool, adapters, variant, granularity="model", variant=variant, top_k=2,
-                           iterations=3)
+    out = fw_over_adapters(
+        tmp_path, tiny_pool, adapters, variant, granularity="model", variant=variant, top_k=2, iterations=3
+    )
     plan, trace = plan_and_trace(out)
     assert all(math.isfinite(step["objective"]) for step in trace)
     for step in trace:
@@ -136,7 +156,9 @@ def test_model_granularity_on_a_lora_pool(tmp_path, tiny_pool, adapters, variant
     assert plan["objective"]["final"] == pytest.approx(objective_of(out, tiny_pool["calib"]), rel=1e-5)
 
 
-def test_a_reused_lora_plan_reads_the_recipes_adapters_not_the_folders_it_names(tmp_path, tiny_pool, adapters):
+def test_a_reused_lora_plan_reads_the_recipes_adapters_not_the_folders_it_names(
+    tmp_path, tiny_pool, adapters
+):
     """A LoRA plan forms its tensors from adapter factors. Reused (`plan:`), it reads the adapters the
     recipe names, never the folders written in plan.json (a plan must not pull in other files)."""
     import shutil

@@ -8,7 +8,15 @@ import torch
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from conftest import WORDS, load_tensors, save_tiny_llama_base, task_rows, tiny_tokenizer, write_jsonl, write_recipe
+from conftest import (
+    WORDS,
+    load_tensors,
+    save_tiny_llama_base,
+    task_rows,
+    tiny_tokenizer,
+    write_jsonl,
+    write_recipe,
+)
 from fwllm.data.calibration import load_calibration
 from fwllm.core.job import CandidateSpec, MergeJob
 from fwllm.core.plan import CandidateStats, Plan, StatsPlanRecord
@@ -34,7 +42,10 @@ def least_squares(x, y):
 def test_alpha_one_is_the_joint_least_squares_solution():
     """Two bias-free linear models fitted on disjoint data; RegMean(alpha=1) = the fit on both."""
     g = torch.Generator().manual_seed(0)
-    x1, x2 = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(45, 6, generator=g, dtype=torch.float64)
+    x1, x2 = (
+        torch.randn(30, 6, generator=g, dtype=torch.float64),
+        torch.randn(45, 6, generator=g, dtype=torch.float64),
+    )
     noise = 0.1 * torch.randn(30, 3, generator=g, dtype=torch.float64)
     y1 = x1 @ torch.randn(6, 3, generator=g, dtype=torch.float64) + noise
     y2 = x2 @ torch.randn(6, 3, generator=g, dtype=torch.float64)
@@ -45,7 +56,9 @@ def test_alpha_one_is_the_joint_least_squares_solution():
         lin = torch.nn.Linear(6, 3, bias=False).double()
         lin.weight.data.copy_(w)
         models.append(lin)
-    merged, lam = regmean_merge([(m.weight.detach(), x.T @ x, 1.0) for m, x in zip(models, (x1, x2))], 1.0, 1e-5)
+    merged, lam = regmean_merge(
+        [(m.weight.detach(), x.T @ x, 1.0) for m, x in zip(models, (x1, x2))], 1.0, 1e-5
+    )
     joint = least_squares(torch.cat([x1, x2]), torch.cat([y1, y2]))
     assert lam == 0.0
     assert torch.allclose(merged.double(), joint, atol=1e-5)
@@ -90,7 +103,9 @@ def pool(tmp_path_factory, one_thread):
     from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("regmean_pool")
-    base = LlamaForCausalLM.from_pretrained(save_tiny_llama_base(root, intermediate_size=48, num_hidden_layers=1))
+    base = LlamaForCausalLM.from_pretrained(
+        save_tiny_llama_base(root, intermediate_size=48, num_hidden_layers=1)
+    )
     models = []
     for i, task in enumerate(("copy", "rev")):
         write_jsonl(root / "calib" / f"{task}.jsonl", task_rows(task, 10, seed=i))
@@ -123,8 +138,15 @@ def test_grams_are_the_layer_inputs_over_real_tokens(pool):
 def test_tied_lm_head_is_left_to_averaging():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     assert "lm_head.weight" not in linear_layers(LlamaForCausalLM(cfg))
 
 
@@ -140,6 +162,7 @@ def grams_by_hand(model_dir, calib_file, names):
         def hook(module, args):
             x = args[0][0].double()  # [tokens, in]
             grams[name] = x.T @ x if grams[name] is None else grams[name] + x.T @ x
+
         return hook
 
     modules = dict(model.named_modules())
@@ -147,7 +170,9 @@ def grams_by_hand(model_dir, calib_file, names):
     with torch.no_grad():
         for line in calib_file.read_text().splitlines():
             row = json.loads(line)
-            ids = tok(row["prompt"])["input_ids"] + tok(row["response"], add_special_tokens=False)["input_ids"]
+            ids = (
+                tok(row["prompt"])["input_ids"] + tok(row["response"], add_special_tokens=False)["input_ids"]
+            )
             model(input_ids=torch.tensor([ids + [tok.eos_token_id]]))
     for h in handles:
         h.remove()
@@ -164,9 +189,14 @@ def regmean_by_hand(ws, grams, weights, alpha):
 
 def test_merge_is_the_closed_form_over_each_candidates_layer_inputs(tmp_path, pool, monkeypatch, caplog):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    recipe = write_recipe(tmp_path / "r.yml", "regmean", pool["base"], pool["models"],
-                          {"calibration": str(pool["calib"]), "batch_size": 3},
-                          per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}])
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "regmean",
+        pool["base"],
+        pool["models"],
+        {"calibration": str(pool["calib"]), "batch_size": 3},
+        per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}],
+    )
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="fwllm.regmean"):
         merge_recipe(str(recipe), str(out), MergeOptions(quiet=True))
@@ -174,8 +204,15 @@ def test_merge_is_the_closed_form_over_each_candidates_layer_inputs(tmp_path, po
     plan = json.loads((plan_dir / "plan.json").read_text())
     assert [c["file"] for c in plan["candidates"]] == ["gram/0.safetensors", "gram/1.safetensors"]
     assert (plan_dir / "DONE").exists()
-    checked = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight")
-    grams = [grams_by_hand(m, pool["calib"] / f"{t}.jsonl", checked) for m, t in zip(pool["models"], ("copy", "rev"))]
+    checked = (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "lm_head.weight",
+    )
+    grams = [
+        grams_by_hand(m, pool["calib"] / f"{t}.jsonl", checked)
+        for m, t in zip(pool["models"], ("copy", "rev"))
+    ]
     for c, g in zip(plan["candidates"], grams):  # what the plan stored: the same sums, padding left out
         stored = load_file(plan_dir / c["file"])
         assert all(torch.allclose(stored[n].double(), g[n], rtol=1e-4, atol=1e-3) for n in checked)
@@ -194,15 +231,36 @@ def test_bad_input(tmp_path, pool, monkeypatch):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
 
     def job(per_model, **params):
-        specs = [CandidateSpec(str(m), str(m), None, {"weight": 1.0, **pm}) for m, pm in zip(pool["models"], per_model)]
-        return MergeJob("regmean", str(pool["base"]), specs, RegMeanParams(calibration=str(pool["calib"]), **params),
-                        plan_dir=str(tmp_path / "plan"), progress=False)
+        specs = [
+            CandidateSpec(str(m), str(m), None, {"weight": 1.0, **pm})
+            for m, pm in zip(pool["models"], per_model)
+        ]
+        return MergeJob(
+            "regmean",
+            str(pool["base"]),
+            specs,
+            RegMeanParams(calibration=str(pool["calib"]), **params),
+            plan_dir=str(tmp_path / "plan"),
+            progress=False,
+        )
 
     with pytest.raises(FwllmError, match="has no calibration task; set parameters.task"):
         RegMean().solve(job([{"task": "copy"}, {"task": ""}]))
     with pytest.raises(FwllmError, match=r"alpha must be <= 1 \(got 1.5\)"):
         RegMean().validate_params({"calibration": str(pool["calib"]), "alpha": 1.5})
-    plan = Plan("", StatsPlanRecord(method="regmean", base="b", settings={}, candidates=[
-        CandidateStats(label="a", task="t", file="gram/0.safetensors", meta={}, cached=False)]), RegMeanParams())
+    plan = Plan(
+        "",
+        StatsPlanRecord(
+            method="regmean",
+            base="b",
+            settings={},
+            candidates=[
+                CandidateStats(label="a", task="t", file="gram/0.safetensors", meta={}, cached=False)
+            ],
+        ),
+        RegMeanParams(),
+    )
     with pytest.raises(FwllmError, match="weights must be >= 0"):
-        RegMean().merge_tensor(plan, "x.weight", torch.zeros(2, 2), {"a": torch.zeros(2, 2)}, {"a": {"weight": -1.0}})
+        RegMean().merge_tensor(
+            plan, "x.weight", torch.zeros(2, 2), {"a": torch.zeros(2, 2)}, {"a": {"weight": -1.0}}
+        )

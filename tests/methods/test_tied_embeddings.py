@@ -22,9 +22,16 @@ def tied_base(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tied")
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
@@ -66,8 +73,14 @@ def fwllm_merged(root, adapter, method, out):
     params = {"calibration": str(root / "calib")}
     if method == "adamerging":
         params.update(steps=0, init_lambda=1.0)
-    recipe = write_recipe(root / f"{out}.yml", method, root / "base", [f"{root / 'base'}+{adapter}"], params,
-                          per_model=[{"task": "copy"}])
+    recipe = write_recipe(
+        root / f"{out}.yml",
+        method,
+        root / "base",
+        [f"{root / 'base'}+{adapter}"],
+        params,
+        per_model=[{"task": "copy"}],
+    )
     merge_recipe(str(recipe), str(root / out), MergeOptions(quiet=True, lora_merge_cache=str(root / "lc")))
     return LlamaForCausalLM.from_pretrained(root / out).eval()
 

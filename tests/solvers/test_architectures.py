@@ -14,16 +14,32 @@ from conftest import WORDS, load_tensors, merge, task_rows, tiny_tokenizer, writ
 def _configs():
     from transformers import Gemma2Config, GPT2Config, MistralConfig, Phi3Config, Qwen2Config
 
-    small = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    small = dict(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return {
-        "gpt2": lambda: GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        "gpt2": lambda: GPT2Config(
+            vocab_size=len(WORDS),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
         "mistral": lambda: MistralConfig(**small, tie_word_embeddings=False),
         "qwen2": lambda: Qwen2Config(**small, tie_word_embeddings=False),
         # a window shorter than a row: both of Gemma2's layer types matter
-        "gemma2": lambda: Gemma2Config(**small, head_dim=8, sliding_window=4, pad_token_id=0, bos_token_id=1,
-                                       eos_token_id=2),
+        "gemma2": lambda: Gemma2Config(
+            **small, head_dim=8, sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2
+        ),
         "phi3": lambda: Phi3Config(**small, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     }
 
@@ -59,9 +75,15 @@ def test_init_base_full_and_layerwise_give_the_same_merge(tmp_path, arch, one_th
     pool, experts = tiny_arch_pool(tmp_path, arch)
     outs, traces = {}, {}
     for mode in ("full", "layerwise"):
-        params = {"calibration": str(pool["calib"]), "preset": "paper",
-                  "iterations": 3, "step_size": 0.5, "scaling": 1.0,
-                  "init": "base", "gradient": mode}
+        params = {
+            "calibration": str(pool["calib"]),
+            "preset": "paper",
+            "iterations": 3,
+            "step_size": 0.5,
+            "scaling": 1.0,
+            "init": "base",
+            "gradient": mode,
+        }
         outs[mode] = merge(tmp_path, f"{arch}_{mode}", "fw_merging", pool, experts, params)
         traces[mode] = json.loads((outs[mode] / "fwllm_plan" / "trace.json").read_text())["trace"]
     full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
@@ -78,8 +100,12 @@ def test_init_base_full_and_layerwise_give_the_same_merge(tmp_path, arch, one_th
 
 # -- GPT-2 through the other methods: Conv1D weights are [in, out] ------------------------------
 # the attention's c_proj is square: its layout cannot be told from its shape
-CONV1D_WEIGHTS = ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-                  "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight")
+CONV1D_WEIGHTS = (
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.0.attn.c_proj.weight",
+    "transformer.h.1.mlp.c_fc.weight",
+    "transformer.h.1.mlp.c_proj.weight",
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +129,7 @@ def conv1d_grams_by_hand(model_dir, calib_file, names):
         def hook(module, args):
             x = args[0][0].double()
             grams[name] = x.T @ x + grams.get(name, 0)
+
         return hook
 
     handles = [modules[n[: -len(".weight")]].register_forward_pre_hook(hook_for(n)) for n in names]
@@ -122,14 +149,24 @@ def test_gpt2_regmean_merges_conv1d_weights_in_their_own_layout(tmp_path, gpt2_p
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     pool, experts = gpt2_pool
     params = {"calibration": str(pool["calib"]), "alpha": 0.9}
-    out = merge(tmp_path, "regmean", "regmean", pool, experts, params,
-                per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}])
-    grams = [conv1d_grams_by_hand(e, pool["calib"] / f"{t}.jsonl", CONV1D_WEIGHTS)
-             for e, t in zip(experts, ("copy", "rev"))]
+    out = merge(
+        tmp_path,
+        "regmean",
+        "regmean",
+        pool,
+        experts,
+        params,
+        per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}],
+    )
+    grams = [
+        conv1d_grams_by_hand(e, pool["calib"] / f"{t}.jsonl", CONV1D_WEIGHTS)
+        for e, t in zip(experts, ("copy", "rev"))
+    ]
     cands, merged = [load_tensors(e) for e in experts], load_tensors(out)
     for name in CONV1D_WEIGHTS:
-        reduced = [c * (0.9 * g[name] + 0.1 * torch.diag(torch.diagonal(g[name])))
-                   for g, c in zip(grams, (1, 2))]
+        reduced = [
+            c * (0.9 * g[name] + 0.1 * torch.diag(torch.diagonal(g[name]))) for g, c in zip(grams, (1, 2))
+        ]
         expected = torch.linalg.solve(sum(reduced), sum(r @ w[name].double() for r, w in zip(reduced, cands)))
         assert torch.allclose(merged[name].double(), expected, rtol=1e-4, atol=1e-4), name
         assert not torch.allclose(merged[name], (cands[0][name] + 2 * cands[1][name]) / 3, atol=1e-3), name

@@ -101,9 +101,15 @@ def only_some_tensors(base_dir, source_dir, out, parts):
 def test_one_candidate_one_step_closed_form(tmp_path, tiny_pool, weight):
     # the vertex is theta_0 + lambda * w tau (the recipe's per-model weight w; 1 when not given)
     gamma, lam = 0.4, 0.7
-    out = merge(tmp_path, "fw1", "fw_merging", tiny_pool, [tiny_pool["experts"]["copy"]],
-                fw_params(tiny_pool, iterations=1, step_size=gamma, scaling=lam, init="base"),
-                per_model=None if weight is None else [{"weight": weight}])
+    out = merge(
+        tmp_path,
+        "fw1",
+        "fw_merging",
+        tiny_pool,
+        [tiny_pool["experts"]["copy"]],
+        fw_params(tiny_pool, iterations=1, step_size=gamma, scaling=lam, init="base"),
+        per_model=None if weight is None else [{"weight": weight}],
+    )
     w = 1.0 if weight is None else weight
     base, expert = tensors(tiny_pool["base"]), tensors(tiny_pool["experts"]["copy"])
     # gradient of the calibration objective at the base, computed independently
@@ -125,10 +131,23 @@ def test_per_model_weights_are_those_of_mergekits_task_arithmetic(tmp_path, tiny
     e, lam, weights = tiny_pool["experts"], 0.8, [0.6, 1.5]
     dirs = [e["copy"], e["rev"]]
     per_model = [{"weight": w} for w in weights]
-    out = merge(tmp_path, "fw_w", "fw_merging", tiny_pool, dirs, fw_params(tiny_pool, scaling=lam, iterations=3),
-                per_model=per_model)
-    ta_recipe = write_recipe(tmp_path / "ta.yml", "task_arithmetic", tiny_pool["base"], dirs,
-                             {"lambda": lam, "normalize": False}, per_model=per_model)
+    out = merge(
+        tmp_path,
+        "fw_w",
+        "fw_merging",
+        tiny_pool,
+        dirs,
+        fw_params(tiny_pool, scaling=lam, iterations=3),
+        per_model=per_model,
+    )
+    ta_recipe = write_recipe(
+        tmp_path / "ta.yml",
+        "task_arithmetic",
+        tiny_pool["base"],
+        dirs,
+        {"lambda": lam, "normalize": False},
+        per_model=per_model,
+    )
     ta = mergekit_merge(ta_recipe, tmp_path / "ta")
     plan = plan_of(out)
     assert plan["objective"]["initial"] == pytest.approx(objective_of(ta, tiny_pool["calib"]), rel=1e-5)
@@ -176,13 +195,30 @@ def test_ties_lmo_scores_the_trimmed_vertex_it_steps_toward(tmp_path, tiny_pool)
             if name not in scale:  # |tau| a few percent of the weights'
                 scale[name] = 0.03 * float(base.abs().mean()) / float(grads[name].abs().max())
             return base + scale[name] * which[name]
+
         return edit
 
-    dirs = [edited_copy(tiny_pool["base"], tmp_path / "dense", scaled(dense)),
-            edited_copy(tiny_pool["base"], tmp_path / "spiky", scaled(spiky))]
-    out = merge(tmp_path, "fw_ties", "fw_merging", tiny_pool, dirs,
-                fw_params(tiny_pool, local_merge="ties", density=density, iterations=1, step_size=gamma,
-                          scaling=lam, init="base", sketch_ratio=1))
+    dirs = [
+        edited_copy(tiny_pool["base"], tmp_path / "dense", scaled(dense)),
+        edited_copy(tiny_pool["base"], tmp_path / "spiky", scaled(spiky)),
+    ]
+    out = merge(
+        tmp_path,
+        "fw_ties",
+        "fw_merging",
+        tiny_pool,
+        dirs,
+        fw_params(
+            tiny_pool,
+            local_merge="ties",
+            density=density,
+            iterations=1,
+            step_size=gamma,
+            scaling=lam,
+            init="base",
+            sketch_ratio=1,
+        ),
+    )
     base, merged = tensors(tiny_pool["base"]), tensors(out)
     taus = [{n: t[n] - base[n] for n in grads} for t in map(tensors, dirs)]
     assert plan_of(out)["selected_iteration"] == 1
@@ -192,7 +228,11 @@ def test_ties_lmo_scores_the_trimmed_vertex_it_steps_toward(tmp_path, tiny_pool)
         trimmed = [float(torch.sum(g * hand_trim(t[name], density))) for t in taus]
         best = min(range(2), key=lambda j: trimmed[j])
         disagree += int(trimmed[best] < 0 and min(range(2), key=lambda j: full[j]) != best)
-        expected = base[name] + gamma * lam * hand_trim(taus[best][name], density) if trimmed[best] < 0 else base[name]
+        expected = (
+            base[name] + gamma * lam * hand_trim(taus[best][name], density)
+            if trimmed[best] < 0
+            else base[name]
+        )
         assert torch.allclose(merged[name], expected, atol=1e-6), name
     assert disagree > len(grads) // 2  # the construction does separate the two rankings
 
@@ -203,9 +243,16 @@ def test_dare_vertex_keeps_one_mask_across_iterations(tmp_path, tiny_pool):
     # would leave a union of supports with several multiples of tau
     lam, p, steps = 1.0, 0.5, 3
     expert = tiny_pool["experts"]["copy"]
-    out = merge(tmp_path, "fw_dare", "fw_merging", tiny_pool, [expert],
-                fw_params(tiny_pool, local_merge="dare_linear", drop_rate=p, iterations=steps, init="base",
-                          sketch_ratio=1))
+    out = merge(
+        tmp_path,
+        "fw_dare",
+        "fw_merging",
+        tiny_pool,
+        [expert],
+        fw_params(
+            tiny_pool, local_merge="dare_linear", drop_rate=p, iterations=steps, init="base", sketch_ratio=1
+        ),
+    )
     plan, trace = plan_of(out), trace_of(out)
     selected = plan["selected_iteration"]
     coef = replayed_coefficients(trace, 1, lam / (1 - p), False, selected)
@@ -262,7 +309,9 @@ def test_single_candidate_stays_on_the_segment_to_task_arithmetic(tmp_path, tiny
     # the iterate the plan selected, replayed by hand from the trace: the TA start shrinks by
     # (1 - gamma_t) each step, and each step toward the candidate adds gamma_t * lambda
     by_hand = replayed_coefficients(trace, 1, lam, init_ta=True, steps=plan["selected_iteration"])
-    assert any(step["chosen"][n] == [] for step in trace for n in step["chosen"])  # some steps toward the base
+    assert any(
+        step["chosen"][n] == [] for step in trace for n in step["chosen"]
+    )  # some steps toward the base
     for name, (c,) in plan["coefficients"].items():
         assert -1e-9 <= c <= lam + 1e-9
         assert c == pytest.approx(by_hand[name][0], abs=1e-9), name
@@ -273,8 +322,12 @@ def test_single_candidate_stays_on_the_segment_to_task_arithmetic(tmp_path, tiny
 
 def test_permutation_of_candidates_changes_nothing(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
-    a = merge(tmp_path, "p1", "fw_merging", tiny_pool, [e["copy"], e["rev"], e["noise"]], fw_params(tiny_pool))
-    b = merge(tmp_path, "p2", "fw_merging", tiny_pool, [e["noise"], e["copy"], e["rev"]], fw_params(tiny_pool))
+    a = merge(
+        tmp_path, "p1", "fw_merging", tiny_pool, [e["copy"], e["rev"], e["noise"]], fw_params(tiny_pool)
+    )
+    b = merge(
+        tmp_path, "p2", "fw_merging", tiny_pool, [e["noise"], e["copy"], e["rev"]], fw_params(tiny_pool)
+    )
     ta, tb = tensors(a), tensors(b)
     for name in ta:
         assert torch.allclose(ta[name], tb[name], atol=1e-6), name
@@ -295,10 +348,23 @@ def test_same_seed_same_tensors_soft_dare(tmp_path, tiny_pool):
 def test_fw_beats_task_arithmetic_on_conflicting_experts(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
     lam = 1.0
-    fw = merge(tmp_path, "fw", "fw_merging", tiny_pool, [e["copy"], e["rev"]],
-               fw_params(tiny_pool, scaling=lam, iterations=8))
-    ta = merge(tmp_path, "ta", "task_arithmetic", tiny_pool, [e["copy"], e["rev"]], {"lambda": lam},
-               per_model=[{"weight": 1.0}, {"weight": 1.0}])
+    fw = merge(
+        tmp_path,
+        "fw",
+        "fw_merging",
+        tiny_pool,
+        [e["copy"], e["rev"]],
+        fw_params(tiny_pool, scaling=lam, iterations=8),
+    )
+    ta = merge(
+        tmp_path,
+        "ta",
+        "task_arithmetic",
+        tiny_pool,
+        [e["copy"], e["rev"]],
+        {"lambda": lam},
+        per_model=[{"weight": 1.0}, {"weight": 1.0}],
+    )
     assert objective_of(fw, tiny_pool["calib"]) < objective_of(ta, tiny_pool["calib"])
     assert objective_of(fw, tiny_pool["dev"]) < objective_of(ta, tiny_pool["dev"])
 
@@ -325,11 +391,32 @@ def test_irrelevant_experts_hurt_fw_less_than_ta(tmp_path, tiny_pool, noise_expe
     relevant = [e["copy"], e["rev"]]
     losses = {}
     for tag, pool in (("clean", relevant), ("noisy", relevant + noise_experts)):
-        fw = merge(tmp_path, f"fw_{tag}", "fw_merging", tiny_pool, pool, fw_params(tiny_pool, scaling=lam, iterations=8))
-        ta = merge(tmp_path, f"ta_{tag}", "task_arithmetic", tiny_pool, pool, {"lambda": lam},
-                   per_model=[{"weight": 1.0}] * len(pool))
-        ties = merge(tmp_path, f"ties_{tag}", "ties", tiny_pool, pool, {"lambda": lam},
-                     per_model=[{"weight": 1.0, "density": 0.2}] * len(pool))
+        fw = merge(
+            tmp_path,
+            f"fw_{tag}",
+            "fw_merging",
+            tiny_pool,
+            pool,
+            fw_params(tiny_pool, scaling=lam, iterations=8),
+        )
+        ta = merge(
+            tmp_path,
+            f"ta_{tag}",
+            "task_arithmetic",
+            tiny_pool,
+            pool,
+            {"lambda": lam},
+            per_model=[{"weight": 1.0}] * len(pool),
+        )
+        ties = merge(
+            tmp_path,
+            f"ties_{tag}",
+            "ties",
+            tiny_pool,
+            pool,
+            {"lambda": lam},
+            per_model=[{"weight": 1.0, "density": 0.2}] * len(pool),
+        )
         losses[tag] = [objective_of(m, tiny_pool["dev"]) for m in (fw, ta, ties)]
     fw_shift, ta_shift, ties_shift = (abs(losses["noisy"][i] - losses["clean"][i]) for i in range(3))
     # TIES' trimming already filters much of the noise; FW started at the paper's TA point with
@@ -342,7 +429,14 @@ def test_resident_candidate_tensors_do_not_grow_with_pool_size(tmp_path, tiny_po
     peaks = {}
     for n in (1, 8):
         resident.reset_peak()
-        merge(tmp_path, f"res{n}", "fw_merging", tiny_pool, noise_experts[:n], fw_params(tiny_pool, iterations=2))
+        merge(
+            tmp_path,
+            f"res{n}",
+            "fw_merging",
+            tiny_pool,
+            noise_experts[:n],
+            fw_params(tiny_pool, iterations=2),
+        )
         peaks[n] = resident.peak
     assert 1 <= peaks[8] == peaks[1] <= 2, peaks
 
@@ -352,8 +446,10 @@ def partial_experts(tiny_pool, tmp_path_factory):
     """Checkpoints that change only some tensors (as LoRA pools do): "attn" is the base with the
     copy expert's q/v projections, "mlp" the base with the rev expert's MLP."""
     root, e = tmp_path_factory.mktemp("partial"), tiny_pool["experts"]
-    return {"attn": only_some_tensors(tiny_pool["base"], e["copy"], root / "attn", ("q_proj", "v_proj")),
-            "mlp": only_some_tensors(tiny_pool["base"], e["rev"], root / "mlp", ("mlp.",))}
+    return {
+        "attn": only_some_tensors(tiny_pool["base"], e["copy"], root / "attn", ("q_proj", "v_proj")),
+        "mlp": only_some_tensors(tiny_pool["base"], e["rev"], root / "mlp", ("mlp.",)),
+    }
 
 
 def test_model_granularity_one_step_closed_form(tmp_path, tiny_pool, partial_experts):
@@ -361,9 +457,22 @@ def test_model_granularity_one_step_closed_form(tmp_path, tiny_pool, partial_exp
     # toward theta_0 + lambda tau_j* -- including the blocks where tau_j* is zero
     gamma, lam = 0.4, 0.7
     dirs = [partial_experts["attn"], partial_experts["mlp"]]
-    out = merge(tmp_path, "gm1", "fw_merging", tiny_pool, dirs,
-                fw_params(tiny_pool, granularity="model", iterations=1, step_size=gamma, scaling=lam, init="base",
-                          sketch_ratio=1))
+    out = merge(
+        tmp_path,
+        "gm1",
+        "fw_merging",
+        tiny_pool,
+        dirs,
+        fw_params(
+            tiny_pool,
+            granularity="model",
+            iterations=1,
+            step_size=gamma,
+            scaling=lam,
+            init="base",
+            sketch_ratio=1,
+        ),
+    )
     base, cands = tensors(tiny_pool["base"]), [tensors(d) for d in dirs]
     grads = gradient_at(tiny_pool["base"], tiny_pool["calib"])
     taus = [{n: c[n] - base[n] for n in grads} for c in cands]
@@ -384,8 +493,14 @@ def test_model_granularity_one_step_closed_form(tmp_path, tiny_pool, partial_exp
 
 def test_soft_mixes_are_on_the_simplex(tmp_path, tiny_pool):
     e = tiny_pool["experts"]
-    out = merge(tmp_path, "soft", "fw_merging", tiny_pool, [e["copy"], e["rev"], e["noise"]],
-                fw_params(tiny_pool, variant="soft", top_k=2, iterations=3))
+    out = merge(
+        tmp_path,
+        "soft",
+        "fw_merging",
+        tiny_pool,
+        [e["copy"], e["rev"], e["noise"]],
+        fw_params(tiny_pool, variant="soft", top_k=2, iterations=3),
+    )
     trace = json.loads((out / "fwllm_plan" / "trace.json").read_text())["trace"]
     mixes = [m for step in trace for m in step["mix"].values()]
     assert mixes and any(len(m) == 2 for m in mixes)
@@ -415,8 +530,14 @@ def test_stochastic_fw_with_every_batch_per_iteration_is_plain_fw(tmp_path, tiny
     # the tiny pool has 16 rows per task in micro-batches of 8: asking for 2 per task is all of them
     e = tiny_pool["experts"]
     plain = merge(tmp_path, "plain", "fw_merging", tiny_pool, [e["copy"], e["rev"]], fw_params(tiny_pool))
-    whole = merge(tmp_path, "whole", "fw_merging", tiny_pool, [e["copy"], e["rev"]],
-                  fw_params(tiny_pool, batches_per_iteration=2))
+    whole = merge(
+        tmp_path,
+        "whole",
+        "fw_merging",
+        tiny_pool,
+        [e["copy"], e["rev"]],
+        fw_params(tiny_pool, batches_per_iteration=2),
+    )
     a, b = tensors(plain), tensors(whole)
     assert all(torch.equal(a[n], b[n]) for n in a)
     ta, tb = (json.loads((x / "fwllm_plan" / "trace.json").read_text())["trace"] for x in (plain, whole))
@@ -424,20 +545,40 @@ def test_stochastic_fw_with_every_batch_per_iteration_is_plain_fw(tmp_path, tiny
     assert not any("minibatch" in t for t in tb)
 
 
-def test_stochastic_fw_returns_the_better_of_start_and_last_iterate_on_the_full_objective(tmp_path, tiny_pool):
+def test_stochastic_fw_returns_the_better_of_start_and_last_iterate_on_the_full_objective(
+    tmp_path, tiny_pool
+):
     e = tiny_pool["experts"]
     dirs = [e["copy"], e["rev"]]
-    out = merge(tmp_path, "sfw", "fw_merging", tiny_pool, dirs, fw_params(tiny_pool, batches_per_iteration=1, iterations=6))
+    out = merge(
+        tmp_path,
+        "sfw",
+        "fw_merging",
+        tiny_pool,
+        dirs,
+        fw_params(tiny_pool, batches_per_iteration=1, iterations=6),
+    )
     plan, trace = plan_of(out), trace_of(out)
     assert plan["stochastic"] and all(t["minibatch"] for t in trace)
     # the start is task arithmetic at lambda; its full objective, computed independently
-    ta = merge(tmp_path, "ta", "task_arithmetic", tiny_pool, dirs, {"lambda": 1.0},
-               per_model=[{"weight": 1.0}, {"weight": 1.0}])
+    ta = merge(
+        tmp_path,
+        "ta",
+        "task_arithmetic",
+        tiny_pool,
+        dirs,
+        {"lambda": 1.0},
+        per_model=[{"weight": 1.0}, {"weight": 1.0}],
+    )
     start = objective_of(ta, tiny_pool["calib"])
     assert plan["objective"]["initial"] == pytest.approx(start, rel=1e-4)
     # the last iterate, rebuilt from the trace and the candidates' files, on the full objective
-    last = objective_at(replayed_coefficients(trace, 2, 1.0, init_ta=True, steps=6), tiny_pool["base"], dirs,
-                        tiny_pool["calib"])
+    last = objective_at(
+        replayed_coefficients(trace, 2, 1.0, init_ta=True, steps=6),
+        tiny_pool["base"],
+        dirs,
+        tiny_pool["calib"],
+    )
     assert abs(start - last) > 1e-4 * start  # not a near-tie: the choice below is meaningful
     assert plan["selected_iteration"] == (0 if start <= last else 6)
     assert plan["objective"]["final"] == pytest.approx(min(start, last), rel=1e-4)

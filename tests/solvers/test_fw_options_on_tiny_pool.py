@@ -57,7 +57,11 @@ def test_pairwise_steps_lower_the_held_out_loss(tiny_pool, reference):
 
 def test_uniform_regmean_weights_lower_the_held_out_loss(tiny_pool, reference):
     """FW keeps only the choice of support; RegMean merges each layer's support with equal weights."""
-    loss, _ = _dev_loss(tiny_pool, reference, "regmean_uniform", local_merge="regmean", regmean_weights="uniform")
+    loss, _ = _dev_loss(
+        tiny_pool, reference, "regmean_uniform", local_merge="regmean", regmean_weights="uniform"
+    )
     fw_weighted, _ = _dev_loss(tiny_pool, reference, "regmean_fw_weighted", local_merge="regmean")
     assert loss < reference[3]
-    assert loss < fw_weighted, f"uniform {loss:.4f} vs FW-weighted {fw_weighted:.4f}"  # 2.143 vs 2.220 when written
+    assert loss < fw_weighted, (
+        f"uniform {loss:.4f} vs FW-weighted {fw_weighted:.4f}"
+    )  # 2.143 vs 2.220 when written

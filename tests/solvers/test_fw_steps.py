@@ -43,11 +43,22 @@ class NoSampling:
 
 
 def solver(taus, target, **params):
-    p = FWParams(calibration="unused", sketch_ratio=1, init="base", preset="paper", **params)  # the old defaults
+    p = FWParams(
+        calibration="unused", sketch_ratio=1, init="base", preset="paper", **params
+    )  # the old defaults
     w = torch.nn.Parameter(torch.zeros(SHAPE))  # theta_0 = 0
     candidates = [Candidate(f"c{i}", t) for i, t in enumerate(taus)]
-    fw = FrankWolfe(ModelIterate({"w": w}), Quadratic(w, target), NoSampling(), candidates, [1.0] * len(taus),
-                    ["w"], p, lambda name: torch.zeros(SHAPE), progress=False)
+    fw = FrankWolfe(
+        ModelIterate({"w": w}),
+        Quadratic(w, target),
+        NoSampling(),
+        candidates,
+        [1.0] * len(taus),
+        ["w"],
+        p,
+        lambda name: torch.zeros(SHAPE),
+        progress=False,
+    )
     return fw, w
 
 

@@ -42,7 +42,10 @@ def layerwise_gradient(model, objective, tmp_path, heads=None):
 
 
 def causal_objective(model):
-    tasks = [CalibrationTask("copy", CAUSAL, task_rows("copy", 5, 1)), CalibrationTask("rev", CAUSAL, task_rows("rev", 3, 2))]
+    tasks = [
+        CalibrationTask("copy", CAUSAL, task_rows("copy", 5, 1)),
+        CalibrationTask("rev", CAUSAL, task_rows("rev", 3, 2)),
+    ]
     return encode_tasks(tasks, tiny_tokenizer(), model, batch_size=2)  # several micro-batches per task
 
 
@@ -68,19 +71,30 @@ def test_layerwise_gradient_equals_full_backward_roberta_classifier_with_task_he
 
     from conftest import encoder_rows as rows, roberta_tokenizer
 
-    cfg = RobertaConfig(vocab_size=25, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1, num_labels=3)
+    cfg = RobertaConfig(
+        vocab_size=25,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+        pad_token_id=1,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(cfg).eval()
     other_head = copy.deepcopy(model.classifier)
     torch.nn.init.normal_(other_head.out_proj.weight)
     other_head.requires_grad_(False)
-    tasks = [CalibrationTask("sum_mod3", CLASSIFICATION, rows("sum_mod3", 5, 1), ["sentence"]),
-             CalibrationTask("other", CLASSIFICATION, rows("sum_mod3", 4, 2), ["sentence"])]
+    tasks = [
+        CalibrationTask("sum_mod3", CLASSIFICATION, rows("sum_mod3", 5, 1), ["sentence"]),
+        CalibrationTask("other", CLASSIFICATION, rows("sum_mod3", 4, 2), ["sentence"]),
+    ]
     objective = encode_tasks(tasks, roberta_tokenizer(), model, batch_size=2, heads={"other": other_head})
     v_full, g_full = full_gradient(model, objective)
-    v_layer, g_layer, gradient = layerwise_gradient(copy.deepcopy(model), objective, tmp_path,
-                                                    heads={"other": other_head})
+    v_layer, g_layer, gradient = layerwise_gradient(
+        copy.deepcopy(model), objective, tmp_path, heads={"other": other_head}
+    )
     assert gradient.stack_name == "roberta.encoder.layer"
     assert v_layer == pytest.approx(v_full, rel=1e-6)
     for name, g in g_full.items():
@@ -112,16 +126,24 @@ def test_a_layer_fed_something_other_than_the_previous_output_is_refused(tmp_pat
     meta = MetaModel(model, {n: p.detach() for n, p in model.named_parameters()}, "cpu")
     gradient = StreamedGradient.__new__(StreamedGradient)  # only the capture pass
     gradient.meta, gradient.model, gradient.layers = meta, model, model.layers
-    term = _Term(CalibrationTask("t", UNLABELED, [{"text": "x"}]), 1.0,
-                 {"input_ids": torch.ones(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1)})
+    term = _Term(
+        CalibrationTask("t", UNLABELED, [{"text": "x"}]),
+        1.0,
+        {"input_ids": torch.ones(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1)},
+    )
     with pytest.raises(FwllmError, match="output directly"):
         gradient._capture(term)
 
 
 def fw_merge(tmp_path, pool, models, label, **params):
     """An fw_merging run over `models` on the tiny pool's calibration rows; its output folder."""
-    params = {"calibration": str(pool["calib"]), "preset": "paper",
-              "step_size": 0.5, "scaling": 1.0, **params}
+    params = {
+        "calibration": str(pool["calib"]),
+        "preset": "paper",
+        "step_size": 0.5,
+        "scaling": 1.0,
+        **params,
+    }
     recipe = write_recipe(tmp_path / f"{label}.yml", "fw_merging", pool["base"], models, params)
     merge_recipe(str(recipe), str(tmp_path / label), MergeOptions(quiet=True))
     return tmp_path / label
@@ -130,8 +152,10 @@ def fw_merge(tmp_path, pool, models, label, **params):
 @pytest.mark.parametrize("variant", ["hard", "soft"])
 def test_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool, variant):
     models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"], tiny_pool["experts"]["noise"]]
-    outs = {mode: fw_merge(tmp_path, tiny_pool, models, mode, iterations=4, gradient=mode, variant=variant)
-            for mode in ("full", "layerwise")}
+    outs = {
+        mode: fw_merge(tmp_path, tiny_pool, models, mode, iterations=4, gradient=mode, variant=variant)
+        for mode in ("full", "layerwise")
+    }
     full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
     assert set(full) == set(layer)
     for name in full:
@@ -149,8 +173,19 @@ def test_checkpoint_memory_groups_micro_batches_and_changes_nothing_else(tmp_pat
     import math
 
     models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]]
-    outs = {label: fw_merge(tmp_path, tiny_pool, models, label, iterations=3, gradient="layerwise", batch_size=2,
-                            checkpoint_memory=memory) for label, memory in (("one", 1.0), ("each", 1e-9))}
+    outs = {
+        label: fw_merge(
+            tmp_path,
+            tiny_pool,
+            models,
+            label,
+            iterations=3,
+            gradient="layerwise",
+            batch_size=2,
+            checkpoint_memory=memory,
+        )
+        for label, memory in (("one", 1.0), ("each", 1e-9))
+    }
     rows = [sum(1 for _ in open(f)) for f in sorted(pool_files(tiny_pool["calib"]))]
     micro_batches = sum(math.ceil(n / 2) for n in rows)
     plans = {k: json.load(open(v / "fwllm_plan" / "plan.json"))["gradient"] for k, v in outs.items()}
@@ -178,7 +213,9 @@ def test_layerwise_on_cuda_matches_the_cpu_backward(tmp_path):
     v_full, g_full = full_gradient(model, objective)
     model.save_pretrained(tmp_path / "m")
     blocks = [n for n, _ in model.named_parameters()]
-    meta = MetaModel(skeleton(str(tmp_path / "m")), base_weights(str(tmp_path / "m")), "cuda", trainable=blocks)
+    meta = MetaModel(
+        skeleton(str(tmp_path / "m")), base_weights(str(tmp_path / "m")), "cuda", trainable=blocks
+    )
     grads = {}
     value = StreamedGradient(meta, objective, blocks, lambda: {})(lambda n, g: grads.__setitem__(n, g.cpu()))
     assert value == pytest.approx(v_full, rel=1e-5)
@@ -191,8 +228,10 @@ def test_layerwise_on_cuda_matches_the_cpu_backward(tmp_path):
 @pytest.mark.parametrize("gradient", ["full", "layerwise"])
 def test_fw_merge_on_cuda_matches_cpu(tmp_path, tiny_pool, gradient):
     models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]]
-    outs = {device: fw_merge(tmp_path, tiny_pool, models, device, iterations=3, gradient=gradient, device=device)
-            for device in ("cpu", "cuda")}
+    outs = {
+        device: fw_merge(tmp_path, tiny_pool, models, device, iterations=3, gradient=gradient, device=device)
+        for device in ("cpu", "cuda")
+    }
     cpu, gpu = load_tensors(outs["cpu"]), load_tensors(outs["cuda"])
     for name in cpu:
         assert torch.allclose(cpu[name], gpu[name], atol=1e-4), name
@@ -204,12 +243,21 @@ def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_
     from fwllm.data.calibration import UNLABELED
     from conftest import encoder_rows as rows, roberta_tokenizer
 
-    cfg = RobertaConfig(vocab_size=25, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=20, pad_token_id=1)
+    cfg = RobertaConfig(
+        vocab_size=25,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     model = RobertaForMaskedLM(cfg).eval()
     texts = [{"text": r["sentence"]} for r in rows("sum_mod3", 5, 3)]
-    objective = encode_tasks([CalibrationTask("mlm", UNLABELED, texts)], roberta_tokenizer(), model, batch_size=2)
+    objective = encode_tasks(
+        [CalibrationTask("mlm", UNLABELED, texts)], roberta_tokenizer(), model, batch_size=2
+    )
     v_full, g_full = full_gradient(model, objective)
     v_layer, g_layer, _ = layerwise_gradient(copy.deepcopy(model), objective, tmp_path)
     assert v_layer == pytest.approx(v_full, rel=1e-6)
@@ -220,8 +268,12 @@ def test_layerwise_gradient_equals_full_backward_roberta_masked_lm_on_unlabeled_
 
 def test_stochastic_fw_merge_with_layerwise_gradient_matches_full(tmp_path, tiny_pool):
     models = [tiny_pool["experts"]["copy"], tiny_pool["experts"]["rev"]]
-    outs = {mode: fw_merge(tmp_path, tiny_pool, models, mode, iterations=3, gradient=mode, batches_per_iteration=1)
-            for mode in ("full", "layerwise")}
+    outs = {
+        mode: fw_merge(
+            tmp_path, tiny_pool, models, mode, iterations=3, gradient=mode, batches_per_iteration=1
+        )
+        for mode in ("full", "layerwise")
+    }
     full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
     for name in full:
         assert torch.allclose(full[name], layer[name], atol=1e-5), name

@@ -16,7 +16,7 @@ class _Adapter:
 
 def _factors(out, inp, rank, alpha, rslora, seed):
     g = torch.Generator().manual_seed(seed)
-    scale = alpha / (rank ** 0.5 if rslora else rank)
+    scale = alpha / (rank**0.5 if rslora else rank)
     return LoraFactors(torch.randn(rank, inp, generator=g), torch.randn(out, rank, generator=g), scale)
 
 
@@ -24,9 +24,13 @@ def _factors(out, inp, rank, alpha, rslora, seed):
 def test_hook_scores_equal_the_dense_inner_product_with_the_weight_gradient(rslora):
     torch.manual_seed(0)
     out, inp = 6, 5
-    model = torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False), torch.nn.Tanh(), torch.nn.Linear(out, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(inp, out, bias=False), torch.nn.Tanh(), torch.nn.Linear(out, 3)
+    )
     name = "0.weight"
-    adapters = [_Adapter({name: _factors(out, inp, r, a, rslora, seed)}) for r, a, seed in ((2, 4.0, 1), (3, 6.0, 2))]
+    adapters = [
+        _Adapter({name: _factors(out, inp, r, a, rslora, seed)}) for r, a, seed in ((2, 4.0, 1), (3, 6.0, 2))
+    ]
     adapters.append(_Adapter({}))  # a candidate that leaves this layer alone
     weights = torch.tensor([1.0, 0.5, 2.0])
     coefficients = [0.3, -0.2, 0.0]
@@ -37,7 +41,9 @@ def test_hook_scores_equal_the_dense_inner_product_with_the_weight_gradient(rslo
     x = torch.randn(4, 7, inp)
 
     # independent truth: the dense iterate W = W0 + sum_i c_i s_i B_i A_i, and dL/dW by autograd
-    dense = torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False), torch.nn.Tanh(), torch.nn.Linear(out, 3))
+    dense = torch.nn.Sequential(
+        torch.nn.Linear(inp, out, bias=False), torch.nn.Tanh(), torch.nn.Linear(out, 3)
+    )
     dense.load_state_dict(model.state_dict())
     w = model[0].weight.detach().clone()
     for c, a in zip(coefficients, adapters[:2]):
@@ -53,8 +59,15 @@ def test_hook_scores_equal_the_dense_inner_product_with_the_weight_gradient(rslo
     assert torch.allclose(y, dense(x), atol=1e-5)  # the implicit layer computes the dense one
     y.square().sum().backward()
     scores = terms.stop_scoring()[name]
-    expected = torch.tensor([float(weights[i]) * a.factors[name].scale * float((grad * (a.factors[name].b @ a.factors[name].a)).sum())
-                             for i, a in enumerate(adapters[:2])] + [0.0])
+    expected = torch.tensor(
+        [
+            float(weights[i])
+            * a.factors[name].scale
+            * float((grad * (a.factors[name].b @ a.factors[name].a)).sum())
+            for i, a in enumerate(adapters[:2])
+        ]
+        + [0.0]
+    )
     assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-6)
     assert model[0].weight.grad is None  # the scores came without the weight-gradient matmul
 
@@ -64,8 +77,10 @@ def test_the_merged_delta_is_the_coefficient_weighted_sum_of_the_adapters():
     adapters = [_Adapter({name: _factors(4, 3, 2, 4.0, False, seed)}) for seed in (5, 6)]
     terms = LoraTerms(adapters)
     terms.set_coefficients(name, [0.7, 0.1])
-    expected = sum(c * a.factors[name].scale * a.factors[name].b @ a.factors[name].a
-                   for c, a in zip([0.7, 0.1], adapters))
+    expected = sum(
+        c * a.factors[name].scale * a.factors[name].b @ a.factors[name].a
+        for c, a in zip([0.7, 0.1], adapters)
+    )
     assert torch.allclose(terms.delta(name), expected, atol=1e-6)
 
 
@@ -73,15 +88,26 @@ def test_a_bf16_pool_is_held_in_bf16_and_computes_what_fp32_factors_compute():
     """Held as stored (half the RAM of an fp32 stack) and cast where used: bf16 -> fp32 is exact, so the
     layer's output is the one that the same factors, upcast beforehand, give."""
     name = "0.weight"
-    half = [_Adapter({name: LoraFactors(f.a.bfloat16(), f.b.bfloat16(), f.scale)})
-            for f in (_factors(6, 5, 2, 4.0, False, 7), _factors(6, 5, 3, 6.0, False, 8))]
-    upcast = [_Adapter({name: LoraFactors(a.factors[name].a.float(), a.factors[name].b.float(), a.factors[name].scale)})
-              for a in half]
-    mixed = [half[0], _Adapter({name: LoraFactors(half[1].factors[name].a.half(), half[1].factors[name].b.half(), 1.0)})]
+    half = [
+        _Adapter({name: LoraFactors(f.a.bfloat16(), f.b.bfloat16(), f.scale)})
+        for f in (_factors(6, 5, 2, 4.0, False, 7), _factors(6, 5, 3, 6.0, False, 8))
+    ]
+    upcast = [
+        _Adapter(
+            {name: LoraFactors(a.factors[name].a.float(), a.factors[name].b.float(), a.factors[name].scale)}
+        )
+        for a in half
+    ]
+    mixed = [
+        half[0],
+        _Adapter({name: LoraFactors(half[1].factors[name].a.half(), half[1].factors[name].b.half(), 1.0)}),
+    ]
     terms, reference = LoraTerms(half), LoraTerms(upcast)
     assert terms.blocks[name].a.dtype == torch.bfloat16 and reference.blocks[name].a.dtype == torch.float32
     assert terms.nbytes * 2 == reference.nbytes
-    assert LoraTerms(mixed).blocks[name].a.dtype == torch.float32  # bf16 with fp16: nothing narrower holds both
+    assert (
+        LoraTerms(mixed).blocks[name].a.dtype == torch.float32
+    )  # bf16 with fp16: nothing narrower holds both
     x = torch.randn(3, 5)
     outs = []
     for t in (terms, reference):

@@ -21,8 +21,14 @@ def lora_refs(tiny_pool, tmp_path_factory):
 def both(tmp_path, pool, models, label, **params):
     outs = {}
     for mode in ("full", "layerwise"):
-        p = {"calibration": str(pool["calib"]), "steps": 3, "lr": 0.05, "batch_size": 5, "gradient": mode,
-             **params}
+        p = {
+            "calibration": str(pool["calib"]),
+            "steps": 3,
+            "lr": 0.05,
+            "batch_size": 5,
+            "gradient": mode,
+            **params,
+        }
         outs[mode] = merge(tmp_path, f"{label}_{mode}", "adamerging", pool, models, p)
     return outs
 
@@ -66,9 +72,15 @@ def test_layerwise_refuses_an_encoder_pool(tmp_path):
     experts = two_head_encoder_pool(tmp_path)
     pool = {"base": tmp_path / "base", "calib": tmp_path / "calib"}
     with pytest.raises(FwllmError, match="layerwise covers causal LMs only"):
-        merge(tmp_path, "enc", "adamerging", pool, experts,
-              {"calibration": str(pool["calib"]), "steps": 1, "gradient": "layerwise"},
-              per_model=[{"task": "two"}, {"task": "three"}])
+        merge(
+            tmp_path,
+            "enc",
+            "adamerging",
+            pool,
+            experts,
+            {"calibration": str(pool["calib"]), "steps": 1, "gradient": "layerwise"},
+            per_model=[{"task": "two"}, {"task": "three"}],
+        )
     assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
 
 
@@ -77,8 +89,14 @@ def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_
 
     monkeypatch.setattr(fw, "available_memory", lambda: 1 << 20)  # 1 MiB free: the tiny model does not fit
     e = tiny_pool["experts"]
-    out = merge(tmp_path, "auto", "adamerging", tiny_pool, [e["copy"], e["rev"]],
-                {"calibration": str(tiny_pool["calib"]), "steps": 1})
+    out = merge(
+        tmp_path,
+        "auto",
+        "adamerging",
+        tiny_pool,
+        [e["copy"], e["rev"]],
+        {"calibration": str(tiny_pool["calib"]), "steps": 1},
+    )
     gradient = plan_file(out, "trace.json")["gradient"]
     assert gradient["mode"] == "layerwise" and "would need" in gradient["reason"]
 
@@ -107,16 +125,23 @@ def test_tied_model_in_several_checkpoint_groups_matches_adamerge(tmp_path):
 
     model = load_model(str(tmp_path / "base"))
     names = [n for n, _ in model.named_parameters()]
-    want = adamerge(model, [encode_task(task, tiny_tokenizer(), p.max_length, 2, "causal")], cands, names, p,
-                    progress=False)
+    want = adamerge(
+        model,
+        [encode_task(task, tiny_tokenizer(), p.max_length, 2, "causal")],
+        cands,
+        names,
+        p,
+        progress=False,
+    )
 
     sk = skeleton(str(tmp_path / "base"))
     assert [n for n, _ in sk.named_parameters()] == names and "lm_head.weight" not in names
     base = base_weights(str(tmp_path / "base"))
     meta = MetaModel(sk, base, trainable=names)
     objective = Objective([encode_task(task, tiny_tokenizer(), p.max_length, 2, "causal")])
-    got = streamed_adamerge(meta, objective, MergedPoint(base, cands, names), names, p, progress=False,
-                            checkpoint_bytes=1)
+    got = streamed_adamerge(
+        meta, objective, MergedPoint(base, cands, names), names, p, progress=False, checkpoint_bytes=1
+    )
     assert got.stats["checkpoint_groups"] == 3
     assert got.entropy == pytest.approx(want.entropy, rel=1e-5)
     for name in names:

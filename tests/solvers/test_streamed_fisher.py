@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from conftest import (
-    load_tensors, merge, save_random_loras, task_rows, tiny_llama, tiny_tokenizer, write_jsonl,
+    load_tensors,
+    merge,
+    save_random_loras,
+    task_rows,
+    tiny_llama,
+    tiny_tokenizer,
+    write_jsonl,
 )
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.core.errors import FwllmError
@@ -38,6 +44,7 @@ def streamed(model_dir, task, p, weights=None, checkpoint_bytes=1 << 30):
 
     def add(name, x):
         acc[name] = acc[name] + x if name in acc else x.clone()
+
     examples, _ = StreamedFisher(meta, objective, p, names, checkpoint_bytes=checkpoint_bytes).measure(add)
     return {n: a / examples for n, a in acc.items()}, examples, meta
 
@@ -107,8 +114,15 @@ def both(tmp_path, pool, models, label, **params):
     outs = {}
     for mode in ("full", "layerwise"):
         p = {"calibration": str(pool["calib"]), "max_rows": 3, "top_k": 2, "gradient": mode, **params}
-        outs[mode] = merge(tmp_path, f"{label}_{mode}", "fisher", pool, models, p,
-                           per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 0.5}])
+        outs[mode] = merge(
+            tmp_path,
+            f"{label}_{mode}",
+            "fisher",
+            pool,
+            models,
+            p,
+            per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 0.5}],
+        )
     full, layer = load_tensors(outs["full"]), load_tensors(outs["layerwise"])
     assert set(full) == set(layer)
     for name in full:
@@ -135,9 +149,15 @@ def test_layerwise_refuses_an_encoder_pool(tmp_path):
     experts = two_head_encoder_pool(tmp_path)
     pool = {"base": tmp_path / "base", "calib": tmp_path / "calib"}
     with pytest.raises(FwllmError, match="layerwise covers causal LMs only"):
-        merge(tmp_path, "enc", "fisher", pool, experts,
-              {"calibration": str(pool["calib"]), "gradient": "layerwise"},
-              per_model=[{"task": "two"}, {"task": "three"}])
+        merge(
+            tmp_path,
+            "enc",
+            "fisher",
+            pool,
+            experts,
+            {"calibration": str(pool["calib"]), "gradient": "layerwise"},
+            per_model=[{"task": "two"}, {"task": "three"}],
+        )
     assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
 
 
@@ -146,9 +166,15 @@ def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_
 
     monkeypatch.setattr(fw, "available_memory", lambda: 1 << 20)  # 1 MiB free: the tiny model does not fit
     e = tiny_pool["experts"]
-    out = merge(tmp_path, "auto", "fisher", tiny_pool, [e["copy"]],
-                {"calibration": str(tiny_pool["calib"]), "max_rows": 2, "fisher": "empirical"},
-                per_model=[{"task": "copy"}])
+    out = merge(
+        tmp_path,
+        "auto",
+        "fisher",
+        tiny_pool,
+        [e["copy"]],
+        {"calibration": str(tiny_pool["calib"]), "max_rows": 2, "fisher": "empirical"},
+        per_model=[{"task": "copy"}],
+    )
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
     assert plan["candidates"][0]["meta"]["gradient"] == "layerwise"
     assert "would need" in plan["candidates"][0]["meta"]["reason"]

@@ -8,8 +8,16 @@ import shutil
 import pytest
 import torch
 
-from conftest import load_tensors, merge, perturbed_copies, save_tiny_llama_base, task_rows, tiny_tokenizer, \
-    two_head_encoder_pool, write_jsonl
+from conftest import (
+    load_tensors,
+    merge,
+    perturbed_copies,
+    save_tiny_llama_base,
+    task_rows,
+    tiny_tokenizer,
+    two_head_encoder_pool,
+    write_jsonl,
+)
 from fwllm.core.errors import FwllmError
 
 
@@ -17,9 +25,15 @@ def both(tmp_path, pool, models, label, per_model=None, **params):
     """The same FW recipe solved in RAM (`full`) and bounded (`layerwise`): both outputs, both plans."""
     outs = {}
     for mode in ("full", "layerwise"):
-        p = {"calibration": str(pool["calib"]), "preset": "paper",
-             "iterations": 3, "step_size": 0.5, "scaling": 1.0, "gradient": mode,
-             **params}
+        p = {
+            "calibration": str(pool["calib"]),
+            "preset": "paper",
+            "iterations": 3,
+            "step_size": 0.5,
+            "scaling": 1.0,
+            "gradient": mode,
+            **params,
+        }
         outs[mode] = merge(tmp_path, f"{label}_{mode}", "fw_merging", pool, models, p, per_model=per_model)
     plans = {m: json.loads((o / "fwllm_plan" / "plan.json").read_text()) for m, o in outs.items()}
     traces = {m: json.loads((o / "fwllm_plan" / "trace.json").read_text())["trace"] for m, o in outs.items()}
@@ -32,15 +46,23 @@ def assert_same_merge(outs, traces, atol=1e-5):
     for name in full:
         assert torch.allclose(full[name], layer[name], atol=atol, rtol=1e-5), name
     assert [t["chosen"] for t in traces["full"]] == [t["chosen"] for t in traces["layerwise"]]
-    assert [t["objective"] for t in traces["full"]] == pytest.approx([t["objective"] for t in traces["layerwise"]],
-                                                                     rel=1e-5)
+    assert [t["objective"] for t in traces["full"]] == pytest.approx(
+        [t["objective"] for t in traces["layerwise"]], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("local_merge", ["ties", "dare_linear"])
 def test_full_checkpoint_pool_ties_and_dare_match_the_in_ram_solve(tmp_path, tiny_pool, local_merge):
     e = tiny_pool["experts"]
-    outs, plans, traces = both(tmp_path, tiny_pool, [e["copy"], e["rev"]], local_merge, local_merge=local_merge,
-                               density=0.5, drop_rate=0.3)
+    outs, plans, traces = both(
+        tmp_path,
+        tiny_pool,
+        [e["copy"], e["rev"]],
+        local_merge,
+        local_merge=local_merge,
+        density=0.5,
+        drop_rate=0.3,
+    )
     assert plans["layerwise"]["gradient"]["iterate"] == "on-disk store"
     assert not (outs["layerwise"] / "fwllm_plan" / ".iterate").exists()  # the scratch store is gone
     assert_same_merge(outs, traces)
@@ -54,9 +76,16 @@ def lora_pool(tiny_pool, tmp_path_factory):
     root, refs = tmp_path_factory.mktemp("streamed_lora"), []
     for i, (rank, rs) in enumerate(((4, False), (2, True), (3, False))):
         torch.manual_seed(20 + i)
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_pool["base"]),
-                               LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          use_rslora=rs, lora_dropout=0.0))
+        model = get_peft_model(
+            LlamaForCausalLM.from_pretrained(tiny_pool["base"]),
+            LoraConfig(
+                r=rank,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj", "down_proj"],
+                use_rslora=rs,
+                lora_dropout=0.0,
+            ),
+        )
         with torch.no_grad():
             for n, prm in model.named_parameters():
                 if "lora_B" in n:
@@ -68,8 +97,16 @@ def lora_pool(tiny_pool, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["hard", "soft"])
 def test_lora_pool_implicit_iterate_matches_the_in_ram_solve(tmp_path, tiny_pool, lora_pool, variant):
-    outs, plans, traces = both(tmp_path, tiny_pool, lora_pool, f"lora_{variant}", variant=variant, top_k=2,
-                               scaling=0.5, per_model=[{"weight": 1.0}, {"weight": 0.5}, {"weight": 1.0}])
+    outs, plans, traces = both(
+        tmp_path,
+        tiny_pool,
+        lora_pool,
+        f"lora_{variant}",
+        variant=variant,
+        top_k=2,
+        scaling=0.5,
+        per_model=[{"weight": 1.0}, {"weight": 0.5}, {"weight": 1.0}],
+    )
     gradient = plans["layerwise"]["gradient"]
     assert gradient["iterate"] == "lora coefficients" and gradient["lora_factor_bytes"] > 0
     # no merged tensor was stored: the output was formed from the adapters' factors and the coefficients
@@ -82,7 +119,9 @@ def test_lora_pool_implicit_iterate_matches_the_in_ram_solve(tmp_path, tiny_pool
 
 
 def test_lora_pool_with_ties_runs_on_the_store_and_matches(tmp_path, tiny_pool, lora_pool):
-    outs, plans, traces = both(tmp_path, tiny_pool, lora_pool[:2], "lora_ties", local_merge="ties", density=0.5)
+    outs, plans, traces = both(
+        tmp_path, tiny_pool, lora_pool[:2], "lora_ties", local_merge="ties", density=0.5
+    )
     assert plans["layerwise"]["gradient"]["iterate"] == "on-disk store"
     assert_same_merge(outs, traces)
 
@@ -130,9 +169,14 @@ def test_one_layer_at_a_time_whatever_the_depth(tmp_path, layers):
     base = save_tiny_llama_base(tmp_path, num_hidden_layers=layers)
     write_jsonl(tmp_path / "calib" / "copy.jsonl", task_rows("copy", 6, seed=1))
     models = perturbed_copies(base, tmp_path, 2, scale=0.05, seed=3)
-    out = merge(tmp_path, "m", "fw_merging", {"base": base}, models,
-                {"calibration": str(tmp_path / "calib"), "preset": "paper",
-                 "iterations": 2, "gradient": "layerwise"})
+    out = merge(
+        tmp_path,
+        "m",
+        "fw_merging",
+        {"base": base},
+        models,
+        {"calibration": str(tmp_path / "calib"), "preset": "paper", "iterations": 2, "gradient": "layerwise"},
+    )
     gradient = json.loads((out / "fwllm_plan" / "plan.json").read_text())["gradient"]
     model = LlamaForCausalLM.from_pretrained(base)
     layer = 4 * sum(p.numel() for p in model.model.layers[0].parameters())
@@ -150,11 +194,19 @@ def test_bad_inputs_of_the_bounded_path(tmp_path, tiny_pool, monkeypatch):
     # an adapter trained on a base whose MLP is wider: the same tensor names, other shapes
     (tmp_path / "wide_root").mkdir()
     wide = save_tiny_llama_base(tmp_path / "wide_root", intermediate_size=96)
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(wide), LoraConfig(r=2, target_modules=["down_proj"]))
+    peft_model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(wide), LoraConfig(r=2, target_modules=["down_proj"])
+    )
     peft_model.save_pretrained(tmp_path / "wide_adapter")
     with pytest.raises(FwllmError, match="the adapter's model.layers.0.mlp.down_proj.weight is"):
-        merge(tmp_path, "wide", "fw_merging", tiny_pool, [f"{tiny_pool['base']}+{tmp_path / 'wide_adapter'}"],
-              {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise"})
+        merge(
+            tmp_path,
+            "wide",
+            "fw_merging",
+            tiny_pool,
+            [f"{tiny_pool['base']}+{tmp_path / 'wide_adapter'}"],
+            {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise"},
+        )
 
     # a sharded base whose index names a shard that is not there
     sharded = tmp_path / "sharded"
@@ -164,15 +216,27 @@ def test_bad_inputs_of_the_bounded_path(tmp_path, tiny_pool, monkeypatch):
     assert len(shards) > 1
     os.remove(sharded / shards[-1])
     with pytest.raises(FwllmError, match="the shard index names .*, which is missing"):
-        merge(tmp_path, "sh", "fw_merging", {"base": sharded}, [e["copy"]],
-              {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise"})
+        merge(
+            tmp_path,
+            "sh",
+            "fw_merging",
+            {"base": sharded},
+            [e["copy"]],
+            {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise"},
+        )
 
     # too little disk for the iterate store: checked before anything is written
     import fwllm.io.iterate_store as store
 
     monkeypatch.setattr(store.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1024))
     with pytest.raises(FwllmError, match=r"the iterate store needs .* MiB of free disk .* only 0 MiB"):
-        merge(tmp_path, "disk", "fw_merging", tiny_pool, [e["copy"]],
-              {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise"})
+        merge(
+            tmp_path,
+            "disk",
+            "fw_merging",
+            tiny_pool,
+            [e["copy"]],
+            {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise"},
+        )
     for name in ("wide", "sh", "disk"):
         assert not (tmp_path / name).exists()  # nothing that looks finished

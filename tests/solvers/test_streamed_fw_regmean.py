@@ -14,12 +14,19 @@ TASKS = [{"task": "copy"}, {"task": "rev"}, {}]  # the third candidate has no ta
 
 @pytest.fixture(scope="module")
 def lora_adapters(tiny_pool, tmp_path_factory):
-    return save_random_loras(tiny_pool["base"], tmp_path_factory.mktemp("fw_regmean_lora"), (4, 2, 3), seed=40,
-                             targets=("q_proj", "v_proj", "down_proj"))
+    return save_random_loras(
+        tiny_pool["base"],
+        tmp_path_factory.mktemp("fw_regmean_lora"),
+        (4, 2, 3),
+        seed=40,
+        targets=("q_proj", "v_proj", "down_proj"),
+    )
 
 
 def grams_in(cache):
-    return sorted(p.name for p in (cache / "stats").rglob("*.safetensors")) if (cache / "stats").exists() else []
+    return (
+        sorted(p.name for p in (cache / "stats").rglob("*.safetensors")) if (cache / "stats").exists() else []
+    )
 
 
 def solve_both(tmp_path, pool, models, label, monkeypatch, **params):
@@ -33,20 +40,34 @@ def solve_both(tmp_path, pool, models, label, monkeypatch, **params):
     return outs, caches, plans
 
 
-@pytest.mark.parametrize("kind, params", [
-    ("full", {}),  # the defaults: support for the whole model, RegMean's equal weights
-    ("full", {"granularity": "tensor", "regmean_weights": "fw"}),  # per-tensor support and weights
-    # random adapters do not help: from the base FW would stay there; from task arithmetic every one is used
-    ("lora", {"init": "task_arithmetic"}),
-    # open-loop steps keep every candidate, each tensor with its own weights (q and v: one Gram, two sums)
-    ("lora", {"init": "task_arithmetic", "granularity": "tensor", "regmean_weights": "fw", "step": "open_loop",
-              "step_size": 0.5}),
-])
-def test_layerwise_refine_equals_the_in_ram_refine_and_keeps_no_gram(tmp_path, tiny_pool, lora_adapters,
-                                                                   monkeypatch, kind, params):
+@pytest.mark.parametrize(
+    "kind, params",
+    [
+        ("full", {}),  # the defaults: support for the whole model, RegMean's equal weights
+        ("full", {"granularity": "tensor", "regmean_weights": "fw"}),  # per-tensor support and weights
+        # random adapters do not help: from the base FW would stay there; from task arithmetic every one is used
+        ("lora", {"init": "task_arithmetic"}),
+        # open-loop steps keep every candidate, each tensor with its own weights (q and v: one Gram, two sums)
+        (
+            "lora",
+            {
+                "init": "task_arithmetic",
+                "granularity": "tensor",
+                "regmean_weights": "fw",
+                "step": "open_loop",
+                "step_size": 0.5,
+            },
+        ),
+    ],
+)
+def test_layerwise_refine_equals_the_in_ram_refine_and_keeps_no_gram(
+    tmp_path, tiny_pool, lora_adapters, monkeypatch, kind, params
+):
     e = tiny_pool["experts"]
     models = [e["copy"], e["rev"], e["noise"]] if kind == "full" else lora_adapters
-    outs, caches, plans = solve_both(tmp_path, tiny_pool, models, f"{kind}_{len(params)}", monkeypatch, **params)
+    outs, caches, plans = solve_both(
+        tmp_path, tiny_pool, models, f"{kind}_{len(params)}", monkeypatch, **params
+    )
     assert plans["layerwise"]["settings"]["refine"] == "regmean"
     assert plans["layerwise"]["gradient"]["refine"] == "streamed grams"
     assert plans["full"]["gradient"]["refine"] == "gram files"
@@ -55,7 +76,11 @@ def test_layerwise_refine_equals_the_in_ram_refine_and_keeps_no_gram(tmp_path, t
     for name, atoms in plans["full"]["atoms"].items():
         other = plans["layerwise"]["atoms"][name]
         assert [(a["members"], a["tag"]) for a in atoms] == [(a["members"], a["tag"]) for a in other], name
-    full, layer, base = load_tensors(outs["full"]), load_tensors(outs["layerwise"]), load_tensors(tiny_pool["base"])
+    full, layer, base = (
+        load_tensors(outs["full"]),
+        load_tensors(outs["layerwise"]),
+        load_tensors(tiny_pool["base"]),
+    )
     assert set(full) == set(layer)
     for name in full:
         torch.testing.assert_close(layer[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -73,13 +98,24 @@ def test_layerwise_refine_runs_only_the_candidates_fw_chose(tmp_path, tiny_pool,
 
     runs = []
     original = streamed_grams.StreamedRegMean._capture
-    monkeypatch.setattr(streamed_grams.StreamedRegMean, "_capture",
-                        lambda self, run: (runs.append(run.cand.label), original(self, run))[1])
+    monkeypatch.setattr(
+        streamed_grams.StreamedRegMean,
+        "_capture",
+        lambda self, run: (runs.append(run.cand.label), original(self, run))[1],
+    )
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     e = tiny_pool["experts"]
-    out = merge(tmp_path, "support", "fw_merging", tiny_pool, [e["copy"], e["rev"], e["noise"]],
-                {"calibration": str(tiny_pool["calib"]), "iterations": 1, "batch_size": 4, "gradient": "layerwise"},
-                per_model=TASKS)
+    out = merge(
+        tmp_path,
+        "support",
+        "fw_merging",
+        tiny_pool,
+        [e["copy"], e["rev"], e["noise"]],
+        {"calibration": str(tiny_pool["calib"]), "iterations": 1, "batch_size": 4, "gradient": "layerwise"},
+        per_model=TASKS,
+    )
     plan = json.loads((out / "fwllm_plan" / "plan.json").read_text())
     chosen = {plan["candidates"][i] for atoms in plan["atoms"].values() for a in atoms for i in a["members"]}
-    assert runs and set(runs) == chosen and len(runs) == len(chosen)  # one iteration from the base: one vertex
+    assert (
+        runs and set(runs) == chosen and len(runs) == len(chosen)
+    )  # one iteration from the base: one vertex

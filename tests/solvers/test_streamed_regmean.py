@@ -12,8 +12,14 @@ import torch
 from mergekit.options import MergeOptions
 
 from conftest import (
-    load_tensors, perturbed_copies, save_tiny_llama_base, task_rows, tiny_tokenizer, two_head_encoder_pool,
-    write_jsonl, write_recipe,
+    load_tensors,
+    perturbed_copies,
+    save_tiny_llama_base,
+    task_rows,
+    tiny_tokenizer,
+    two_head_encoder_pool,
+    write_jsonl,
+    write_recipe,
 )
 from fwllm.arch.streaming import MetaModel
 from fwllm.core.errors import FwllmError
@@ -44,9 +50,12 @@ def pools(tmp_path_factory, one_thread):
     adapters = []
     for i, rank in enumerate((4, 2)):
         torch.manual_seed(30 + i)
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                               LoraConfig(r=rank, lora_alpha=8, lora_dropout=0.0,
-                                          target_modules=["q_proj", "v_proj", "down_proj"]))
+        model = get_peft_model(
+            LlamaForCausalLM.from_pretrained(base),
+            LoraConfig(
+                r=rank, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]
+            ),
+        )
         with torch.no_grad():
             for n, prm in model.named_parameters():
                 if "lora_B" in n:
@@ -60,11 +69,20 @@ def streamed_grams(pools, models, weights=(1.0, 1.0)):
     """Run the streamed solve; return {(label, weight name): Gram} as it saw them, and the merge."""
     cands = [open_candidate(str(m)) for m in models]
     tok = tiny_tokenizer()
-    batches = [encode_task(load_calibration(str(pools["calib"] / f"{t}.jsonl"))[0], tok, batch_size=3).batches
-               for t in TASKS]
+    batches = [
+        encode_task(load_calibration(str(pools["calib"] / f"{t}.jsonl"))[0], tok, batch_size=3).batches
+        for t in TASKS
+    ]
     seen = {}
-    solver = StreamedRegMean.for_candidates(str(pools["base"]), cands, weights, batches, 0.9, 1e-5,
-                                            on_gram=lambda lab, n, g: seen.__setitem__((lab, n), g.clone()))
+    solver = StreamedRegMean.for_candidates(
+        str(pools["base"]),
+        cands,
+        weights,
+        batches,
+        0.9,
+        1e-5,
+        on_gram=lambda lab, n, g: seen.__setitem__((lab, n), g.clone()),
+    )
     merged = dict(solver.merged())
     return seen, merged, cands
 
@@ -102,10 +120,14 @@ def merge_both(tmp_path, pools, kind, **params):
     models = recipe_models(pools, kind)
     out = {}
     for gradient in ("full", "layerwise"):
-        recipe = write_recipe(tmp_path / f"{gradient}.yml", "regmean", pools["base"], models,
-                              {"calibration": str(pools["calib"]), "batch_size": 3, "gradient": gradient,
-                               **params},
-                              per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}])
+        recipe = write_recipe(
+            tmp_path / f"{gradient}.yml",
+            "regmean",
+            pools["base"],
+            models,
+            {"calibration": str(pools["calib"]), "batch_size": 3, "gradient": gradient, **params},
+            per_model=[{"task": "copy", "weight": 1.0}, {"task": "rev", "weight": 2.0}],
+        )
         out[gradient] = tmp_path / gradient
         merge_recipe(str(recipe), str(out[gradient]), MergeOptions(quiet=True))
     return out
@@ -145,9 +167,14 @@ def test_one_layer_at_a_time_and_no_gram_on_disk(tmp_path, pools, monkeypatch):
 
     monkeypatch.setattr(MetaModel, "fetch", counting_fetch)
     models = [str(m) for m in pools["full"]]
-    recipe = write_recipe(tmp_path / "r.yml", "regmean", pools["base"], models,
-                          {"calibration": str(pools["calib"]), "batch_size": 3, "gradient": "layerwise"},
-                          per_model=[{"task": "copy"}, {"task": "rev"}])
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "regmean",
+        pools["base"],
+        models,
+        {"calibration": str(pools["calib"]), "batch_size": 3, "gradient": "layerwise"},
+        per_model=[{"task": "copy"}, {"task": "rev"}],
+    )
     merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
     assert fetches and max(resident_layers) == 1  # one decoder layer (or one outer module) at a time
     # layer-major: each layer is materialised once per candidate, in order
@@ -162,9 +189,14 @@ def test_auto_goes_layerwise_when_ram_is_short(tmp_path, pools, monkeypatch):
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fw, "available_memory", lambda: 1 << 20)  # 1 MiB free: the in-RAM path cannot fit
-    recipe = write_recipe(tmp_path / "r.yml", "regmean", pools["base"], recipe_models(pools, "lora"),
-                          {"calibration": str(pools["calib"]), "batch_size": 3},
-                          per_model=[{"task": "copy"}, {"task": "rev"}])
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "regmean",
+        pools["base"],
+        recipe_models(pools, "lora"),
+        {"calibration": str(pools["calib"]), "batch_size": 3},
+        per_model=[{"task": "copy"}, {"task": "rev"}],
+    )
     merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
     plan = json.loads((tmp_path / "out" / "fwllm_plan" / "plan.json").read_text())
     assert [c["meta"].get("gram") for c in plan["candidates"]] == ["streamed", "streamed"]
@@ -173,9 +205,14 @@ def test_auto_goes_layerwise_when_ram_is_short(tmp_path, pools, monkeypatch):
 def test_layerwise_refuses_an_encoder_pool(tmp_path, monkeypatch):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
     experts = two_head_encoder_pool(tmp_path)
-    recipe = write_recipe(tmp_path / "r.yml", "regmean", tmp_path / "base", experts,
-                          {"calibration": str(tmp_path / "calib"), "gradient": "layerwise"},
-                          per_model=[{"task": "two"}, {"task": "three"}])
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "regmean",
+        tmp_path / "base",
+        experts,
+        {"calibration": str(tmp_path / "calib"), "gradient": "layerwise"},
+        per_model=[{"task": "two"}, {"task": "three"}],
+    )
     with pytest.raises(FwllmError, match="layerwise covers causal LMs"):
         merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
 
@@ -185,12 +222,19 @@ def test_layerwise_refuses_a_dora_adapter_before_reading_weights(tmp_path, pools
     from transformers import LlamaForCausalLM
 
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    dora = get_peft_model(LlamaForCausalLM.from_pretrained(pools["base"]),
-                          LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, use_dora=True, target_modules=["q_proj"]))
+    dora = get_peft_model(
+        LlamaForCausalLM.from_pretrained(pools["base"]),
+        LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, use_dora=True, target_modules=["q_proj"]),
+    )
     dora.save_pretrained(tmp_path / "dora")
     models = [recipe_models(pools, "lora")[0], f"{pools['base']}+{tmp_path / 'dora'}"]
-    recipe = write_recipe(tmp_path / "r.yml", "regmean", pools["base"], models,
-                          {"calibration": str(pools["calib"]), "gradient": "layerwise"},
-                          per_model=[{"task": "copy"}, {"task": "rev"}])
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "regmean",
+        pools["base"],
+        models,
+        {"calibration": str(pools["calib"]), "gradient": "layerwise"},
+        per_model=[{"task": "copy"}, {"task": "rev"}],
+    )
     with pytest.raises(FwllmError, match="layerwise runs plain LoRA adapters only"):
         merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
