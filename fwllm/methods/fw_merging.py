@@ -67,6 +67,7 @@ from fwllm.solvers.frank_wolfe import FrankWolfe, FWResult
 from fwllm.solvers.gradients import FullGradient
 from fwllm.solvers.iterates import LoraIterate, ModelIterate, StoreIterate
 from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
+from fwllm.solvers.plan_atoms import atom_settings, kernel_atoms
 from fwllm.solvers.regmean_refine import measure_grams, own_tasks, refine, refine_streamed
 from fwllm.solvers.streamed_gradient import StreamedGradient
 from fwllm.solvers.streamed_grams import check_streamable
@@ -285,7 +286,9 @@ class FWMerging(DataMethod):
     ) -> None:
         p = job.params
         labels = [c.label for c in job.candidates]
-        coefficients = {n: ta_coefficients(a, weights, p.scaling) for n, a in result.atoms.items()}
+        coefficients = {
+            n: ta_coefficients(kernel_atoms(a), weights, p.scaling) for n, a in result.atoms.items()
+        }
         merged = fw.merged_state()
         refined = p.refined
         # a refined LoRA solve stores its merge: the refine is not FW's coefficients on the factors
@@ -419,7 +422,9 @@ class FWMerging(DataMethod):
                     f"{name}: the plan needs candidates {missing}, which the recipe does not give"
                 )
             tau = lambda i: (candidates[labels[i]].float() - base32) * record.weights[i]  # noqa: E731
-            return base32 + block_delta(record.atoms[name], name, tau, labels, base32, plan.params)
+            return base32 + block_delta(
+                kernel_atoms(record.atoms[name]), name, tau, labels, base32, atom_settings(plan.params)
+            )
         if is_head_tensor(name) and record.primary_head in candidates:
             return candidates[record.primary_head]  # the loadable checkpoint carries task 1's head
         return base

@@ -33,18 +33,11 @@ from fwllm.core.plan import Atom
 from fwllm.data.objective import Objective
 from fwllm.io.candidates import Candidate
 from fwllm.io.sketch_store import SketchStore
-from fwllm.kernels.atoms import (
-    TaskVector,
-    atom_delta,
-    atom_scale,
-    block_delta,
-    compact,
-    local_vertex,
-    vertex_key,
-)
+from fwllm.kernels.atoms import TaskVector, atom_delta, atom_scale, block_delta, local_vertex, vertex_key
 from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
 from fwllm.kernels.sketch import CountSketch, alignment, rescored, sketch_error
 from fwllm.solvers.lora_terms import LoraTerms, low_rank_candidate
+from fwllm.solvers.plan_atoms import atom_settings, compact, kernel_atom, kernel_atoms
 
 LOG = logging.getLogger(__name__)
 
@@ -86,6 +79,7 @@ class FrankWolfe:
         self.labels = [c.label for c in self.candidates]
         self.blocks = list(blocks)
         self._base = base
+        self.settings = atom_settings(p)  # what the atom kernels take of the recipe
         self.sketch = CountSketch(p.sketch_ratio, seed=p.seed)
         self.v_sketch = SketchStore(sketch_dir)  # on disk when the sketches exceed their RAM budget
         self.v_norm: Dict[str, torch.Tensor] = {}
@@ -111,12 +105,12 @@ class FrankWolfe:
     def vertex(self, name: str) -> TaskVector:
         """i -> v_i for one block: what the LMO scores."""
         tau = self.tau(name)
-        return lambda i: local_vertex(self.p.step_merge, name, i, tau, self.labels, self.p)
+        return lambda i: local_vertex(self.p.step_merge, name, i, tau, self.labels, self.settings)
 
     def realize(self, name: str, atoms: Sequence[Atom]) -> torch.Tensor:
         """The dense block theta_0 + sum of the atoms' deltas."""
         base = self.base(name)
-        return base + block_delta(atoms, name, self.tau(name), self.labels, base, self.p)
+        return base + block_delta(kernel_atoms(atoms), name, self.tau(name), self.labels, base, self.settings)
 
     # -- phases ---------------------------------------------------------------------------
     def read_candidates(self) -> Dict[str, List[Atom]]:
@@ -144,7 +138,7 @@ class FrankWolfe:
             tau = self.tau(name)
             for i in range(n):
                 t = tau(i)
-                v = local_vertex(p.step_merge, name, i, lambda _, t=t: t, self.labels, p)
+                v = local_vertex(p.step_merge, name, i, lambda _, t=t: t, self.labels, self.settings)
                 rows.append(torch.zeros(0) if i in self.exact[name] else self.sketch(name, v))
                 norms.append(float(v.norm()))
                 if p.init == "task_arithmetic":
@@ -269,7 +263,7 @@ class FrankWolfe:
         """A vertex as a dense block: theta_0, or theta_0 + the atom's delta."""
         value = self.base(name)
         if atom is not None:
-            value += atom_delta(atom, name, self.tau(name), self.labels, self.p)
+            value += atom_delta(kernel_atom(atom), name, self.tau(name), self.labels, self.settings)
         return value
 
     def _moves(
@@ -308,7 +302,7 @@ class FrankWolfe:
             if most <= 1e-12:
                 most = 0.0
             for a in atoms[name]:
-                score = atom_scale(a, self.p) * float(
+                score = atom_scale(kernel_atom(a), self.settings) * float(
                     sum(m * scores[name][i] for i, m in zip(a.members, a.mix))
                 )
                 if a.weight > 1e-12 and (score > worst or most == 0.0):
@@ -321,7 +315,8 @@ class FrankWolfe:
             same = (away is None and toward is None) or (
                 away is not None
                 and toward is not None
-                and vertex_key(away, self.p) == vertex_key(toward, self.p)
+                and vertex_key(kernel_atom(away), self.settings)
+                == vertex_key(kernel_atom(toward), self.settings)
             )
             moves[name] = (toward, away, 0.0 if same or best >= worst else most)
         return moves
@@ -343,7 +338,7 @@ class FrankWolfe:
                     new.append(away.model_copy(update={"weight": -g}))
             if toward is not None:
                 new.append(toward.model_copy(update={"weight": g}))
-            points[name], deltas[name] = compact(new, self.p), (g, toward, away)
+            points[name], deltas[name] = compact(new, self.settings), (g, toward, away)
 
         def realize(name: str, _atoms) -> torch.Tensor:
             g, toward, away = deltas[name]

@@ -23,6 +23,7 @@ from fwllm.core.plan import Atom
 from fwllm.io.iterate_store import IterateStore
 from fwllm.kernels.atoms import ta_coefficients
 from fwllm.solvers.lora_terms import LoraTerms
+from fwllm.solvers.plan_atoms import kernel_atoms
 
 Realize = Callable[[str, Sequence[Atom]], torch.Tensor]
 
@@ -117,7 +118,9 @@ class LoraIterate:
         self.lora, self.candidate_weights, self.scaling, self.base = lora, list(weights), scaling, base
 
     def set_atoms(self, name: str, atoms: Sequence[Atom]) -> None:
-        self.lora.set_coefficients(name, ta_coefficients(atoms, self.candidate_weights, self.scaling))
+        self.lora.set_coefficients(
+            name, ta_coefficients(kernel_atoms(atoms), self.candidate_weights, self.scaling)
+        )
 
     def coefficients(self) -> Dict[str, List[float]]:
         return {n: b.coefficients.tolist() for n, b in self.lora.blocks.items()}
