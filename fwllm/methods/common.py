@@ -25,7 +25,7 @@ from fwllm.io.merged_store import execute_streamed, read_merged
 from fwllm.io.models import architecture_of, check_same_architecture, load_model, resolve_model_path
 from fwllm.io.stats_store import StatsCache, link_or_copy
 from fwllm.io.tensors import TensorReader
-from fwllm.solvers.per_candidate import Measured
+from fwllm.methods.statistics import Measured
 
 LOG = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -39,6 +40,7 @@ from fwllm.core.plan import CandidateStats, Plan, StatsPlanRecord, read_record
 from fwllm.data.calibration import load_calibration, micro_batch_shape
 from fwllm.data.encoding import check_rows_fit
 from fwllm.io.candidates import open_candidate
+from fwllm.io.iterate_store import IterateStore, check_free_space
 from fwllm.io.merged_store import merged_index
 from fwllm.io.models import is_adapter_dir, load_tokenizer, read_config, resolve_model_path
 from fwllm.io.stats_store import StatsCache, has_stat, read_stat
@@ -56,11 +58,45 @@ from fwllm.methods.common import (
 )
 from fwllm.io.tensors import TensorReader
 from fwllm.methods.fw_merging import choose_gradient
+from fwllm.methods.statistics import measure_candidates
 from fwllm.solvers.fisher import candidate_fisher
-from fwllm.solvers.per_candidate import candidate_architecture, candidate_task, measure_candidates
-from fwllm.solvers.streamed_fisher import SUMS_DIR, CandidateRun, fisher_sums, read_sums
+from fwllm.solvers.per_candidate import candidate_architecture, candidate_task
+from fwllm.solvers.streamed_fisher import CandidateRun, FisherSums, covered_parameters, fisher_sums
 
 LOG = logging.getLogger(__name__)
+SUMS_DIR, SCRATCH_DIR = ".fisher_sums", ".fisher_scratch"  # scratch folders of the plan, removed at its end
+
+
+class DiskSum:
+    """A model-sized float32 sum on disk (the layerwise solve's `RunningSum`): `add(name, x)` adds
+    x into that tensor's entry. A new one starts empty: it replaces what `folder` held."""
+
+    def __init__(self, folder: str, shapes: Dict[str, Tuple[int, ...]]):
+        shutil.rmtree(folder, ignore_errors=True)
+        self.store = IterateStore(folder, shapes)
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu", torch.float32)
+        self.store.write(name, value if name not in self.store.index else self.store.read(name) + value)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.store.index:
+            return torch.zeros(self.store.shapes[name])
+        return self.store.read(name)
+
+
+def read_sums(plan_dir: str, name: str) -> Optional[torch.Tensor]:
+    """The layerwise merge of one tensor: num / den from the running sums (None: not covered)."""
+    folder = os.path.join(plan_dir, SUMS_DIR)
+    num, den = (os.path.join(folder, part) for part in ("num", "den"))
+    if not os.path.isfile(os.path.join(num, "index.json")):
+        raise FwllmError(f"fisher: {folder} holds no running sums: the plan is incomplete; solve again")
+    from accelerate.utils import OffloadedWeightsLoader
+
+    loaders = [OffloadedWeightsLoader(save_folder=f) for f in (num, den)]
+    if name not in loaders[0].index:
+        return None
+    return loaders[0][name].clone() / loaders[1][name].clone()
 
 
 class FisherMerging(DataMethod):
@@ -128,7 +164,22 @@ class FisherMerging(DataMethod):
             path = resolve_model_path(spec.model)
             model_dir = base_dir if is_adapter_dir(path) else path  # as load_candidate_model
             runs.append(CandidateRun(open_candidate(spec.model, spec.lora), task, model_dir, w))
-        metas = fisher_sums(job.plan_dir, base_dir, runs, load_tokenizer(base_dir), p, job.device)
+        covered = covered_parameters(base_dir)
+        numel = sum(int(torch.Size(s).numel()) for s in covered.values())
+        check_free_space(
+            job.plan_dir,
+            3 * 4 * numel,
+            "fisher: gradient: layerwise (its scratch store and two running sums)",
+        )
+        sums = os.path.join(job.plan_dir, SUMS_DIR)
+        scratch = os.path.join(job.plan_dir, SCRATCH_DIR)
+        stores = FisherSums(
+            DiskSum(os.path.join(sums, "num"), covered),
+            DiskSum(os.path.join(sums, "den"), covered),
+            lambda: DiskSum(scratch, covered),  # replaces the last candidate's
+        )
+        metas = fisher_sums(base_dir, runs, covered, load_tokenizer(base_dir), p, job.device, stores)
+        shutil.rmtree(scratch, ignore_errors=True)
         record = StatsPlanRecord(
             # the resolved mode (not auto): merge_tensor reads the running sums of a layerwise plan
             method=self.name,

@@ -50,6 +50,7 @@ from fwllm.io.adapters import AdapterReader
 from fwllm.io.iterate_store import IterateStore, check_free_space
 from fwllm.io.merged_store import merged_index, read_merged, write_merged
 from fwllm.io.models import load_tokenizer, read_config, resolve_model_path
+from fwllm.io.stats_store import read_stat
 from fwllm.io.tensors import TensorReader
 from fwllm.io.trace_plot import plot_trace
 from fwllm.kernels.atoms import block_delta, ta_coefficients
@@ -63,12 +64,13 @@ from fwllm.methods.common import (
     primary_head,
     write_reproduce_recipe,
 )
+from fwllm.methods.statistics import measure_grams
 from fwllm.solvers.frank_wolfe import FrankWolfe, FWResult
 from fwllm.solvers.gradients import FullGradient
 from fwllm.solvers.iterates import LoraIterate, ModelIterate, StoreIterate
 from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
 from fwllm.solvers.plan_atoms import atom_settings, kernel_atoms
-from fwllm.solvers.regmean_refine import measure_grams, own_tasks, refine, refine_streamed
+from fwllm.solvers.regmean_refine import own_tasks, refine, refine_streamed
 from fwllm.solvers.streamed_gradient import StreamedGradient
 from fwllm.solvers.streamed_grams import check_streamable
 
@@ -315,7 +317,7 @@ class FWMerging(DataMethod):
             merged = refine(
                 merged,
                 coefficients,
-                gram_files,
+                lambda i, n: read_stat(gram_files[i], n) if i in gram_files else None,
                 raw_tau,
                 fw.base,
                 p.regmean_alpha,

@@ -58,8 +58,9 @@ from fwllm.methods.common import (
     weights_of,
 )
 from fwllm.methods.fw_merging import choose_gradient
+from fwllm.methods.statistics import measure_candidates
 from fwllm.solvers.grams import GRAM_LAYERS, candidate_grams
-from fwllm.solvers.per_candidate import candidate_task, measure_candidates
+from fwllm.solvers.per_candidate import candidate_task
 from fwllm.solvers.streamed_grams import StreamedRegMean, check_streamable
 
 LOG = logging.getLogger(__name__)

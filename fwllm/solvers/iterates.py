@@ -20,7 +20,6 @@ from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 import torch
 
 from fwllm.core.plan import Atom
-from fwllm.io.iterate_store import IterateStore
 from fwllm.kernels.atoms import ta_coefficients
 from fwllm.solvers.lora_terms import LoraTerms
 from fwllm.solvers.plan_atoms import kernel_atoms
@@ -81,7 +80,7 @@ class _LazyPoint(Mapping):
 class StoreIterate:
     implicit = False
 
-    def __init__(self, store: IterateStore):
+    def __init__(self, store):  # an `fwllm.io.iterate_store.IterateStore` the method made
         self.store = store
         self._view: Mapping = store.loader()
 

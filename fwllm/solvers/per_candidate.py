@@ -1,41 +1,26 @@
 """One statistic per candidate (Fisher diagonal, Gram matrices), one candidate at a time.
 
 Fisher merging and RegMean share this shape: for each candidate, load that model, run it
-on *its own* calibration task, reduce what it saw to one tensor per weight, hand it to the
-store, and free the model before the next one, so memory does not grow with the pool. A
-statistic the store already holds (content-keyed) is not computed again.
+on *its own* calibration task, reduce what it saw to one tensor per weight, and free the
+model before the next one, so memory does not grow with the pool. This module computes and
+returns; keeping the statistics (the content-keyed cache) is the method's business
+(`fwllm.methods.statistics`).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-from fwllm.arch.kinds import architecture_kind
 from fwllm.core.errors import FwllmError, check_finite
-from fwllm.core.job import CandidateSpec, MergeJob
-from fwllm.data.calibration import CalibrationTask, load_calibration
-from fwllm.data.encoding import check_rows_fit
+from fwllm.core.job import CandidateSpec
+from fwllm.data.calibration import CalibrationTask
 from fwllm.io.candidates import open_candidate
-from fwllm.io.models import architecture_of, is_adapter_dir, load_model, load_tokenizer, resolve_model_path
-from fwllm.io.stats_store import StatsCache
-
-LOG = logging.getLogger(__name__)
+from fwllm.io.models import architecture_of, is_adapter_dir, load_model, resolve_model_path
 
 # compute(model, task, tokenizer) -> (tensors by name, meta)
 ComputeFn = Callable[[torch.nn.Module, CalibrationTask, object], Tuple[Dict[str, torch.Tensor], dict]]
-
-
-@dataclass
-class Measured:
-    spec: CandidateSpec
-    task: CalibrationTask
-    key: str  # the statistic's key in the store
-    meta: dict
-    cached: bool
 
 
 def candidate_task(method: str, spec: CandidateSpec, tasks: Sequence[CalibrationTask]) -> CalibrationTask:
@@ -85,50 +70,22 @@ def pooled_task(tasks: Sequence[CalibrationTask]) -> CalibrationTask:
     return CalibrationTask("all", tasks[0].kind, [r for t in tasks for r in t.rows], fields, source="")
 
 
-def measure_candidates(
-    job: MergeJob,
-    store: StatsCache,
-    settings: dict,
+def measure_candidate(
+    spec: CandidateSpec,
+    task: CalibrationTask,
+    tokenizer,
+    base_dir: str,
+    device: str,
+    seed: int,
     compute: ComputeFn,
     what: str,
-    specs: Optional[Sequence[CandidateSpec]] = None,
-    without_task: str = "error",
-) -> List[Measured]:
-    """Run `compute` for each candidate (of `specs`, default all) in turn, unless `store`
-    already holds its statistic. A candidate without a per-model `task` is an error, or with
-    `without_task="all"` is measured on every calibration row.
-
-    `settings` are whatever changes the statistic (they key the store); `what` names it in
-    errors. Every input problem (missing task, rows the model cannot score) is reported
-    before any weights are loaded."""
-    p = job.params
-    specs = list(job.candidates if specs is None else specs)
-    base_dir = resolve_model_path(job.base)
-    tasks = load_calibration(p.calibration, p.max_rows)
-    own = [
-        pooled_task(tasks)
-        if without_task == "all" and not spec.params.get("task")
-        else candidate_task(job.method, spec, tasks)
-        for spec in specs
-    ]
-    for spec, task in zip(specs, own):
-        check_rows_fit(task, architecture_kind(candidate_architecture(spec, base_dir)))
-    tokenizer = load_tokenizer(base_dir)
-    out = []
-    for spec, task in zip(specs, own):
-        key = store.key(settings, base_dir, spec, task.name, task.rows)
-        meta = None if job.no_cache else store.get(key)
-        if meta is not None:
-            LOG.info("%s: reusing the cached %s of %s", job.method, what, spec.label)
-            out.append(Measured(spec, task, key, meta, True))
-            continue
-        torch.manual_seed(p.seed)
-        model = load_candidate_model(spec, base_dir, job.device)
-        tensors, meta = compute(model, task, tokenizer)
-        del model  # the next candidate loads only after this one is gone
-        for name, t in tensors.items():
-            check_finite(f"{what} of candidate {spec.label}", name, t)
-        store.put(key, tensors, meta)
-        del tensors
-        out.append(Measured(spec, task, key, meta, False))
-    return out
+) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Load one candidate, run `compute` on its task, free the model; the statistic's tensors
+    (each checked finite; `what` names the statistic in that error) and its meta."""
+    torch.manual_seed(seed)
+    model = load_candidate_model(spec, base_dir, device)
+    tensors, meta = compute(model, task, tokenizer)
+    del model  # the next candidate loads only after this one is gone
+    for name, t in tensors.items():
+        check_finite(f"{what} of candidate {spec.label}", name, t)
+    return tensors, meta

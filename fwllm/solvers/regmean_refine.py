@@ -11,7 +11,8 @@ With equal Grams this is FW's own W_0 + sum_i c_i tau_i; with alpha = 1 and two 
 disjoint data it is their joint least-squares solution. `weights: uniform` keeps only FW's
 support: every used candidate gets c_i = 1 and the mass is 1, so over the whole pool it is
 RegMean itself, and FW's part is to leave out the candidates that do not help. G_i comes from candidate i run on its own
-task's calibration rows (all rows for a candidate without a task), cached by content like RegMean's.
+task's calibration rows (all rows for a candidate without a task); the method measures and caches
+them by content like RegMean's (`fwllm.methods.statistics.measure_grams`) and hands them in.
 Tensors that are not linear weights, and linear weights FW left alone, keep FW's merge.
 
 On the bounded path (`gradient: layerwise`) `refine_streamed` measures the Grams one decoder
@@ -29,44 +30,22 @@ import torch
 
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.job import MergeJob
-from fwllm.core.params import RegMeanParams
 from fwllm.data.calibration import CalibrationTask, load_calibration
 from fwllm.data.encoding import encode_task
 from fwllm.io.candidates import Candidate
 from fwllm.io.models import load_tokenizer
-from fwllm.io.stats_store import StatsCache, read_stat
 from fwllm.kernels.regmean import regmean_merge
 from fwllm.kernels.regmean_reduced import RegMeanSums
-from fwllm.solvers.grams import GRAM_LAYERS, candidate_grams
-from fwllm.solvers.per_candidate import candidate_task, measure_candidates, pooled_task
+from fwllm.solvers.per_candidate import candidate_task, pooled_task
 from fwllm.solvers.streamed_grams import StreamedRegMean
 
 LOG = logging.getLogger(__name__)
 
 
-def measure_grams(job: MergeJob, used: Sequence[int]) -> Dict[int, str]:
-    """The Gram file of each used candidate (computed once per content, then cached)."""
-    p = job.params
-    store = StatsCache("gram")
-    settings = {"max_length": p.max_length, "batch_size": p.batch_size, "layers": GRAM_LAYERS}
-    grams = RegMeanParams(calibration=p.calibration, max_length=p.max_length, batch_size=p.batch_size)
-    specs = [job.candidates[i] for i in used]
-    measured = measure_candidates(
-        job,
-        store,
-        settings,
-        lambda m, task, tok: candidate_grams(m, task, tok, grams),
-        "Gram",
-        specs=specs,
-        without_task="all",
-    )
-    return {i: store.paths(m.key)[0] for i, m in zip(used, measured)}
-
-
 def refine(
     merged: Iterable[Tuple[str, torch.Tensor]],
     coefficients: Dict[str, List[float]],
-    gram_files: Dict[int, str],
+    gram_of: Callable[[int, str], Optional[torch.Tensor]],
     tau: Callable[[str], Callable[[int], torch.Tensor]],
     base: Callable[[str], torch.Tensor],
     alpha: float,
@@ -76,15 +55,15 @@ def refine(
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """FW's merged tensors, with every linear weight FW used re-merged in RegMean's closed form
     (`weights`: "fw" or "uniform", see the module docstring; `transposed`: weights stored [in, out],
-    GPT-2's Conv1D)."""
+    GPT-2's Conv1D). `gram_of(i, name)`: candidate i's Gram of that weight (None: it has none)."""
     refined = 0
     for name, value in merged:
         coef = coefficients.get(name) or []
         used = [i for i, c in enumerate(coef) if c > 0]
         if any(c < 0 for c in coef):
             raise FwllmError(f"refine regmean needs coefficients >= 0; {name} has {coef} (use init: base)")
-        gram = {i: read_stat(gram_files[i], name) for i in used if i in gram_files} if used else {}
-        if not used or value.dim() != 2 or len(gram) != len(used) or any(g is None for g in gram.values()):
+        gram = {i: gram_of(i, name) for i in used}
+        if not used or value.dim() != 2 or any(g is None for g in gram.values()):
             yield name, value
             continue
         t = tau(name)

@@ -20,20 +20,19 @@ Cost: as the in-RAM exact Fisher (one backward per term: positions x top_k per e
 one recomputed forward per layer and example; host memory per example holds one hidden-state
 gradient per term (terms x tokens x hidden floats).
 
-The candidate's Fisher accumulates in a scratch store (one model, float32, on disk); then it is
+The candidate's Fisher accumulates in a scratch sum (one model, float32, on disk); then it is
 folded into two running sums, sum_i w_i F~_i theta_i and sum_i w_i F~_i with F~_i its Fisher
 (divided by its mean under normalize_fisher) floored at epsilon, also on disk. Disk: 3 models'
 float32 size whatever N; RAM: one layer (plus embeddings and head), one tensor at a time in
-the fold. The merge is their ratio, per tensor.
+the fold. The merge is their ratio, per tensor. The sums are handed in (`FisherSums`): the method
+makes them, in the plan folder, and reads the ratio back; this module writes no file itself.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -47,12 +46,10 @@ from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
 from fwllm.data.positions import predicted_positions
 from fwllm.io.candidates import Candidate
-from fwllm.io.iterate_store import IterateStore, check_free_space
 from fwllm.kernels.fisher import prediction_terms
 from fwllm.solvers.streamed_gradient import GIB, StreamedGradient
 
 Add = Callable[[str, torch.Tensor], None]
-SUMS_DIR, SCRATCH_DIR = ".fisher_sums", ".fisher_scratch"  # scratch folders of the plan, removed at its end
 
 
 def _zeros_if_none(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -219,21 +216,23 @@ class CandidateWeights(Mapping):
         return len(self.base)
 
 
-class _Accumulator:
-    """A model-sized float32 sum on disk: `add(name, x)` adds x into that tensor's entry."""
+class RunningSum(Protocol):
+    """A model-sized float32 sum: `add(name, x)` adds x into that tensor's entry; `read(name)` is
+    the entry (zeros before the first add). The method makes them (on disk, in the plan folder)."""
 
-    def __init__(self, folder: str, shapes: Dict[str, Tuple[int, ...]]):
-        shutil.rmtree(folder, ignore_errors=True)
-        self.store = IterateStore(folder, shapes)
+    def add(self, name: str, value: torch.Tensor) -> None: ...
 
-    def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().to("cpu", torch.float32)
-        self.store.write(name, value if name not in self.store.index else self.store.read(name) + value)
+    def read(self, name: str) -> torch.Tensor: ...
 
-    def read(self, name: str) -> torch.Tensor:
-        if name not in self.store.index:
-            return torch.zeros(self.store.shapes[name])
-        return self.store.read(name)
+
+@dataclass
+class FisherSums:
+    """Where the layerwise Fisher accumulates, handed in by the method: the two running sums, and
+    a fresh scratch sum per candidate (a new one replaces the last candidate's)."""
+
+    num: RunningSum  # sum_i w_i F~_i theta_i
+    den: RunningSum  # sum_i w_i F~_i
+    scratch: Callable[[], RunningSum]
 
 
 @dataclass
@@ -245,23 +244,24 @@ class CandidateRun:
 
 
 def fisher_sums(
-    plan_dir: str, base_dir: str, runs: Sequence[CandidateRun], tokenizer, p: FisherParams, device: str
+    base_dir: str,
+    runs: Sequence[CandidateRun],
+    covered: Dict[str, Tuple[int, ...]],
+    tokenizer,
+    p: FisherParams,
+    device: str,
+    sums: FisherSums,
 ) -> List[dict]:
-    """Write sum_i w_i F~_i theta_i and sum_i w_i F~_i under `plan_dir`/SUMS_DIR; return each
-    candidate's meta (examples, terms, mean) as the in-RAM path reports it."""
-    names, shapes = _covered(base_dir)
-    numel = sum(int(torch.Size(shapes[n]).numel()) for n in names)
-    check_free_space(
-        plan_dir, 3 * 4 * numel, "fisher: gradient: layerwise (its scratch store and two running sums)"
-    )
-    sums = os.path.join(plan_dir, SUMS_DIR)
-    num = _Accumulator(os.path.join(sums, "num"), {n: shapes[n] for n in names})
-    den = _Accumulator(os.path.join(sums, "den"), {n: shapes[n] for n in names})
+    """Add sum_i w_i F~_i theta_i and sum_i w_i F~_i over the `covered` parameters (name -> shape,
+    `covered_parameters`) into `sums`; return each candidate's meta (examples, terms, mean) as the
+    in-RAM path reports it."""
+    names = list(covered)
+    numel = sum(int(torch.Size(s).numel()) for s in covered.values())
     base_map = base_weights(base_dir)
     metas = []
     for run in runs:
         torch.manual_seed(p.seed)
-        scratch = _Accumulator(os.path.join(plan_dir, SCRATCH_DIR), {n: shapes[n] for n in names})
+        scratch = sums.scratch()
         own = base_weights(run.model_dir)
         weights = own if run.candidate.adapter is None else CandidateWeights(own, run.candidate)
         model = skeleton(run.model_dir)
@@ -285,8 +285,8 @@ def fisher_sums(
             # a full checkpoint's tensor is its own; an adapter's is the base's plus its delta
             base = base_map[x].to(torch.float32) if run.candidate.adapter is not None else None
             theta = run.candidate.tensor(x, base)
-            num.add(x, f * theta.float())
-            den.add(x, f)
+            sums.num.add(x, f * theta.float())
+            sums.den.add(x, f)
         metas.append(
             {
                 "examples": examples,
@@ -298,26 +298,15 @@ def fisher_sums(
             }
         )
         del scratch, meta, model
-        shutil.rmtree(os.path.join(plan_dir, SCRATCH_DIR), ignore_errors=True)
     return metas
 
 
-def _covered(base_dir: str) -> Tuple[List[str], Dict[str, Tuple[int, ...]]]:
-    """The parameters the Fisher covers (float, not task heads; tied duplicates once), with shapes."""
+def covered_parameters(base_dir: str) -> Dict[str, Tuple[int, ...]]:
+    """The parameters the Fisher covers (float, not task heads; tied duplicates once), in the
+    model's order, with their shapes."""
     model = skeleton(base_dir)
-    params = [(n, q) for n, q in model.named_parameters() if q.is_floating_point() and not is_head_tensor(n)]
-    return [n for n, _ in params], {n: tuple(q.shape) for n, q in params}
-
-
-def read_sums(plan_dir: str, name: str) -> Optional[torch.Tensor]:
-    """The layerwise merge of one tensor: num / den from the running sums (None: not covered)."""
-    folder = os.path.join(plan_dir, SUMS_DIR)
-    num, den = (os.path.join(folder, part) for part in ("num", "den"))
-    if not os.path.isfile(os.path.join(num, "index.json")):
-        raise FwllmError(f"fisher: {folder} holds no running sums: the plan is incomplete; solve again")
-    from accelerate.utils import OffloadedWeightsLoader
-
-    loaders = [OffloadedWeightsLoader(save_folder=f) for f in (num, den)]
-    if name not in loaders[0].index:
-        return None
-    return loaders[0][name].clone() / loaders[1][name].clone()
+    return {
+        n: tuple(q.shape)
+        for n, q in model.named_parameters()
+        if q.is_floating_point() and not is_head_tensor(n)
+    }

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from fwllm.core.errors import FwllmError
+from fwllm.io.stats_store import read_stat
 from fwllm.solvers.regmean_refine import refine
 
 
@@ -13,9 +14,15 @@ def fit(x, y):
 
 
 def gram_file(tmp_path, i, name, x):
+    """Candidate i's Gram of weight `name`, as the statistics cache stores it (one safetensors file)."""
     path = tmp_path / f"g{i}.safetensors"
     save_file({name: (x.T @ x).float().contiguous()}, str(path))
     return str(path)
+
+
+def gram_of(files):
+    """What the method hands `refine`: (candidate, weight) -> that Gram, None where there is none."""
+    return lambda i, name: read_stat(files[i], name) if i in files else None
 
 
 def test_two_experts_on_disjoint_data_merge_to_the_joint_least_squares_fit(tmp_path):
@@ -36,7 +43,7 @@ def test_two_experts_on_disjoint_data_merge_to_the_joint_least_squares_fit(tmp_p
     ((out_name, merged),) = refine(
         [(name, torch.full((3, 5), 9.0))],
         {name: [0.5, 0.5]},
-        files,
+        gram_of(files),
         lambda n: lambda i: taus[i].clone(),
         lambda n: base.clone(),
         alpha=1.0,
@@ -58,7 +65,7 @@ def test_equal_grams_give_back_fws_own_task_arithmetic_merge(tmp_path):
     ((_, merged),) = refine(
         [(name, fw_value)],
         {name: coef},
-        files,
+        gram_of(files),
         lambda n: lambda i: taus[i].clone(),
         lambda n: base.clone(),
         alpha=0.9,
@@ -83,7 +90,7 @@ def test_what_is_not_a_used_linear_weight_keeps_fws_merge(tmp_path):
         refine(
             values,
             coefficients,
-            files,
+            gram_of(files),
             lambda n: lambda i: torch.zeros(2, 3),
             lambda n: torch.zeros(2, 3),
             alpha=0.9,
@@ -95,7 +102,7 @@ def test_what_is_not_a_used_linear_weight_keeps_fws_merge(tmp_path):
             refine(
                 [("lin.weight", torch.ones(2, 3))],
                 {"lin.weight": [-0.1]},
-                files,
+                gram_of(files),
                 lambda n: lambda i: torch.zeros(2, 3),
                 lambda n: torch.zeros(2, 3),
                 alpha=0.9,
@@ -116,7 +123,7 @@ def test_uniform_weights_fit_the_supports_data_jointly_whatever_fws_coefficients
     ((_, merged),) = refine(
         [(name, torch.zeros(2, 4))],
         {name: [0.1, 0.0, 0.6]},
-        files,
+        gram_of(files),
         lambda n: lambda i: taus[i].clone(),
         lambda n: torch.zeros(2, 4),
         alpha=1.0,
