@@ -8,8 +8,8 @@ tensor, `granularity: tensor`) or for the whole model (`granularity: model`) by 
 is kept in the model being differentiated and, in parallel, as a list of atoms per block:
 the plan mergekit executes.
 
-Where theta_t lives is the iterate's business (`fwllm.solvers.iterates`): a model in RAM, an
-on-disk store, or, for a LoRA pool, nowhere but in the coefficients of its atoms. The
+Where theta_t lives is the iterate's business, behind one protocol (`fwllm.solvers.iterates`):
+a model in RAM, an on-disk store, or, for a LoRA pool, nowhere but in the coefficients of its atoms. The
 gradient comes from `FullGradient` (one backward through a model in RAM) or
 `StreamedGradient` (one layer at a time). Scores: a LoRA candidate's <g, s B A> is exact
 (<B^T g, A> from a weight gradient, or from the LoRA hooks when no weight gradient is
@@ -27,7 +27,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from fwllm.core.memory import return_free_memory
 from fwllm.core.params import FWParams
 from fwllm.core.plan import Atom
 from fwllm.data.objective import Objective
@@ -121,40 +120,44 @@ class FrankWolfe:
             name: [a.model_copy() for a in init] if p.init == "task_arithmetic" else []
             for name in self.blocks
         }
-        if self.iterate.implicit:  # a LoRA pool: the hooks score every candidate exactly, nothing to read
-            for name in self.blocks:
-                self.iterate.set_atoms(name, atoms[name])
-                self.exact[name] = list(range(n))
-            return atoms
-        low_rank = p.step_merge == "task_arithmetic"
-        for name in tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress):
-            self.exact[name] = [
-                i for i, c in enumerate(self.candidates) if low_rank and low_rank_candidate(c.adapter, name)
-            ]
-            rows, norms = [], []
-            total = torch.zeros(
-                self.base(name).shape
-            )  # not a read tensor: one candidate tensor alive at a time
-            tau = self.tau(name)
-            for i in range(n):
-                t = tau(i)
-                v = local_vertex(p.step_merge, name, i, lambda _, t=t: t, self.labels, self.settings)
-                rows.append(torch.zeros(0) if i in self.exact[name] else self.sketch(name, v))
-                norms.append(float(v.norm()))
-                if p.init == "task_arithmetic":
-                    total += t
-                del t, v
-            width = max((r.numel() for r in rows), default=0)
-            self.v_sketch[name] = torch.stack([r if r.numel() else torch.zeros(width) for r in rows])
-            self.v_norm[name] = torch.tensor(norms)
-            # every start is written: an on-disk store holds nothing until its first write
-            start = self.base(name)
-            if p.init == "task_arithmetic":
-                start += p.scaling * total
-            self.iterate.write(name, start)
-            del total, start
-            return_free_memory()  # the block's reads, freed between the long-lived sketches
+        # a block the iterate reads nothing for (a LoRA pool: its hooks score every candidate) is exact
+        self.exact = {name: list(range(n)) for name in self.blocks}
+        self.iterate.start(self._reading(), atoms, self._read_block)
         return atoms
+
+    def _reading(self) -> Iterator[str]:
+        """The blocks to read, with a progress bar (a generator: no bar unless the iterate reads)."""
+        yield from tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress)
+
+    def _read_block(self, name: str) -> torch.Tensor:
+        """Sketch the block's v_i (those not scored exactly from LoRA factors); its start, dense."""
+        n, p = len(self.candidates), self.p
+        low_rank = p.step_merge == "task_arithmetic"
+        self.exact[name] = [
+            i for i, c in enumerate(self.candidates) if low_rank and low_rank_candidate(c.adapter, name)
+        ]
+        rows, norms = [], []
+        total = torch.zeros(self.base(name).shape)  # not a read tensor: one candidate tensor alive at a time
+        tau = self.tau(name)
+        for i in range(n):
+            t = tau(i)
+            v = local_vertex(p.step_merge, name, i, lambda _, t=t: t, self.labels, self.settings)
+            rows.append(torch.zeros(0) if i in self.exact[name] else self.sketch(name, v))
+            norms.append(float(v.norm()))
+            if p.init == "task_arithmetic":
+                total += t
+            del t, v
+        width = max((r.numel() for r in rows), default=0)
+        self.v_sketch[name] = torch.stack([r if r.numel() else torch.zeros(width) for r in rows])
+        self.v_norm[name] = torch.tensor(norms)
+        start = self.base(name)
+        if p.init == "task_arithmetic":
+            start += p.scaling * total
+        return start
+
+    def _moves_nothing(self, name: str) -> bool:
+        """Every candidate's v_i of this (read) block is zero: no step can change it."""
+        return name in self.v_norm and not self.v_norm[name].any()
 
     def _exact_scores(self, name: str, g: torch.Tensor, scores: torch.Tensor) -> None:
         """<g, w_i s_i B_i A_i> = w_i s_i <B_i^T g, A_i> for the LoRA candidates of this block."""
@@ -253,10 +256,7 @@ class FrankWolfe:
     def _materialise(self, atoms: Dict[str, List[Atom]]) -> None:
         """Put the selected iterate in place, streaming one tensor at a time."""
         for name in tqdm(self.blocks, desc="fw: restoring best iterate", disable=not self.progress):
-            if self.iterate.implicit:
-                self.iterate.set_atoms(name, atoms[name])
-            else:
-                self.iterate.write(name, self.realize(name, atoms[name]))
+            self.iterate.set(name, atoms[name], self.realize)
 
     # -- steps ---------------------------------------------------------------------------
     def _vertex_value(self, name: str, atom: Optional[Atom]) -> torch.Tensor:
@@ -371,11 +371,7 @@ class FrankWolfe:
         for name in self.blocks:
             if name not in points:
                 continue
-            if self.iterate.implicit:
-                self.iterate.set_atoms(name, points[name])
-            else:
-                self.iterate.write(name, realize(name, points[name]))
-                return_free_memory()
+            self.iterate.set(name, points[name], realize)
             atoms[name] = points[name]
 
     def merged_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -442,11 +438,9 @@ class FrankWolfe:
         if best[0] < final:
             final, selected, atoms = best
             self._materialise(atoms)
-        if not self.iterate.implicit:
-            for name in self.blocks:
-                # never left the base, or no candidate changes it: write the base exactly,
-                # not the rounded (1 - gamma) x + gamma x of the loop
-                if not atoms[name] or not self.v_norm[name].any():
-                    self.iterate.write(name, self.base(name))
+        for name in self.blocks:
+            # never left the base, or no candidate changes it: hold the base exactly
+            if not atoms[name] or self._moves_nothing(name):
+                self.iterate.hold_base(name, self.base)
         read = sum(c.bytes_read for c in self.candidates)
         return FWResult(atoms, trace, final, selected, read, time.time() - start, initial, self.rescored)
