@@ -146,3 +146,44 @@ def test_the_rooms_exist_as_documented():
     rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert set(ALLOWED) <= rooms, set(ALLOWED) - rooms
     assert os.path.isdir(PACKAGE / "_data" / "eval_tasks")
+
+
+def imported_modules(path):
+    """Every fwllm module a file imports (`from fwllm.io import stats_store`: fwllm.io.stats_store)."""
+    for target, names in imports(path):
+        yield target
+        yield from (f"{target}.{n}" for n in names)
+
+
+def forbidden_imports(room_name, forbidden):
+    return [
+        f"{module} -> {target}"
+        for module, path in modules()
+        if room(module) == room_name
+        for target in imported_modules(path)
+        if target in forbidden
+    ]
+
+
+# a kernel is tensors and numbers in, tensors out: it knows no recipe, plan or job
+CONFIG_MODULES = {"fwllm.core.params", "fwllm.core.plan", "fwllm.core.job"}
+# a solver computes and returns; what is kept on disk (cache, scratch stores, the plan's merged
+# tensors, the output) is the method's: it makes a store and hands it in where a solve needs one
+STORE_MODULES = {
+    "fwllm.io.stats_store",
+    "fwllm.io.iterate_store",
+    "fwllm.io.merged_store",
+    "fwllm.io.staged_output",
+}
+
+
+def test_kernels_take_no_config_objects():
+    assert all(m in {n for n, _ in modules()} for m in CONFIG_MODULES)  # the names are real
+    wrong = forbidden_imports("kernels", CONFIG_MODULES)
+    assert wrong == [], "kernels that import a config or plan module:\n" + "\n".join(wrong)
+
+
+def test_solvers_import_no_store():
+    assert all(m in {n for n, _ in modules()} for m in STORE_MODULES)  # the names are real
+    wrong = forbidden_imports("solvers", STORE_MODULES)
+    assert wrong == [], "solvers that import a store module:\n" + "\n".join(wrong)
