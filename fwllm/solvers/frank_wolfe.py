@@ -122,12 +122,17 @@ class FrankWolfe:
         }
         # a block the iterate reads nothing for (a LoRA pool: its hooks score every candidate) is exact
         self.exact = {name: list(range(n)) for name in self.blocks}
-        self.iterate.start(self._reading(), atoms, self._read_block)
+        reading = self._reading()
+        try:
+            self.iterate.start(reading, atoms, self._read_block)
+        finally:
+            reading.close()  # ends the progress bar's line before any error is printed
         return atoms
 
     def _reading(self) -> Iterator[str]:
         """The blocks to read, with a progress bar (a generator: no bar unless the iterate reads)."""
-        yield from tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress)
+        with tqdm(self.blocks, desc="fw: reading candidates", disable=not self.progress) as bar:
+            yield from bar
 
     def _read_block(self, name: str) -> torch.Tensor:
         """Sketch the block's v_i (those not scored exactly from LoRA factors); its start, dense."""
