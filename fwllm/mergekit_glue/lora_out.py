@@ -9,14 +9,13 @@ merge is in OUT_DIR.
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Optional
 
 from fwllm.core.errors import FwllmError
-from fwllm.core.plan import FWPlanRecord, read_record
 from fwllm.mergekit_glue.lora_adapter import write_lora_merge
 from fwllm.io.models import resolve_model_path
-from fwllm.io.staged_output import check_target
-from fwllm.mergekit_glue.merge import PLAN_SUBDIR
+from fwllm.io.staged_output import check_target, refuse_overlap
+from fwllm.mergekit_glue.merge import PLAN_SUBDIR, recipe_inputs
 from fwllm.mergekit_glue.recipe import load_recipe, merge_job
 
 
@@ -40,28 +39,35 @@ def _lora_candidates(recipe_path: str):
         raise FwllmError(
             f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full[0]} is a full model"
         )
-    return job.candidates
+    return recipe, job
 
 
 def check_lora_out(recipe_path: str, out_dir: str, lora_out: str, force: bool) -> None:
     """Refuse, before any model loads, a recipe whose merge is not a LoRA, or an unusable DIR."""
-    _lora_candidates(recipe_path)
-    lora, out = os.path.abspath(lora_out), os.path.abspath(out_dir)
-    if lora == out or lora.startswith(out + os.sep) or out.startswith(lora + os.sep):
-        raise FwllmError(f"--lora-out {lora_out} must be outside OUT_DIR {out_dir} (and not contain it)")
-    check_target(lora, force)
+    recipe, job = _lora_candidates(recipe_path)
+    # the rule OUT_DIR follows: never an input, OUT_DIR itself, the working folder, $HOME or a mount point
+    refuse_overlap(
+        lora_out, [out_dir, *recipe_inputs(recipe_path, recipe.config, job)], what="--lora-out DIR"
+    )
+    check_target(os.path.abspath(lora_out), force)
 
 
 def write_lora_out(
     recipe_path: str, out_dir: str, lora_out: str, force: bool, rank: Optional[int] = None
 ) -> str:
     """Write the merge recorded in OUT_DIR's plan as a peft adapter in `lora_out`; returns a summary line."""
-    record = read_record(os.path.join(out_dir, PLAN_SUBDIR), "fw_merging", FWPlanRecord)
+    from fwllm.methods.registry import METHODS
+
+    # the adapters the recipe names, matched to the plan's candidates by label (as a merge binds them)
+    _, job = _lora_candidates(recipe_path)
+    method = METHODS.get("fw_merging")
+    record = method.bind(method.load_plan(os.path.join(out_dir, PLAN_SUBDIR)), job).record
     if not record.adapters:
-        # a solve with the full gradient records no adapter folders: take them from the recipe
-        candidates = _lora_candidates(recipe_path)
-        if [c.label for c in candidates] != record.candidates:
+        # a solve with the full gradient records no adapter folders: the recipe's, in the plan's order
+        by_label = {c.label: c.lora for c in job.candidates}
+        if list(by_label) != record.candidates:
             raise FwllmError("the plan's candidates are not the recipe's: cannot find their adapters")
-        adapters: List[str] = [resolve_model_path(c.lora) for c in candidates]
-        record = record.model_copy(update={"adapters": adapters})
+        record = record.model_copy(
+            update={"adapters": [resolve_model_path(by_label[x]) for x in record.candidates]}
+        )
     return write_lora_merge(record, lora_out, rank=rank, force=force).summary()
