@@ -26,7 +26,7 @@ from fwllm.core.errors import FwllmError
 @click.option("--no-cache", is_flag=True, help="Redo every merge and score.")
 def demo_command(profile, out_dir, root, sizes, fw, iterations, device, no_cache):
     """Build experts, merge them (tuned TA, RegMean, FW-Merging), score them with task metrics, print one table."""
-    from fwllm.demo.pool_quality import parse_overrides  # torch and mergekit load only when the verb runs
+    from fwllm.demo.settings import parse_overrides  # torch and mergekit load only when the verb runs
     from fwllm.demo.run import run_demo
 
     try:

@@ -2,10 +2,10 @@
 
 1. build (or reuse) a pool of real, really-trained experts (`fwllm.experts`): relevant
    experts on distinct tasks plus irrelevant ones;
-2. run the pool-quality engine (`fwllm.demo.pool_quality`) in a small configuration (the
-   full quality benchmark is `python eval/quality.py`): task arithmetic with lambda tuned on the
-   calibration loss, RegMean and FW-Merging over the whole pool, every merge scored with
-   task metrics on held-out dev rows, 95% bootstrap intervals;
+2. merge the first N experts with tuned task arithmetic (lambda chosen on the calibration loss),
+   RegMean and FW-Merging with the defaults (`fwllm.demo.pool_quality`), and score every merge
+   with task metrics on held-out dev rows, 95% bootstrap intervals (the full quality benchmark,
+   with more methods and held-out tasks, is `python eval/quality.py`, outside the package);
 3. print the table and write report.md / results.json into the output folder.
 
 Merges and scores are cached in the output folder, so a second run prints the table again
@@ -20,8 +20,9 @@ from typing import Dict, Optional, Sequence
 import click
 
 from fwllm.demo.dev_rows import DevBudget
-from fwllm.demo.pool_quality import DEMO_METHODS, SMOL_FW, QualitySettings, run_quality
+from fwllm.demo.pool_quality import run_quality
 from fwllm.demo.recipes import PoolSettings
+from fwllm.demo.settings import DEMO_METHODS, SMOL_FW, QualitySettings
 from fwllm.experts import build_pool
 
 # dev rows per task: the benchmark's tasks, cut to what a first run affords on 2 CPU cores
@@ -50,7 +51,6 @@ def demo_settings(
         budget=DevBudget(rows=dict(TINY_DEMO_ROWS if tiny else SMOL_DEMO_ROWS)),
         merge=merge,
         fw={**TINY_FW, **fw} if tiny else {**SMOL_FW, **fw},
-        best_single=False,
         resamples=1000,
         device=device,
         cache=cache,
