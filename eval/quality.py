@@ -24,10 +24,12 @@ import sys
 
 from fwllm.core.errors import FwllmError
 from fwllm.demo.dev_rows import DevBudget
-from fwllm.demo.pool_quality import RECIPE_ONLY, SMOL_FW, QualitySettings, parse_overrides
+from fwllm.demo.pool_quality import RECIPE_ONLY
 from fwllm.demo.recipes import PoolSettings
+from fwllm.demo.settings import SMOL_FW, parse_overrides
 from fwllm.demo.tuning import TUNED_METHODS
 from fwllm.evaluation.likelihood import SCORE_DTYPES
+from fwbench.quality_engine import BenchSettings
 from fwbench.quality_bench import HELD_OUT, QUALITY_METHODS, SMOL_ROWS, run_benchmark, with_method_overrides
 
 
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         rows = {} if tiny else dict(SMOL_ROWS)
         for task, n in parse_overrides(args.rows).items():
             rows[task] = None if int(n) < 0 else int(n)
-        s = QualitySettings(
+        s = BenchSettings(
             sizes=args.sizes or ((2, 4, 7) if tiny else (2, 4, 8)),
             methods=args.methods,
             budget=DevBudget(rows=rows),

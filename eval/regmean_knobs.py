@@ -27,10 +27,13 @@ from mergekit.options import MergeOptions
 
 from fwllm.core.errors import FwllmError
 from fwllm.demo.dev_rows import DevBudget
-from fwllm.demo.pool_quality import PoolRun, QualityBench, QualitySettings, fmt, summarize
+from fwllm.demo.pool_quality import PoolRun
 from fwllm.demo.recipes import PoolSettings
+from fwllm.demo.report import fmt
 from fwllm.demo.tuning import calibration_objective
 from fwbench.quality_bench import SMOL_ROWS, with_method_overrides
+from fwbench.quality_engine import BenchSettings, QualityBenchmark
+from fwbench.quality_report import summarize
 from fwllm.io.models import load_model
 from fwllm.mergekit_glue.merge import merge_recipe
 
@@ -39,7 +42,7 @@ def _key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def scan(bench: QualityBench, refs, n: int, alpha: float, scales, log) -> list:
+def scan(bench: QualityBenchmark, refs, n: int, alpha: float, scales, log) -> list:
     """RegMean@n at `alpha`, then theta_0 + K (M - theta_0) for each K: [(K, calibration loss, row)]."""
     run = PoolRun(bench, n)
     cell = run.merged("regmean")  # scores K = 1 (from the cache when they are there)
@@ -89,14 +92,14 @@ def main(argv=None) -> int:
         pool = build_pool("smol", "llama")
         points = []
         for alpha in args.alphas:
-            s = QualitySettings(
+            s = BenchSettings(
                 sizes=(args.n,),
                 methods=["regmean"],
                 best_single=False,
                 budget=DevBudget(rows=dict(SMOL_ROWS)),
                 merge=with_method_overrides(PoolSettings(), {"regmean.alpha": alpha}),
             )
-            bench = QualityBench(pool, os.path.dirname(args.out) or ".", s, work_dir=args.work)
+            bench = QualityBenchmark(pool, os.path.dirname(args.out) or ".", s, work_dir=args.work)
             refs = bench.references()
             points += [
                 (alpha, k, loss, row) for k, loss, row in scan(bench, refs, args.n, alpha, args.scales, print)

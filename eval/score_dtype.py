@@ -23,7 +23,8 @@ from fwllm.core.errors import FwllmError
 from fwllm.core.paths import data_root
 from fwllm.evaluation import figures as q
 from fwllm.demo.dev_rows import DevBudget, pool_dev_tasks
-from fwllm.demo.pool_quality import parse_overrides, score_task
+from fwllm.demo.scores import score_task
+from fwllm.demo.settings import parse_overrides
 from fwbench.held_out import held_out_tasks
 from fwllm.io.models import load_model, load_tokenizer
 

@@ -1,6 +1,6 @@
-"""The full quality benchmark (`python eval/quality.py`): fwllm's pool-quality engine
-(`fwllm.demo.pool_quality`, which `fwllm demo` runs on three methods and a few dev rows) on
-every method, every dev row, and held-out GLUE tasks nobody trained on.
+"""The full quality benchmark (`python eval/quality.py`): the benchmark's engine
+(`fwbench.quality_engine`, built on fwllm's pool-quality engine that `fwllm demo` runs on three
+methods and a few dev rows) on every method, every dev row, and held-out GLUE tasks nobody trained on.
 
 Names here are the benchmark's: `QUALITY_METHODS` (the matrix's are `fwbench.matrix.MATRIX_METHODS`,
 which adds average and AdaMerging and tunes nothing) and `SMOL_ROWS` (dev rows per task of the
@@ -14,9 +14,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.paths import data_root as shared_data_root
-from fwllm.demo.pool_quality import QualitySettings, run_quality
 from fwllm.demo.recipes import PoolSettings
 from fwbench.held_out import held_out_tasks
+from fwbench.quality_engine import BenchSettings, run_quality
 
 QUALITY_METHODS = ("task_arithmetic", "ties", "dare_ties", "regmean", "fisher", "fw_hard", "fw_soft")
 # dev rows per task of the smol benchmark: every one there is (scoring in bfloat16 keeps
@@ -39,7 +39,7 @@ def with_method_overrides(merge: PoolSettings, params: Dict[str, object]) -> Poo
 def run_benchmark(
     pool,
     out_dir: str,
-    s: QualitySettings,
+    s: BenchSettings,
     held_out: Sequence[str] = HELD_OUT,
     log: Callable[[str], None] = print,
     work_dir: Optional[str] = None,

@@ -187,3 +187,37 @@ def test_solvers_import_no_store():
     assert all(m in {n for n, _ in modules()} for m in STORE_MODULES)  # the names are real
     wrong = forbidden_imports("solvers", STORE_MODULES)
     assert wrong == [], "solvers that import a store module:\n" + "\n".join(wrong)
+
+
+def defined_names(path):
+    """Every name a module defines: functions, classes, methods, assignments and dataclass fields."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.name
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            yield node.target.id
+        elif isinstance(node, ast.Assign):
+            yield from (t.id for t in node.targets if isinstance(t, ast.Name))
+
+
+# what only the quality benchmark measures; it lives in eval/fwbench, and `fwllm demo` stays thin
+BENCHMARK_ONLY = {
+    "best_expert",  # the best single expert of a pool
+    "best_single",
+    "measure_members",  # every member's calibration loss, to pick it
+    "differences",  # paired differences between methods
+    "ties_scales",  # the TIES / DARE tuning grids
+    "ties_densities",
+    "dare_scales",
+    "dare_densities",
+}
+
+
+def test_the_benchmark_harness_is_not_in_the_package():
+    harness = PACKAGE.parent / "eval" / "fwbench"
+    there = {n for p in harness.glob("*.py") for n in defined_names(p)}
+    assert BENCHMARK_ONLY <= there, BENCHMARK_ONLY - there  # the names are real: the harness defines them
+    wrong = sorted(
+        f"{module}: {n}" for module, path in modules() for n in set(defined_names(path)) & BENCHMARK_ONLY
+    )
+    assert wrong == [], "benchmark-only code under fwllm/ (it belongs in eval/fwbench):\n" + "\n".join(wrong)

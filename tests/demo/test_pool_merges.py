@@ -45,12 +45,13 @@ def test_unknown_recipe_method(pool):
 
 
 def test_demo_tiny_end_to_end(pool, tiny_pools_root, tmp_path, monkeypatch):
-    """The demo prints the quality benchmark's table; FW overrides reach the recipe; a second
-    run reuses every merge and score and prints the same table."""
-    from fwllm.demo import pool_quality
+    """The demo prints its table of tuned TA, RegMean and FW; FW overrides reach the recipe; a
+    second run reuses every merge and score and prints the same table."""
+    from fwllm.demo import pool_quality, scores
 
     # others may edit fwllm's sources between the two runs, which rightly voids the cache
-    monkeypatch.setattr(pool_quality, "source_hash", lambda files=None, root=None: "fixed")
+    for module in (pool_quality, scores):
+        monkeypatch.setattr(module, "source_hash", lambda files=None, root=None: "fixed")
     out = tmp_path / "demo"
     args = [
         "--profile",
@@ -84,6 +85,11 @@ def test_demo_tiny_end_to_end(pool, tiny_pools_root, tmp_path, monkeypatch):
     assert recipe["parameters"]["iterations"] == 4 and recipe["parameters"]["step_size"] == 0.4
     assert (out / "pool7" / "merged" / "fw_hard" / "fwllm_plan" / "trace.json").is_file()
     assert "| 7 (3 irrelevant) | FW-hard |" in result.output and (out / "report.md").is_file()
+    # the demo's report is the short one: the benchmark's sections are eval/fwbench's
+    report = (out / "report.md").read_text()
+    lam = next(c["info"]["lambda"] for c in summary["cells"] if c["label"] == "task_arithmetic@7")
+    assert f"| task_arithmetic@7 | {lam} |" in report  # the lambda tuning chose
+    assert "differences" not in summary and "Paired differences" not in report
 
     again = CliRunner().invoke(demo_command, args)
     assert again.exit_code == 0, again.output

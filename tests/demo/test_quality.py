@@ -330,7 +330,7 @@ def test_smol_dev_rows_extend_the_pool_and_never_meet_training_or_calibration_ro
 # -- settings -----------------------------------------------------------------------------------
 def test_fw_overrides_reach_the_right_variant():
     from fwllm.demo.recipes import PoolSettings, recipe_for
-    from fwllm.demo.pool_quality import parse_overrides, with_fw_overrides
+    from fwllm.demo.settings import parse_overrides, with_fw_overrides
 
     fw = parse_overrides(["iterations=12", "hard.step_size=0.5", "soft.scaling=1.5", "init=ta"])
     assert fw == {"iterations": 12, "hard.step_size": 0.5, "soft.scaling": 1.5, "init": "ta"}
@@ -347,7 +347,7 @@ def test_fw_overrides_reach_the_right_variant():
 def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them():
     from fwllm.demo.run import demo_settings
     from fwllm.demo.recipes import recipe_for
-    from fwllm.demo.pool_quality import with_fw_overrides
+    from fwllm.demo.settings import with_fw_overrides
 
     smol = demo_settings("smol", None, {"step": "open_loop"}, "cpu")
     hard = recipe_for("fw_hard", "base", [], "calib", with_fw_overrides(smol.merge, smol.fw))["parameters"]
@@ -363,7 +363,7 @@ def test_smol_demo_runs_the_documented_fw_settings_and_the_user_overrides_them()
 
 
 def test_source_hash_follows_file_contents(tmp_path):
-    from fwllm.demo.pool_quality import source_hash
+    from fwllm.demo.scores import source_hash
 
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").write_text("y = 2\n")
@@ -388,7 +388,8 @@ def test_scoring_dtype_auto_follows_the_hardware_and_rejects_unknown_names(monke
 
 
 def test_scores_of_one_dtype_are_never_served_to_another(tmp_path):
-    from fwllm.demo.pool_quality import QualitySettings, Scorer, ScoreStore
+    from fwllm.demo.scores import Scorer, ScoreStore
+    from fwllm.demo.settings import QualitySettings
 
     task = DevTask("t", q.ACCURACY, [{"prompt": "copy : 1 2 =", "choices": [" 1", " 2"], "gold": 0}], True)
     budget, tok = DevBudget(), tiny_tokenizer()

@@ -10,7 +10,7 @@ from fwbench.held_out import glue_rows
 from fwbench.quality_bench import with_method_overrides
 from fwllm.core.errors import FwllmError
 from fwllm.core.paths import data_root
-from fwllm.demo.pool_quality import parse_overrides
+from fwllm.demo.settings import parse_overrides
 from fwllm.demo.recipes import PoolSettings, recipe_for
 
 
