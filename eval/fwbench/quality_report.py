@@ -181,18 +181,23 @@ def report_markdown(bench, cells, summary: dict, result: dict, table: str) -> st
     md = [
         f"# Quality benchmark ({pool.profile} pool, {time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        f"Pool: `{pool.root}`: {len(pool.experts)} experts, relevant first ({', '.join(rel)}), then irrelevant "
+        f"Pool: `{pool.root}`: {len(pool.experts)} experts, relevant first ({', '.join(rel)}), then "
+        "irrelevant "
         f"({', '.join(irr) or 'none'}). Pools: the first N = {', '.join(map(str, s.sizes))}.",
         "",
         f"Wall time: **{result['seconds'] / 60:.1f} min** on {result['cores']} CPU cores ({phases}; "
-        f"scoring {result['scoring']['seconds'] / 60:.1f} min). Cached steps cost nothing and are not counted in "
+        f"scoring {result['scoring']['seconds'] / 60:.1f} min). Cached steps cost nothing and are not "
+        "counted in "
         f"their phase's time.",
         "",
         "## Held-in normalized score (95% bootstrap intervals over dev rows)",
         "",
-        "Per held-in task: accuracy tasks merged / expert x 100; loss tasks the share of the expert's NLL gain over "
-        "the base that the merge keeps, (base - merged) / (base - expert) x 100. The figure is the mean over the "
-        "pool's held-in tasks; the base and each expert are resampled with the merge (paired). Held-out: mean "
+        "Per held-in task: accuracy tasks merged / expert x 100; loss tasks the share of the expert's "
+        "NLL gain over "
+        "the base that the merge keeps, (base - merged) / (base - expert) x 100. The figure is the mean "
+        "over the "
+        "pool's held-in tasks; the base and each expert are resampled with the merge (paired). "
+        "Held-out: mean "
         "accuracy (x100) on tasks no expert trained on, and its paired difference to the base.",
         "",
         table,
@@ -220,7 +225,8 @@ def report_markdown(bench, cells, summary: dict, result: dict, table: str) -> st
         f"Grids: TA lambda {list(s.ta_scales)}; TIES lambda {list(s.ties_scales)} x density "
         f"{list(s.ties_densities)}; DARE lambda {list(s.dare_scales)} x density {list(s.dare_densities)}. "
         "TA, TIES and DARE are mergekit's own "
-        "per-tensor merges (weights 1, the methods' normalize/rescale defaults), computed in memory in float32; "
+        "per-tensor merges (weights 1, the methods' normalize/rescale defaults), computed in memory in "
+        "float32; "
         f"`{os.path.join(bench.work_dir, 'pool<N>', 'recipes')}` holds the equivalent recipes.",
         "",
         "## Rows and settings",
@@ -228,14 +234,17 @@ def report_markdown(bench, cells, summary: dict, result: dict, table: str) -> st
         *task_lines(result),
         "",
         f"Calibration: the first {merge['max_rows']} rows of each held-in task's calibration file (up to "
-        f"{merge['max_length']} tokens), the same rows for every data-informed method and for every tuning step. "
+        f"{merge['max_length']} tokens), the same rows for every data-informed method and for every "
+        "tuning step. "
         f"{result['calibration_rows_checked']} calibration prompts checked: none is a dev prompt.",
         "",
         f"Models are scored in {result['scoring']['dtype'].replace('torch.', '')} (`--score-dtype`; "
         "eval/reports/score_dtype.md compares it with float32). "
         f"Multiple-choice prompts keep their last {s.budget.max_prompt_tokens} tokens; response rows at most "
-        f"{s.budget.max_length} tokens. GSM8K and code are scored by the NLL of the reference answer only: greedy "
-        "generation of ~200-token solutions for every row and model (exact match) is not affordable on 2 CPU cores.",
+        f"{s.budget.max_length} tokens. GSM8K and code are scored by the NLL of the reference answer "
+        "only: greedy "
+        "generation of ~200-token solutions for every row and model (exact match) is not affordable on "
+        "2 CPU cores.",
         "",
         f"Merge settings: `{json.dumps(merge)}`",
         "",

@@ -176,15 +176,15 @@ def report_markdown(bench, cells, result: dict, table: str) -> str:
     md = [
         f"# fwllm demo ({pool.profile} pool, {time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        f"Pool: `{pool.root}`: {len(pool.experts)} experts, relevant first ({', '.join(rel)}), then irrelevant "
-        f"({', '.join(irr) or 'none'}). Pools: the first N = {', '.join(map(str, s.sizes))}. "
+        f"Pool: `{pool.root}`: {len(pool.experts)} experts, relevant first ({', '.join(rel)}), "
+        f"then irrelevant ({', '.join(irr) or 'none'}). Pools: the first N = {', '.join(map(str, s.sizes))}. "
         f"Wall time: {result['seconds'] / 60:.1f} min on {result['cores']} CPU cores.",
         "",
         "## Held-in normalized score (95% bootstrap intervals over dev rows)",
         "",
-        "Per held-in task: accuracy tasks merged / expert x 100; loss tasks the share of the expert's NLL gain over "
-        "the base that the merge keeps, (base - merged) / (base - expert) x 100. The figure is the mean over the "
-        "pool's held-in tasks.",
+        "Per held-in task: accuracy tasks merged / expert x 100; loss tasks the share of the expert's NLL "
+        "gain over the base that the merge keeps, (base - merged) / (base - expert) x 100. The figure is the "
+        "mean over the pool's held-in tasks.",
         "",
         table,
         "",
@@ -196,9 +196,9 @@ def report_markdown(bench, cells, result: dict, table: str) -> str:
         "",
         *task_lines(result),
         "",
-        f"Calibration: the first {merge['max_rows']} rows of each held-in task's calibration file, the same rows "
-        f"for every data-informed method and for the tuning; {result['calibration_rows_checked']} calibration "
-        "prompts checked: none is a dev prompt. Recipes of every merge: "
+        f"Calibration: the first {merge['max_rows']} rows of each held-in task's calibration file, the same "
+        f"rows for every data-informed method and for the tuning; {result['calibration_rows_checked']} "
+        "calibration prompts checked: none is a dev prompt. Recipes of every merge: "
         f"`{os.path.join(bench.work_dir, 'pool<N>', 'recipes')}`.",
         "",
         f"FW overrides: `{json.dumps(s.fw)}`",
