@@ -104,7 +104,8 @@ def check_streamable(candidates: Sequence[Candidate], method: str) -> None:
 
 
 class StreamedRegMean:
-    """`merged()` yields (name, merged tensor) for every tensor of the base the candidates share."""
+    """`merged()` yields (name, merged tensor) for every tensor of the base the candidates share
+    (with `keep_factors`, a pure LoRA pool's: (name, LowRank delta) for the weights it adapts)."""
 
     def __init__(
         self,
@@ -135,6 +136,9 @@ class StreamedRegMean:
         self._forwards = [layer.forward for layer in self.layers]
         # a pure LoRA pool merges in task-vector space, keeping each candidate's factors; else in weight space
         self.low_rank = all(r.cand.adapter is not None for r in self.runs)
+        # `merged()` of a pure LoRA pool yields each solved weight as its LowRank delta (not W_0 + B A),
+        # and skips the tensors no adapter touches (the merge leaves them at the base)
+        self.keep_factors = False
         self.solved: Set[str] = set()
         self.lambdas: Dict[str, float] = {}
 
@@ -383,6 +387,14 @@ class StreamedRegMean:
                     lam,
                 )
             for name, value in deltas.items():
+                if self.low_rank and self.keep_factors and isinstance(value, LowRank):
+                    # W_0 + B A kept as its factors (a Conv1D weight [in, out]: (B A)^T = A^T B^T)
+                    if name in self.transposed:
+                        value = LowRank(value.b.T.contiguous(), value.a.T.contiguous(), value.scale)
+                    self.lambdas[name] = lam
+                    self.solved.add(name)
+                    yield name, value
+                    continue
                 if self.low_rank:
                     base = self._base(name)
                     delta = value.dense() if isinstance(value, LowRank) else value
@@ -421,6 +433,12 @@ class StreamedRegMean:
         for name in base.names():
             if name in self.solved or not all(name in r for r in full):
                 continue
+            if (
+                self.keep_factors
+                and self.low_rank
+                and not any(name in r.cand.adapter.factors for r in self.runs)
+            ):
+                continue  # every candidate is the base here
             b = base.get(name, dtype=None)
             if not b.is_floating_point() or is_head_tensor(name):
                 yield name, b
