@@ -23,7 +23,7 @@ import torch
 
 from fwllm.arch.heads import is_head_tensor
 from fwllm.arch.weight_layout import transposed_weights_of
-from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.errors import FwllmError, check_finite_gram
 from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.core.params import RegMeanParams
@@ -199,7 +199,7 @@ class RegMean(DataMethod):
                     raise FwllmError(
                         f"regmean: candidate {lab} has no Gram for {name} (plan from another model?)"
                     )
-                check_finite(f"Gram of candidate {lab}", name, gram)
+                check_finite_gram(f"Gram of candidate {lab}", name, gram)
                 theta = candidates[lab]  # read once: candidates may be read from disk on each access
                 yield (theta.T if transposed else theta), gram.to(theta.device), c
                 del theta, gram  # before the next one is read

@@ -28,7 +28,7 @@ from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optiona
 
 import torch
 
-from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.errors import FwllmError, check_finite_gram
 from fwllm.core.job import MergeJob
 from fwllm.data.calibration import CalibrationTask, load_calibration
 from fwllm.data.encoding import encode_task
@@ -98,7 +98,7 @@ class _SupportRegMean(StreamedRegMean):
     def _add(self, run, grams, leader, sums) -> None:
         k = self.position[id(run)]
         for name, gram in grams.items():
-            check_finite(f"Gram of candidate {run.cand.label}", name, gram)
+            check_finite_gram(f"Gram of candidate {run.cand.label}", name, gram)
             by_weights: Dict[Tuple[float, ...], List[str]] = {}
             for n in (n for n, lead in leader.items() if lead == name):
                 w = self.weights_of(n)

@@ -36,7 +36,7 @@ from fwllm.arch.heads import is_head_tensor
 from fwllm.arch.layer_stack import layer_stack
 from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, forwards_replaced, skeleton
 from fwllm.arch.weight_layout import input_features, transposed_weights
-from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.errors import FwllmError, check_finite, check_finite_gram
 from fwllm.core.memory import return_free_memory
 from fwllm.io.candidates import Candidate
 from fwllm.io.tensors import TensorReader
@@ -207,9 +207,13 @@ class StreamedRegMean:
         grams: Dict[str, torch.Tensor],
         leader: Dict[str, str],
         state: Dict[str, Any],
+        spare: Optional[Dict[str, torch.Tensor]] = None,
     ):
         """Pre-hooks adding x x^T over real tokens to `grams`; weights whose module sees the very
-        tensor another one saw in this forward share that one's Gram (`leader`)."""
+        tensor another one saw in this forward share that one's Gram (`leader`). A Gram starts from
+        the previous candidate's buffer in `spare` when there is one: a fresh [in, in] allocation per
+        candidate and layer input is page-faulted in anew each time (at 1.1B, seconds per layer)."""
+        spare = {} if spare is None else spare
         handles = []
         for name in names:
             module = self.linear[name]
@@ -229,7 +233,12 @@ class StreamedRegMean:
                     x = x[mask]  # padding is not data the layer has to fit
                 x = x.reshape(-1, x.shape[-1]).float()
                 if name not in grams:
-                    grams[name] = torch.zeros(input_features(mod), input_features(mod), device=x.device)
+                    reused = spare.pop(name, None)
+                    grams[name] = (
+                        reused.zero_()
+                        if reused is not None
+                        else torch.zeros(input_features(mod), input_features(mod), device=x.device)
+                    )
                 grams[name].addmm_(x.T, x)
 
             handles.append(module.register_forward_pre_hook(hook))
@@ -295,6 +304,7 @@ class StreamedRegMean:
         names = self.layer_params[i]
         linear = [n for n in names if n in self.linear]
         sums: Dict[str, RegMeanSums] = {}
+        spare: Dict[str, torch.Tensor] = {}
         resident_source: Any = False  # which weights the layer holds now (False: none)
         try:
             for run in self.runs:
@@ -306,7 +316,11 @@ class StreamedRegMean:
                 grams: Dict[str, torch.Tensor] = {}
                 leader: Dict[str, str] = {}
                 state: Dict[str, Any] = {}
-                with self._lora(run, linear), self._grams(linear, grams, leader, state), torch.no_grad():
+                with (
+                    self._lora(run, linear),
+                    self._grams(linear, grams, leader, state, spare),
+                    torch.no_grad(),
+                ):
                     for k, batch in self._each_batch(run, state):
                         args, kwargs = run.calls[k]
                         out = self._forwards[i](run.hidden[k].to(self.device), *args, **kwargs)
@@ -317,7 +331,9 @@ class StreamedRegMean:
                             )
                         run.hidden[k] = out.to(self.host)
                 self._add(run, grams, leader, sums)
+                spare.update(grams)  # the sums keep no reference to a candidate's Gram
                 del grams
+            spare.clear()
             yield from self._solve(sums)
         finally:
             self.meta.release(names)
@@ -367,9 +383,9 @@ class StreamedRegMean:
         self, run: _Run, grams: Dict[str, torch.Tensor], leader: Dict[str, str], sums: Dict[str, RegMeanSums]
     ) -> None:
         for name, gram in grams.items():
-            check_finite(f"Gram of candidate {run.cand.label}", name, gram)
+            check_finite_gram(f"Gram of candidate {run.cand.label}", name, gram)
             if self.on_gram is not None:
-                self.on_gram(run.cand.label, name, gram)
+                self.on_gram(run.cand.label, name, gram.clone())  # the buffer is the next candidate's
             group = [n for n, lead in leader.items() if lead == name]
             taus = {n: self._weight_of(run, n) for n in group}
             sums.setdefault(name, RegMeanSums(self.alpha)).add(gram.to(self.host), taus, run.weight)
