@@ -27,6 +27,7 @@ from fwllm.kernels.low_rank import LowRank
 from fwllm.kernels.regmean import cholesky_or_none
 
 TaskVector = Union[torch.Tensor, LowRank]
+ROWS = 512  # Gram rows converted to float64 at a time: a few MB, reused, never a whole [in, in] copy
 
 
 @dataclass
@@ -55,29 +56,40 @@ class RegMeanSums:
         self.numerators: Dict[str, _Numerator] = {}
 
     def add(self, gram: torch.Tensor, taus: Mapping[str, Optional[TaskVector]], weight: float = 1.0) -> None:
-        # in place: at 7B the widest input (down_proj, 11008) makes each [in, in] float64 copy 0.97 GB,
-        # and a chain of out-of-place ops held four of them at once
-        g = gram.to(torch.float64, copy=True)
-        diagonal = g.diagonal().clone()
-        g.mul_(self.alpha * weight)
-        g.diagonal().copy_(diagonal.mul_(weight))  # alpha G + (1 - alpha) diag(G), times the weight
+        # No float64 copy of the Gram: at 1.1B, copying, scaling and allocating one per candidate and
+        # layer input took a quarter of the Gram pass. The sum is float64 (the solve's), the Gram is
+        # added into it in place; G~ A^T = alpha G A^T + (1 - alpha) diag(G) A^T is formed in float64
+        # with the Gram's rows converted a block at a time.
+        diagonal = gram.diagonal().double()
         if self.gram_sum is None:
-            self.gram_sum = g
-        else:
-            self.gram_sum.add_(g)
+            self.gram_sum = torch.zeros(gram.shape, dtype=torch.float64, device=gram.device)
+        self.gram_sum.add_(gram, alpha=self.alpha * weight)
+        self.gram_sum.diagonal().add_(diagonal, alpha=(1.0 - self.alpha) * weight)
         self.weight_sum += weight
+
+        def tilde_times(x: torch.Tensor) -> torch.Tensor:
+            """weight * G~ x in float64 ([in, k] for x [in, k]), the Gram converted a block of rows at a
+            time (a float32 product lost ~1e-6 of the merge to the solve's conditioning)."""
+            x64 = x.double()
+            out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+            for i in range(0, gram.shape[0], ROWS):
+                torch.mm(gram[i : i + ROWS].double(), x64, out=out[i : i + ROWS])
+            out.mul_(self.alpha * weight)
+            return out.add_(x64 * (diagonal * ((1.0 - self.alpha) * weight))[:, None])
+
         for name, tau in taus.items():
             if tau is None:
                 continue
             num = self.numerators.setdefault(name, _Numerator())
             if isinstance(tau, LowRank):
-                num.gram_a.append(g @ tau.a.double().T)
+                num.gram_a.append(tilde_times(tau.a.T))
                 num.plain_a.append(tau.a.double().T * weight)
                 num.scaled_b.append(tau.b.double().T * tau.scale)
             else:
-                t = tau.double().T
-                num.dense = g @ t if num.dense is None else num.dense + g @ t
-                num.dense_avg = t * weight if num.dense_avg is None else num.dense_avg + t * weight
+                t = tau.T
+                num.dense = tilde_times(t) if num.dense is None else num.dense.add_(tilde_times(t))
+                td = t.double() * weight
+                num.dense_avg = td if num.dense_avg is None else num.dense_avg.add_(td)
 
     def solve(self, ridge: float = 1e-5) -> Tuple[Dict[str, TaskVector], float]:
         """({weight: Delta W}, lambda): lambda = 0 unless S is singular, then ridge * mean(diag S)

@@ -4,7 +4,8 @@
 * tied embeddings that LoRA adapters save in full are untied as peft does
   (`fwllm.arch.tied_weights`);
 * the plan's stored merged tensors are deleted (a float32 copy of the whole merge, 2x a bf16
-  model: 27 GB at 7B) unless the recipe says `keep_merged: true`, or the plan cannot form
+  model: 27 GB at 7B) unless the recipe says `keep_merged: true`, the plan stores only LoRA
+  factors (small), or the plan cannot form
   them again (FW-Merging's `local_merge: regmean` refines with Grams it does not keep). A plan
   without them is still reusable: mergekit is then handed the candidates and each method
   merges from the plan's statistics or atoms.
@@ -20,7 +21,7 @@ from mergekit.options import MergeOptions
 from fwllm.arch.tied_weights import untie_saved_heads
 from fwllm.core.job import MergeJob
 from fwllm.io.candidates import open_candidate
-from fwllm.io.merged_store import drop_merged
+from fwllm.io.merged_store import drop_merged, stored_names
 from fwllm.io.models import resolve_model_path
 from fwllm.mergekit_glue.card import write_card
 from fwllm.mergekit_glue.recipe import Recipe
@@ -50,6 +51,8 @@ def finish_output(
     plan = recipe.method.load_plan(job.plan_dir)
     if plan.merged is None or job.params.keep_merged:
         return
+    if not stored_names(plan.merged)[0]:
+        return  # only LoRA factors (a LoRA pool's RegMean or refine): small, and what --lora-out writes
     if not recipe.method.merged_recomputable(plan):
         LOG.info(
             "%s: the plan keeps its merged tensors (they cannot be formed again from it)", recipe.method.name

@@ -1,19 +1,25 @@
-"""`fwllm merge --lora-out DIR`: an FW-Merging LoRA pool's merge also written as a peft adapter.
+"""`fwllm merge --lora-out DIR`: a LoRA pool's merge also written as a peft adapter.
 
-FW-Merging with task-arithmetic steps over BASE+ADAPTER candidates merges to
-W_0 + sum_i c_i s_i B_i A_i per tensor: a LoRA of rank sum_i r_i (fwllm.mergekit_glue.lora_adapter). The
-recipe is checked before any model loads; the adapter is written from the plan once the full
+Over BASE+ADAPTER candidates every merge fwllm keeps low-rank is a LoRA of rank sum_i r_i
+(fwllm.mergekit_glue.lora_adapter):
+* FW-Merging with task-arithmetic steps and `refine: none`: W_0 + sum_i c_i s_i B_i A_i, from the
+  plan's coefficients and the adapters;
+* RegMean, and FW-Merging with `refine: regmean` (the default), on `gradient: layerwise`: the plan
+  stores each weight's merge as its factors (fwllm.io.merged_store), written as they are.
+The recipe is checked before any model loads; the adapter is written from the plan once the full
 merge is in OUT_DIR.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 from fwllm.core.errors import FwllmError
 from fwllm.mergekit_glue.lora_adapter import write_lora_merge
+from fwllm.io.merged_store import merged_factors, stored_names
 from fwllm.io.models import resolve_model_path
+from fwllm.kernels.low_rank import LowRank
 from fwllm.io.staged_output import check_target, refuse_overlap
 from fwllm.mergekit_glue.merge import PLAN_SUBDIR, recipe_inputs
 from fwllm.mergekit_glue.recipe import load_recipe, merge_job
@@ -21,18 +27,22 @@ from fwllm.mergekit_glue.recipe import load_recipe, merge_job
 
 def _lora_candidates(recipe_path: str):
     recipe = load_recipe(recipe_path)
-    if recipe.raw.get("merge_method") != "fw_merging":
-        raise FwllmError(f"--lora-out needs merge_method fw_merging (got {recipe.raw.get('merge_method')!r})")
+    method = recipe.raw.get("merge_method")
+    if method not in ("fw_merging", "regmean"):
+        raise FwllmError(f"--lora-out needs merge_method fw_merging or regmean (got {method!r})")
     job = merge_job(recipe, "", "cpu", False)
-    if job.params.local_merge != "task_arithmetic":
+    p = job.params
+    if method == "fw_merging" and p.local_merge != "task_arithmetic":
         raise FwllmError(
-            f"--lora-out needs local_merge task_arithmetic (got {job.params.local_merge!r}): "
+            f"--lora-out needs local_merge task_arithmetic (got {p.local_merge!r}): "
             f"the plan stores other local merges as dense tensors"
         )
-    if job.params.refined:
+    closed_form = method == "regmean" or p.refined
+    if closed_form and p.gradient != "layerwise":
+        what = "regmean" if method == "regmean" else "fw_merging with refine: regmean"
         raise FwllmError(
-            "--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): "
-            "the plan stores the RegMean refine as dense tensors"
+            f"--lora-out of {what} needs gradient: layerwise (got {p.gradient}): that path keeps the "
+            f"merge as LoRA factors, the in-RAM one forms dense tensors"
         )
     full = [c.label for c in job.candidates if not c.lora]
     if full:
@@ -60,8 +70,13 @@ def write_lora_out(
 
     # the adapters the recipe names, matched to the plan's candidates by label (as a merge binds them)
     _, job = _lora_candidates(recipe_path)
-    method = METHODS.get("fw_merging")
-    record = method.bind(method.load_plan(os.path.join(out_dir, PLAN_SUBDIR)), job).record
+    method = METHODS.get(job.method)
+    plan = method.load_plan(os.path.join(out_dir, PLAN_SUBDIR))
+    if plan.merged is not None:  # RegMean or a refined FW: the plan stores the merge itself
+        return write_lora_merge(
+            stored_factors(plan.merged), lora_out, rank=rank, base_model=plan.record.base, force=force
+        ).summary()
+    record = method.bind(plan, job).record
     if not record.adapters:
         # a solve with the full gradient records no adapter folders: the recipe's, in the plan's order
         by_label = {c.label: c.lora for c in job.candidates}
@@ -71,3 +86,14 @@ def write_lora_out(
             update={"adapters": [resolve_model_path(by_label[x]) for x in record.candidates]}
         )
     return write_lora_merge(record, lora_out, rank=rank, force=force).summary()
+
+
+def stored_factors(index: Dict[str, str]) -> Dict[str, LowRank]:
+    """{weight: Delta W} of a plan that stores its merge; one with a dense tensor is not a LoRA."""
+    dense, low = stored_names(index)
+    if dense:
+        raise FwllmError(
+            f"the plan stores {sorted(dense)[0]} as a dense tensor (its merge is not low-rank), so it "
+            f"cannot be written as a LoRA adapter; write the full merged model instead"
+        )
+    return {name: LowRank(*merged_factors(index, name)) for name in sorted(low)}

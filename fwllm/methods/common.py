@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
@@ -21,10 +21,11 @@ from fwllm.core.plan import CandidateStats, Plan, PlanRecord, mark_plan_complete
 from fwllm.data.calibration import CalibrationTask, load_calibration
 from fwllm.data.encoding import check_rows_fit
 from fwllm.io.candidates import Candidate, open_candidate
-from fwllm.io.merged_store import execute_streamed, read_merged
+from fwllm.io.merged_store import execute_streamed, merged_factors, read_merged
 from fwllm.io.models import architecture_of, check_same_architecture, load_model, resolve_model_path
 from fwllm.io.stats_store import StatsCache, link_or_copy
 from fwllm.io.tensors import TensorReader
+from fwllm.kernels.low_rank import LowRank
 from fwllm.methods.statistics import Measured
 
 LOG = logging.getLogger(__name__)
@@ -164,7 +165,24 @@ def stored_or_none(plan: Plan, name: str, base: torch.Tensor) -> Optional[torch.
     if plan.merged is None:
         return None
     stored = read_merged(plan.merged, name)
-    return base if stored is None else stored
+    if stored is not None:
+        return stored
+    factors = merged_factors(plan.merged, name)
+    if factors is None:
+        return base
+    delta = LowRank(*factors)
+    if delta.shape != tuple(base.shape):
+        raise FwllmError(
+            f"{name}: the plan's low-rank merge is {list(delta.shape)}, the base tensor "
+            f"{list(base.shape)}: the plan is from another model; solve again"
+        )
+    return base.float() + delta.dense()
+
+
+def storable(merged: Iterable[Tuple[str, Union[torch.Tensor, LowRank]]]) -> Iterator[Tuple[str, object]]:
+    """A merge as the plan's store takes it: a LowRank delta as its factors (A, scale * B)."""
+    for name, value in merged:
+        yield name, (value.a, value.b * value.scale) if isinstance(value, LowRank) else value
 
 
 # -- a plain mergekit recipe that gives the same tensors ----------------------------------------

@@ -196,6 +196,10 @@ class FisherMerging(DataMethod):
         finish_streamed_plan(self, job, record, {})
         shutil.rmtree(os.path.join(job.plan_dir, SUMS_DIR), ignore_errors=True)
 
+    def merged_recomputable(self, plan: Plan) -> bool:
+        # a layerwise solve deletes its running sums: its stored merge is the only record of it
+        return plan.record.settings.get("gradient") != "layerwise"
+
     def load_plan(self, plan_dir: str) -> Plan:
         record = read_record(plan_dir, self.name, StatsPlanRecord)
         return Plan(plan_dir, record, FisherParams(**record.settings), merged_index(plan_dir))

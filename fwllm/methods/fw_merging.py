@@ -48,7 +48,7 @@ from fwllm.data.calibration import micro_batch_shape
 from fwllm.data.objective import encode_tasks
 from fwllm.io.adapters import AdapterReader
 from fwllm.io.iterate_store import IterateStore, check_free_space
-from fwllm.io.merged_store import merged_index, read_merged, write_merged
+from fwllm.io.merged_store import merged_index, write_merged
 from fwllm.io.models import load_tokenizer, read_config, resolve_model_path
 from fwllm.io.stats_store import read_stat
 from fwllm.io.tensors import TensorReader
@@ -62,6 +62,8 @@ from fwllm.methods.common import (
     open_pool,
     pool_heads,
     primary_head,
+    storable,
+    stored_or_none,
     write_reproduce_recipe,
 )
 from fwllm.methods.statistics import measure_grams
@@ -291,13 +293,13 @@ class FWMerging(DataMethod):
         coefficients = {
             n: ta_coefficients(kernel_atoms(a), weights, p.scaling) for n, a in result.atoms.items()
         }
-        merged = fw.merged_state()
         refined = p.refined
+        streamed_refine = refined and info["mode"] == "layerwise"
+        # a LoRA pool's streamed refine is low-rank everywhere: the plan keeps factors, not tensors
+        merged = fw.merged_state(factors=streamed_refine and fw.iterate.implicit)
         # a refined LoRA solve stores its merge: the refine is not FW's coefficients on the factors
         implicit = fw.iterate.implicit and not refined
-        if (
-            refined and info["mode"] == "layerwise"
-        ):  # the Grams streamed: none kept, no candidate loaded whole
+        if streamed_refine:  # the Grams streamed: none kept, no candidate loaded whole
             closed, solved = refine_streamed(
                 job, pool.candidates, refine_tasks, pool.base_dir, coefficients, fw.base
             )
@@ -362,7 +364,7 @@ class FWMerging(DataMethod):
         if not implicit:
             # the solve ends holding the merged blocks: keep them, so executing the plan needs no
             # second pass over the candidates
-            write_merged(job.plan_dir, merged)
+            write_merged(job.plan_dir, storable(merged))
         for scratch in (ITERATE_DIR, SKETCH_DIR):
             shutil.rmtree(os.path.join(job.plan_dir, scratch), ignore_errors=True)
         mark_plan_complete(job.plan_dir)
@@ -403,7 +405,7 @@ class FWMerging(DataMethod):
         record: FWPlanRecord = plan.record
         if name in record.atoms:
             if plan.merged is not None:
-                return read_merged(plan.merged, name)
+                return stored_or_none(plan, name, base)
             if not self.merged_recomputable(plan):
                 raise FwllmError(
                     f"plan {plan.folder} stores no merged tensors, and a refine: regmean plan "

@@ -23,7 +23,7 @@ import torch
 
 from fwllm.arch.heads import is_head_tensor
 from fwllm.arch.weight_layout import transposed_weights_of
-from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.errors import FwllmError, check_finite_gram
 from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.core.params import RegMeanParams
@@ -54,6 +54,7 @@ from fwllm.methods.common import (
     measured_heads,
     open_pool,
     primary_head,
+    storable,
     stored_or_none,
     weights_of,
 )
@@ -91,6 +92,10 @@ class RegMean(DataMethod):
     reference_url = "https://arxiv.org/abs/2212.09849"
     Params = RegMeanParams
 
+    def merged_recomputable(self, plan: Plan) -> bool:
+        # a streamed solve keeps no Gram: its stored merge is the only record of it
+        return not any(c.file == MERGED_DIR for c in plan.record.candidates)
+
     def solve(self, job: MergeJob) -> None:
         p: RegMeanParams = job.params  # type: ignore[assignment]
         mode, reason = choose_gradient(p, in_ram_bytes(job))
@@ -127,16 +132,24 @@ class RegMean(DataMethod):
         labels = [spec.label for spec in job.candidates]
         weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
         tasks = [candidate_task(self.name, spec, pool.tasks) for spec in job.candidates]
-        reader = TensorReader(pool.base_dir)
-        model_bytes = 4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
-        check_free_space(job.plan_dir, model_bytes, "the merged model")
+        if all(c.adapter is not None for c in pool.candidates):
+            # a LoRA pool's merge is W_0 + B A with B A of rank sum r_i: the plan keeps the factors
+            factors = (f for c in pool.candidates for f in c.adapter.factors.values())
+            check_free_space(
+                job.plan_dir, 4 * sum(f.a.numel() + f.b.numel() for f in factors), "the merge's factors"
+            )
+        else:
+            reader = TensorReader(pool.base_dir)
+            model_bytes = 4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+            check_free_space(job.plan_dir, model_bytes, "the merged model")
         tokenizer = load_tokenizer(pool.base_dir)
         batches = [encode_task(t, tokenizer, p.max_length, p.batch_size).batches for t in tasks]
         torch.manual_seed(p.seed)
         solver = StreamedRegMean.for_candidates(
             pool.base_dir, pool.candidates, weights, batches, p.alpha, p.ridge, job.device
         )
-        write_merged(job.plan_dir, solver.merged())
+        solver.keep_factors = True
+        write_merged(job.plan_dir, storable(solver.merged()))
         # no Gram file: the statistic lives on only reduced, in the merged tensors
         stats = [
             CandidateStats(
@@ -186,7 +199,7 @@ class RegMean(DataMethod):
                     raise FwllmError(
                         f"regmean: candidate {lab} has no Gram for {name} (plan from another model?)"
                     )
-                check_finite(f"Gram of candidate {lab}", name, gram)
+                check_finite_gram(f"Gram of candidate {lab}", name, gram)
                 theta = candidates[lab]  # read once: candidates may be read from disk on each access
                 yield (theta.T if transposed else theta), gram.to(theta.device), c
                 del theta, gram  # before the next one is read

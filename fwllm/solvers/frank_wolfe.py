@@ -379,9 +379,10 @@ class FrankWolfe:
             self.iterate.set(name, points[name], realize)
             atoms[name] = points[name]
 
-    def merged_state(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """The merged blocks (after `run`: the selected iterate), one at a time."""
-        return self.iterate.merged(self.blocks)
+    def merged_state(self, factors: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The merged blocks (after `run`: the selected iterate), one at a time; with `factors` (a LoRA
+        pool's implicit iterate), each block's low-rank delta, and none for a block left at the base."""
+        return self.iterate.merged(self.blocks, factors=True) if factors else self.iterate.merged(self.blocks)
 
     def run(self) -> FWResult:
         start, p = time.time(), self.p

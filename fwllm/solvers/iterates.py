@@ -185,6 +185,11 @@ class LoraIterate:
             for name, c in saved.items():
                 self.lora.blocks[name].coefficients = c
 
-    def merged(self, names: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+    def merged(self, names: Sequence[str], factors: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+        """W_0 + sum_i c_i s_i B_i A_i per weight; with `factors`, the delta as a LowRank, and nothing for a
+        weight the merge leaves at the base."""
         for name in names:
-            yield name, self.base(name) + self.lora.delta(name)
+            if not factors:
+                yield name, self.base(name) + self.lora.delta(name)
+            elif (delta := self.lora.factors(name)) is not None:
+                yield name, delta

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from fwllm.io.adapters import AdapterReader
+from fwllm.kernels.low_rank import LowRank
 
 
 @dataclass
@@ -115,6 +116,16 @@ class LoraTerms:
         blk = self.blocks[name]
         per_rank = blk.coefficients[blk.owner] * blk.scale
         return (blk.b.float() * per_rank) @ blk.a.float()
+
+    def factors(self, name: str) -> Optional[LowRank]:
+        """sum_i c_i s_i B_i A_i as its factors (the ranks of candidates with c_i != 0), or None when
+        every c_i is 0 (the merge leaves the weight at the base)."""
+        blk = self.blocks[name]
+        per_rank = blk.coefficients[blk.owner] * blk.scale
+        keep = per_rank != 0
+        if not bool(keep.any()):
+            return None
+        return LowRank(blk.a[keep].float(), blk.b[:, keep].float() * per_rank[keep])
 
     def attach(self, model: torch.nn.Module) -> None:
         for name in self.blocks:

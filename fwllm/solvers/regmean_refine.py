@@ -24,17 +24,18 @@ candidate weights with another one (q/k/v under `granularity: model` share one G
 from __future__ import annotations
 
 import logging
-from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
-from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.errors import FwllmError, check_finite_gram
 from fwllm.core.job import MergeJob
 from fwllm.data.calibration import CalibrationTask, load_calibration
 from fwllm.data.encoding import encode_task
 from fwllm.io.candidates import Candidate
 from fwllm.io.models import load_tokenizer
 from fwllm.kernels.regmean import regmean_merge
+from fwllm.kernels.low_rank import LowRank
 from fwllm.kernels.regmean_reduced import RegMeanSums
 from fwllm.solvers.per_candidate import candidate_task, pooled_task
 from fwllm.solvers.streamed_grams import StreamedRegMean
@@ -97,7 +98,7 @@ class _SupportRegMean(StreamedRegMean):
     def _add(self, run, grams, leader, sums) -> None:
         k = self.position[id(run)]
         for name, gram in grams.items():
-            check_finite(f"Gram of candidate {run.cand.label}", name, gram)
+            check_finite_gram(f"Gram of candidate {run.cand.label}", name, gram)
             by_weights: Dict[Tuple[float, ...], List[str]] = {}
             for n in (n for n, lead in leader.items() if lead == name):
                 w = self.weights_of(n)
@@ -162,13 +163,20 @@ def refine_streamed(
         weights_of=weights_of,
     )
 
-    def merged() -> Iterator[Tuple[str, torch.Tensor]]:
+    solver.keep_factors = True  # a LoRA pool's refine is W_0 + B A: kept as factors
+
+    def merged() -> Iterator[Tuple[str, Union[torch.Tensor, LowRank]]]:
         for name, value in solver.merged():
             if uniform:
                 yield name, value
                 continue
-            w0 = base(name)  # weights "fw": FW's mass on RegMean's direction, W_0 + mass * (W - W_0)
-            yield name, w0 + sum(x for x in coef[name] if x > 0) * (value - w0)
+            # weights "fw": FW's mass on RegMean's direction, W_0 + mass * (W - W_0)
+            mass = sum(x for x in coef[name] if x > 0)
+            if isinstance(value, LowRank):
+                yield name, LowRank(value.a, value.b, value.scale * mass)
+                continue
+            w0 = base(name)
+            yield name, w0 + mass * (value - w0)
         LOG.info(
             "fw regmean: %d linear weights re-merged in closed form (Grams streamed)", len(solver.solved)
         )

@@ -36,7 +36,7 @@ from fwllm.arch.heads import is_head_tensor
 from fwllm.arch.layer_stack import layer_stack
 from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, forwards_replaced, skeleton
 from fwllm.arch.weight_layout import input_features, transposed_weights
-from fwllm.core.errors import FwllmError, check_finite
+from fwllm.core.errors import FwllmError, check_finite, check_finite_gram
 from fwllm.core.memory import return_free_memory
 from fwllm.io.candidates import Candidate
 from fwllm.io.tensors import TensorReader
@@ -104,7 +104,8 @@ def check_streamable(candidates: Sequence[Candidate], method: str) -> None:
 
 
 class StreamedRegMean:
-    """`merged()` yields (name, merged tensor) for every tensor of the base the candidates share."""
+    """`merged()` yields (name, merged tensor) for every tensor of the base the candidates share
+    (with `keep_factors`, a pure LoRA pool's: (name, LowRank delta) for the weights it adapts)."""
 
     def __init__(
         self,
@@ -135,6 +136,9 @@ class StreamedRegMean:
         self._forwards = [layer.forward for layer in self.layers]
         # a pure LoRA pool merges in task-vector space, keeping each candidate's factors; else in weight space
         self.low_rank = all(r.cand.adapter is not None for r in self.runs)
+        # `merged()` of a pure LoRA pool yields each solved weight as its LowRank delta (not W_0 + B A),
+        # and skips the tensors no adapter touches (the merge leaves them at the base)
+        self.keep_factors = False
         self.solved: Set[str] = set()
         self.lambdas: Dict[str, float] = {}
 
@@ -203,9 +207,13 @@ class StreamedRegMean:
         grams: Dict[str, torch.Tensor],
         leader: Dict[str, str],
         state: Dict[str, Any],
+        spare: Optional[Dict[str, torch.Tensor]] = None,
     ):
         """Pre-hooks adding x x^T over real tokens to `grams`; weights whose module sees the very
-        tensor another one saw in this forward share that one's Gram (`leader`)."""
+        tensor another one saw in this forward share that one's Gram (`leader`). A Gram starts from
+        the previous candidate's buffer in `spare` when there is one: a fresh [in, in] allocation per
+        candidate and layer input is page-faulted in anew each time (at 1.1B, seconds per layer)."""
+        spare = {} if spare is None else spare
         handles = []
         for name in names:
             module = self.linear[name]
@@ -225,7 +233,12 @@ class StreamedRegMean:
                     x = x[mask]  # padding is not data the layer has to fit
                 x = x.reshape(-1, x.shape[-1]).float()
                 if name not in grams:
-                    grams[name] = torch.zeros(input_features(mod), input_features(mod), device=x.device)
+                    reused = spare.pop(name, None)
+                    grams[name] = (
+                        reused.zero_()
+                        if reused is not None
+                        else torch.zeros(input_features(mod), input_features(mod), device=x.device)
+                    )
                 grams[name].addmm_(x.T, x)
 
             handles.append(module.register_forward_pre_hook(hook))
@@ -291,6 +304,7 @@ class StreamedRegMean:
         names = self.layer_params[i]
         linear = [n for n in names if n in self.linear]
         sums: Dict[str, RegMeanSums] = {}
+        spare: Dict[str, torch.Tensor] = {}
         resident_source: Any = False  # which weights the layer holds now (False: none)
         try:
             for run in self.runs:
@@ -302,7 +316,11 @@ class StreamedRegMean:
                 grams: Dict[str, torch.Tensor] = {}
                 leader: Dict[str, str] = {}
                 state: Dict[str, Any] = {}
-                with self._lora(run, linear), self._grams(linear, grams, leader, state), torch.no_grad():
+                with (
+                    self._lora(run, linear),
+                    self._grams(linear, grams, leader, state, spare),
+                    torch.no_grad(),
+                ):
                     for k, batch in self._each_batch(run, state):
                         args, kwargs = run.calls[k]
                         out = self._forwards[i](run.hidden[k].to(self.device), *args, **kwargs)
@@ -313,7 +331,9 @@ class StreamedRegMean:
                             )
                         run.hidden[k] = out.to(self.host)
                 self._add(run, grams, leader, sums)
+                spare.update(grams)  # the sums keep no reference to a candidate's Gram
                 del grams
+            spare.clear()
             yield from self._solve(sums)
         finally:
             self.meta.release(names)
@@ -363,9 +383,9 @@ class StreamedRegMean:
         self, run: _Run, grams: Dict[str, torch.Tensor], leader: Dict[str, str], sums: Dict[str, RegMeanSums]
     ) -> None:
         for name, gram in grams.items():
-            check_finite(f"Gram of candidate {run.cand.label}", name, gram)
+            check_finite_gram(f"Gram of candidate {run.cand.label}", name, gram)
             if self.on_gram is not None:
-                self.on_gram(run.cand.label, name, gram)
+                self.on_gram(run.cand.label, name, gram.clone())  # the buffer is the next candidate's
             group = [n for n, lead in leader.items() if lead == name]
             taus = {n: self._weight_of(run, n) for n in group}
             sums.setdefault(name, RegMeanSums(self.alpha)).add(gram.to(self.host), taus, run.weight)
@@ -383,6 +403,14 @@ class StreamedRegMean:
                     lam,
                 )
             for name, value in deltas.items():
+                if self.low_rank and self.keep_factors and isinstance(value, LowRank):
+                    # W_0 + B A kept as its factors (a Conv1D weight [in, out]: (B A)^T = A^T B^T)
+                    if name in self.transposed:
+                        value = LowRank(value.b.T.contiguous(), value.a.T.contiguous(), value.scale)
+                    self.lambdas[name] = lam
+                    self.solved.add(name)
+                    yield name, value
+                    continue
                 if self.low_rank:
                     base = self._base(name)
                     delta = value.dense() if isinstance(value, LowRank) else value
@@ -421,6 +449,12 @@ class StreamedRegMean:
         for name in base.names():
             if name in self.solved or not all(name in r for r in full):
                 continue
+            if (
+                self.keep_factors
+                and self.low_rank
+                and not any(name in r.cand.adapter.factors for r in self.runs)
+            ):
+                continue  # every candidate is the base here
             b = base.get(name, dtype=None)
             if not b.is_floating_point() or is_head_tensor(name):
                 yield name, b

@@ -74,31 +74,66 @@ def test_lora_out_equals_the_merged_model(lora_pool, gradient):
     assert max([cfg["r"], *cfg["rank_pattern"].values()]) <= 5
 
 
-@pytest.mark.parametrize("case", ["full model", "regmean", "regmean by its old name"])
+@pytest.mark.parametrize("method", ["regmean", "fw_merging"])
+def test_a_closed_form_merge_of_a_lora_pool_is_written_as_its_exact_adapter(lora_pool, method):
+    """RegMean over LoRA adapters, and FW's default refine by RegMean, are W_0 + B A with B A of rank
+    sum r_i: the plan keeps the factors, and the adapter peft merges is the model fwllm wrote."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    root, base, adapters = lora_pool
+    params = {"calibration": str(root / "calib"), "gradient": "layerwise"}
+    per_model = [{"task": "copy"}, {"task": "copy"}] if method == "regmean" else None
+    if method == "fw_merging":
+        params["iterations"] = 2  # the default settings otherwise: refine: regmean
+    models = [f"{base}+{a}" for a in adapters]
+    recipe = write_recipe(root / "r.yml", method, base, models, params, per_model=per_model)
+    result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
+    assert result.exit_code == 0, result.output
+    assert "max relative error 0" in result.output
+    stored = sorted(p.name for p in (root / "out" / "fwllm_plan" / "merged").glob("*.safetensors"))
+    assert stored  # the factors stay with the plan (they are the merge's only record)
+    full = load_tensors(root / "out")
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), str(root / "lora_out"))
+    state = merged.merge_and_unload().state_dict()
+    base_tensors = load_tensors(base)
+    changed = 0
+    for name, w in full.items():
+        torch.testing.assert_close(state[name], w.float(), atol=1e-5, rtol=0)
+        changed += not torch.equal(w, base_tensors[name])
+    assert changed
+    cfg = json.loads((root / "lora_out" / "adapter_config.json").read_text())
+    ranks = {cfg["r"], *cfg["rank_pattern"].values()}
+    assert max(ranks) <= 5  # sum r_i: 2 + 3 on q/v, 3 on k/o
+
+
+@pytest.mark.parametrize("case", ["full model", "in-RAM regmean", "in-RAM refine"])
 def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool, case):
     root, base, adapters = lora_pool
     full = shutil.copytree(base, root / "full")
     models = [f"{base}+{adapters[0]}", full if case == "full model" else f"{base}+{adapters[1]}"]
     params = {"calibration": str(root / "calib"), "preset": "paper", "iterations": 3}
-    if case != "full model":  # the default refine, or the deprecated spelling of it
+    method, per_model = "fw_merging", None
+    if case == "in-RAM refine":  # the default refine, on the in-RAM path
         del params["preset"]
-        if case == "regmean by its old name":
-            params.update(preset="paper", local_merge="regmean")
+        params["gradient"] = "full"
+    elif case == "in-RAM regmean":
+        method, per_model = "regmean", [{"task": "copy"}, {"task": "copy"}]
+        params = {"calibration": str(root / "calib"), "gradient": "auto"}
     result = fwllm(
-        write_recipe(root / "r.yml", "fw_merging", base, models, params),
+        write_recipe(root / "r.yml", method, base, models, params, per_model=per_model),
         root / "out",
         "--lora-out",
         root / "lora_out",
     )
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
-    regmean = (
-        "--lora-out needs refine: none (the default is refine: regmean; or write preset: paper): the plan"
-    )
-    want = (
-        f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full} is a full model"
-        if case == "full model"
-        else f"{regmean} stores the RegMean refine as dense tensors"
-    )
+    want = {
+        "full model": f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full} is a full model",
+        "in-RAM regmean": "--lora-out of regmean needs gradient: layerwise (got auto): that path keeps the merge "
+        "as LoRA factors, the in-RAM one forms dense tensors",
+        "in-RAM refine": "--lora-out of fw_merging with refine: regmean needs gradient: layerwise (got full): "
+        "that path keeps the merge as LoRA factors, the in-RAM one forms dense tensors",
+    }[case]
     assert lines == [f"Error: {want}"]
     assert not (root / "out").exists() and not (root / "lora_out").exists()

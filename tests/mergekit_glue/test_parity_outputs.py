@@ -157,3 +157,28 @@ def test_reproduce_yml_of_a_lora_pool_runs_with_the_command_it_names(tmp_path, t
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
     assert any(not torch.equal(a[n], load_tensors(base)[n]) for n in a)  # the merge moved off the base
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_a_layerwise_plan_keeps_its_merge_and_a_reuse_gives_the_same_output(
+    tmp_path, tiny_pool, cache, method
+):
+    # the layerwise solves keep no statistic (RegMean reduces its Grams as they come, Fisher deletes its
+    # running sums): the stored merge is the only record, and a reuse without it merged the candidates'
+    # plain average
+    e = tiny_pool["experts"]
+    plan = tmp_path / "plan"
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        method,
+        tiny_pool["base"],
+        [e["copy"], e["rev"]],
+        {"calibration": str(tiny_pool["calib"]), "gradient": "layerwise", "plan": str(plan)},
+        per_model=[{"task": "copy"}, {"task": "rev"}],
+    )
+    first = load_tensors(run(recipe, tmp_path / "first"))
+    assert (plan / "merged" / "index.json").is_file()
+    again = load_tensors(run(recipe, tmp_path / "again"))
+    assert first.keys() == again.keys()
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
