@@ -59,10 +59,17 @@ ROWS = [
         lora_out=True,
         bounded=False,
     ),
+    # both merge a LoRA pool to W_0 + B A (the refine and RegMean's closed form): also written as an adapter
     Row(
-        "fw-default", "FW, recipe defaults", "fw_merging", floor="floor", floor_target=1.2, per_iteration=True
+        "fw-default",
+        "FW, recipe defaults",
+        "fw_merging",
+        floor="floor",
+        floor_target=1.2,
+        per_iteration=True,
+        lora_out=True,
     ),
-    Row("regmean", "RegMean", "regmean", floor="gram_floor", floor_target=1.3),
+    Row("regmean", "RegMean", "regmean", floor="gram_floor", floor_target=1.3, lora_out=True),
     # the empirical Fisher: one backward per example, what the floor measures; the exact Fisher takes one
     # backward per predicted position and top-k output (x 320 at 64 tokens, top_k 5), at any size
     Row(
