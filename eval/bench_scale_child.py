@@ -153,7 +153,7 @@ def run_gram_floor(args: dict) -> dict:
     class ForwardOnly(StreamedRegMean):
         """The same passes, no Gram: no hooks, nothing reduced or solved, no untouched tensor written."""
 
-        def _grams(self, names, grams, leader, state):
+        def _grams(self, names, grams, leader, state, *more, **kw):
             return contextlib.nullcontext()
 
         def _add(self, run, grams, leader, sums):
