@@ -12,13 +12,14 @@ import errno
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import click
 
+from fwllm.cli.mergekit_options import click_options, with_merge_options
 from fwllm.core.errors import FwllmError
 from fwllm.data.calibration import load_calibration
-from fwllm.mergekit_glue.recipe import read_yaml
+from fwllm.mergekit_glue.recipe import check_model_folders, read_yaml
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
@@ -76,8 +77,10 @@ def check_inputs_early(recipe: str) -> None:
     """The recipe file and the calibration data it names, read as the merge will read them, before
     mergekit, torch and transformers load (seconds): a typo in a path is reported at once.
 
-    Only the checks that need none of them; `load_recipe` and the preflight repeat these and do the rest."""
+    Only the checks that need none of them, in the merge's order (the model folders, then the calibration
+    data); `load_recipe` and the preflight repeat these and do the rest."""
     _, raw = read_yaml(recipe)
+    check_model_folders(recipe, raw)
     params = raw.get("parameters")
     if raw.get("merge_method") not in DATA_METHODS or not isinstance(params, dict):
         return
@@ -90,27 +93,14 @@ def check_inputs_early(recipe: str) -> None:
 
 
 class _MergeCommand(click.Command):
-    """`fwllm merge` with mergekit's options (`add_merge_options`) attached on first use, not at import.
+    """`fwllm merge` with mergekit's options, declared without importing mergekit.options (see
+    fwllm.cli.mergekit_options): that loads torch and transformers (seconds), which neither --help nor
+    a recipe given first on the command line, checked before the options are parsed (`check_inputs_early`),
+    waits for."""
 
-    Importing mergekit.options loads torch and transformers (seconds); `fwllm --help` never pays that,
-    and a recipe given first on the command line is checked (`check_inputs_early`) before it."""
-
-    _mergekit_attached = False
-
-    def _attach_mergekit_options(self) -> None:
-        if self._mergekit_attached:
-            return
-        from mergekit.options import add_merge_options
-
-        wrapped = add_merge_options(self.callback)
-        # click.option on a plain function records its options there, last-declared first
-        self.params.extend(reversed(wrapped.__dict__.pop("__click_params__", [])))
-        self.callback = wrapped
-        self._mergekit_attached = True
-
-    def get_params(self, ctx: click.Context) -> List[click.Parameter]:
-        self._attach_mergekit_options()
-        return super().get_params(ctx)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(click_options())
 
     def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
         recipe = _leading_recipe(args, ctx.help_option_names)
@@ -153,7 +143,12 @@ def _leading_recipe(args: List[str], help_names: List[str]) -> Optional[str]:
 )
 @click.option("--lora-out", type=click.Path(), help="fw_merging of LoRA adapters: also write a peft adapter.")
 @click.option("--lora-rank", type=int, help="With --lora-out: truncate each delta to this rank (SVD).")
-def merge_command(
+def merge_command(**values: Any):
+    """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
+    with_merge_options(_merge, values)
+
+
+def _merge(
     merge_options: MergeOptions,
     recipe: str,
     out_dir: str,
@@ -163,7 +158,6 @@ def merge_command(
     lora_out,
     lora_rank,
 ):
-    """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
     from fwllm.mergekit_glue.lora_out import check_lora_out, write_lora_out
     from fwllm.mergekit_glue.merge import merge_recipe
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.job import CandidateSpec, MergeJob
+from fwllm.core.paths import is_hub_id
 
 if TYPE_CHECKING:
     from fwllm.core.method import DataMethod
@@ -79,10 +80,10 @@ def _absolute(path: str, recipe_dir: str) -> str:
     return path
 
 
-def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
-    """Resolve every model reference so mergekit never asks the Hub about local folders."""
-    from fwllm.io.models import resolve_model_path
+def _localise(raw: Dict[str, Any], recipe_dir: str, hub: bool = True) -> Dict[str, Any]:
+    """Resolve every model reference so mergekit never asks the Hub about local folders.
 
+    `hub=False` only checks that every reference that is no Hub id names a folder: no torch, no Hub."""
     raw = dict(raw)
 
     def fix(ref: Any) -> Any:
@@ -91,9 +92,14 @@ def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
                 raise FwllmError("recipe: a model reference is empty")
             parts = ref.split("+")
             for p in parts:
-                resolved = _absolute(p, recipe_dir)
-                if not os.path.isdir(resolved):
-                    resolve_model_path(p)  # Hub id: cached, downloadable, or one clear error
+                if os.path.isdir(_absolute(p, recipe_dir)):
+                    continue
+                if not is_hub_id(p):
+                    raise FwllmError(f"model folder not found: {p}")
+                if hub:
+                    from fwllm.io.models import resolve_model_path
+
+                    resolve_model_path(p)  # cached, downloadable, or one clear error
             return "+".join(_absolute(p, recipe_dir) for p in parts)
         return ref
 
@@ -107,6 +113,16 @@ def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
         if not isinstance(entry, dict) or not entry.get("model"):
             raise FwllmError("recipe: every entry of `models` needs a `model:`")
     return raw
+
+
+def check_model_folders(path: str, raw: Dict[str, Any]) -> None:
+    """`load_recipe`'s checks up to its model references, less those that need mergekit (a method it
+    knows) or the Hub (a Hub id): `fwllm merge` runs them before torch loads."""
+    name = raw.get("merge_method")
+    if not name or not isinstance(name, str):
+        return  # load_recipe says so
+    _check_mappings(path, raw)
+    _localise(raw, os.path.dirname(os.path.abspath(path)), hub=False)
 
 
 def _localise_files(params: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
