@@ -36,12 +36,21 @@ base_model: $WORK/nowhere/base
 models: [{model: $WORK/nowhere/a}, {model: $WORK/nowhere/b}]
 parameters: {calibration: good.jsonl}
 EOF
+# a misspelt parameter (fw_merging has no max_iter); its model folders exist (empty: never read)
+mkdir -p "$WORK/models/base" "$WORK/models/a"
+cat >"$WORK/typo.yml" <<EOF
+merge_method: fw_merging
+base_model: models/base
+models: [{model: models/a}]
+parameters: {calibration: good.jsonl, max_iter: 10}
+EOF
 rm -f "$WORK/missing.yml"
 
 FWLLM="env PYTHONPATH=$ROOT HF_HUB_OFFLINE=1 $PYTHON -m fwllm.cli"
 cd "$WORK"
 # what each error case prints (its one `Error:` line), so the timings are of the intended failure
-for args in "missing.yml $WORK/o1" "broken.yml $WORK/o2" "badcalib.yml $WORK/o4" "recipe.yml $WORK/o3"; do
+for args in missing.yml broken.yml badcalib.yml recipe.yml typo.yml; do
+    args="$args $WORK/out"
     echo "fwllm merge $args: $($FWLLM merge $args 2>&1 | tail -n 1)"
 done
 hyperfine --warmup 2 --runs 10 -i --export-json "$OUT.json" \
@@ -51,6 +60,7 @@ hyperfine --warmup 2 --runs 10 -i --export-json "$OUT.json" \
     -n "merge: YAML syntax error" "$FWLLM merge broken.yml $WORK/o2" \
     -n "merge: broken calibration row" "$FWLLM merge badcalib.yml $WORK/o4" \
     -n "merge: model folder not found" "$FWLLM merge recipe.yml $WORK/o3" \
+    -n "merge: unknown parameter" "$FWLLM merge typo.yml $WORK/o5" \
     -n "fwllm eval --help" "$FWLLM eval --help" \
     -n "fwllm demo --help" "$FWLLM demo --help"
 # hyperfine's markdown has no median: the table is written from its JSON

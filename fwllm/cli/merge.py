@@ -18,15 +18,22 @@ import click
 
 from fwllm.cli.mergekit_options import click_options, with_merge_options
 from fwllm.core.errors import FwllmError
+from fwllm.core.method import DataMethod
+from fwllm.core.params import AdaMergingParams, FisherParams, FWParams, RegMeanParams
 from fwllm.data.calibration import load_calibration
-from fwllm.mergekit_glue.recipe import check_model_folders, read_yaml
+from fwllm.mergekit_glue.recipe import check_early, read_yaml
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
 
-# fwllm's data-informed methods: the recipes whose `calibration` file is read (fwllm.methods.registry,
+# fwllm's data-informed methods: their recipe parameters and per-model parameters (fwllm.methods.registry,
 # spelled out here because importing the registry loads torch; tests/cli checks the two agree)
-DATA_METHODS = ("adamerging", "fisher", "fw_merging", "regmean")
+DATA_METHODS = {
+    "adamerging": (AdaMergingParams, ("task",)),
+    "fisher": (FisherParams, ("weight", "task")),
+    "fw_merging": (FWParams, ("weight", "task")),
+    "regmean": (RegMeanParams, ("weight", "task")),
+}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -66,30 +73,27 @@ def _first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _calibration_path(value: str, recipe_dir: str) -> str:
-    """`parameters.calibration` as `load_recipe` resolves it: from the CWD, else beside the recipe."""
-    value = os.path.expanduser(value) if value.startswith("~") else value
-    beside = os.path.join(recipe_dir, value)
-    return os.path.abspath(beside) if not os.path.exists(value) and os.path.exists(beside) else value
+def method_schema(name: str) -> DataMethod:
+    """What the recipe checks need of one of fwllm's methods, without its solver (which loads torch)."""
+    params, per_model = DATA_METHODS[name]
+    schema = DataMethod()
+    schema.name, schema.Params, schema.per_model = name, params, dict.fromkeys(per_model)
+    return schema
 
 
 def check_inputs_early(recipe: str) -> None:
-    """The recipe file and the calibration data it names, read as the merge will read them, before
-    mergekit, torch and transformers load (seconds): a typo in a path is reported at once.
+    """The recipe, the model folders and calibration data it names, checked as the merge will check them,
+    before mergekit, torch and transformers load (seconds): a typo in a key or a path is reported at once.
 
-    Only the checks that need none of them, in the merge's order (the model folders, then the calibration
+    Only the checks that need none of them, in the merge's order (`check_early`, then the calibration
     data); `load_recipe` and the preflight repeat these and do the rest."""
     _, raw = read_yaml(recipe)
-    check_model_folders(recipe, raw)
-    params = raw.get("parameters")
-    if raw.get("merge_method") not in DATA_METHODS or not isinstance(params, dict):
-        return
-    calibration, max_rows = params.get("calibration"), params.get("max_rows")
-    if not isinstance(calibration, str) or not calibration.strip():
-        return  # no path, or not a path: the recipe's own check says so
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-        return  # an invalid max_rows is reported first by the recipe's check
-    load_calibration(_calibration_path(calibration, os.path.dirname(os.path.abspath(recipe))), max_rows)
+    name = raw.get("merge_method")
+    params = check_early(
+        recipe, raw, method_schema(name) if isinstance(name, str) and name in DATA_METHODS else None
+    )
+    if params is not None:
+        load_calibration(params.calibration, params.max_rows)
 
 
 class _MergeCommand(click.Command):

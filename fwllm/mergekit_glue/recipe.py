@@ -115,14 +115,33 @@ def _localise(raw: Dict[str, Any], recipe_dir: str, hub: bool = True) -> Dict[st
     return raw
 
 
-def check_model_folders(path: str, raw: Dict[str, Any]) -> None:
-    """`load_recipe`'s checks up to its model references, less those that need mergekit (a method it
-    knows) or the Hub (a Hub id): `fwllm merge` runs them before torch loads."""
+def check_method_params(method: DataMethod, local: Dict[str, Any]):
+    """The recipe's parameters and each model's, for one of fwllm's methods; its validated params."""
+    params = method.validate_params(local.get("parameters") or {})
+    known = set(method.per_model)
+    for entry in local["models"]:
+        extra = set(entry.get("parameters") or {}) - known
+        if extra:
+            raise FwllmError(
+                f"{method.name}: unknown per-model parameter(s) {sorted(extra)} (known: {sorted(known)})"
+            )
+    return params
+
+
+def check_early(path: str, raw: Dict[str, Any], method: Optional[DataMethod]):
+    """`load_recipe`'s checks less those that need mergekit (the method's name, its configuration) or the
+    Hub (a Hub id is not looked up): `fwllm merge` runs them before torch loads. `method`: the recipe's
+    when it is one of fwllm's (light: no solver), whose validated params are returned."""
     name = raw.get("merge_method")
     if not name or not isinstance(name, str):
-        return  # load_recipe says so
+        return None  # load_recipe says so
     _check_mappings(path, raw)
-    _localise(raw, os.path.dirname(os.path.abspath(path)), hub=False)
+    recipe_dir = os.path.dirname(os.path.abspath(path))
+    local = _localise(raw, recipe_dir, hub=False)
+    if method is None:
+        return None
+    local["parameters"] = _localise_files(local.get("parameters") or {}, recipe_dir)
+    return check_method_params(method, local)
 
 
 def _localise_files(params: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
@@ -173,14 +192,7 @@ def load_recipe(path: str) -> Recipe:
     local = _localise(raw, recipe_dir)
     if method is not None:
         local["parameters"] = _localise_files(local.get("parameters") or {}, recipe_dir)
-        method.validate_params(local.get("parameters") or {})
-        known = set(method.per_model)
-        for entry in local["models"]:
-            extra = set(entry.get("parameters") or {}) - known
-            if extra:
-                raise FwllmError(
-                    f"{name}: unknown per-model parameter(s) {sorted(extra)} (known: {sorted(known)})"
-                )
+        check_method_params(method, local)
     try:
         config = MergeConfiguration.model_validate(local)
     except ValidationError as err:

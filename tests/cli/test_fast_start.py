@@ -131,21 +131,47 @@ def test_missing_model_folder_is_one_error_line_before_heavy_imports(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_early_model_check_reports_what_load_recipe_reports(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "recipe, starts",
+    [
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: base+./lora\n", "model folder not found"),
+        ("merge_method: ties\nbase_model: base\nmodels:\n  - model: nowhere/x/y\n", "model folder not found"),
+        ("merge_method: linear\nmodels:\n  - model: ~/no-such-model\n", "model folder not found"),
+        ("merge_method: regmean\nbase_model: base\nmodels: [{model: a}]\n", "regmean needs `parameters"),
+        (
+            "merge_method: fw_merging\nbase_model: base\nmodels: [{model: a}]\n"
+            "parameters: {calibration: c.jsonl, max_iter: 3}\n",
+            "fw_merging: unknown parameter 'max_iter'",
+        ),
+        (
+            "merge_method: fisher\nbase_model: base\nmodels: [{model: a}]\n"
+            "parameters: {calibration: c.jsonl, max_rows: 0}\n",
+            "fisher: max_rows must be >= 1",
+        ),
+        (
+            "merge_method: adamerging\nbase_model: base\nmodels: [{model: a, parameters: {weight: 2}}]\n"
+            "parameters: {calibration: c.jsonl}\n",
+            "adamerging: unknown per-model parameter(s) ['weight']",
+        ),
+    ],
+)
+def test_early_check_reports_what_load_recipe_reports(tmp_path, monkeypatch, recipe, starts):
+    """Each recipe has one mistake; the early check finds it, worded as the merge's own check words it."""
     from fwllm.cli.merge import check_inputs_early
     from fwllm.core.errors import FwllmError
     from fwllm.mergekit_glue.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "base").mkdir()
-    for models in ("  - model: base+./lora\n", "  - model: nowhere/x/y\n", "  - model: ~/no-such-model\n"):
-        recipe = tmp_path / "ties.yml"
-        recipe.write_text(f"merge_method: ties\nbase_model: base\nmodels:\n{models}")
-        with pytest.raises(FwllmError) as early:
-            check_inputs_early(str(recipe))
-        with pytest.raises(FwllmError) as full:
-            load_recipe(str(recipe))
-        assert str(early.value) == str(full.value) and str(early.value).startswith("model folder not found")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "c.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    (tmp_path / "r.yml").write_text(recipe)
+    with pytest.raises(FwllmError) as early:
+        check_inputs_early("r.yml")
+    with pytest.raises(FwllmError) as full:
+        load_recipe("r.yml")
+    assert str(early.value) == str(full.value)
+    assert str(early.value).startswith(starts)
 
 
 def test_early_check_passes_what_the_merge_accepts(tmp_path, monkeypatch):
@@ -175,6 +201,16 @@ def test_data_methods_are_the_registered_ones():
     from fwllm.methods.registry import METHODS
 
     assert sorted(DATA_METHODS) == sorted(METHODS.names())
+    for name, (params, per_model) in DATA_METHODS.items():
+        method = METHODS.get(name)
+        assert params is method.Params and set(per_model) == set(method.per_model), name
+
+
+def test_unknown_parameter_is_one_error_line_before_heavy_imports(tmp_path):
+    fw_recipe(tmp_path, "nowhere.jsonl", "  max_iter: 10\n")
+    done, top_level, messages = run_cli(["merge", "recipe.yml", "out"], tmp_path, tmp_path)
+    assert_one_error_line(done, messages, "fw_merging: unknown parameter 'max_iter' (known: ")
+    assert_light(top_level)
 
 
 def test_merge_keeps_mergekits_options_after_its_own():
