@@ -174,6 +174,7 @@ STORE_MODULES = {
     "fwllm.io.iterate_store",
     "fwllm.io.merged_store",
     "fwllm.io.staged_output",
+    "fwllm.io.sketch_store",
 }
 
 
