@@ -64,7 +64,9 @@ class _Rows:
 def add_statistics(sums: RegMeanSums, stats: Any, taus: Mapping, weight: float) -> None:
     """One candidate's statistics of one input into its sums: its rows (a _Rows) or its Gram."""
     if isinstance(stats, _Rows):
-        sums.add_rows(torch.cat(stats.blocks), taus, weight)
+        # one block (as checked) is handed on as is: sums of one input with other weights share it
+        rows = stats.blocks[0] if len(stats.blocks) == 1 else torch.cat(stats.blocks)
+        sums.add_rows(rows, taus, weight)
     else:
         sums.add(stats, taus, weight)
 
