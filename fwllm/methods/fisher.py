@@ -13,11 +13,17 @@ come from the base; float tensors the Fisher does not cover (buffers, tied dupli
 the weighted average.
 
 `gradient`: full loads each candidate whole (float32) and keeps each candidate's Fisher in the
-statistics cache; layerwise (causal LMs) runs each candidate one decoder layer at a time and
-folds its Fisher into two running sums on disk (`fwllm.solvers.streamed_fisher`: the plan
-folder's .fisher_sums, removed once merged/ is written; nothing is cached per candidate, and
-epsilon, normalize_fisher and the weights are applied at solve time); auto picks layerwise
-when the in-RAM solve would need more than half the free memory.
+statistics cache; layerwise (causal LMs) runs the candidates one decoder layer at a time, nothing
+cached per candidate, epsilon and the weights applied at solve time, in one of two orders:
+  layer-major   every candidate through each layer together, the layer's merge finished before
+                the next (`fwllm.solvers.layer_major_fisher`): no statistic on disk, only merged/;
+                RAM holds every candidate's layer inputs and per-term gradients (priced first);
+  disk sums     candidate after candidate, its Fisher folded into two running sums on disk
+                (`fwllm.solvers.streamed_fisher`: the plan folder's .fisher_sums and a scratch sum,
+                3 models in float32, removed once merged/ is written): for normalize_fisher (a
+                candidate's whole Fisher is needed first) and where layer-major's held state is over
+                a quarter of the free RAM (the exact Fisher's per-term gradients on long rows).
+auto picks layerwise when the in-RAM solve would need more than half the free memory.
 """
 
 from __future__ import annotations
@@ -211,7 +217,7 @@ class FisherMerging(DataMethod):
         numel = sum(int(torch.Size(s).numel()) for s in covered.values())
         tokenizer = load_tokenizer(base_dir)
         order, why = layerwise_order(p, base_dir, runs, tokenizer)
-        LOG.info("fisher: layerwise, %s (%s)", order, why)
+        (LOG.info if order == LAYER_MAJOR else LOG.warning)("fisher: layerwise, %s (%s)", order, why)
         if order == LAYER_MAJOR:
             self._layer_major(job, reason, runs, covered, tokenizer, labels, weights, own, why)
             return
