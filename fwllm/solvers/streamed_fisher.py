@@ -23,8 +23,9 @@ gradient per term (terms x tokens x hidden floats).
 `fisher_sums` is the candidate-major order, kept for what the layer-major one
 (`fwllm.solvers.layer_major_fisher`, which reuses this class's per-layer steps) cannot do:
 normalize_fisher, and per-candidate state too large for RAM. The candidate's Fisher accumulates
-in a scratch sum (one model, float32, on disk); then it is folded into two running sums, sum_i w_i F~_i theta_i and sum_i w_i F~_i with F~_i its Fisher
-(divided by its mean under normalize_fisher) floored at epsilon, also on disk. Disk: 3 models'
+in a scratch sum (one model, float32, on disk); then it is folded into two running sums,
+sum_i w_i F~_i theta_i and sum_i w_i F~_i with F~_i its Fisher (divided by its mean under
+normalize_fisher) floored at epsilon, also on disk. Disk: 3 models'
 float32 size whatever N; RAM: one layer (plus embeddings and head), one tensor at a time in
 the fold. The merge is their ratio, per tensor. The sums are handed in (`FisherSums`): the method
 makes them, in the plan folder, and reads the ratio back; this module writes no file itself.
