@@ -137,3 +137,29 @@ def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool
     }[case]
     assert lines == [f"Error: {want}"]
     assert not (root / "out").exists() and not (root / "lora_out").exists()
+
+
+def test_the_adapter_takes_the_dense_outputs_dtype(lora_pool):
+    """A bfloat16 recipe writes bfloat16 factors (half the bytes of float32 ones): peft's merge of them
+    is the bfloat16 model fwllm wrote, to bfloat16's rounding."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    root, base, adapters = lora_pool
+    params = {"calibration": str(root / "calib"), "preset": "paper", "iterations": 2, "scaling": 1.0}
+    models = [f"{base}+{a}" for a in adapters]
+    recipe = write_recipe(root / "r.yml", "fw_merging", base, models, params, dtype="bfloat16")
+    result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(root / "lora_out" / "adapter_model.safetensors"), "pt") as fp:
+        assert {fp.get_tensor(k).dtype for k in fp.keys()} == {torch.bfloat16}
+    full = load_tensors(root / "out")
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    state = PeftModel.from_pretrained(model, str(root / "lora_out")).merge_and_unload().state_dict()
+    moved = 0
+    for name, w in full.items():
+        assert w.dtype == torch.bfloat16
+        torch.testing.assert_close(state[name], w, atol=2e-3, rtol=1.6e-2)  # a few bf16 ulps
+        moved += name.endswith("q_proj.weight") and not torch.equal(w, load_tensors(base)[name].bfloat16())
+    assert moved
