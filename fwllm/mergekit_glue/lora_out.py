@@ -54,6 +54,22 @@ def _lora_candidates(recipe_path: str):
     return recipe, job
 
 
+def recipe_lora_out(recipe_path: str, lora_out: Optional[str], rank: Optional[int]) -> tuple:
+    """(DIR, rank) of the LoRA output: the command line's, else the recipe's `lora_out` / `lora_rank`."""
+    if lora_out:
+        return lora_out, rank
+    raw = (load_recipe(recipe_path).raw.get("parameters") or {}) if os.path.isfile(recipe_path) else {}
+    out = raw.get("lora_out") if isinstance(raw, dict) else None
+    if not out:
+        return None, rank
+    if not isinstance(out, str):
+        raise FwllmError(f"lora_out must be a folder path (got {out!r})")
+    recipe_rank = raw.get("lora_rank")
+    if recipe_rank is not None and (not isinstance(recipe_rank, int) or recipe_rank < 1):
+        raise FwllmError(f"lora_rank must be an integer >= 1 (got {recipe_rank!r})")
+    return out, rank if rank is not None else recipe_rank
+
+
 def check_lora_out(recipe_path: str, out_dir: str, lora_out: str, force: bool) -> None:
     """Refuse, before any model loads, a recipe whose merge is not a LoRA, or an unusable DIR."""
     recipe, job = _lora_candidates(recipe_path)
