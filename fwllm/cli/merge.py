@@ -145,7 +145,11 @@ def _leading_recipe(args: List[str], help_names: List[str]) -> Optional[str]:
     is_flag=True,
     help="Also read models whose weights are pickles only (.bin/.pt/.pth); loading a pickle can run code.",
 )
-@click.option("--lora-out", type=click.Path(), help="fw_merging of LoRA adapters: also write a peft adapter.")
+@click.option(
+    "--lora-out",
+    type=click.Path(),
+    help="A LoRA pool's FW or RegMean merge: also write it as a peft adapter here (or the recipe's lora_out).",
+)
 @click.option("--lora-rank", type=int, help="With --lora-out: truncate each delta to this rank (SVD).")
 def merge_command(**values: Any):
     """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
@@ -162,12 +166,13 @@ def _merge(
     lora_out,
     lora_rank,
 ):
-    from fwllm.mergekit_glue.lora_out import check_lora_out, write_lora_out
+    from fwllm.mergekit_glue.lora_out import check_lora_out, recipe_lora_out, write_lora_out
     from fwllm.mergekit_glue.merge import merge_recipe
 
     merge_options.apply_global_options()
     try:
         with _sigterm_raises():
+            lora_out, lora_rank = recipe_lora_out(recipe, lora_out, lora_rank)  # the flags win
             if lora_out:
                 check_lora_out(recipe, out_dir, lora_out, force)
             path = merge_recipe(
