@@ -196,6 +196,6 @@ def test_the_recipe_can_ask_for_the_lora_output(lora_pool, monkeypatch):
         run_merge(
             MergeConfiguration.model_validate(__import__("yaml").safe_load(text)),
             str(root / "plain"),
-            options=MergeOptions(quiet=True),
+            options=MergeOptions(quiet=True, lora_merge_cache=str(root / "lora_cache")),
             config_source=text,
         )
