@@ -12,20 +12,28 @@ import errno
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import click
 
+from fwllm.cli.mergekit_options import click_options, with_merge_options
 from fwllm.core.errors import FwllmError
+from fwllm.core.method import DataMethod
+from fwllm.core.params import AdaMergingParams, FisherParams, FWParams, RegMeanParams
 from fwllm.data.calibration import load_calibration
-from fwllm.mergekit_glue.recipe import read_yaml
+from fwllm.mergekit_glue.recipe import check_early, read_yaml
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
 
-# fwllm's data-informed methods: the recipes whose `calibration` file is read (fwllm.methods.registry,
+# fwllm's data-informed methods: their recipe parameters and per-model parameters (fwllm.methods.registry,
 # spelled out here because importing the registry loads torch; tests/cli checks the two agree)
-DATA_METHODS = ("adamerging", "fisher", "fw_merging", "regmean")
+DATA_METHODS = {
+    "adamerging": (AdaMergingParams, ("task",)),
+    "fisher": (FisherParams, ("weight", "task")),
+    "fw_merging": (FWParams, ("weight", "task")),
+    "regmean": (RegMeanParams, ("weight", "task")),
+}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -65,52 +73,38 @@ def _first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _calibration_path(value: str, recipe_dir: str) -> str:
-    """`parameters.calibration` as `load_recipe` resolves it: from the CWD, else beside the recipe."""
-    value = os.path.expanduser(value) if value.startswith("~") else value
-    beside = os.path.join(recipe_dir, value)
-    return os.path.abspath(beside) if not os.path.exists(value) and os.path.exists(beside) else value
+def method_schema(name: str) -> DataMethod:
+    """What the recipe checks need of one of fwllm's methods, without its solver (which loads torch)."""
+    params, per_model = DATA_METHODS[name]
+    schema = DataMethod()
+    schema.name, schema.Params, schema.per_model = name, params, dict.fromkeys(per_model)
+    return schema
 
 
 def check_inputs_early(recipe: str) -> None:
-    """The recipe file and the calibration data it names, read as the merge will read them, before
-    mergekit, torch and transformers load (seconds): a typo in a path is reported at once.
+    """The recipe, the model folders and calibration data it names, checked as the merge will check them,
+    before mergekit, torch and transformers load (seconds): a typo in a key or a path is reported at once.
 
-    Only the checks that need none of them; `load_recipe` and the preflight repeat these and do the rest."""
+    Only the checks that need none of them, in the merge's order (`check_early`, then the calibration
+    data); `load_recipe` and the preflight repeat these and do the rest."""
     _, raw = read_yaml(recipe)
-    params = raw.get("parameters")
-    if raw.get("merge_method") not in DATA_METHODS or not isinstance(params, dict):
-        return
-    calibration, max_rows = params.get("calibration"), params.get("max_rows")
-    if not isinstance(calibration, str) or not calibration.strip():
-        return  # no path, or not a path: the recipe's own check says so
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-        return  # an invalid max_rows is reported first by the recipe's check
-    load_calibration(_calibration_path(calibration, os.path.dirname(os.path.abspath(recipe))), max_rows)
+    name = raw.get("merge_method")
+    params = check_early(
+        recipe, raw, method_schema(name) if isinstance(name, str) and name in DATA_METHODS else None
+    )
+    if params is not None:
+        load_calibration(params.calibration, params.max_rows)
 
 
 class _MergeCommand(click.Command):
-    """`fwllm merge` with mergekit's options (`add_merge_options`) attached on first use, not at import.
+    """`fwllm merge` with mergekit's options, declared without importing mergekit.options (see
+    fwllm.cli.mergekit_options): that loads torch and transformers (seconds), which neither --help nor
+    a recipe given first on the command line, checked before the options are parsed (`check_inputs_early`),
+    waits for."""
 
-    Importing mergekit.options loads torch and transformers (seconds); `fwllm --help` never pays that,
-    and a recipe given first on the command line is checked (`check_inputs_early`) before it."""
-
-    _mergekit_attached = False
-
-    def _attach_mergekit_options(self) -> None:
-        if self._mergekit_attached:
-            return
-        from mergekit.options import add_merge_options
-
-        wrapped = add_merge_options(self.callback)
-        # click.option on a plain function records its options there, last-declared first
-        self.params.extend(reversed(wrapped.__dict__.pop("__click_params__", [])))
-        self.callback = wrapped
-        self._mergekit_attached = True
-
-    def get_params(self, ctx: click.Context) -> List[click.Parameter]:
-        self._attach_mergekit_options()
-        return super().get_params(ctx)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(click_options())
 
     def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
         recipe = _leading_recipe(args, ctx.help_option_names)
@@ -151,9 +145,18 @@ def _leading_recipe(args: List[str], help_names: List[str]) -> Optional[str]:
     is_flag=True,
     help="Also read models whose weights are pickles only (.bin/.pt/.pth); loading a pickle can run code.",
 )
-@click.option("--lora-out", type=click.Path(), help="fw_merging of LoRA adapters: also write a peft adapter.")
+@click.option(
+    "--lora-out",
+    type=click.Path(),
+    help="A LoRA pool's FW or RegMean merge: also write it as a peft adapter here (or the recipe's lora_out).",
+)
 @click.option("--lora-rank", type=int, help="With --lora-out: truncate each delta to this rank (SVD).")
-def merge_command(
+def merge_command(**values: Any):
+    """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
+    with_merge_options(_merge, values)
+
+
+def _merge(
     merge_options: MergeOptions,
     recipe: str,
     out_dir: str,
@@ -163,13 +166,13 @@ def merge_command(
     lora_out,
     lora_rank,
 ):
-    """Merge RECIPE (a mergekit-yaml recipe) into OUT_DIR; fwllm's methods included."""
-    from fwllm.mergekit_glue.lora_out import check_lora_out, write_lora_out
+    from fwllm.mergekit_glue.lora_out import check_lora_out, recipe_lora_out, write_lora_out
     from fwllm.mergekit_glue.merge import merge_recipe
 
     merge_options.apply_global_options()
     try:
         with _sigterm_raises():
+            lora_out, lora_rank = recipe_lora_out(recipe, lora_out, lora_rank)  # the flags win
             if lora_out:
                 check_lora_out(recipe, out_dir, lora_out, force)
             path = merge_recipe(

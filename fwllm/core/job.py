@@ -38,7 +38,9 @@ class MergeJob:
             "method": self.method,
             "base": self.base,
             "candidates": [(c.label, sorted(c.params.items())) for c in self.candidates],
-            "params": self.params.model_dump(exclude={"plan", "device", "no_cache", "keep_merged"}),
+            "params": self.params.model_dump(
+                exclude={"plan", "device", "no_cache", "keep_merged", "lora_out", "lora_rank"}
+            ),
             "content": content,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

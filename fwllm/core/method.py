@@ -15,15 +15,17 @@ RegMean do, so `fwllm merge` hands mergekit a base-only graph.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Type
+from typing import TYPE_CHECKING, Any, Dict, Type
 
-import torch
 from pydantic import ValidationError
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.job import MergeJob
 from fwllm.core.params import MethodParams
 from fwllm.core.plan import Plan
+
+if TYPE_CHECKING:  # annotations only: `fwllm merge` checks a recipe's parameters here before torch loads
+    import torch
 
 
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}

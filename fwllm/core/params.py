@@ -42,6 +42,10 @@ class MethodParams(BaseModel):
     plan: Optional[str] = None  # reuse (or keep) the plan in this folder
     no_cache: bool = False  # solve afresh (plain mergekit's --no-cache): no cached plan or statistic
     keep_merged: bool = False  # `fwllm merge`: keep the plan's float32 copy of the merged tensors
+    # `fwllm merge`: also write a LoRA pool's merge as a peft adapter in this folder (as --lora-out),
+    # truncated to `lora_rank` by SVD when set (as --lora-rank)
+    lora_out: Optional[str] = None
+    lora_rank: Optional[int] = Field(None, ge=1)
 
 
 LocalMerge = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]

@@ -17,6 +17,11 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 PACKAGED_DATA = _PACKAGE / "_data" / "datasets"
 
 
+def is_hub_id(path: str) -> bool:
+    """Whether a model reference can name a Hugging Face Hub repo ("name" or "org/name"), not a local path."""
+    return not path.startswith((".", "/", "~")) and path.count("/") <= 1
+
+
 def data_root(required: bool = True) -> Optional[str]:
     """The data folder (GLUE, GSM8K, PubMedQA, calibration prompts): `$FWLLM_DATA`, else the packaged copy.
 

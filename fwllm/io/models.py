@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from fwllm.core.errors import FwllmError
+from fwllm.core.paths import is_hub_id
 from fwllm.core.trust import inside
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -18,7 +19,7 @@ def resolve_model_path(path: str, revision: Optional[str] = None) -> str:
     """A local folder for `path`: itself, or its Hugging Face snapshot (cache first when offline)."""
     if os.path.isdir(path):
         return os.path.abspath(path)
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # Hub ids: "name" or "org/name"
+    if not is_hub_id(path):
         raise FwllmError(f"model folder not found: {path}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HfHubHTTPError

@@ -28,6 +28,7 @@ from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods import base as mk
 from mergekit.merge_methods import registry
 
+from fwllm.core.errors import FwllmError
 from fwllm.core.job import CandidateSpec, MergeJob
 from fwllm.core.memory import return_free_memory
 from fwllm.core.method import DataMethod, describe_error
@@ -132,6 +133,11 @@ class MergekitAdapter(mk.GroupMergeMethod):
 
     def _resolve(self, job: MergeJob) -> Plan:
         """The plan for `job`: the cached one if it was made from these very inputs, else a fresh solve."""
+        if job.params.lora_out:  # plain mergekit-yaml would drop it silently
+            raise FwllmError(
+                f"lora_out: {job.params.lora_out} is written by `fwllm merge RECIPE OUT_DIR` (plain "
+                f"mergekit-yaml has no step after its merge); run fwllm merge, or drop lora_out"
+            )
         plan = self._cached_or_solved(job)
         if not job.params.plan:
             bound_plan_cache(plan.folder)  # the plain-mergekit plan cache stays under its size cap

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
+import torch
+
 from fwllm.core.errors import FwllmError
 from fwllm.mergekit_glue.lora_adapter import write_lora_merge
 from fwllm.io.merged_store import merged_factors, stored_names
@@ -52,6 +54,22 @@ def _lora_candidates(recipe_path: str):
     return recipe, job
 
 
+def recipe_lora_out(recipe_path: str, lora_out: Optional[str], rank: Optional[int]) -> tuple:
+    """(DIR, rank) of the LoRA output: the command line's, else the recipe's `lora_out` / `lora_rank`."""
+    if lora_out:
+        return lora_out, rank
+    raw = (load_recipe(recipe_path).raw.get("parameters") or {}) if os.path.isfile(recipe_path) else {}
+    out = raw.get("lora_out") if isinstance(raw, dict) else None
+    if not out:
+        return None, rank
+    if not isinstance(out, str):
+        raise FwllmError(f"lora_out must be a folder path (got {out!r})")
+    recipe_rank = raw.get("lora_rank")
+    if recipe_rank is not None and (not isinstance(recipe_rank, int) or recipe_rank < 1):
+        raise FwllmError(f"lora_rank must be an integer >= 1 (got {recipe_rank!r})")
+    return out, rank if rank is not None else recipe_rank
+
+
 def check_lora_out(recipe_path: str, out_dir: str, lora_out: str, force: bool) -> None:
     """Refuse, before any model loads, a recipe whose merge is not a LoRA, or an unusable DIR."""
     recipe, job = _lora_candidates(recipe_path)
@@ -69,9 +87,10 @@ def write_lora_out(
     from fwllm.methods.registry import METHODS
 
     # the adapters the recipe names, matched to the plan's candidates by label (as a merge binds them)
-    _, job = _lora_candidates(recipe_path)
+    recipe, job = _lora_candidates(recipe_path)
     method = METHODS.get(job.method)
     plan = method.load_plan(os.path.join(out_dir, PLAN_SUBDIR))
+    dtype = output_dtype(recipe)
     if plan.merged is not None:  # RegMean or a refined FW: the plan stores the merge itself
         return write_lora_merge(
             stored_factors(plan.merged), lora_out, rank=rank, base_model=plan.record.base, force=force
@@ -85,7 +104,17 @@ def write_lora_out(
         record = record.model_copy(
             update={"adapters": [resolve_model_path(by_label[x]) for x in record.candidates]}
         )
-    return write_lora_merge(record, lora_out, rank=rank, force=force).summary()
+    return write_lora_merge(record, lora_out, rank=rank, dtype=dtype, force=force).summary()
+
+
+def output_dtype(recipe) -> torch.dtype:
+    """The dtype the dense output is written in (mergekit's out_dtype, else dtype; float32 when neither):
+    the adapter's factors take it too, so B A is no coarser than the dense merge it stands for."""
+    name = recipe.config.out_dtype or recipe.config.dtype or "float32"
+    value = getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype):
+        raise FwllmError(f"--lora-out: unknown dtype {name!r} in the recipe")
+    return value
 
 
 def stored_factors(index: Dict[str, str]) -> Dict[str, LowRank]:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from fwllm.core.errors import FwllmError
 from fwllm.core.job import CandidateSpec, MergeJob
+from fwllm.core.paths import is_hub_id
 
 if TYPE_CHECKING:
     from fwllm.core.method import DataMethod
@@ -79,10 +80,10 @@ def _absolute(path: str, recipe_dir: str) -> str:
     return path
 
 
-def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
-    """Resolve every model reference so mergekit never asks the Hub about local folders."""
-    from fwllm.io.models import resolve_model_path
+def _localise(raw: Dict[str, Any], recipe_dir: str, hub: bool = True) -> Dict[str, Any]:
+    """Resolve every model reference so mergekit never asks the Hub about local folders.
 
+    `hub=False` only checks that every reference that is no Hub id names a folder: no torch, no Hub."""
     raw = dict(raw)
 
     def fix(ref: Any) -> Any:
@@ -91,9 +92,14 @@ def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
                 raise FwllmError("recipe: a model reference is empty")
             parts = ref.split("+")
             for p in parts:
-                resolved = _absolute(p, recipe_dir)
-                if not os.path.isdir(resolved):
-                    resolve_model_path(p)  # Hub id: cached, downloadable, or one clear error
+                if os.path.isdir(_absolute(p, recipe_dir)):
+                    continue
+                if not is_hub_id(p):
+                    raise FwllmError(f"model folder not found: {p}")
+                if hub:
+                    from fwllm.io.models import resolve_model_path
+
+                    resolve_model_path(p)  # cached, downloadable, or one clear error
             return "+".join(_absolute(p, recipe_dir) for p in parts)
         return ref
 
@@ -107,6 +113,35 @@ def _localise(raw: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
         if not isinstance(entry, dict) or not entry.get("model"):
             raise FwllmError("recipe: every entry of `models` needs a `model:`")
     return raw
+
+
+def check_method_params(method: DataMethod, local: Dict[str, Any]):
+    """The recipe's parameters and each model's, for one of fwllm's methods; its validated params."""
+    params = method.validate_params(local.get("parameters") or {})
+    known = set(method.per_model)
+    for entry in local["models"]:
+        extra = set(entry.get("parameters") or {}) - known
+        if extra:
+            raise FwllmError(
+                f"{method.name}: unknown per-model parameter(s) {sorted(extra)} (known: {sorted(known)})"
+            )
+    return params
+
+
+def check_early(path: str, raw: Dict[str, Any], method: Optional[DataMethod]):
+    """`load_recipe`'s checks less those that need mergekit (the method's name, its configuration) or the
+    Hub (a Hub id is not looked up): `fwllm merge` runs them before torch loads. `method`: the recipe's
+    when it is one of fwllm's (light: no solver), whose validated params are returned."""
+    name = raw.get("merge_method")
+    if not name or not isinstance(name, str):
+        return None  # load_recipe says so
+    _check_mappings(path, raw)
+    recipe_dir = os.path.dirname(os.path.abspath(path))
+    local = _localise(raw, recipe_dir, hub=False)
+    if method is None:
+        return None
+    local["parameters"] = _localise_files(local.get("parameters") or {}, recipe_dir)
+    return check_method_params(method, local)
 
 
 def _localise_files(params: Dict[str, Any], recipe_dir: str) -> Dict[str, Any]:
@@ -157,14 +192,7 @@ def load_recipe(path: str) -> Recipe:
     local = _localise(raw, recipe_dir)
     if method is not None:
         local["parameters"] = _localise_files(local.get("parameters") or {}, recipe_dir)
-        method.validate_params(local.get("parameters") or {})
-        known = set(method.per_model)
-        for entry in local["models"]:
-            extra = set(entry.get("parameters") or {}) - known
-            if extra:
-                raise FwllmError(
-                    f"{name}: unknown per-model parameter(s) {sorted(extra)} (known: {sorted(known)})"
-                )
+        check_method_params(method, local)
     try:
         config = MergeConfiguration.model_validate(local)
     except ValidationError as err:

@@ -13,19 +13,26 @@ come from the base; float tensors the Fisher does not cover (buffers, tied dupli
 the weighted average.
 
 `gradient`: full loads each candidate whole (float32) and keeps each candidate's Fisher in the
-statistics cache; layerwise (causal LMs) runs each candidate one decoder layer at a time and
-folds its Fisher into two running sums on disk (`fwllm.solvers.streamed_fisher`: the plan
-folder's .fisher_sums, removed once merged/ is written; nothing is cached per candidate, and
-epsilon, normalize_fisher and the weights are applied at solve time); auto picks layerwise
-when the in-RAM solve would need more than half the free memory.
+statistics cache; layerwise (causal LMs) runs the candidates one decoder layer at a time, nothing
+cached per candidate, epsilon and the weights applied at solve time, in one of two orders:
+  layer-major   every candidate through each layer together, the layer's merge finished before
+                the next (`fwllm.solvers.layer_major_fisher`): no statistic on disk, only merged/;
+                RAM holds every candidate's layer inputs and per-term gradients (priced first);
+  disk sums     candidate after candidate, its Fisher folded into two running sums on disk
+                (`fwllm.solvers.streamed_fisher`: the plan folder's .fisher_sums and a scratch sum,
+                3 models in float32, removed once merged/ is written): for normalize_fisher (a
+                candidate's whole Fisher is needed first) and where layer-major's held state is over
+                a quarter of the free RAM (the exact Fisher's per-term gradients on long rows).
+auto picks layerwise when the in-RAM solve would need more than half the free memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -34,14 +41,22 @@ from fwllm.arch.kinds import CAUSAL_MODEL, architecture_kind
 from fwllm.core.footprint import ModelSizes
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.job import MergeJob
+from fwllm.core.memory import available_memory
 from fwllm.core.method import DataMethod
 from fwllm.core.params import FisherParams
-from fwllm.core.plan import CandidateStats, Plan, StatsPlanRecord, read_record
+from fwllm.core.plan import (
+    CandidateStats,
+    Plan,
+    StatsPlanRecord,
+    mark_plan_complete,
+    read_record,
+    write_record,
+)
 from fwllm.data.calibration import load_calibration, micro_batch_shape
 from fwllm.data.encoding import check_rows_fit
-from fwllm.io.candidates import open_candidate
+from fwllm.io.candidates import LazyCandidates, open_candidate
 from fwllm.io.iterate_store import IterateStore, check_free_space
-from fwllm.io.merged_store import merged_index
+from fwllm.io.merged_store import MERGED_DIR, merged_index, write_merged
 from fwllm.io.models import is_adapter_dir, load_tokenizer, read_config, resolve_model_path
 from fwllm.io.stats_store import StatsCache, has_stat, read_stat
 from fwllm.kernels.fisher import fisher_merge
@@ -61,10 +76,13 @@ from fwllm.methods.fw_merging import choose_gradient
 from fwllm.methods.statistics import measure_candidates
 from fwllm.solvers.fisher import candidate_fisher
 from fwllm.solvers.per_candidate import candidate_architecture, candidate_task
+from fwllm.solvers.layer_major_fisher import LayerMajorFisher, held_bytes
 from fwllm.solvers.streamed_fisher import CandidateRun, FisherSums, covered_parameters, fisher_sums
 
 LOG = logging.getLogger(__name__)
 SUMS_DIR, SCRATCH_DIR = ".fisher_sums", ".fisher_scratch"  # scratch folders of the plan, removed at its end
+LAYER_MAJOR, DISK_SUMS = "layer-major", "disk sums"  # the two orders of a layerwise solve
+LAYER_MAJOR_RAM_SHARE = 0.25  # of the free RAM, the most the layer-major order may hold between layers
 
 
 class DiskSum:
@@ -97,6 +115,37 @@ def read_sums(plan_dir: str, name: str) -> Optional[torch.Tensor]:
     if name not in loaders[0].index:
         return None
     return loaders[0][name].clone() / loaders[1][name].clone()
+
+
+def layerwise_order(p: FisherParams, base_dir: str, runs, tokenizer) -> Tuple[str, str]:
+    """(order, why) of a layerwise solve: layer-major (no statistic on disk) where it can, else the
+    candidate-major order with its disk sums."""
+    if p.normalize_fisher:
+        return DISK_SUMS, "normalize_fisher needs each candidate's whole-model Fisher mean before folding"
+    need, free = held_bytes(base_dir, runs, tokenizer, p), available_memory()
+    if need > free * LAYER_MAJOR_RAM_SHARE:
+        return DISK_SUMS, (
+            f"layer-major would hold {need / 2**30:.2f} GiB of checkpoints and gradients, over "
+            f"{LAYER_MAJOR_RAM_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+        )
+    return (
+        LAYER_MAJOR,
+        f"holds {need / 2**30:.2f} GiB of checkpoints and gradients of {free / 2**30:.1f} GiB free",
+    )
+
+
+def _averaged(base_dir: str, candidates, labels, weights, covered) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The float tensors the Fisher does not cover (buffers, tied duplicates): the weighted average
+    (as `merge_tensor` gives them); non-float and head tensors stay the base's (not stored)."""
+    base = TensorReader(base_dir)
+    full = [c.reader for c in candidates.values() if c.adapter is None]
+    for name in base.names():
+        if name in covered or not all(name in r for r in full) or is_head_tensor(name):
+            continue
+        b = base.get(name, dtype=None)
+        if b.is_floating_point():
+            lazy = LazyCandidates(candidates, name, b)
+            yield name, weighted_average((lazy[lab] for lab in labels), weights).float()
 
 
 class FisherMerging(DataMethod):
@@ -166,6 +215,12 @@ class FisherMerging(DataMethod):
             runs.append(CandidateRun(open_candidate(spec.model, spec.lora), task, model_dir, w))
         covered = covered_parameters(base_dir)
         numel = sum(int(torch.Size(s).numel()) for s in covered.values())
+        tokenizer = load_tokenizer(base_dir)
+        order, why = layerwise_order(p, base_dir, runs, tokenizer)
+        (LOG.info if order == LAYER_MAJOR else LOG.warning)("fisher: layerwise, %s (%s)", order, why)
+        if order == LAYER_MAJOR:
+            self._layer_major(job, reason, runs, covered, tokenizer, labels, weights, own, why)
+            return
         check_free_space(
             job.plan_dir,
             3 * 4 * numel,
@@ -178,7 +233,7 @@ class FisherMerging(DataMethod):
             DiskSum(os.path.join(sums, "den"), covered),
             lambda: DiskSum(scratch, covered),  # replaces the last candidate's
         )
-        metas = fisher_sums(base_dir, runs, covered, load_tokenizer(base_dir), p, job.device, stores)
+        metas = fisher_sums(base_dir, runs, covered, tokenizer, p, job.device, stores)
         shutil.rmtree(scratch, ignore_errors=True)
         record = StatsPlanRecord(
             # the resolved mode (not auto): merge_tensor reads the running sums of a layerwise plan
@@ -187,7 +242,11 @@ class FisherMerging(DataMethod):
             settings={**p.model_dump(), "gradient": "layerwise"},
             candidates=[
                 CandidateStats(
-                    label=lab, task=t.name, file=SUMS_DIR, meta={**m, "reason": reason}, cached=False
+                    label=lab,
+                    task=t.name,
+                    file=SUMS_DIR,
+                    meta={**m, "reason": reason, "order": order, "order_reason": why},
+                    cached=False,
                 )
                 for lab, t, m in zip(labels, own, metas)
             ],
@@ -195,6 +254,43 @@ class FisherMerging(DataMethod):
         )
         finish_streamed_plan(self, job, record, {})
         shutil.rmtree(os.path.join(job.plan_dir, SUMS_DIR), ignore_errors=True)
+
+    def _layer_major(
+        self, job: MergeJob, reason, runs, covered, tokenizer, labels, weights, own, why
+    ) -> None:
+        """Every candidate through the model together, each layer's merge finished before the next:
+        the plan folder holds only the merged tensors (`fwllm.solvers.layer_major_fisher`)."""
+        p: FisherParams = job.params  # type: ignore[assignment]
+        base_dir = resolve_model_path(job.base)
+        reader = TensorReader(base_dir)
+        check_free_space(
+            job.plan_dir,
+            4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names()),
+            "fisher: the merged model",
+        )
+        solver = LayerMajorFisher(base_dir, runs, covered, tokenizer, p, job.device)
+        candidates = {spec.label: run.candidate for spec, run in zip(job.candidates, runs)}
+        rest = _averaged(base_dir, candidates, labels, weights, set(covered))
+        write_merged(job.plan_dir, itertools.chain(solver.merged(), rest))
+        # no statistic on disk: the Fisher lives on only folded, in the merged tensors
+        stats = [
+            CandidateStats(
+                label=lab,
+                task=t.name,
+                file=MERGED_DIR,
+                meta={**m, "reason": reason, "order": LAYER_MAJOR, "order_reason": why},
+                cached=False,
+            )
+            for lab, t, m in zip(labels, own, solver.metas)
+        ]
+        settings = {**p.model_dump(), "gradient": "layerwise"}
+        write_record(
+            job.plan_dir,
+            StatsPlanRecord(
+                method=self.name, base=job.base, settings=settings, candidates=stats, primary_head=None
+            ),
+        )
+        mark_plan_complete(job.plan_dir)
 
     def merged_recomputable(self, plan: Plan) -> bool:
         # a layerwise solve deletes its running sums: its stored merge is the only record of it

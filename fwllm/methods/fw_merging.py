@@ -50,6 +50,7 @@ from fwllm.io.adapters import AdapterReader
 from fwllm.io.iterate_store import IterateStore, check_free_space
 from fwllm.io.merged_store import merged_index, write_merged
 from fwllm.io.models import load_tokenizer, read_config, resolve_model_path
+from fwllm.io.sketch_store import SketchStore
 from fwllm.io.stats_store import read_stat
 from fwllm.io.tensors import TensorReader
 from fwllm.io.trace_plot import plot_trace
@@ -208,6 +209,7 @@ class FWMerging(DataMethod):
             p,
             lambda n: base[n].to(torch.float32, copy=True),
             job.progress,
+            sketches=SketchStore(),
         )
         return fw, {"model_weight_bytes": 4 * sum(x.numel() for x in model.parameters())}
 
@@ -250,7 +252,7 @@ class FWMerging(DataMethod):
             base,
             job.progress,
             lora,
-            sketch_dir,
+            sketches=SketchStore(sketch_dir),
         )
         info = {
             "model_weight_bytes": 4 * sum(int(torch.Size(s).numel()) for s in shapes.values()),

@@ -31,7 +31,6 @@ from fwllm.core.params import FWParams
 from fwllm.core.plan import Atom
 from fwllm.data.objective import Objective
 from fwllm.io.candidates import Candidate
-from fwllm.io.sketch_store import SketchStore
 from fwllm.kernels.atoms import TaskVector, atom_delta, atom_scale, block_delta, local_vertex, vertex_key
 from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
 from fwllm.kernels.sketch import CountSketch, alignment, rescored, sketch_error
@@ -70,7 +69,8 @@ class FrankWolfe:
         base: Callable[[str], torch.Tensor],
         progress: bool = True,
         lora: Optional[LoraTerms] = None,
-        sketch_dir: Optional[str] = None,
+        *,
+        sketches,
     ):
         self.iterate, self.gradient, self.objective = iterate, gradient, objective
         self.candidates, self.p, self.progress, self.lora = list(candidates), p, progress, lora
@@ -80,7 +80,8 @@ class FrankWolfe:
         self._base = base
         self.settings = atom_settings(p)  # what the atom kernels take of the recipe
         self.sketch = CountSketch(p.sketch_ratio, seed=p.seed)
-        self.v_sketch = SketchStore(sketch_dir)  # on disk when the sketches exceed their RAM budget
+        # the method's `fwllm.io.sketch_store.SketchStore`: on disk when the sketches exceed their RAM budget
+        self.v_sketch = sketches
         self.v_norm: Dict[str, torch.Tensor] = {}
         self.exact: Dict[str, List[int]] = {}  # per block: candidates scored exactly from their LoRA factors
         self.scale = p.scaling  # the hull's lambda for new atoms (grows with `hull: adaptive`)

@@ -28,7 +28,7 @@ from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optiona
 
 import torch
 
-from fwllm.core.errors import FwllmError, check_finite_gram
+from fwllm.core.errors import FwllmError
 from fwllm.core.job import MergeJob
 from fwllm.data.calibration import CalibrationTask, load_calibration
 from fwllm.data.encoding import encode_task
@@ -38,7 +38,7 @@ from fwllm.kernels.regmean import regmean_merge
 from fwllm.kernels.low_rank import LowRank
 from fwllm.kernels.regmean_reduced import RegMeanSums
 from fwllm.solvers.per_candidate import candidate_task, pooled_task
-from fwllm.solvers.streamed_grams import StreamedRegMean
+from fwllm.solvers.streamed_grams import StreamedRegMean, add_statistics
 
 LOG = logging.getLogger(__name__)
 
@@ -95,10 +95,19 @@ class _SupportRegMean(StreamedRegMean):
         self.weights_of = weights_of
         self.position = {id(run): k for k, run in enumerate(self.runs)}
 
+    def _room(self, sums):
+        """The rows the sums of an input keep: the least any of its (input, weights) sums keeps."""
+
+        def room(name: str, features: int) -> int:
+            rooms = [s.rows_room(features) for (n, _), s in sums.items() if n == name]
+            return min(rooms, default=RegMeanSums.row_limit(features))
+
+        return room
+
     def _add(self, run, grams, leader, sums) -> None:
         k = self.position[id(run)]
-        for name, gram in grams.items():
-            check_finite_gram(f"Gram of candidate {run.cand.label}", name, gram)
+        for name, stats in grams.items():
+            stats = self._checked(run, name, stats)
             by_weights: Dict[Tuple[float, ...], List[str]] = {}
             for n in (n for n, lead in leader.items() if lead == name):
                 w = self.weights_of(n)
@@ -106,7 +115,7 @@ class _SupportRegMean(StreamedRegMean):
                     by_weights.setdefault(w, []).append(n)
             for w, group in by_weights.items():
                 taus = {n: self._weight_of(run, n) for n in group}
-                sums.setdefault((name, w), RegMeanSums(self.alpha)).add(gram.to(self.host), taus, w[k])
+                add_statistics(sums.setdefault((name, w), RegMeanSums(self.alpha)), stats, taus, w[k])
 
     def _rest(self):
         return iter(())

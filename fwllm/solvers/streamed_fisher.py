@@ -20,9 +20,12 @@ Cost: as the in-RAM exact Fisher (one backward per term: positions x top_k per e
 one recomputed forward per layer and example; host memory per example holds one hidden-state
 gradient per term (terms x tokens x hidden floats).
 
-The candidate's Fisher accumulates in a scratch sum (one model, float32, on disk); then it is
-folded into two running sums, sum_i w_i F~_i theta_i and sum_i w_i F~_i with F~_i its Fisher
-(divided by its mean under normalize_fisher) floored at epsilon, also on disk. Disk: 3 models'
+`fisher_sums` is the candidate-major order, kept for what the layer-major one
+(`fwllm.solvers.layer_major_fisher`, which reuses this class's per-layer steps) cannot do:
+normalize_fisher, and per-candidate state too large for RAM. The candidate's Fisher accumulates
+in a scratch sum (one model, float32, on disk); then it is folded into two running sums,
+sum_i w_i F~_i theta_i and sum_i w_i F~_i with F~_i its Fisher (divided by its mean under
+normalize_fisher) floored at epsilon, also on disk. Disk: 3 models'
 float32 size whatever N; RAM: one layer (plus embeddings and head), one tensor at a time in
 the fold. The merge is their ratio, per tensor. The sums are handed in (`FisherSums`): the method
 makes them, in the plan folder, and reads the ratio back; this module writes no file itself.
@@ -30,9 +33,10 @@ makes them, in the plan folder, and reads the ratio back; this module writes no 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -77,11 +81,7 @@ class StreamedFisher(StreamedGradient):
         examples = terms = 0
         groups = self._groups(self.objective)
         self.groups_last = len(groups)
-        with self._streamed_outer():
-            outer = {n: self.model.get_parameter(n) for n in self.outer_trainable}
-            embeddings = self.model.get_input_embeddings()
-            self.input_embedding = embeddings.weight if isinstance(embeddings, torch.nn.Embedding) else None
-            self._check_ties(outer)
+        with self._outer_phase() as outer:
             acc = {n: torch.zeros_like(q) for n, q in outer.items()}
             for group in groups:
                 for t in group:
@@ -98,6 +98,16 @@ class StreamedFisher(StreamedGradient):
             for n in self.outer_trainable:
                 add(n, acc[n])
         return examples, terms
+
+    @contextlib.contextmanager
+    def _outer_phase(self) -> Iterator[Dict[str, torch.nn.Parameter]]:
+        """The tensors outside the stack materialised for a phase: {name: parameter}."""
+        with self._streamed_outer():
+            outer = {n: self.model.get_parameter(n) for n in self.outer_trainable}
+            embeddings = self.model.get_input_embeddings()
+            self.input_embedding = embeddings.weight if isinstance(embeddings, torch.nn.Embedding) else None
+            self._check_ties(outer)
+            yield outer
 
     def _check_ties(self, outer: Dict[str, torch.nn.Parameter]) -> None:
         for n, q in outer.items():
@@ -142,35 +152,40 @@ class StreamedFisher(StreamedGradient):
         return True
 
     def _backward_terms(self, terms: Sequence, add: Add) -> None:
-        device = self.meta.device
         for i in reversed(range(len(self.layers))):
-            self._fetch_layer(i)
-            try:
-                names = [n for n in self.layer_params[i] if n in self.blocks]
-                params = [self.model.get_parameter(n) for n in names]
-                acc = [torch.zeros_like(q) for q in params]
-                for t in terms:
-                    x = t.inputs[i].to(device).requires_grad_(True)
-                    args, kwargs = t.calls[i]
-                    with torch.enable_grad():
-                        out = self._forwards[i](x, *args, **kwargs)
-                    for j, w in enumerate(t.weights):
-                        grads = torch.autograd.grad(
-                            out,
-                            [x] + params,
-                            grad_outputs=t.grads[j].to(device),
-                            retain_graph=j < len(t.weights) - 1,
-                            allow_unused=True,
-                        )
-                        t.grads[j] = _zeros_if_none(grads[0], x).to(self.host)
-                        for a, g in zip(acc, grads[1:]):
-                            if g is not None:
-                                a.add_(g.square(), alpha=w)
-                    t.inputs[i] = None
-                for n, a in zip(names, acc):
-                    add(n, a)
-            finally:
-                self.meta.release(self.layer_params[i])
+            self._backward_layer(i, terms, add)
+
+    def _backward_layer(self, i: int, terms: Sequence, add: Add) -> None:
+        """Layer i of the backward: its Fisher over `terms` to `add` (called while the layer is
+        materialised), each term's input gradient carried down in place of its output's."""
+        device = self.meta.device
+        self._fetch_layer(i)
+        try:
+            names = [n for n in self.layer_params[i] if n in self.blocks]
+            params = [self.model.get_parameter(n) for n in names]
+            acc = [torch.zeros_like(q) for q in params]
+            for t in terms:
+                x = t.inputs[i].to(device).requires_grad_(True)
+                args, kwargs = t.calls[i]
+                with torch.enable_grad():
+                    out = self._forwards[i](x, *args, **kwargs)
+                for j, w in enumerate(t.weights):
+                    grads = torch.autograd.grad(
+                        out,
+                        [x] + params,
+                        grad_outputs=t.grads[j].to(device),
+                        retain_graph=j < len(t.weights) - 1,
+                        allow_unused=True,
+                    )
+                    t.grads[j] = _zeros_if_none(grads[0], x).to(self.host)
+                    for a, g in zip(acc, grads[1:]):
+                        if g is not None:
+                            a.add_(g.square(), alpha=w)
+                t.inputs[i] = None
+            for n, a in zip(names, acc):
+                add(n, a)
+        finally:
+            self.meta.release(self.layer_params[i])
 
     def _bottom_terms(
         self, terms: Sequence, outer: Dict[str, torch.nn.Parameter], acc: Dict[str, torch.Tensor]

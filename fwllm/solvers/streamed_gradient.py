@@ -165,24 +165,28 @@ class StreamedGradient:
 
     def _forward_stack(self, terms: Sequence[_Term], keep: bool) -> None:
         """Phase B: every micro-batch through the stack, one layer at a time."""
-        device = self.meta.device
-        for i, forward in enumerate(self._forwards):
-            self._fetch_layer(i)
-            try:
-                with torch.no_grad():
-                    for term in terms:
-                        if keep:
-                            term.inputs.append(term.hidden)
-                        args, kwargs = term.calls[i]
-                        out = forward(term.hidden.to(device), *args, **kwargs)
-                        if not isinstance(out, torch.Tensor):
-                            raise FwllmError(
-                                "gradient: layerwise expects layers that return one tensor, got "
-                                f"{type(out).__name__}; use gradient: full"
-                            )
-                        term.hidden = out.to(self.host)
-            finally:
-                self.meta.release(self.layer_params[i])
+        for i in range(len(self._forwards)):
+            self._forward_layer(i, terms, keep)
+
+    def _forward_layer(self, i: int, terms: Sequence[_Term], keep: bool) -> None:
+        """Layer i of phase B (fetched, run on every micro-batch, released)."""
+        device, forward = self.meta.device, self._forwards[i]
+        self._fetch_layer(i)
+        try:
+            with torch.no_grad():
+                for term in terms:
+                    if keep:
+                        term.inputs.append(term.hidden)
+                    args, kwargs = term.calls[i]
+                    out = forward(term.hidden.to(device), *args, **kwargs)
+                    if not isinstance(out, torch.Tensor):
+                        raise FwllmError(
+                            "gradient: layerwise expects layers that return one tensor, got "
+                            f"{type(out).__name__}; use gradient: full"
+                        )
+                    term.hidden = out.to(self.host)
+        finally:
+            self.meta.release(self.layer_params[i])
 
     def _top(self, term: _Term, backward: bool) -> float:
         """Phase C for one micro-batch: head, norm and loss on the stack's output."""

@@ -9,9 +9,10 @@ never merged into a model. Work is layer-major:
               recording every layer's other arguments (masks, rotary embeddings); the stack
               input is kept on the host, on the candidate's (small) calibration rows;
   B. layers   for each layer, each candidate in turn: materialise its layer (a pure LoRA pool
-              reads the base layer once for all of them), run its micro-batches with Gram hooks
-              on the layer's linear maps, add its Gram per layer input to `RegMeanSums`, drop
-              it; then solve the layer and hand its merged weights on;
+              reads the base layer once for all of them), run its micro-batches with hooks on
+              the layer's linear maps, add its activation rows per layer input to `RegMeanSums`
+              (its Gram once the rows outgrow what the sums keep as rows), drop them; then solve
+              the layer and hand its merged weights on;
   C. top      each candidate replays the model from its stack output (norm, LM head), so the
               linear maps outside the stack get their Grams the same way;
   D. rest     every other tensor (embeddings, norms, biases) is the weighted average, read
@@ -19,7 +20,8 @@ never merged into a model. Work is layer-major:
 
 Weights that read one input (q/k/v; gate/up) are found by the identity of the tensor their
 pre-hooks see, and share one Gram. Nothing the size of a model, and no per-candidate Gram,
-is ever kept: per layer input, S = sum_i c_i G~_i, and per weight its numerator.
+is ever kept: per layer input, S = sum_i c_i G~_i (or, with few calibration tokens, the rows
+it is made of: forming x^T x costs as much as the forward), and per weight its numerator.
 """
 
 from __future__ import annotations
@@ -47,6 +49,26 @@ from fwllm.solvers.grams import linear_layers
 from fwllm.solvers.lora_terms import low_rank_candidate
 
 LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class _Rows:
+    """One candidate's rows [T, in] of one layer input (real tokens only), kept instead of its Gram
+    while they fit in `room`: the rows its sums still keep as rows (`RegMeanSums.rows_room`)."""
+
+    room: int
+    blocks: List[torch.Tensor] = field(default_factory=list)
+    count: int = 0
+
+
+def add_statistics(sums: RegMeanSums, stats: Any, taus: Mapping, weight: float) -> None:
+    """One candidate's statistics of one input into its sums: its rows (a _Rows) or its Gram."""
+    if isinstance(stats, _Rows):
+        # one block (as checked) is handed on as is: sums of one input with other weights share it
+        rows = stats.blocks[0] if len(stats.blocks) == 1 else torch.cat(stats.blocks)
+        sums.add_rows(rows, taus, weight)
+    else:
+        sums.add(stats, taus, weight)
 
 
 class _Captured(Exception):
@@ -208,12 +230,19 @@ class StreamedRegMean:
         leader: Dict[str, str],
         state: Dict[str, Any],
         spare: Optional[Dict[str, torch.Tensor]] = None,
+        room: Optional[Callable[[str, int], int]] = None,
     ):
-        """Pre-hooks adding x x^T over real tokens to `grams`; weights whose module sees the very
-        tensor another one saw in this forward share that one's Gram (`leader`). A Gram starts from
+        """Pre-hooks keeping the rows x over real tokens in `grams` (a _Rows) while they fit in
+        `room(name, in)` rows, else adding x x^T to a Gram there; weights whose module sees the very
+        tensor another one saw in this forward share that one's entry (`leader`). A Gram starts from
         the previous candidate's buffer in `spare` when there is one: a fresh [in, in] allocation per
         candidate and layer input is page-faulted in anew each time (at 1.1B, seconds per layer)."""
         spare = {} if spare is None else spare
+
+        def new_gram(name: str, features: int, device: torch.device) -> torch.Tensor:
+            reused = spare.pop(name, None)
+            return reused.zero_() if reused is not None else torch.zeros(features, features, device=device)
+
         handles = []
         for name in names:
             module = self.linear[name]
@@ -232,14 +261,22 @@ class StreamedRegMean:
                 if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                     x = x[mask]  # padding is not data the layer has to fit
                 x = x.reshape(-1, x.shape[-1]).float()
-                if name not in grams:
-                    reused = spare.pop(name, None)
-                    grams[name] = (
-                        reused.zero_()
-                        if reused is not None
-                        else torch.zeros(input_features(mod), input_features(mod), device=x.device)
-                    )
-                grams[name].addmm_(x.T, x)
+                entry = grams.get(name)
+                if entry is None:
+                    features = input_features(mod)
+                    left = room(name, features) if room is not None else 0
+                    entry = grams[name] = _Rows(left) if left > 0 else new_gram(name, features, x.device)
+                if isinstance(entry, _Rows):
+                    if entry.count + x.shape[0] <= entry.room:
+                        # kept past this forward: a copy, never a view of the layer's own activations
+                        entry.blocks.append(x.clone() if x.data_ptr() == args[0].data_ptr() else x)
+                        entry.count += x.shape[0]
+                        return
+                    gram = grams[name] = new_gram(name, x.shape[-1], x.device)  # more rows than kept
+                    for block in entry.blocks:
+                        gram.addmm_(block.T, block)
+                    entry = gram
+                entry.addmm_(x.T, x)
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
@@ -318,7 +355,7 @@ class StreamedRegMean:
                 state: Dict[str, Any] = {}
                 with (
                     self._lora(run, linear),
-                    self._grams(linear, grams, leader, state, spare),
+                    self._grams(linear, grams, leader, state, spare, self._room(sums)),
                     torch.no_grad(),
                 ):
                     for k, batch in self._each_batch(run, state):
@@ -331,7 +368,8 @@ class StreamedRegMean:
                             )
                         run.hidden[k] = out.to(self.host)
                 self._add(run, grams, leader, sums)
-                spare.update(grams)  # the sums keep no reference to a candidate's Gram
+                # the sums keep no reference to a candidate's Gram (its rows, they do keep)
+                spare.update((n, g) for n, g in grams.items() if isinstance(g, torch.Tensor))
                 del grams
             spare.clear()
             yield from self._solve(sums)
@@ -353,7 +391,7 @@ class StreamedRegMean:
                     self._layers_as(lambda j: lambda hidden, *a, **kw: top if j == last else hidden),
                     self._streamed_outer(run.source),
                     self._lora(run, names),
-                    self._grams(names, grams, leader, state),
+                    self._grams(names, grams, leader, state, room=self._room(sums)),
                     torch.no_grad(),
                 ):
                     self.model(**batch)
@@ -379,16 +417,38 @@ class StreamedRegMean:
         check_finite(f"weights of candidate {run.cand.label}", name, w)
         return w.T if name in self.transposed else w
 
-    def _add(
-        self, run: _Run, grams: Dict[str, torch.Tensor], leader: Dict[str, str], sums: Dict[str, RegMeanSums]
-    ) -> None:
-        for name, gram in grams.items():
-            check_finite_gram(f"Gram of candidate {run.cand.label}", name, gram)
+    def _room(self, sums: Dict[Any, RegMeanSums]) -> Callable[[str, int], int]:
+        """room(input name, in): how many rows of the next candidate its sums still keep as rows."""
+
+        def room(name: str, features: int) -> int:
+            s = sums.get(name)
+            return RegMeanSums.row_limit(features) if s is None else s.rows_room(features)
+
+        return room
+
+    def _checked(self, run: _Run, name: str, stats: Any) -> Any:
+        """A candidate's rows (a _Rows, as one block) or Gram of one input, checked finite, shown to
+        `on_gram`, on the host."""
+        what = f"Gram of candidate {run.cand.label}"
+        if isinstance(stats, _Rows):
+            rows = torch.cat(stats.blocks)
+            check_finite(what, name, rows.sum(0))  # a NaN/inf entry reaches its column's sum
             if self.on_gram is not None:
-                self.on_gram(run.cand.label, name, gram.clone())  # the buffer is the next candidate's
+                self.on_gram(run.cand.label, name, rows.T @ rows)  # formed only for the observer
+            return _Rows(stats.room, [rows.to(self.host)], stats.count)
+        check_finite_gram(what, name, stats)
+        if self.on_gram is not None:
+            self.on_gram(run.cand.label, name, stats.clone())  # the buffer is the next candidate's
+        return stats.to(self.host)
+
+    def _add(
+        self, run: _Run, grams: Dict[str, Any], leader: Dict[str, str], sums: Dict[str, RegMeanSums]
+    ) -> None:
+        for name, stats in grams.items():
+            stats = self._checked(run, name, stats)
             group = [n for n, lead in leader.items() if lead == name]
             taus = {n: self._weight_of(run, n) for n in group}
-            sums.setdefault(name, RegMeanSums(self.alpha)).add(gram.to(self.host), taus, run.weight)
+            add_statistics(sums.setdefault(name, RegMeanSums(self.alpha)), stats, taus, run.weight)
 
     def _solve(self, sums: Dict[str, RegMeanSums]) -> Iterator[Tuple[str, torch.Tensor]]:
         for group, s in sums.items():

@@ -54,7 +54,9 @@ def room(module):
 
 
 def test_every_module_lives_in_a_room():
-    loose = [m for m, _ in modules() if m.count(".") == 1 and m not in {f"fwllm.{r}" for r in ALLOWED}]
+    entry = {"fwllm.__main__"}  # `python -m fwllm`: the cli's main, nothing else
+    rooms = {f"fwllm.{r}" for r in ALLOWED} | entry
+    loose = [m for m, _ in modules() if m.count(".") == 1 and m not in rooms]
     assert loose == [], f"modules outside the rooms: {loose}"
 
 
@@ -174,6 +176,7 @@ STORE_MODULES = {
     "fwllm.io.iterate_store",
     "fwllm.io.merged_store",
     "fwllm.io.staged_output",
+    "fwllm.io.sketch_store",
 }
 
 

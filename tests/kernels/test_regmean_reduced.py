@@ -139,3 +139,134 @@ def test_zero_gram_returns_the_weighted_average_of_the_task_vectors():
     got, lam = sums.solve()
     assert lam == float("inf")
     torch.testing.assert_close(got["v"].dense(), 0.25 * loras[0].dense() + 0.75 * loras[1].dense())
+
+
+# -- rows instead of Grams (Woodbury while the rows are few, the dense path past them) ------------
+D_ROWS = 24  # rows are kept up to D_ROWS / 2 of them
+
+
+def _explicit_solve(xs, taus, weights, alpha, ridge=1e-5):
+    """Truth: S and N formed explicitly in float64 from the rows, torch.linalg.solve; the ridge
+    of fwllm.kernels.regmean by its definition (lambda = ridge * mean diag S, towards the average)."""
+    s = torch.zeros(D_ROWS, D_ROWS, dtype=torch.float64)
+    n = avg = 0
+    for x, tau, c in zip(xs, taus, weights):
+        g = x.double().T @ x.double()
+        g_tilde = alpha * g + (1 - alpha) * torch.diag(g.diagonal())
+        s += c * g_tilde
+        n = n + c * g_tilde @ _dense(tau).T
+        avg = avg + c * _dense(tau).T
+    lam = 0.0
+    if torch.linalg.matrix_rank(s) < D_ROWS:
+        lam = ridge * float(s.diagonal().mean())
+        s = s + lam * torch.eye(D_ROWS, dtype=torch.float64)
+        n = n + lam * avg / sum(weights)
+    return torch.linalg.solve(s, n).T, lam
+
+
+def _row_candidates(seed, count, rows, zero_column=None):
+    """`count` candidates with `rows` float32 activation rows each, alternately LoRA and dense."""
+    g = torch.Generator().manual_seed(seed)
+    xs, taus = [], []
+    for i in range(count):
+        x = torch.randn(rows, D_ROWS, generator=g) * torch.linspace(0.5, 2.0, D_ROWS)
+        if zero_column is not None:
+            x[:, zero_column] = 0.0
+        xs.append(x)
+        if i % 2 == 0:
+            taus.append(LowRank(torch.randn(3, D_ROWS, generator=g), torch.randn(7, 3, generator=g), 0.7))
+        else:
+            taus.append(torch.randn(7, D_ROWS, generator=g))
+    return xs, taus
+
+
+def _dense(t):
+    """A task vector as a float64 [out, in] tensor (a LowRank's product in float64)."""
+    return t.scale * t.b.double() @ t.a.double() if isinstance(t, LowRank) else t.double()
+
+
+@pytest.mark.parametrize("weights", [None, [0.3, 1.7, 1.0, 0.6]])
+def test_few_rows_solve_by_woodbury_equal_the_explicit_solve_and_the_gram_path(weights):
+    xs, taus = _row_candidates(90, 4, 3)  # k = 12 rows <= 24 / 2: never a Gram
+    coef = weights or [1.0] * 4
+    rows, grams = RegMeanSums(alpha=0.6), RegMeanSums(alpha=0.6)
+    for x, t, c in zip(xs, taus, coef):
+        rows.add_rows(x, {"o": t}, c) if weights else rows.add_rows(x, {"o": t})
+        grams.add(x.double().T @ x.double(), {"o": t}, c)
+    got, lam = rows.solve()
+    assert rows.gram_sum is None  # solved from the rows: no [in, in] matrix was formed
+    truth, truth_lam = _explicit_solve(xs, taus, coef, alpha=0.6)
+    assert lam == truth_lam == 0.0
+    assert isinstance(got["o"], torch.Tensor)  # LoRA and dense candidates mixed: a dense merge
+    torch.testing.assert_close(got["o"].double(), truth, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["o"], grams.solve()[0]["o"], rtol=1e-6, atol=1e-7)
+
+
+def test_all_lora_rows_merge_stays_a_lora():
+    g = torch.Generator().manual_seed(91)
+    xs = [torch.randn(4, D_ROWS, generator=g) for _ in range(3)]
+    loras = [LowRank(torch.randn(2, D_ROWS, generator=g), torch.randn(5, 2, generator=g), 2.0) for _ in xs]
+    sums = RegMeanSums(alpha=0.9)
+    for x, t in zip(xs, loras):
+        sums.add_rows(x, {"q": t}, 0.5)
+    got, _ = sums.solve()
+    assert isinstance(got["q"], LowRank) and got["q"].rank == 6
+    truth, _ = _explicit_solve(xs, loras, [0.5] * 3, alpha=0.9)
+    # float32 factors of rank 6: their rounding (~1e-7 of terms ~3) where the sum cancels to ~0.1
+    torch.testing.assert_close(_dense(got["q"]), truth, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.0])
+def test_rows_crossing_the_limit_fold_into_the_gram_sum(alpha):
+    xs, taus = _row_candidates(92, 6, 5)  # 30 rows in all, over the limit of 12 at the third candidate
+    coef = [0.5, 1.0, 2.0, 0.7, 1.3, 0.9]
+    sums = RegMeanSums(alpha=alpha)
+    rooms = []
+    for i, (x, t, c) in enumerate(zip(xs, taus, coef)):
+        rooms.append(sums.rows_room(D_ROWS))
+        if i == 4:
+            sums.add(x.double().T @ x.double(), {"o": t}, c)  # a Gram may come in between
+        else:
+            sums.add_rows(x, {"o": t}, c)
+    assert rooms == [12, 7, 2, 0, 0, 0]
+    got, lam = sums.solve()
+    truth, truth_lam = _explicit_solve(xs, taus, coef, alpha)
+    assert lam == truth_lam == 0.0  # 30 rows span the 24 coordinates: no ridge, even at alpha = 1
+    torch.testing.assert_close(got["o"].double(), truth, rtol=1e-6, atol=1e-7)
+
+
+def test_alpha_one_with_few_rows_falls_back_to_the_ridge():
+    xs, taus = _row_candidates(93, 3, 4)  # 12 rows < 24 coordinates and no diagonal term: S is singular
+    coef = [1.0, 0.5, 2.0]
+    sums = RegMeanSums(alpha=1.0)
+    for x, t, c in zip(xs, taus, coef):
+        sums.add_rows(x, {"v": t}, c)
+    got, lam = sums.solve(ridge=1e-3)
+    truth, truth_lam = _explicit_solve(xs, taus, coef, alpha=1.0, ridge=1e-3)
+    assert truth_lam > 0 and lam == pytest.approx(truth_lam, rel=1e-12)
+    torch.testing.assert_close(got["v"].double(), truth, rtol=1e-5, atol=1e-6)
+
+
+def test_an_input_coordinate_that_is_always_zero_falls_back_to_the_ridge():
+    xs, taus = _row_candidates(94, 4, 2, zero_column=5)  # D = 0 there: no Woodbury, S singular
+    coef = [1.0, 2.0, 1.0, 0.5]
+    sums = RegMeanSums(alpha=0.7)
+    for x, t, c in zip(xs, taus, coef):
+        sums.add_rows(x, {"v": t}, c)
+    got, lam = sums.solve(ridge=1e-4)
+    truth, truth_lam = _explicit_solve(xs, taus, coef, alpha=0.7, ridge=1e-4)
+    assert truth_lam > 0 and lam == pytest.approx(truth_lam, rel=1e-12)
+    torch.testing.assert_close(got["v"].double(), truth, rtol=1e-5, atol=1e-6)
+    # the unseen coordinate keeps the weighted average of the task vectors' column there
+    avg = sum(c * _dense(t)[:, 5] for t, c in zip(taus, coef)) / sum(coef)
+    torch.testing.assert_close(got["v"][:, 5].double(), avg, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_of_no_token_give_the_weighted_average():
+    loras = [_lora(95, 6, 2, 1.0), _lora(96, 6, 2, 1.0)]
+    sums = RegMeanSums(alpha=0.5)
+    sums.add_rows(torch.zeros(0, D_IN), {"v": loras[0]}, weight=1.0)
+    sums.add_rows(torch.zeros(0, D_IN), {"v": loras[1]}, weight=3.0)
+    got, lam = sums.solve()
+    assert lam == float("inf")
+    torch.testing.assert_close(got["v"].dense(), 0.25 * loras[0].dense() + 0.75 * loras[1].dense())

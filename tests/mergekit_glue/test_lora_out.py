@@ -137,3 +137,65 @@ def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool
     }[case]
     assert lines == [f"Error: {want}"]
     assert not (root / "out").exists() and not (root / "lora_out").exists()
+
+
+def test_the_adapter_takes_the_dense_outputs_dtype(lora_pool):
+    """A bfloat16 recipe writes bfloat16 factors (half the bytes of float32 ones): peft's merge of them
+    is the bfloat16 model fwllm wrote, to bfloat16's rounding."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    root, base, adapters = lora_pool
+    params = {"calibration": str(root / "calib"), "preset": "paper", "iterations": 2, "scaling": 1.0}
+    models = [f"{base}+{a}" for a in adapters]
+    recipe = write_recipe(root / "r.yml", "fw_merging", base, models, params, dtype="bfloat16")
+    result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(root / "lora_out" / "adapter_model.safetensors"), "pt") as fp:
+        assert {fp.get_tensor(k).dtype for k in fp.keys()} == {torch.bfloat16}
+    full = load_tensors(root / "out")
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    state = PeftModel.from_pretrained(model, str(root / "lora_out")).merge_and_unload().state_dict()
+    moved = 0
+    for name, w in full.items():
+        assert w.dtype == torch.bfloat16
+        torch.testing.assert_close(state[name], w, atol=2e-3, rtol=1.6e-2)  # a few bf16 ulps
+        moved += name.endswith("q_proj.weight") and not torch.equal(w, load_tensors(base)[name].bfloat16())
+    assert moved
+
+
+def test_the_recipe_can_ask_for_the_lora_output(lora_pool, monkeypatch):
+    """`lora_out:` / `lora_rank:` in the recipe do what --lora-out / --lora-rank do under `fwllm merge`;
+    plain mergekit-yaml, which has no step after its merge, refuses them instead of dropping them."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from fwllm.mergekit_glue.adapter import forget_plans, register_all
+
+    root, base, adapters = lora_pool
+    params = {"calibration": str(root / "calib"), "preset": "paper", "iterations": 2, "scaling": 1.0}
+    models = [f"{base}+{a}" for a in adapters]
+    asked = dict(params, lora_out=str(root / "from_recipe"), lora_rank=2)
+    recipe = write_recipe(root / "r.yml", "fw_merging", base, models, asked)
+    result = fwllm(recipe, root / "out")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((root / "from_recipe" / "adapter_config.json").read_text())
+    assert {cfg["r"], *cfg["rank_pattern"].values()} == {2}  # truncated to the recipe's rank
+    flagged = write_recipe(root / "f.yml", "fw_merging", base, models, params)
+    result = fwllm(flagged, root / "out2", "--lora-out", root / "from_flag", "--lora-rank", 2)
+    assert result.exit_code == 0, result.output
+    a, b = load_tensors(root / "from_recipe"), load_tensors(root / "from_flag")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    register_all()
+    forget_plans()
+    text = (root / "r.yml").read_text()
+    with pytest.raises(Exception, match="lora_out: .* is written by `fwllm merge RECIPE OUT_DIR`"):
+        run_merge(
+            MergeConfiguration.model_validate(__import__("yaml").safe_load(text)),
+            str(root / "plain"),
+            options=MergeOptions(quiet=True, lora_merge_cache=str(root / "lora_cache")),
+            config_source=text,
+        )

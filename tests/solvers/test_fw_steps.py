@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fwllm.core.params import FWParams
+from fwllm.io.sketch_store import SketchStore
 from fwllm.kernels.atoms import ta_coefficients
 from fwllm.solvers.frank_wolfe import FrankWolfe
 from fwllm.solvers.iterates import ModelIterate
@@ -59,6 +60,7 @@ def solver(taus, target, **params):
         p,
         lambda name: torch.zeros(SHAPE),
         progress=False,
+        sketches=SketchStore(),
     )
     return fw, w
 

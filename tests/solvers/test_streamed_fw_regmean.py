@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_tensors, merge, save_random_loras
+from fwllm.kernels import regmean_reduced
 
 TASKS = [{"task": "copy"}, {"task": "rev"}, {}]  # the third candidate has no task: all rows
 
@@ -40,33 +41,38 @@ def solve_both(tmp_path, pool, models, label, monkeypatch, **params):
     return outs, caches, plans
 
 
+LORA_PER_TENSOR = {
+    "init": "task_arithmetic",
+    "granularity": "tensor",
+    "regmean_weights": "fw",
+    "step": "open_loop",
+    "step_size": 0.5,
+}
+
+
 @pytest.mark.parametrize(
-    "kind, params",
+    "kind, params, row_fraction",
     [
-        ("full", {}),  # the defaults: support for the whole model, RegMean's equal weights
-        ("full", {"granularity": "tensor", "regmean_weights": "fw"}),  # per-tensor support and weights
+        ("full", {}, None),  # the defaults: support for the whole model, RegMean's equal weights
+        ("full", {"granularity": "tensor", "regmean_weights": "fw"}, None),  # per-tensor support and weights
         # random adapters do not help: from the base FW would stay there; from task arithmetic every one is used
-        ("lora", {"init": "task_arithmetic"}),
+        ("lora", {"init": "task_arithmetic"}, None),
         # open-loop steps keep every candidate, each tensor with its own weights (q and v: one Gram, two sums)
-        (
-            "lora",
-            {
-                "init": "task_arithmetic",
-                "granularity": "tensor",
-                "regmean_weights": "fw",
-                "step": "open_loop",
-                "step_size": 0.5,
-            },
-        ),
+        ("lora", LORA_PER_TENSOR, None),
+        # the same from activation rows instead of Grams (Woodbury; these tiny layers would take Grams)
+        ("full", {}, 100.0),
+        ("lora", LORA_PER_TENSOR, 100.0),
     ],
 )
 def test_layerwise_refine_equals_the_in_ram_refine_and_keeps_no_gram(
-    tmp_path, tiny_pool, lora_adapters, monkeypatch, kind, params
+    tmp_path, tiny_pool, lora_adapters, monkeypatch, kind, params, row_fraction
 ):
+    if row_fraction is not None:
+        monkeypatch.setattr(regmean_reduced, "ROW_FRACTION", row_fraction)
     e = tiny_pool["experts"]
     models = [e["copy"], e["rev"], e["noise"]] if kind == "full" else lora_adapters
     outs, caches, plans = solve_both(
-        tmp_path, tiny_pool, models, f"{kind}_{len(params)}", monkeypatch, **params
+        tmp_path, tiny_pool, models, f"{kind}_{len(params)}_{row_fraction}", monkeypatch, **params
     )
     assert plans["layerwise"]["settings"]["refine"] == "regmean"
     assert plans["layerwise"]["gradient"]["refine"] == "streamed grams"

@@ -27,6 +27,7 @@ from fwllm.core.job import CandidateSpec
 from fwllm.data.calibration import load_calibration
 from fwllm.data.encoding import encode_task
 from fwllm.io.candidates import open_candidate
+from fwllm.kernels import regmean_reduced
 from fwllm.mergekit_glue.merge import merge_recipe
 from fwllm.solvers.grams import collect_grams
 from fwllm.solvers.per_candidate import load_candidate_model
@@ -87,8 +88,17 @@ def streamed_grams(pools, models, weights=(1.0, 1.0)):
     return seen, merged, cands
 
 
+# row fractions: None, the default (these tiny layers take Grams); 100, activation rows throughout
+# (the Grams shown to `on_gram` are formed from them, the solve is Woodbury's); 5, the first
+# candidate's rows kept and the second's folding them into a Gram sum (32 features: 160 rows)
+ROW_FRACTIONS = [None, 100.0, 5.0]
+
+
+@pytest.mark.parametrize("row_fraction", ROW_FRACTIONS)
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_streamed_grams_equal_the_whole_model_grams(pools, kind):
+def test_streamed_grams_equal_the_whole_model_grams(pools, kind, row_fraction, monkeypatch):
+    if row_fraction is not None:
+        monkeypatch.setattr(regmean_reduced, "ROW_FRACTION", row_fraction)
     seen, merged, cands = streamed_grams(pools, pools[kind])
     tok = tiny_tokenizer()
     for cand, model_dir, task in zip(cands, pools[kind], TASKS):
@@ -133,9 +143,12 @@ def merge_both(tmp_path, pools, kind, **params):
     return out
 
 
+@pytest.mark.parametrize("row_fraction", ROW_FRACTIONS)
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_streamed_merge_equals_the_in_ram_merge(tmp_path, pools, kind, monkeypatch):
+def test_streamed_merge_equals_the_in_ram_merge(tmp_path, pools, kind, monkeypatch, row_fraction):
     monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    if row_fraction is not None:
+        monkeypatch.setattr(regmean_reduced, "ROW_FRACTION", row_fraction)
     out = merge_both(tmp_path, pools, kind)
     full, layerwise = load_tensors(out["full"]), load_tensors(out["layerwise"])
     base = load_tensors(pools["base"])
