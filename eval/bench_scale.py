@@ -91,6 +91,10 @@ def _plan_dirs(out: str) -> list:
     )
 
 
+class ChildFailed(RuntimeError):
+    """A measured run ended in an error: its `Error:` line (fwllm's refusals: too little disk, ...)."""
+
+
 def run_child(kind: str, args: dict, cache: str = None) -> dict:
     """The child's figures, its peak anonymous and total RSS (itself and its children), sampled, and for an
     fwllm merge the same peaks during the solve alone (until the staged plan is marked DONE), and the disk
@@ -130,6 +134,9 @@ def run_child(kind: str, args: dict, cache: str = None) -> dict:
     out, err = proc.communicate()
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
+        said = [ln for ln in err.splitlines() if "FwllmError" in ln or ln.startswith("Error:")]
+        if said:  # a refusal is a result of the row, not a crash of the benchmark
+            raise ChildFailed(said[-1].split("FwllmError: ", 1)[-1])
         raise SystemExit(f"{kind} run failed:\n{err[-3000:]}")
     result = dict(json.loads(line[len("RESULT ") :]), peak_anon_gib=peak["anon"], sampled_rss_gib=peak["rss"])
     if kind == "fwllm":
@@ -318,7 +325,12 @@ def model_entry(
         args = {"recipe": recipe, "out": out}
         if row.lora_out:
             args["lora_out"] = os.path.join(folder, f"lora_{row.key}")
-        r = repeated("fwllm", args, opts.repeats, out, cache=os.path.join(folder, f"cache_{row.key}"))
+        try:
+            r = repeated("fwllm", args, opts.repeats, out, cache=os.path.join(folder, f"cache_{row.key}"))
+        except ChildFailed as refused:
+            print(f"   refused: {refused}", flush=True)
+            entry["rows"][row.key] = {"label": row.label, "skipped": f"refused: {refused}"}
+            continue
         if row.floor and row.floor not in entry["floors"]:
             print(f"   floor: {row.floor}", flush=True)
             entry["floors"][row.floor] = repeated(row.floor, floor_args, opts.repeats)
