@@ -25,7 +25,7 @@ from fwllm.arch.heads import HEADS_DIR, apply_head, load_heads
 from fwllm.core.errors import FwllmError
 from fwllm.io.models import read_config
 from fwllm.evaluation import metrics
-from fwllm.evaluation.tasks import GLUE_TASKS, data_root
+from fwllm.evaluation.tasks import GLUE_TASKS, eval_data
 
 MAX_LENGTH = 128
 
@@ -38,7 +38,7 @@ def is_encoder_dir(model_dir: str) -> bool:
 
 def load_task_info(root: Optional[Path] = None) -> Dict[str, dict]:
     """Per-task metadata from glue/tasks.json (text fields, metric, reference scores)."""
-    path = (root or data_root()) / "glue" / "tasks.json"
+    path = (root or eval_data()) / "glue" / "tasks.json"
     if not path.is_file():
         raise FwllmError(f"GLUE task metadata {path} is missing")
     with open(path, encoding="utf-8") as fp:
@@ -48,7 +48,7 @@ def load_task_info(root: Optional[Path] = None) -> Dict[str, dict]:
 def load_rows(
     task: str, root: Optional[Path] = None, split: str = "dev", limit: Optional[int] = None
 ) -> List[dict]:
-    path = (root or data_root()) / "glue" / task / f"{split}.jsonl"
+    path = (root or eval_data()) / "glue" / task / f"{split}.jsonl"
     if not path.is_file():
         raise FwllmError(f"GLUE data file {path} is missing")
     rows = []
@@ -128,7 +128,7 @@ def evaluate_encoder(
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    root = data_root(data)
+    root = eval_data(data)
     info = load_task_info(root)
     config = read_config(model_dir)
     available = heads_tasks(model_dir, config)

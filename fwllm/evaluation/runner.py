@@ -31,7 +31,7 @@ from fwllm.evaluation.tasks import (
     GLUE_TASKS,
     UNSAFE_TASKS,
     check_data,
-    data_root,
+    eval_data,
     default_cache_root,
     glue_task_name,
     materialize_tasks,
@@ -245,7 +245,7 @@ def evaluate_models(
 
         if not torch.cuda.is_available():
             raise FwllmError("--device cuda requested but no CUDA device is available")
-    root = data_root(data)
+    root = eval_data(data)
     check_data(tasks, root)
     kinds = {d: ("encoder" if is_encoder_dir(d) else "causal") for d in model_dirs}
     if "causal" in kinds.values():  # before any model loads: causal LMs are scored by lm-eval

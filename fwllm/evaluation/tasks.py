@@ -65,7 +65,7 @@ def tasks_dir() -> Path:
     return paths.eval_tasks_dir()
 
 
-def data_root(override: Optional[str] = None) -> Path:
+def eval_data(override: Optional[str] = None) -> Path:
     """The evaluation data folder: `override`, else fwllm.paths.data_root()."""
     if override:
         return Path(override).expanduser().resolve()
@@ -107,7 +107,7 @@ def resolve_tasks(names: List[str]) -> List[str]:
 
 def check_data(tasks: List[str], root: Optional[Path] = None) -> None:
     """Fail in one line when a selected task's data files are missing."""
-    root = root or data_root()
+    root = root or eval_data()
     missing = [str(root / rel) for t in tasks for rel in TASK_DATA[t] if not (root / rel).is_file()]
     if missing:
         shown = ", ".join(sorted(set(missing))[:3])
@@ -129,14 +129,14 @@ def _rewrite(text: str, root: Path) -> str:
 
 
 def materialize_tasks(data: Optional[str] = None, cache_root: Optional[str] = None) -> Path:
-    """A copy of the task folder whose YAMLs reference `data` (see `data_root`) absolutely.
+    """A copy of the task folder whose YAMLs reference `data` (see `eval_data`) absolutely.
 
     The copy lives in ``<cache_root>/tasks/<digest>``; the digest covers the YAML and
     hook sources and the data root, so edits produce a fresh copy and concurrent
     callers never write into a folder another one is reading.
     """
     source = tasks_dir()
-    root = data_root(data)
+    root = eval_data(data)
     files = _source_files(source)
     digest = hashlib.sha256(root.as_posix().encode())
     rendered = {}

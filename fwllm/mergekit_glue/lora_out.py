@@ -93,7 +93,12 @@ def write_lora_out(
     dtype = output_dtype(recipe)
     if plan.merged is not None:  # RegMean or a refined FW: the plan stores the merge itself
         return write_lora_merge(
-            stored_factors(plan.merged), lora_out, rank=rank, base_model=plan.record.base, force=force
+            stored_factors(plan.merged),
+            lora_out,
+            rank=rank,
+            base_model=plan.record.base,
+            dtype=dtype,
+            force=force,
         ).summary()
     record = method.bind(plan, job).record
     if not record.adapters:

@@ -107,7 +107,12 @@ class StreamedFisher(StreamedGradient):
             embeddings = self.model.get_input_embeddings()
             self.input_embedding = embeddings.weight if isinstance(embeddings, torch.nn.Embedding) else None
             self._check_ties(outer)
-            yield outer
+            try:
+                yield outer
+            finally:
+                # the materialised embedding must not outlive its phase: the layer-major order keeps a
+                # StreamedFisher per candidate, and each would pin a vocab x hidden float32 copy
+                self.input_embedding = None
 
     def _check_ties(self, outer: Dict[str, torch.nn.Parameter]) -> None:
         for n, q in outer.items():

@@ -44,7 +44,7 @@ def test_data_root_is_the_packaged_copy_from_an_empty_cwd(nowhere):
     assert root.is_dir()
     assert PACKAGE in root.parents  # inside the installed package, not beside a checkout
     assert not list(nowhere.iterdir())
-    assert tasks.data_root() == root
+    assert tasks.eval_data() == root
 
 
 def test_every_file_the_suites_read_is_packaged(nowhere):
@@ -137,7 +137,7 @@ def test_fwllm_data_overrides_the_packaged_copy(nowhere, tmp_path, monkeypatch):
     other.mkdir()
     monkeypatch.setenv("FWLLM_DATA", str(other))
     assert paths.data_root() == str(other)
-    assert tasks.data_root() == other
+    assert tasks.eval_data() == other
     with pytest.raises(FwllmError, match="evaluation data missing"):
         tasks.check_data(["fwllm_gsm8k"], other)
 
@@ -149,4 +149,4 @@ def test_a_fwllm_data_that_is_not_a_folder_is_an_error(nowhere, tmp_path, monkey
     assert "\n" not in str(err.value)
     assert paths.data_root(required=False) is None
     with pytest.raises(FwllmError, match="evaluation data not found"):
-        tasks.data_root()
+        tasks.eval_data()

@@ -157,9 +157,9 @@ def test_gsm8k_rows_of_known_completions(models, monkeypatch):
     import json as _json
 
     from fwllm.evaluation.answers import gold_answer
-    from fwllm.evaluation.tasks import data_root
+    from fwllm.evaluation.tasks import eval_data
 
-    with open(data_root() / "gsm8k" / "dev.jsonl", encoding="utf-8") as fp:
+    with open(eval_data() / "gsm8k" / "dev.jsonl", encoding="utf-8") as fp:
         gold = [gold_answer(_json.loads(next(fp))["answer"]) for _ in range(3)]
     answer = {
         gold[0]: f"so #### {gold[0]}",

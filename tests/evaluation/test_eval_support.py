@@ -14,7 +14,7 @@ from pathlib import Path
 
 import fwllm
 
-# Same default as fwllm.evaluation.tasks.data_root (the data shipped in the package), spelled out so
+# Same default as fwllm.evaluation.tasks.eval_data (the data shipped in the package), spelled out so
 # tests do not lean on it.
 DATA = Path(os.environ.get("FWLLM_DATA") or Path(fwllm.__file__).resolve().parent / "_data" / "datasets")
 DATA = DATA.resolve()

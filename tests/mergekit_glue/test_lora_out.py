@@ -139,7 +139,8 @@ def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool
     assert not (root / "out").exists() and not (root / "lora_out").exists()
 
 
-def test_the_adapter_takes_the_dense_outputs_dtype(lora_pool):
+@pytest.mark.parametrize("method", ["fw_merging", "regmean"])
+def test_the_adapter_takes_the_dense_outputs_dtype(lora_pool, method):
     """A bfloat16 recipe writes bfloat16 factors (half the bytes of float32 ones): peft's merge of them
     is the bfloat16 model fwllm wrote, to bfloat16's rounding."""
     from peft import PeftModel
@@ -148,8 +149,14 @@ def test_the_adapter_takes_the_dense_outputs_dtype(lora_pool):
 
     root, base, adapters = lora_pool
     params = {"calibration": str(root / "calib"), "preset": "paper", "iterations": 2, "scaling": 1.0}
+    per_model = None
+    if method == "regmean":  # the plan stores the merge as factors (float32): written in the output's dtype
+        params, per_model = (
+            {"calibration": str(root / "calib"), "gradient": "layerwise"},
+            [{"task": "copy"}] * 2,
+        )
     models = [f"{base}+{a}" for a in adapters]
-    recipe = write_recipe(root / "r.yml", "fw_merging", base, models, params, dtype="bfloat16")
+    recipe = write_recipe(root / "r.yml", method, base, models, params, dtype="bfloat16", per_model=per_model)
     result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
     assert result.exit_code == 0, result.output
     with safe_open(str(root / "lora_out" / "adapter_model.safetensors"), "pt") as fp:
