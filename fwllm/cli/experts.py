@@ -13,7 +13,7 @@ from fwllm.core.errors import FwllmError
     type=click.Choice(["tiny", "smol"]),
     default="smol",
     show_default=True,
-    help="smol: SmolLM2-135M + LoRA experts on real data (~30 min on 2 cores); tiny: seconds.",
+    help="smol: SmolLM2-135M + LoRA experts on real data (about 10 min on 2 cores); tiny: seconds.",
 )
 @click.option(
     "--family", default="llama", show_default=True, help="tiny: llama, roberta, roberta-mlm; smol: llama"

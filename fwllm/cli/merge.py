@@ -148,7 +148,7 @@ def _leading_recipe(args: List[str], help_names: List[str]) -> Optional[str]:
 @click.option(
     "--lora-out",
     type=click.Path(),
-    help="A LoRA pool's FW or RegMean merge: also write it as a peft adapter here (or the recipe's lora_out).",
+    help="A LoRA pool's FW or RegMean merge: also write it as a peft adapter (or the recipe's lora_out).",
 )
 @click.option("--lora-rank", type=int, help="With --lora-out: truncate each delta to this rank (SVD).")
 def merge_command(**values: Any):

@@ -25,7 +25,7 @@ from fwllm.experts.train import train
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Sized for ~20 min on 2 CPU cores: 8 experts x STEPS LoRA steps of BATCH rows of <= MAX_LENGTH tokens.
+# Sized for a first demo on 2 CPU cores: 8 experts x STEPS LoRA steps of BATCH rows <= MAX_LENGTH tokens.
 STEPS, BATCH, MAX_LENGTH, LR = 48, 4, 160, 1e-3
 SHARD = "100MB"
 

@@ -51,7 +51,7 @@ def _entries(name: str, value: Union[torch.Tensor, Factors]) -> Iterator[Tuple[s
 
 
 def write_merged(plan_dir: str, tensors: Iterable[Tuple[str, Union[torch.Tensor, Factors]]]) -> str:
-    """Write (name, tensor) and (name, (A, B)) pairs as shards, holding at most one shard's worth in memory."""
+    """Write (name, tensor) and (name, (A, B)) pairs as shards, at most one shard's worth in memory."""
     folder = os.path.join(plan_dir, MERGED_DIR)
     os.makedirs(folder, exist_ok=True)
     index: Dict[str, str] = {}

@@ -235,23 +235,7 @@ class FisherMerging(DataMethod):
         )
         metas = fisher_sums(base_dir, runs, covered, tokenizer, p, job.device, stores)
         shutil.rmtree(scratch, ignore_errors=True)
-        record = StatsPlanRecord(
-            # the resolved mode (not auto): merge_tensor reads the running sums of a layerwise plan
-            method=self.name,
-            base=job.base,
-            settings={**p.model_dump(), "gradient": "layerwise"},
-            candidates=[
-                CandidateStats(
-                    label=lab,
-                    task=t.name,
-                    file=SUMS_DIR,
-                    meta={**m, "reason": reason, "order": order, "order_reason": why},
-                    cached=False,
-                )
-                for lab, t, m in zip(labels, own, metas)
-            ],
-            primary_head=None,
-        )
+        record = self._layerwise_record(job, labels, own, metas, SUMS_DIR, reason, order, why)
         finish_streamed_plan(self, job, record, {})
         shutil.rmtree(os.path.join(job.plan_dir, SUMS_DIR), ignore_errors=True)
 
@@ -273,24 +257,30 @@ class FisherMerging(DataMethod):
         rest = _averaged(base_dir, candidates, labels, weights, set(covered))
         write_merged(job.plan_dir, itertools.chain(solver.merged(), rest))
         # no statistic on disk: the Fisher lives on only folded, in the merged tensors
-        stats = [
-            CandidateStats(
-                label=lab,
-                task=t.name,
-                file=MERGED_DIR,
-                meta={**m, "reason": reason, "order": LAYER_MAJOR, "order_reason": why},
-                cached=False,
-            )
-            for lab, t, m in zip(labels, own, solver.metas)
-        ]
-        settings = {**p.model_dump(), "gradient": "layerwise"}
-        write_record(
-            job.plan_dir,
-            StatsPlanRecord(
-                method=self.name, base=job.base, settings=settings, candidates=stats, primary_head=None
-            ),
-        )
+        record = self._layerwise_record(job, labels, own, solver.metas, MERGED_DIR, reason, LAYER_MAJOR, why)
+        write_record(job.plan_dir, record)
         mark_plan_complete(job.plan_dir)
+
+    def _layerwise_record(self, job, labels, own, metas, file, reason, order, why) -> StatsPlanRecord:
+        """The plan record of a layerwise solve: the resolved mode (not auto), each candidate's meta
+        and the order it ran in (`file`: where its statistic lives on, the sums or the merged tensors)."""
+        p: FisherParams = job.params  # type: ignore[assignment]
+        return StatsPlanRecord(
+            method=self.name,
+            base=job.base,
+            settings={**p.model_dump(), "gradient": "layerwise"},
+            candidates=[
+                CandidateStats(
+                    label=lab,
+                    task=t.name,
+                    file=file,
+                    meta={**m, "reason": reason, "order": order, "order_reason": why},
+                    cached=False,
+                )
+                for lab, t, m in zip(labels, own, metas)
+            ],
+            primary_head=None,
+        )
 
     def merged_recomputable(self, plan: Plan) -> bool:
         # a layerwise solve deletes its running sums: its stored merge is the only record of it

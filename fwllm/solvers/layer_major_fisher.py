@@ -40,7 +40,7 @@ from typing import Dict, Iterator, List, Sequence, Set, Tuple
 import torch
 from accelerate.utils import find_tied_parameters
 
-from fwllm.arch.kinds import CAUSAL_MODEL, model_kind
+from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.arch.layer_stack import layer_stack
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.core.errors import FwllmError, check_finite
@@ -48,7 +48,7 @@ from fwllm.core.memory import return_free_memory
 from fwllm.core.params import FisherParams
 from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
-from fwllm.solvers.streamed_fisher import CandidateRun, CandidateWeights, StreamedFisher
+from fwllm.solvers.streamed_fisher import CandidateRun, CandidateWeights, StreamedFisher, causal_skeleton
 
 ALL_AT_ONCE = 1 << 62  # checkpoint budget: every example in one group (the whole pass is one group)
 
@@ -138,13 +138,7 @@ class LayerMajorFisher:
         self.metas: List[dict] = []
 
     def _open(self, run: CandidateRun, tokenizer, device: str) -> _Pass:
-        model = skeleton(run.model_dir)
-        kind = model_kind(model)
-        if kind != CAUSAL_MODEL:
-            raise FwllmError(
-                f"fisher: gradient: layerwise covers causal LMs only; {run.candidate.label} is "
-                f"{type(model).__name__} (use gradient: full)"
-            )
+        model, kind = causal_skeleton(run)
         # a full candidate's tensors are its own; an adapter's the base's (read once per layer) + its delta
         own = base_weights(run.model_dir) if run.candidate.adapter is None else None
         weights = own if own is not None else CandidateWeights(self.base, run.candidate)

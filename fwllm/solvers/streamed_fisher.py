@@ -263,6 +263,18 @@ class CandidateRun:
     weight: float
 
 
+def causal_skeleton(run: "CandidateRun") -> Tuple[torch.nn.Module, str]:
+    """The candidate's meta skeleton and its kind; the layerwise Fisher covers causal LMs only."""
+    model = skeleton(run.model_dir)
+    kind = model_kind(model)
+    if kind != CAUSAL_MODEL:
+        raise FwllmError(
+            f"fisher: gradient: layerwise covers causal LMs only; {run.candidate.label} is "
+            f"{type(model).__name__} (use gradient: full)"
+        )
+    return model, kind
+
+
 def fisher_sums(
     base_dir: str,
     runs: Sequence[CandidateRun],
@@ -284,13 +296,7 @@ def fisher_sums(
         scratch = sums.scratch()
         own = base_weights(run.model_dir)
         weights = own if run.candidate.adapter is None else CandidateWeights(own, run.candidate)
-        model = skeleton(run.model_dir)
-        kind = model_kind(model)
-        if kind != CAUSAL_MODEL:
-            raise FwllmError(
-                f"fisher: gradient: layerwise covers causal LMs only; {run.candidate.label} is "
-                f"{type(model).__name__} (use gradient: full)"
-            )
+        model, kind = causal_skeleton(run)
         objective = Objective([encode_task(run.task, tokenizer, p.max_length, batch_size=1, model_kind=kind)])
         meta = MetaModel(model, weights, device, trainable=names)
         examples, terms = StreamedFisher(meta, objective, p, names).measure(scratch.add)
