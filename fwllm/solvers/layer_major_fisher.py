@@ -102,18 +102,24 @@ class _Fold:
         self.seen: Dict[str, int] = {}
 
     def add(self, label: str, name: str, fisher: torch.Tensor, theta: torch.Tensor, weight: float) -> None:
+        """Takes `fisher` over (it is scaled in place). In place throughout: for a head or embedding
+        matrix each out-of-place step was another vocab x hidden float32 copy at the phase's peak."""
         check_finite(f"Fisher of candidate {label}", name, fisher)
-        f = fisher.float().clamp_min(self.epsilon) * weight
-        num = f * theta.detach().float()
-        self.num[name] = num if name not in self.num else self.num[name] + num
-        self.den[name] = f if name not in self.den else self.den[name] + f
+        f = fisher.float().clamp_min_(self.epsilon).mul_(weight)
+        theta = theta.detach().float()
+        if name in self.num:
+            self.num[name].addcmul_(f, theta)
+            self.den[name].add_(f)
+        else:
+            self.num[name] = f * theta
+            self.den[name] = f
         self.seen[name] = self.seen.get(name, 0) + 1
 
     def ready(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """The merge of every tensor all candidates have added to (then forgotten)."""
         for name in [n for n, c in self.seen.items() if c == self.count]:
             del self.seen[name]
-            yield name, self.num.pop(name) / self.den.pop(name)
+            yield name, self.num.pop(name).div_(self.den.pop(name))
 
 
 class LayerMajorFisher:
@@ -190,8 +196,8 @@ class LayerMajorFisher:
         return lambda name, acc: self._add(ps, name, acc, ps.fisher.model.get_parameter(name))
 
     def _add(self, ps: _Pass, name: str, acc: torch.Tensor, theta: torch.Tensor) -> None:
-        f = acc / max(ps.examples, 1)
-        ps.total += float(f.double().sum())
+        f = acc.div_(max(ps.examples, 1))  # the accumulator is not used again
+        ps.total += float(f.sum(dtype=torch.float64))
         self.fold.add(ps.run.candidate.label, name, f, theta, ps.run.weight)
 
     def _top(self, ps: _Pass) -> None:
