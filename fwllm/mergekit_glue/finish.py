@@ -4,9 +4,9 @@
 * tied embeddings that LoRA adapters save in full are untied as peft does
   (`fwllm.arch.tied_weights`);
 * the plan's stored merged tensors are deleted (a float32 copy of the whole merge, 2x a bf16
-  model: 27 GB at 7B) unless the recipe says `keep_merged: true`, the plan stores only LoRA
-  factors (small), or the plan cannot form
-  them again (FW-Merging's `local_merge: regmean` refines with Grams it does not keep). A plan
+  model: 27 GB at 7B) unless the recipe says `keep_merged: true`, or the plan cannot form
+  them again (FW-Merging's `refine: regmean` and the layerwise RegMean and Fisher keep no statistic; a LoRA
+  pool's RegMean or refine is stored as LoRA factors, which is what `--lora-out` writes). A plan
   without them is still reusable: mergekit is then handed the candidates and each method
   merges from the plan's statistics or atoms.
 """
@@ -21,7 +21,7 @@ from mergekit.options import MergeOptions
 from fwllm.arch.tied_weights import untie_saved_heads
 from fwllm.core.job import MergeJob
 from fwllm.io.candidates import open_candidate
-from fwllm.io.merged_store import drop_merged, stored_names
+from fwllm.io.merged_store import drop_merged
 from fwllm.io.models import resolve_model_path
 from fwllm.mergekit_glue.card import write_card
 from fwllm.mergekit_glue.recipe import Recipe
@@ -51,8 +51,6 @@ def finish_output(
     plan = recipe.method.load_plan(job.plan_dir)
     if plan.merged is None or job.params.keep_merged:
         return
-    if not stored_names(plan.merged)[0]:
-        return  # only LoRA factors (a LoRA pool's RegMean or refine): small, and what --lora-out writes
     if not recipe.method.merged_recomputable(plan):
         LOG.info(
             "%s: the plan keeps its merged tensors (they cannot be formed again from it)", recipe.method.name

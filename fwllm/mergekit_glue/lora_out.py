@@ -56,18 +56,13 @@ def _lora_candidates(recipe_path: str):
 
 def recipe_lora_out(recipe_path: str, lora_out: Optional[str], rank: Optional[int]) -> tuple:
     """(DIR, rank) of the LoRA output: the command line's, else the recipe's `lora_out` / `lora_rank`."""
-    if lora_out:
+    if lora_out or not os.path.isfile(recipe_path):
         return lora_out, rank
-    raw = (load_recipe(recipe_path).raw.get("parameters") or {}) if os.path.isfile(recipe_path) else {}
-    out = raw.get("lora_out") if isinstance(raw, dict) else None
-    if not out:
-        return None, rank
-    if not isinstance(out, str):
-        raise FwllmError(f"lora_out must be a folder path (got {out!r})")
-    recipe_rank = raw.get("lora_rank")
-    if recipe_rank is not None and (not isinstance(recipe_rank, int) or recipe_rank < 1):
-        raise FwllmError(f"lora_rank must be an integer >= 1 (got {recipe_rank!r})")
-    return out, rank if rank is not None else recipe_rank
+    recipe = load_recipe(recipe_path)
+    if recipe.method is None:  # mergekit's own method: check_lora_out names the methods that can
+        return (recipe.config.parameters or {}).get("lora_out"), rank
+    p = recipe.method.validate_params(recipe.config.parameters or {})  # types and ranges: the params'
+    return p.lora_out, rank if rank is not None else p.lora_rank
 
 
 def check_lora_out(recipe_path: str, out_dir: str, lora_out: str, force: bool) -> None:
