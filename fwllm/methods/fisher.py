@@ -13,7 +13,7 @@ come from the base; float tensors the Fisher does not cover (buffers, tied dupli
 the weighted average.
 
 `gradient`: full loads each candidate whole (float32) and keeps each candidate's Fisher in the
-statistics cache; layerwise (causal LMs) runs the candidates one decoder layer at a time, nothing
+statistics cache; layerwise runs the candidates one layer at a time (encoders: disk sums only), nothing
 cached per candidate, epsilon and the weights applied at solve time, in one of two orders:
   layer-major   every candidate through each layer together, the layer's merge finished before
                 the next (`fwllm.solvers.layer_major_fisher`): no statistic on disk, only merged/;

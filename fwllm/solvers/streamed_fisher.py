@@ -1,4 +1,4 @@
-"""Fisher merging with a bounded memory (`gradient: layerwise`, causal LMs).
+"""Fisher merging with a bounded memory (`gradient: layerwise`; causal LMs and encoders).
 
 Each candidate runs as a meta skeleton (`fwllm.arch.streaming`) whose decoder layers are
 materialised one at a time from its own shards (a LoRA candidate: the base's shards plus its
