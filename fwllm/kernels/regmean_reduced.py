@@ -89,7 +89,8 @@ class RegMeanSums:
 
     def __init__(self, alpha: float):
         self.alpha = alpha
-        self.gram_sum: Optional[torch.Tensor] = None  # float64 [in, in], once in Gram mode (lower triangle)
+        # float64 [in, in], once in Gram mode; only its lower triangle is kept up to date
+        self.gram_sum: Optional[torch.Tensor] = None
         self.rows: List[Tuple[torch.Tensor, float]] = []  # (X_i [T_i, in] as given, c_i), in rows mode
         self.row_count = 0
         self.row_diag: Optional[torch.Tensor] = None  # sum_i c_i diag(G_i) over the kept rows, float64
@@ -141,7 +142,8 @@ class RegMeanSums:
             self.row_diag.add_(diagonal, alpha=weight)
         else:
             self._dense(rows.shape[1], rows.device)
-            add_lower_product(self.gram_sum, x64, self.alpha * weight)
+            # a full product: a lower triangle's blocks over a candidate's few rows took twice as long
+            self.gram_sum.addmm_(x64.T, x64, alpha=self.alpha * weight)
             self.gram_sum.diagonal().add_(diagonal, alpha=(1.0 - self.alpha) * weight)
         self._add_numerators(taus, weight, lambda v: x64.T @ (x64 @ v), diagonal)
 
@@ -155,7 +157,8 @@ class RegMeanSums:
             add_lower_product(self.gram_sum, self._stacked())
         else:
             for x, weight in self.rows:
-                add_lower_product(self.gram_sum, x.double(), self.alpha * weight)
+                x64 = x.double()
+                self.gram_sum.addmm_(x64.T, x64, alpha=self.alpha * weight)
         if self.row_diag is not None:
             self.gram_sum.diagonal().add_(self.row_diag, alpha=1.0 - self.alpha)
         self.rows, self.row_count, self.row_diag = [], 0, None
@@ -163,7 +166,8 @@ class RegMeanSums:
     def _stacked(self, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """U [k, in] in float64: the kept rows, each candidate's times sqrt(alpha c_i) (and `scale`
         per column)."""
-        u = torch.empty(self.row_count, self.rows[0][0].shape[1], dtype=torch.float64, device=self.rows[0][0].device)
+        first = self.rows[0][0]
+        u = torch.empty(self.row_count, first.shape[1], dtype=torch.float64, device=first.device)
         at = 0
         for x, weight in self.rows:
             factor = (self.alpha * weight) ** 0.5
