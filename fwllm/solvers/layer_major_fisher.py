@@ -217,8 +217,9 @@ class _Fold:
         self.seen: Dict[str, int] = {}
 
     def add(self, label: str, name: str, fisher: torch.Tensor, theta: torch.Tensor, weight: float) -> None:
-        """Takes `fisher` over (it is scaled in place; checked finite by the caller). In place throughout: for a head or embedding
-        matrix each out-of-place step was another vocab x hidden float32 copy at the phase's peak."""
+        """Takes `fisher` over (it is scaled in place; the caller checked it finite). In place throughout:
+        for a head or embedding matrix each out-of-place step was another vocab x hidden float32 copy at
+        the phase's peak."""
         f = fisher.float().clamp_min_(self.epsilon).mul_(weight)
         theta = theta.detach().float()
         if name in self.num:
@@ -255,6 +256,8 @@ class LayerMajorFisher:
         self.passes = [self._open(run, tokenizer, device) for run in runs]
         self.lora = any(ps.run.candidate.adapter is not None for ps in self.passes)
         self.untouched = self._untouched()
+        for ps in self.passes:
+            ps.fisher.sums_only = self.untouched
         self.fold = _Fold(len(self.passes), p.epsilon)
         self.metas: List[dict] = []
 
@@ -353,7 +356,8 @@ class LayerMajorFisher:
         layer with hooks, formed here once: base + s B A."""
         param = ps.fisher.model.get_parameter(name)
         adapter = ps.run.candidate.adapter
-        if not isinstance(ps.fisher, _LoraFisher) or (name not in adapter.factors and name not in adapter.full):
+        own = adapter is not None and (name in adapter.factors or name in adapter.full)
+        if not isinstance(ps.fisher, _LoraFisher) or not own:
             return param
         return ps.run.candidate.tensor(name, param.detach())
 
