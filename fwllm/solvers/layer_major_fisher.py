@@ -186,10 +186,11 @@ class _LoraFisher(StreamedFisher):
 
 
 def _square_into(acc: Dict[str, torch.Tensor], name: str, g: torch.Tensor, w: float) -> None:
+    """acc[name] += w g^2, in one pass (`g`, a fresh gradient, is not used again)."""
     if name in acc:
-        acc[name].add_(g.square(), alpha=w)
+        acc[name].addcmul_(g, g, value=w)
     else:
-        acc[name] = g.square().mul_(w) if g.dtype == torch.float32 else g.float().square().mul_(w)
+        acc[name] = g.float().square_().mul_(w) if w != 1 else g.float().square_()
 
 
 @dataclass
@@ -316,7 +317,7 @@ class LayerMajorFisher:
             for ps in self.passes:
                 self._bottom(ps)
             yield from self.fold.ready()
-            yield from self._as_base([n for n in self.names if n in self.untouched])
+            yield from self._as_base(self.passes[0].fisher.outer_trainable)
         finally:
             for ps in self.passes:
                 ps.terms, ps.live, ps.held = [], [], {}
@@ -356,10 +357,14 @@ class LayerMajorFisher:
         layer with hooks, formed here once: base + s B A."""
         param = ps.fisher.model.get_parameter(name)
         adapter = ps.run.candidate.adapter
-        own = adapter is not None and (name in adapter.factors or name in adapter.full)
-        if not isinstance(ps.fisher, _LoraFisher) or not own:
+        factors = adapter.factors.get(name) if adapter is not None else None
+        if not isinstance(ps.fisher, _LoraFisher) or factors is None:
             return param
-        return ps.run.candidate.tensor(name, param.detach())
+        a, b = factors.a.float(), factors.b.float()
+        for what, t in (("A", a), ("B", b)):  # a NaN/inf in s B A comes from its factors: check those
+            check_finite(f"LoRA factor {what} of candidate {ps.run.candidate.label}", name, t)
+        # one pass over the tensor: base + s B A as peft merges it (a plain LoRA: `pool_is_low_rank`)
+        return torch.addmm(param.detach(), b, a, alpha=factors.scale)
 
     def _add(self, ps: _Pass, name: str, acc, theta) -> None:
         """`acc`: the candidate's Fisher sum over its examples (a tensor, or for an untouched tensor a

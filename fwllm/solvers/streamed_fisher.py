@@ -230,7 +230,6 @@ class StreamedFisher(StreamedGradient):
                     elif g is not None:
                         acc[n].add_(g.square(), alpha=w)
 
-
     def _sum_only_modules(self, outer: Dict[str, torch.nn.Parameter], kind: type) -> Dict:
         """{name: module} of the `sums_only` tensors that are the weight of a `kind` module (not tied)."""
         out = {}
