@@ -7,16 +7,24 @@ Here every candidate advances through the model together, and each layer's merge
 
   capture   each candidate's rows run up to the layer stack through its own embeddings;
   forward   layer by layer: the layer of each candidate in turn (a full candidate's from its
-            own shards; a LoRA candidate's formed as base + its delta from the base layer, which
-            is read once for all of them), run on its rows; every layer input is kept (host);
+            own shards; a plain LoRA candidate's is the base layer, read once for all of them and
+            shared, with its low-rank terms as hooks; another adapter's (DoRA, full tensors) formed
+            as base + its delta), run on its rows; every layer input is kept (host);
   top       each candidate's head and loss give every term's gradient at the stack output, and
             the Fisher of the final norm and head, folded at once;
   backward  from the top layer down: each candidate's layer is materialised again, recomputed
             from its checkpoint and backpropagated once per term; its weight gradients squared
             and summed are its layer Fisher F_i,l (RAM), folded at once, each term's input
-            gradient carried down. After the last candidate, layer l's merge num/den is yielded;
+            gradient carried down (a plain LoRA candidate's linear weight gradient is dY^T X from
+            hooks, and its theta = W0 + s B A is formed once, for the fold). After the last
+            candidate, layer l's merge num/den is yielded;
   bottom    the embeddings, from each term's gradient at the stack input (a tied LM head /
             embedding adds the top path's part, kept per candidate until here).
+
+On a pool of adapters only, a tensor none of them changes (embeddings, head, norms) merges to the
+base whatever the Fishers: it is not folded (the base is yielded), and only its Fisher's sum is taken,
+for the reported mean (a head's or an embedding's from its module's inputs and output gradients,
+`fwllm.kernels.fisher`, never the vocab x hidden gradient).
 
 The per-example, per-term squared gradients, the division by the number of examples, the floor
 at epsilon and the weights are those of the candidate-major order; only the order changes. A
@@ -33,6 +41,7 @@ store.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,12 +52,13 @@ from accelerate.utils import find_tied_parameters
 
 from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.arch.layer_stack import layer_stack
-from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, skeleton
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.memory import return_free_memory
 from fwllm.core.params import FisherParams
 from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
+from fwllm.kernels.fisher import linear_square_sum
 from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
 from fwllm.solvers.streamed_fisher import (
     CandidateRun,
@@ -113,6 +123,17 @@ class _LoraFisher(StreamedFisher):
     def _fetch_layer(self, i: int) -> None:
         self.meta.fetch(self.layer_params[i], self.base.held, copy=False)
 
+    @contextlib.contextmanager
+    def _streamed_outer(self):
+        """As the base class's, from the base's outer tensors held for every candidate (shared, no copy)."""
+        held = all(n in self.base.held for n in self.outer_trainable)
+        self.meta.fetch(self.outer_trainable, self.base.held if held else None, copy=not held)
+        try:
+            with fetched_around_forward(self.meta, self._frozen_outer):
+                yield
+        finally:
+            self.meta.release(self.outer_trainable)
+
     def _linear_weights(self, names: Sequence[str]) -> Dict[str, torch.nn.Linear]:
         out = {}
         for n in names:
@@ -167,13 +188,16 @@ class _LoraFisher(StreamedFisher):
                         if g is not None:
                             _square_into(acc, n, g, w)
                     for n, calls in seen.items():
-                        g = None
-                        for inp, dy in calls:  # a module called twice: its gradients add before squaring
-                            if dy is not None:
-                                part = dy.reshape(-1, dy.shape[-1]).T @ inp.reshape(-1, inp.shape[-1])
-                                g = part if g is None else g.add_(part)
-                        if g is not None:
-                            _square_into(acc, n, g, w)
+                        # a module called twice: its gradients add before squaring (rows concatenated)
+                        pairs = [(inp, dy) for inp, dy in calls if dy is not None]
+                        if not pairs:
+                            continue
+                        xs = torch.cat([inp.reshape(-1, inp.shape[-1]) for inp, _ in pairs])
+                        dys = torch.cat([dy.reshape(-1, dy.shape[-1]) for _, dy in pairs])
+                        if n in self.sums_only:  # untouched by every candidate: its sum only
+                            acc.setdefault(n, _SquaredTotal()).add_(linear_square_sum(xs, dys), alpha=w)
+                        else:
+                            _square_into(acc, n, dys.T @ xs, w)
                 t.inputs[i] = None
             for calls in seen.values():
                 calls.clear()
@@ -296,14 +320,10 @@ class LayerMajorFisher:
     def merged(self) -> Iterator[Tuple[str, torch.Tensor]]:
         layers = len(self.passes[0].fisher.layers)
         try:
-            for ps in self.passes:
-                with ps.fisher._outer_phase():
-                    for t in ps.terms:
-                        ps.fisher._capture(t)
+            self._each_outer(self._capture)
             for i in range(layers):
                 self._each_layer(i, lambda ps: ps.fisher._forward_layer(i, ps.terms, keep=True))
-            for ps in self.passes:
-                self._top(ps)
+            self._each_outer(self._top)
             yield from self.fold.ready()
             for i in reversed(range(layers)):
                 self._hold(i)
@@ -314,8 +334,7 @@ class LayerMajorFisher:
                     yield from self._as_base(self.passes[0].fisher.layer_params[i])
                 finally:
                     self._drop()
-            for ps in self.passes:
-                self._bottom(ps)
+            self._each_outer(self._bottom)
             yield from self.fold.ready()
             yield from self._as_base(self.passes[0].fisher.outer_trainable)
         finally:
@@ -333,6 +352,23 @@ class LayerMajorFisher:
                 step(ps)
         finally:
             self._drop()
+
+    def _each_outer(self, step) -> None:
+        """`step(pass)` for every candidate, the base's outer tensors (embeddings, norm, head) read once
+        for the plain LoRA candidates (whose own they are) instead of once per candidate."""
+        if any(isinstance(ps.fisher, _LoraFisher) for ps in self.passes):
+            self.base.hold(self.passes[0].fisher.outer_trainable)
+        try:
+            for ps in self.passes:
+                step(ps)
+        finally:
+            self._drop()
+
+    @staticmethod
+    def _capture(ps: _Pass) -> None:
+        with ps.fisher._outer_phase():
+            for t in ps.terms:
+                ps.fisher._capture(t)
 
     def _hold(self, i: int) -> None:
         if self.lora:
@@ -354,7 +390,7 @@ class LayerMajorFisher:
 
     def _theta(self, ps: _Pass, name: str) -> torch.Tensor:
         """The candidate's tensor: materialised in its skeleton, or for a LoRA candidate run on the base
-        layer with hooks, formed here once: base + s B A."""
+        with hooks, formed here once: base + s B A."""
         param = ps.fisher.model.get_parameter(name)
         adapter = ps.run.candidate.adapter
         factors = adapter.factors.get(name) if adapter is not None else None
@@ -393,7 +429,7 @@ class LayerMajorFisher:
                     if bool(a.any()):
                         ps.held[n] = a  # a tied embedding: its bottom path adds to it
                     continue  # the bottom path (the embeddings) finishes it
-                self._add(ps, n, a, lambda n=n: outer[n])
+                self._add(ps, n, a, lambda n=n: self._theta(ps, n))
                 ps.folded_top.add(n)
 
     def _bottom(self, ps: _Pass) -> None:
@@ -404,7 +440,7 @@ class LayerMajorFisher:
                 fisher._bottom_terms(ps.live, outer, acc)
             for n, a in acc.items():
                 if n not in ps.folded_top:
-                    self._add(ps, n, a, lambda n=n: outer[n])
+                    self._add(ps, n, a, lambda n=n: self._theta(ps, n))
                 elif bool(a.any()):
                     raise FwllmError(
                         f"fisher: {n} of {type(fisher.model).__name__} is used both before and after the "
