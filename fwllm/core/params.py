@@ -194,7 +194,7 @@ class FisherParams(MethodParams):
     top_k: int = Field(5, ge=0)  # exact causal-LM Fisher: most likely tokens per position; 0 = all
     epsilon: float = Field(1e-8, gt=0)  # floor on every Fisher entry (keeps the merge defined)
     normalize_fisher: bool = False  # divide each model's Fisher by its mean first
-    # layerwise: one decoder layer at a time from each candidate's shards (causal LMs); auto: layerwise
+    # layerwise: one layer at a time from each candidate's shards (LMs and encoders); auto: layerwise
     # when the in-RAM solve would need more than half the free RAM
     gradient: Literal["auto", "full", "layerwise"] = "auto"
 
@@ -212,6 +212,6 @@ class AdaMergingParams(MethodParams):
     lr: float = Field(0.01, gt=0)  # the paper uses 1e-3 over 500 steps; a short run needs more
     init_lambda: float = 0.3  # every coefficient's starting value (the paper's)
     clamp: bool = True  # keep coefficients in [0, 1] after every step
-    # layerwise: the merged model runs one decoder layer at a time, formed from base + taus (causal LMs);
+    # layerwise: the merged model runs one layer at a time, formed from base + taus (LMs and encoders);
     # auto: layerwise when the in-RAM solve would need more than half the free RAM
     gradient: Literal["auto", "full", "layerwise"] = "auto"

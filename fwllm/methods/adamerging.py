@@ -12,7 +12,7 @@ Plan folder:
   reproduce.yml      a plain mergekit `task_arithmetic` recipe giving the same tensors
   fwllm_heads/       per-task classification heads (encoder pools)
 
-`gradient`: full holds the model, theta0 and every task vector in RAM; layerwise (causal LMs)
+`gradient`: full holds the model, theta0 and every task vector in RAM; layerwise (LMs and encoders)
 runs the merged model one layer at a time (`fwllm.solvers.streamed_adamerging`); auto picks
 layerwise when the in-RAM solve would need more than half the free memory.
 """
@@ -28,7 +28,6 @@ from typing import List
 import torch
 
 from fwllm.arch.heads import is_head_tensor, save_heads
-from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.core.errors import FwllmError
 from fwllm.core.footprint import ModelSizes
@@ -98,8 +97,8 @@ class AdaMerging(DataMethod):
         mode, reason = self._gradient_mode(p, pool)
         LOG.info("adamerging: gradient %s (%s)", mode, reason)
         if mode == "layerwise":
-            result, info = self._streamed(job, pool)
-            heads = {}
+            heads = pool_heads(pool, job, tasks)
+            result, info = self._streamed(job, pool, heads)
         else:
             model = load_pool_model(pool, job.device)
             tokenizer = load_tokenizer(pool.base_dir)
@@ -142,13 +141,6 @@ class AdaMerging(DataMethod):
 
     @staticmethod
     def _gradient_mode(p: AdaMergingParams, pool) -> tuple:
-        if pool.kind != CAUSAL_MODEL:
-            if p.gradient == "layerwise":
-                raise FwllmError(
-                    f"adamerging: gradient: layerwise covers causal LMs only; this pool is "
-                    f"{pool.kind} (use gradient: full)"
-                )
-            return "full", "layerwise covers causal LMs only"
         reader = TensorReader(pool.base_dir)
         numel = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
         sizes = ModelSizes.from_config(read_config(pool.base_dir))
@@ -162,16 +154,18 @@ class AdaMerging(DataMethod):
         return choose_gradient(p, need)
 
     @staticmethod
-    def _streamed(job: MergeJob, pool):
+    def _streamed(job: MergeJob, pool, heads):
         p: AdaMergingParams = job.params  # type: ignore[assignment]
         model = skeleton(pool.base_dir, pool.architecture)
         base_map = base_weights(pool.base_dir)
         tokenizer = load_tokenizer(pool.base_dir)
-        objective = Objective(
-            [encode_task(t, tokenizer, p.max_length, p.batch_size, pool.kind) for t in pool.tasks]
-        )
+        modules = head_modules(model, heads, job.device)  # an encoder pool: each task's own head
+        encoded = [encode_task(t, tokenizer, p.max_length, p.batch_size, pool.kind) for t in pool.tasks]
+        for enc, task in zip(encoded, pool.tasks):
+            enc.head = modules.get(task.name)
+        objective = Objective(encoded)
         names = _merged_names(model)
-        meta = MetaModel(model, base_map, job.device, trainable=names)
+        meta = MetaModel(model, base_map, job.device, trainable=names, optional=is_head_tensor)
         point = MergedPoint(base_map, pool.candidates, names)
         result = streamed_adamerge(meta, objective, point, names, p, job.progress)
         return result, dict(result.stats)

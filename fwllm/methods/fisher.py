@@ -13,7 +13,7 @@ come from the base; float tensors the Fisher does not cover (buffers, tied dupli
 the weighted average.
 
 `gradient`: full loads each candidate whole (float32) and keeps each candidate's Fisher in the
-statistics cache; layerwise (causal LMs) runs the candidates one decoder layer at a time, nothing
+statistics cache; layerwise runs the candidates one layer at a time (encoders: disk sums only), nothing
 cached per candidate, epsilon and the weights applied at solve time, in one of two orders:
   layer-major   every candidate through each layer together, the layer's merge finished before
                 the next (`fwllm.solvers.layer_major_fisher`): no statistic on disk, only merged/;
@@ -36,7 +36,8 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from fwllm.arch.heads import is_head_tensor
+from fwllm.arch.encoder_pool import classifier_arch
+from fwllm.arch.heads import checkpoint_head, is_head_tensor
 from fwllm.arch.kinds import CAUSAL_MODEL, architecture_kind
 from fwllm.core.footprint import ModelSizes
 from fwllm.core.errors import FwllmError, check_finite
@@ -117,9 +118,11 @@ def read_sums(plan_dir: str, name: str) -> Optional[torch.Tensor]:
     return loaders[0][name].clone() / loaders[1][name].clone()
 
 
-def layerwise_order(p: FisherParams, base_dir: str, runs, tokenizer) -> Tuple[str, str]:
+def layerwise_order(p: FisherParams, base_dir: str, runs, tokenizer, kind=CAUSAL_MODEL) -> Tuple[str, str]:
     """(order, why) of a layerwise solve: layer-major (no statistic on disk) where it can, else the
     candidate-major order with its disk sums."""
+    if kind != CAUSAL_MODEL:
+        return DISK_SUMS, f"layer-major covers causal LMs; these candidates are {kind} models"
     if p.normalize_fisher:
         return DISK_SUMS, "normalize_fisher needs each candidate's whole-model Fisher mean before folding"
     need, free = held_bytes(base_dir, runs, tokenizer, p), available_memory()
@@ -182,13 +185,13 @@ class FisherMerging(DataMethod):
         p: FisherParams = job.params  # type: ignore[assignment]
         base_dir = resolve_model_path(job.base)
         kinds = {architecture_kind(candidate_architecture(spec, base_dir)) for spec in job.candidates}
-        if kinds != {CAUSAL_MODEL}:
+        if len(kinds) != 1:
             if p.gradient == "layerwise":
                 raise FwllmError(
-                    f"fisher: gradient: layerwise covers causal LMs only; these candidates are "
+                    f"fisher: gradient: layerwise runs one kind of model; these candidates are "
                     f"{sorted(kinds)} (use gradient: full)"
                 )
-            return "full", "layerwise covers causal LMs only"
+            return "full", "the candidates are of several kinds"
         if p.gradient != "auto":
             return p.gradient, "set in the recipe"
         reader = TensorReader(base_dir)
@@ -204,8 +207,10 @@ class FisherMerging(DataMethod):
         base_dir = resolve_model_path(job.base)
         tasks = load_calibration(p.calibration, p.max_rows)
         own = [candidate_task(self.name, spec, tasks) for spec in job.candidates]
+        archs = {candidate_architecture(spec, base_dir) for spec in job.candidates}
+        kind = architecture_kind(archs.pop())  # one kind (`_gradient_mode`)
         for task in own:
-            check_rows_fit(task, CAUSAL_MODEL)
+            check_rows_fit(task, kind)
         labels = [spec.label for spec in job.candidates]
         weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
         runs = []
@@ -213,10 +218,16 @@ class FisherMerging(DataMethod):
             path = resolve_model_path(spec.model)
             model_dir = base_dir if is_adapter_dir(path) else path  # as load_candidate_model
             runs.append(CandidateRun(open_candidate(spec.model, spec.lora), task, model_dir, w))
-        covered = covered_parameters(base_dir)
+        # an encoder pool: each task keeps its expert's head; the body is its classifier class's
+        heads = {
+            r.task.name: h
+            for r in runs
+            if r.candidate.adapter is None and (h := checkpoint_head(r.model_dir))
+        }
+        covered = covered_parameters(base_dir, classifier_arch([r.model_dir for r in runs]))
         numel = sum(int(torch.Size(s).numel()) for s in covered.values())
         tokenizer = load_tokenizer(base_dir)
-        order, why = layerwise_order(p, base_dir, runs, tokenizer)
+        order, why = layerwise_order(p, base_dir, runs, tokenizer, kind)
         (LOG.info if order == LAYER_MAJOR else LOG.warning)("fisher: layerwise, %s (%s)", order, why)
         if order == LAYER_MAJOR:
             self._layer_major(job, reason, runs, covered, tokenizer, labels, weights, own, why)
@@ -235,8 +246,8 @@ class FisherMerging(DataMethod):
         )
         metas = fisher_sums(base_dir, runs, covered, tokenizer, p, job.device, stores)
         shutil.rmtree(scratch, ignore_errors=True)
-        record = self._layerwise_record(job, labels, own, metas, SUMS_DIR, reason, order, why)
-        finish_streamed_plan(self, job, record, {})
+        record = self._layerwise_record(job, labels, own, metas, SUMS_DIR, reason, order, why, heads)
+        finish_streamed_plan(self, job, record, heads)
         shutil.rmtree(os.path.join(job.plan_dir, SUMS_DIR), ignore_errors=True)
 
     def _layer_major(
@@ -261,7 +272,9 @@ class FisherMerging(DataMethod):
         write_record(job.plan_dir, record)
         mark_plan_complete(job.plan_dir)
 
-    def _layerwise_record(self, job, labels, own, metas, file, reason, order, why) -> StatsPlanRecord:
+    def _layerwise_record(
+        self, job, labels, own, metas, file, reason, order, why, heads=None
+    ) -> StatsPlanRecord:
         """The plan record of a layerwise solve: the resolved mode (not auto), each candidate's meta
         and the order it ran in (`file`: where its statistic lives on, the sums or the merged tensors)."""
         p: FisherParams = job.params  # type: ignore[assignment]
@@ -279,7 +292,7 @@ class FisherMerging(DataMethod):
                 )
                 for lab, t, m in zip(labels, own, metas)
             ],
-            primary_head=None,
+            primary_head=primary_head(job, heads or {}),
         )
 
     def merged_recomputable(self, plan: Plan) -> bool:

@@ -34,7 +34,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fwllm.arch.heads import is_head_tensor, save_heads
-from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
 from fwllm.arch.weight_layout import transposed_weights_of
 from fwllm.core.errors import FwllmError
@@ -181,13 +180,8 @@ class FWMerging(DataMethod):
     @staticmethod
     def _check_refine(job: MergeJob, pool: Pool, mode: str):
         """What the RegMean refine needs, checked before FW's iterations: each candidate's data, and on
-        the bounded path a pool the streamed Gram measurement runs (causal LMs, plain LoRA)."""
+        the bounded path a pool the streamed Gram measurement runs (plain LoRA)."""
         if mode == "layerwise":
-            if pool.kind != CAUSAL_MODEL:
-                raise FwllmError(
-                    f"fw_merging: refine: regmean on gradient: layerwise covers causal LMs; this pool "
-                    f"is {pool.kind} models (use gradient: full, or refine: none)"
-                )
             check_streamable(pool.candidates, "fw_merging refine: regmean")
         return own_tasks(job)
 
@@ -305,7 +299,7 @@ class FWMerging(DataMethod):
         implicit = fw.iterate.implicit and not refined
         if streamed_refine:  # the Grams streamed: none kept, no candidate loaded whole
             closed, solved = refine_streamed(
-                job, pool.candidates, refine_tasks, pool.base_dir, coefficients, fw.base
+                job, pool.candidates, refine_tasks, pool.base_dir, coefficients, fw.base, pool.architecture
             )
             rest = (
                 (n, v) for n, v in merged if n not in solved

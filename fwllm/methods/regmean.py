@@ -21,13 +21,12 @@ import logging
 
 import torch
 
-from fwllm.arch.heads import is_head_tensor
+from fwllm.arch.heads import is_head_tensor, save_heads
 from fwllm.arch.weight_layout import transposed_weights_of
 from fwllm.core.errors import FwllmError, check_finite_gram
 from fwllm.core.job import MergeJob
 from fwllm.core.method import DataMethod
 from fwllm.core.params import RegMeanParams
-from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.core.footprint import ModelSizes
 from fwllm.core.plan import (
     CandidateStats,
@@ -53,6 +52,7 @@ from fwllm.methods.common import (
     link_statistics,
     measured_heads,
     open_pool,
+    pool_heads,
     primary_head,
     storable,
     stored_or_none,
@@ -123,11 +123,6 @@ class RegMean(DataMethod):
         """Grams layer by layer, reduced as they come; the plan stores the merged tensors."""
         p: RegMeanParams = job.params  # type: ignore[assignment]
         pool = open_pool(job)
-        if pool.kind != CAUSAL_MODEL:
-            raise FwllmError(
-                f"regmean: gradient: layerwise covers causal LMs (Llama-style); this pool is "
-                f"{pool.kind} models (use gradient: full)"
-            )
         check_streamable(pool.candidates, self.name)
         labels = [spec.label for spec in job.candidates]
         weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
@@ -146,10 +141,20 @@ class RegMean(DataMethod):
         batches = [encode_task(t, tokenizer, p.max_length, p.batch_size).batches for t in tasks]
         torch.manual_seed(p.seed)
         solver = StreamedRegMean.for_candidates(
-            pool.base_dir, pool.candidates, weights, batches, p.alpha, p.ridge, job.device
+            pool.base_dir,
+            pool.candidates,
+            weights,
+            batches,
+            p.alpha,
+            p.ridge,
+            job.device,
+            architecture=pool.architecture,  # an encoder pool runs its experts' classifier class
         )
         solver.keep_factors = True
+        heads = pool_heads(pool, job, tasks)  # an encoder pool: each task keeps its expert's head
         write_merged(job.plan_dir, storable(solver.merged()))
+        if heads:
+            save_heads(job.plan_dir, heads)
         # no Gram file: the statistic lives on only reduced, in the merged tensors
         stats = [
             CandidateStats(
@@ -164,7 +169,11 @@ class RegMean(DataMethod):
         write_record(
             job.plan_dir,
             StatsPlanRecord(
-                method=self.name, base=job.base, settings=p.model_dump(), candidates=stats, primary_head=None
+                method=self.name,
+                base=job.base,
+                settings=p.model_dump(),
+                candidates=stats,
+                primary_head=primary_head(job, heads),
             ),
         )
         mark_plan_complete(job.plan_dir)

@@ -138,6 +138,7 @@ def refine_streamed(
     base_dir: str,
     coefficients: Dict[str, List[float]],
     base: Callable[[str], torch.Tensor],
+    architecture: Optional[str] = None,
     ridge: float = 1e-5,
 ) -> Tuple[Iterator[Tuple[str, torch.Tensor]], Set[str]]:
     """`refine` on the bounded path: the Grams measured one decoder layer at a time
@@ -170,6 +171,7 @@ def refine_streamed(
         ridge,
         job.device,
         weights_of=weights_of,
+        architecture=architecture,  # an encoder pool runs its experts' classifier class
     )
 
     solver.keep_factors = True  # a LoRA pool's refine is W_0 + B A: kept as factors

@@ -1,4 +1,4 @@
-"""Fisher merging with a bounded memory (`gradient: layerwise`, causal LMs).
+"""Fisher merging with a bounded memory (`gradient: layerwise`; causal LMs and encoders).
 
 Each candidate runs as a meta skeleton (`fwllm.arch.streaming`) whose decoder layers are
 materialised one at a time from its own shards (a LoRA candidate: the base's shards plus its
@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 
@@ -76,6 +76,7 @@ class StreamedFisher(StreamedGradient):
         self.p, self.kind = p, model_kind(self.model)
         # set once materialised: a fetch makes a new Parameter
         self.input_embedding: Optional[torch.nn.Parameter] = None
+        self.tied_at_top: Set[str] = set()
 
     def measure(self, add: Add) -> Tuple[int, int]:
         examples = terms = 0
@@ -115,12 +116,11 @@ class StreamedFisher(StreamedGradient):
                 self.input_embedding = None
 
     def _check_ties(self, outer: Dict[str, torch.nn.Parameter]) -> None:
-        for n, q in outer.items():
-            if len(self.meta.group(n)) > 1 and q is not self.input_embedding:
-                raise FwllmError(
-                    f"fisher: gradient: layerwise handles a tied input embedding only; {n} is "
-                    f"tied otherwise in {type(self.model).__name__} (use gradient: full)"
-                )
+        # another tie is one parameter the top reaches whole (RoBERTa's LM-head bias and its decoder's):
+        # its summed gradient is right there, unless the bottom reaches it too (`_bottom_terms` refuses)
+        self.tied_at_top = {
+            n for n, q in outer.items() if len(self.meta.group(n)) > 1 and q is not self.input_embedding
+        }
 
     def _top_terms(self, t, outer: Dict[str, torch.nn.Parameter], acc: Dict[str, torch.Tensor]) -> bool:
         """Each term's gradient at the stack output (kept per term) and at the head (squared)."""
@@ -217,6 +217,11 @@ class StreamedFisher(StreamedGradient):
                         rows = t.rows[n][j] + (0 if g is None else g[t.ids])
                         acc[n][t.ids] += w * rows.square()
                     elif g is not None:
+                        if n in self.tied_at_top:  # two paths' gradients, each squared alone: wrong
+                            raise FwllmError(
+                                f"fisher: gradient: layerwise handles a tied input embedding only; {n} "
+                                f"is tied otherwise in {type(self.model).__name__} (use gradient: full)"
+                            )
                         acc[n].add_(g.square(), alpha=w)
 
 
@@ -296,7 +301,8 @@ def fisher_sums(
         scratch = sums.scratch()
         own = base_weights(run.model_dir)
         weights = own if run.candidate.adapter is None else CandidateWeights(own, run.candidate)
-        model, kind = causal_skeleton(run)
+        model = skeleton(run.model_dir)  # (any kind: the layer-major order alone is causal-only)
+        kind = model_kind(model)
         objective = Objective([encode_task(run.task, tokenizer, p.max_length, batch_size=1, model_kind=kind)])
         meta = MetaModel(model, weights, device, trainable=names)
         examples, terms = StreamedFisher(meta, objective, p, names).measure(scratch.add)
@@ -327,10 +333,10 @@ def fisher_sums(
     return metas
 
 
-def covered_parameters(base_dir: str) -> Dict[str, Tuple[int, ...]]:
+def covered_parameters(base_dir: str, architecture: Optional[str] = None) -> Dict[str, Tuple[int, ...]]:
     """The parameters the Fisher covers (float, not task heads; tied duplicates once), in the
-    model's order, with their shapes."""
-    model = skeleton(base_dir)
+    model's order (class `architecture`: an encoder pool's classifier), with their shapes."""
+    model = skeleton(base_dir, architecture)
     return {
         n: tuple(q.shape)
         for n, q in model.named_parameters()

@@ -153,7 +153,10 @@ class StreamedRegMean:
         in_stack = {n for names in self.layer_params for n in names}
         self.linear = linear_layers(self.model)
         self.transposed = transposed_weights(self.model)
-        self.outer_linear = {n: m for n, m in self.linear.items() if n not in in_stack}
+        # a task head (an encoder pool's classifier) is each task's own, never merged: no Gram for it
+        self.outer_linear = {
+            n: m for n, m in self.linear.items() if n not in in_stack and not is_head_tensor(n)
+        }
         self.outer = self._outer_modules(in_stack)
         self._forwards = [layer.forward for layer in self.layers]
         # a pure LoRA pool merges in task-vector space, keeping each candidate's factors; else in weight space
@@ -381,7 +384,7 @@ class StreamedRegMean:
         names = list(self.outer_linear)
         sums: Dict[str, RegMeanSums] = {}
         last = len(self.layers) - 1
-        for run in self.runs:
+        for run in self.runs if names else ():  # (a classifier's head is all there is above its stack)
             grams: Dict[str, torch.Tensor] = {}
             leader: Dict[str, str] = {}
             state: Dict[str, Any] = {}

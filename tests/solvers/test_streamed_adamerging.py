@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_tensors, merge, save_random_loras, two_head_encoder_pool
-from fwllm.core.errors import FwllmError
+from conftest import load_tensors, merge, save_random_loras
 from fwllm.core.footprint import split_by_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,22 +65,6 @@ def test_full_checkpoint_pool_matches_the_in_ram_solve_one_layer_resident(tmp_pa
 
 def test_lora_pool_matches_the_in_ram_solve(tmp_path, tiny_pool, lora_refs):
     assert_same(both(tmp_path, tiny_pool, lora_refs, "lora_pool"))
-
-
-def test_layerwise_refuses_an_encoder_pool(tmp_path):
-    experts = two_head_encoder_pool(tmp_path)
-    pool = {"base": tmp_path / "base", "calib": tmp_path / "calib"}
-    with pytest.raises(FwllmError, match="layerwise covers causal LMs only"):
-        merge(
-            tmp_path,
-            "enc",
-            "adamerging",
-            pool,
-            experts,
-            {"calibration": str(pool["calib"]), "steps": 1, "gradient": "layerwise"},
-            per_model=[{"task": "two"}, {"task": "three"}],
-        )
-    assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
 
 
 def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_pool, monkeypatch):

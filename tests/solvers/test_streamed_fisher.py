@@ -18,7 +18,6 @@ from conftest import (
     write_jsonl,
 )
 from fwllm.arch.streaming import MetaModel, base_weights, skeleton
-from fwllm.core.errors import FwllmError
 from fwllm.core.footprint import split_by_layer
 from fwllm.core.params import FisherParams
 from fwllm.data.calibration import load_calibration
@@ -141,24 +140,6 @@ def test_full_pool_merge_equals_the_in_ram_merge(tmp_path, tiny_pool, normalize)
 
 def test_lora_pool_merge_equals_the_in_ram_merge(tmp_path, tiny_pool, lora_refs):
     both(tmp_path, tiny_pool, lora_refs, "lora")
-
-
-def test_layerwise_refuses_an_encoder_pool(tmp_path):
-    from conftest import two_head_encoder_pool
-
-    experts = two_head_encoder_pool(tmp_path)
-    pool = {"base": tmp_path / "base", "calib": tmp_path / "calib"}
-    with pytest.raises(FwllmError, match="layerwise covers causal LMs only"):
-        merge(
-            tmp_path,
-            "enc",
-            "fisher",
-            pool,
-            experts,
-            {"calibration": str(pool["calib"]), "gradient": "layerwise"},
-            per_model=[{"task": "two"}, {"task": "three"}],
-        )
-    assert not (tmp_path / "enc" / "fwllm_plan" / "DONE").exists()
 
 
 def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_pool, monkeypatch):

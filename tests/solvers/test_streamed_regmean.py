@@ -17,7 +17,6 @@ from conftest import (
     save_tiny_llama_base,
     task_rows,
     tiny_tokenizer,
-    two_head_encoder_pool,
     write_jsonl,
     write_recipe,
 )
@@ -213,21 +212,6 @@ def test_auto_goes_layerwise_when_ram_is_short(tmp_path, pools, monkeypatch):
     merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
     plan = json.loads((tmp_path / "out" / "fwllm_plan" / "plan.json").read_text())
     assert [c["meta"].get("gram") for c in plan["candidates"]] == ["streamed", "streamed"]
-
-
-def test_layerwise_refuses_an_encoder_pool(tmp_path, monkeypatch):
-    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
-    experts = two_head_encoder_pool(tmp_path)
-    recipe = write_recipe(
-        tmp_path / "r.yml",
-        "regmean",
-        tmp_path / "base",
-        experts,
-        {"calibration": str(tmp_path / "calib"), "gradient": "layerwise"},
-        per_model=[{"task": "two"}, {"task": "three"}],
-    )
-    with pytest.raises(FwllmError, match="layerwise covers causal LMs"):
-        merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
 
 
 def test_layerwise_refuses_a_dora_adapter_before_reading_weights(tmp_path, pools, monkeypatch):
