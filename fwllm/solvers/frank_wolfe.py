@@ -571,8 +571,10 @@ class FrankWolfe:
             LOG.info("fw iteration %d: objective %.5f, gamma %.4f", t, value, gamma)
         final = self.gradient.value()
         if trial is not None:
+            checked = time.time()
             again = self._settle(trial, final, atoms, lambda ok: self.gradient.value())
             final = final if again is None else again
+            trace[-1]["seconds"] = round(trace[-1]["seconds"] + time.time() - checked, 3)  # its retries
         selected = p.iterations
         if best[0] < final:
             final, selected, atoms = best
