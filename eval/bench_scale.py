@@ -331,9 +331,10 @@ def model_entry(
             print(f"   refused: {refused}", flush=True)
             entry["rows"][row.key] = {"label": row.label, "skipped": f"refused: {refused}"}
             continue
-        if row.floor and row.floor not in entry["floors"]:
-            print(f"   floor: {row.floor}", flush=True)
-            entry["floors"][row.floor] = repeated(row.floor, floor_args, opts.repeats)
+        for kind in [row.floor, *rows_mod.ALSO_FLOORS.get(row.floor, [])] if row.floor else []:
+            if kind not in entry["floors"]:
+                print(f"   floor: {kind}", flush=True)
+                entry["floors"][kind] = repeated(kind, floor_args, opts.repeats)
         floor = entry["floors"].get(row.floor)
         timed = r.get("per_iteration_s") if row.per_iteration else r.get("solve_s")
         r.update(

@@ -12,7 +12,10 @@ KIND is
                 one layer-by-layer forward per candidate, what the Gram pass cannot beat;
   fisher_floor  per candidate, one layer-by-layer forward + backward of its own task's rows with its LoRA
                 terms attached (`StreamedGradient`, activation gradients only, no weight gradient formed):
-                what a Fisher pass cannot beat (it needs at least this backward per candidate).
+                what a Fisher pass cannot beat (it needs at least this backward per candidate);
+  fisher_wgrad_floor  the same with the weight gradients of the candidate's LoRA-adapted weights formed (a
+                standard backward, one batched gradient per weight): a Fisher pass also forms them (per
+                example, the same matmul flops), so this is the floor its time is read against.
 The last line printed is `RESULT {json}`: the run's figures, its peak RSS (VmHWM) and /proc/self/io.
 """
 
@@ -180,7 +183,7 @@ def run_gram_floor(args: dict) -> dict:
     return {"evaluation_s": time.time() - t0}
 
 
-def run_fisher_floor(args: dict) -> dict:
+def run_fisher_floor(args: dict, weight_gradients: bool = False) -> dict:
     from fwllm.arch.streaming import MetaModel, base_weights, skeleton
     from fwllm.data.objective import encode_tasks
     from fwllm.io.adapters import AdapterReader
@@ -199,9 +202,10 @@ def run_fisher_floor(args: dict) -> dict:
         lora.attach(model)
         try:
             objective = encode_tasks([task], tokenizer, model, args["max_length"], args["batch_size"])
-            meta = MetaModel(model, weights, args.get("device", "cpu"))
+            adapted = lora.names() if weight_gradients else []  # their gradient formed, as a Fisher pass does
+            meta = MetaModel(model, weights, args.get("device", "cpu"), trainable=adapted)
             grad = StreamedGradient(
-                meta, objective, [], lambda: {}, lora, checkpoint_bytes=_checkpoint_bytes(args)
+                meta, objective, adapted, lambda: {}, lora, checkpoint_bytes=_checkpoint_bytes(args)
             )
             t0 = time.time()
             grad(lambda n, g: None)
@@ -218,6 +222,7 @@ RUNS = {
     "floor": run_floor,
     "gram_floor": run_gram_floor,
     "fisher_floor": run_fisher_floor,
+    "fisher_wgrad_floor": lambda args: run_fisher_floor(args, weight_gradients=True),
 }
 
 

@@ -260,7 +260,11 @@ FLOOR_LABELS = {
     "floor": "one layer-by-layer forward + backward, all rows (FW iteration)",
     "gram_floor": "one layer-by-layer forward per candidate, own rows (Gram pass)",
     "fisher_floor": "one layer-by-layer forward + backward per candidate, own rows (Fisher)",
+    "fisher_wgrad_floor": "the same, its adapted weights' gradients formed (Fisher; its 1.3 x is read here)",
 }
+# floors measured beside a row's own, shown as their own table rows: a Fisher pass forms the weight gradients
+# of the adapted weights (per example; the same matmul flops as one batched gradient), the plain floor none
+ALSO_FLOORS = {"fisher_floor": ["fisher_wgrad_floor"]}
 
 
 def render(entries: List[dict], command: str, device: str, full_lines: List[str]) -> str:

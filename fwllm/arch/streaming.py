@@ -111,8 +111,12 @@ class MetaModel:
         module = self.model.get_submodule(prefix) if prefix else self.model
         return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
 
-    def fetch(self, names: Iterable[str], source: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-        """Materialise `names` on the device from `source` (default: the weights map)."""
+    def fetch(
+        self, names: Iterable[str], source: Optional[Mapping[str, torch.Tensor]] = None, copy: bool = True
+    ) -> None:
+        """Materialise `names` on the device from `source` (default: the weights map). `copy=False`:
+        a float32 `source` tensor on the device is used as it is (the caller's private, read-only copy,
+        shared by several skeletons)."""
         source = source if source is not None else self.weights
         for name in names:
             if name in self.resident:
@@ -121,7 +125,7 @@ class MetaModel:
             value = source[name] if present else self.weights[self.source_name(name)]
             # a private float32 copy: a view would pin the mapped shard (and must never be written)
             set_module_tensor_to_device(
-                self.model, name, self.device, value=value.to(torch.float32, copy=True)
+                self.model, name, self.device, value=value.to(torch.float32, copy=copy)
             )
             param = self.model.get_parameter(name)
             param.requires_grad_(self.is_trainable(name))

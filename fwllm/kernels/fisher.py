@@ -65,3 +65,18 @@ def fisher_merge(
         den = f if den is None else den.add_(f)
         del theta, fisher, f  # before the next one is read: inputs may stream from disk
     return num / den
+
+
+def linear_square_sum(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """sum((dY^T X)^2), the squared norm of a linear weight's gradient from its inputs x [..., in] and
+    output gradients dy [..., out], without forming the out x in gradient: ||dY^T X||^2 =
+    <X X^T, dY dY^T> over the N rows (N x N Grams; float64: the sum enters a reported mean)."""
+    x, dy = x.reshape(-1, x.shape[-1]).double(), dy.reshape(-1, dy.shape[-1]).double()
+    return ((x @ x.T) * (dy @ dy.T)).sum()
+
+
+def embedding_square_sum(ids: torch.Tensor, de: torch.Tensor) -> torch.Tensor:
+    """sum(G^2) for an embedding's gradient G (row v = sum of the output gradients de [..., dim] at the
+    positions of token v), without forming the vocab x dim G: positions of one token pair up."""
+    ids, de = ids.reshape(-1), de.reshape(-1, de.shape[-1]).double()
+    return ((de @ de.T) * (ids[:, None] == ids[None, :])).sum()

@@ -23,10 +23,16 @@ stacked sqrt(alpha c_i) X_i [k, in] is solved by Woodbury,
 
     S^-1 = D^-1 - D^-1 U^T (I + U D^-1 U^T)^-1 U D^-1     (a k x k Cholesky: O(in k^2 + k^3)).
 
-The rows are kept while k <= in / 2 (beyond, Woodbury is no cheaper than the in^3 Cholesky, and
-the rows would outgrow the Gram); past that they are folded into the dense Gram sum, and so are
-they when D is (near) singular somewhere (alpha = 1, an input coordinate that is always 0): the
-dense Cholesky and its ridge then decide, exactly as for Grams.
+The rows are kept while k <= in (float32 rows [k, in]: at most half the float64 Gram they make);
+past that they are folded into the dense Gram sum. The solve picks Woodbury or the Gram sum by
+their flops (`_woodbury_pays`): forming U^T U costs in^2 k and its Cholesky in^3 / 3, Woodbury's
+U U^T k^2 in and its Cholesky k^3 / 3, and applying S^-1 to the R numerator columns 2 in^2 R
+against Woodbury's (4 in k + 2 k^2) R. Rows fold into the Gram sum, too, when D is (near)
+singular somewhere (alpha = 1, an input coordinate that is always 0): the dense Cholesky and its
+ridge then decide, exactly as for Grams.
+
+Only the lower triangles of U^T U and U U^T are formed (a block of rows at a time: about half the
+products of a full one); the Cholesky factorisations read nothing else.
 """
 
 from __future__ import annotations
@@ -41,10 +47,23 @@ from fwllm.kernels.regmean import SINGULAR_PIVOT, cholesky_or_none
 
 TaskVector = Union[torch.Tensor, LowRank]
 ROWS = 512  # Gram rows converted to float64 at a time: a few MB, reused, never a whole [in, in] copy
-ROW_FRACTION = 0.5  # activation rows kept (instead of a Gram sum) while their count is <= in * this
+ROW_FRACTION = 1.0  # activation rows kept (instead of a Gram sum) while their count is <= in * this
+BLOCK = 256  # rows of a lower triangle formed per product: small enough to skip most of the upper one
 # Woodbury only where the dense Cholesky surely succeeds: its pivots are >= min(D) (S >= D), and it
 # calls S singular below SINGULAR_PIVOT * max(diag S); the margin covers round-off.
 WOODBURY_MARGIN = 100 * SINGULAR_PIVOT
+
+
+def add_lower_product(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
+    """The lower triangle of `out` [n, n] += alpha x^T x for x [k, n] (what lies above it: some of it)."""
+    n = x.shape[1]
+    for i in range(0, n, BLOCK):
+        out[i : i + BLOCK, : i + BLOCK].addmm_(x[:, i : i + BLOCK].T, x[:, : i + BLOCK], alpha=alpha)
+
+
+def symmetric(lower: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle is `lower`'s."""
+    return lower.tril() + lower.tril(-1).T
 
 
 @dataclass
@@ -70,7 +89,8 @@ class RegMeanSums:
 
     def __init__(self, alpha: float):
         self.alpha = alpha
-        self.gram_sum: Optional[torch.Tensor] = None  # float64 [in, in], once in Gram mode
+        # float64 [in, in], once in Gram mode; only its lower triangle is kept up to date
+        self.gram_sum: Optional[torch.Tensor] = None
         self.rows: List[Tuple[torch.Tensor, float]] = []  # (X_i [T_i, in] as given, c_i), in rows mode
         self.row_count = 0
         self.row_diag: Optional[torch.Tensor] = None  # sum_i c_i diag(G_i) over the kept rows, float64
@@ -122,6 +142,7 @@ class RegMeanSums:
             self.row_diag.add_(diagonal, alpha=weight)
         else:
             self._dense(rows.shape[1], rows.device)
+            # a full product: a lower triangle's blocks over a candidate's few rows took twice as long
             self.gram_sum.addmm_(x64.T, x64, alpha=self.alpha * weight)
             self.gram_sum.diagonal().add_(diagonal, alpha=(1.0 - self.alpha) * weight)
         self._add_numerators(taus, weight, lambda v: x64.T @ (x64 @ v), diagonal)
@@ -131,12 +152,28 @@ class RegMeanSums:
         if self.gram_sum is not None:
             return
         self.gram_sum = torch.zeros(features, features, dtype=torch.float64, device=device)
-        for x, weight in self.rows:
-            x64 = x.double()
-            self.gram_sum.addmm_(x64.T, x64, alpha=self.alpha * weight)
+        if self.rows and all(weight >= 0 for _, weight in self.rows):
+            # one product over all the rows: a candidate's few rows at a time, it took ~5x as long
+            add_lower_product(self.gram_sum, self._stacked())
+        else:
+            for x, weight in self.rows:
+                x64 = x.double()
+                self.gram_sum.addmm_(x64.T, x64, alpha=self.alpha * weight)
         if self.row_diag is not None:
             self.gram_sum.diagonal().add_(self.row_diag, alpha=1.0 - self.alpha)
         self.rows, self.row_count, self.row_diag = [], 0, None
+
+    def _stacked(self, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """U [k, in] in float64: the kept rows, each candidate's times sqrt(alpha c_i) (and `scale`
+        per column)."""
+        first = self.rows[0][0]
+        u = torch.empty(self.row_count, first.shape[1], dtype=torch.float64, device=first.device)
+        at = 0
+        for x, weight in self.rows:
+            factor = (self.alpha * weight) ** 0.5
+            torch.mul(x.double(), factor if scale is None else scale * factor, out=u[at : at + x.shape[0]])
+            at += x.shape[0]
+        return u
 
     def _add_numerators(
         self,
@@ -153,41 +190,38 @@ class RegMeanSums:
             out = gram_times(x64).mul_(self.alpha * weight)
             return out.add_(x64 * (diagonal * ((1.0 - self.alpha) * weight))[:, None])
 
-        for name, tau in taus.items():
-            if tau is None:
-                continue
+        given = {name: tau for name, tau in taus.items() if tau is not None}
+        # every weight's columns in one product: a Gram's rows are converted to float64 once
+        cols = [(tau.a.T if isinstance(tau, LowRank) else tau.T) for tau in given.values()]
+        if not cols:
+            return
+        products = tilde_times(torch.cat(cols, dim=1)).split([c.shape[1] for c in cols], dim=1)
+        for (name, tau), product in zip(given.items(), products):
             num = self.numerators.setdefault(name, _Numerator())
             if isinstance(tau, LowRank):
-                num.gram_a.append(tilde_times(tau.a.T))
+                num.gram_a.append(product)
                 num.plain_a.append(tau.a.double().T * weight)
                 num.scaled_b.append(tau.b.double().T * tau.scale)
             else:
-                t = tau.T
-                num.dense = tilde_times(t) if num.dense is None else num.dense.add_(tilde_times(t))
-                td = t.double() * weight
+                num.dense = product if num.dense is None else num.dense.add_(product)
+                td = tau.T.double() * weight
                 num.dense_avg = td if num.dense_avg is None else num.dense_avg.add_(td)
 
     def _woodbury(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """S^-1 (rhs) from the kept rows, or None where D is (near) singular: the dense path decides.
 
         With E = D^-1/2 and V = U E [k, in]: S^-1 = E (I - V^T (I + V V^T)^-1 V) E."""
-        if not self.rows:
+        if not self.rows or any(weight < 0 for _, weight in self.rows):
             return None
         d = self.row_diag * (1.0 - self.alpha)
         if float(d.min()) <= WOODBURY_MARGIN * float(self.row_diag.max()):
             return None
         e = d.rsqrt()
-        v = torch.empty(self.row_count, d.shape[0], dtype=torch.float64, device=d.device)
-        at = 0
-        for x, weight in self.rows:
-            torch.mul(x.double(), e * (self.alpha * weight) ** 0.5, out=v[at : at + x.shape[0]])
-            at += x.shape[0]
-        # I + V V^T: its lower triangle a block of rows at a time (half the products), then mirrored
-        k = torch.empty(self.row_count, self.row_count, dtype=torch.float64, device=d.device)
-        for i in range(0, self.row_count, ROWS):
-            torch.mm(v[i : i + ROWS], v[: i + ROWS].T, out=k[i : i + ROWS, : i + ROWS])
-        k = k.tril()
-        k = k + k.tril(-1).T
+        v = self._stacked(e)
+        # I + V V^T: its lower triangle only, a block of rows at a time (about half the products)
+        k = torch.zeros(self.row_count, self.row_count, dtype=torch.float64, device=d.device)
+        for i in range(0, self.row_count, BLOCK):
+            torch.mm(v[i : i + BLOCK], v[: i + BLOCK].T, out=k[i : i + BLOCK, : i + BLOCK])
         k.diagonal().add_(1.0)
         chol, info = torch.linalg.cholesky_ex(k)  # eigenvalues >= 1: fails only on NaN
         if int(info) != 0:
@@ -199,10 +233,25 @@ class RegMeanSums:
 
         return solve_for
 
+    def _width(self) -> int:
+        """R: the numerator columns S^-1 is applied to, over every weight."""
+        return sum(
+            sum(a.shape[1] for a in num.gram_a) + (num.dense.shape[1] if num.dense is not None else 0)
+            for num in self.numerators.values()
+        )
+
+    def _woodbury_pays(self) -> bool:
+        """Whether Woodbury on the kept rows takes fewer flops than their Gram sum and its Cholesky."""
+        k, d, r = self.row_count, self.row_diag.shape[0], self._width()
+        woodbury = k * k * d + k**3 / 3 + (4 * k * d + 2 * k * k) * r
+        return woodbury <= d * d * k + d**3 / 3 + 2 * d * d * r
+
     def solve(self, ridge: float = 1e-5) -> Tuple[Dict[str, TaskVector], float]:
         """({weight: Delta W}, lambda): lambda = 0 unless S is singular, then ridge * mean(diag S)
         (inf when S is zero: no input reached the layer, and the weighted average is returned)."""
-        solve_for = self._woodbury() if self.gram_sum is None else None
+        if not self.numerators:
+            return {}, 0.0  # no weight of this input to merge: S is not needed
+        solve_for = self._woodbury() if self.gram_sum is None and self._woodbury_pays() else None
         lam = 0.0
         if solve_for is None:
             if self.gram_sum is None and not self.rows:
@@ -215,26 +264,31 @@ class RegMeanSums:
                 lam = ridge * float(s.diagonal().mean())
                 if lam <= 0:
                     return {n: self._average(num) for n, num in self.numerators.items()}, float("inf")
-                s = s.clone()
+                s = symmetric(s)
                 s.diagonal().add_(lam)
 
             def solve_for(rhs: torch.Tensor) -> torch.Tensor:
                 return torch.cholesky_solve(rhs, chol) if chol is not None else torch.linalg.solve(s, rhs)
 
         shift = lam / self.weight_sum if lam else 0.0
+        # every weight's columns in one solve (one pass over the factor for all of them)
+        rhs: List[torch.Tensor] = []
+        for num in self.numerators.values():
+            if num.gram_a:
+                cols = torch.cat(num.gram_a, dim=1)
+                rhs.append(cols + shift * torch.cat(num.plain_a, dim=1) if shift else cols)
+            if num.dense is not None:
+                rhs.append(num.dense + shift * num.dense_avg if shift else num.dense)
+        solved = iter(solve_for(torch.cat(rhs, dim=1)).split([c.shape[1] for c in rhs], dim=1))
         out: Dict[str, TaskVector] = {}
         for name, num in self.numerators.items():
             low = None
             if num.gram_a:
-                cols = torch.cat(num.gram_a, dim=1)
-                if shift:
-                    cols = cols + shift * torch.cat(num.plain_a, dim=1)
-                low = (solve_for(cols), torch.cat(num.scaled_b, dim=0))  # ([in, R], [R, out])
+                low = (next(solved), torch.cat(num.scaled_b, dim=0))  # ([in, R], [R, out])
             if num.dense is None:
                 out[name] = LowRank(low[0].T.float(), low[1].T.float())
                 continue
-            rhs = num.dense + shift * num.dense_avg if shift else num.dense
-            delta_t = solve_for(rhs)
+            delta_t = next(solved)
             if low is not None:
                 delta_t = delta_t + low[0] @ low[1]
             out[name] = delta_t.T.float()

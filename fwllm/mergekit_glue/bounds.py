@@ -12,16 +12,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from fwllm.arch.kinds import CAUSAL_MODEL, architecture_kind
+from fwllm.arch.kinds import CLASSIFIER_MODEL, architecture_kind
 from fwllm.core import memory
 from fwllm.core.errors import FwllmError
 from fwllm.core.footprint import FLOAT, ModelSizes, context_length, gib, split_by_layer
 from fwllm.core.job import MergeJob
 from fwllm.core.params import FisherParams, FWParams, RegMeanParams
 from fwllm.data.calibration import CalibrationTask, micro_batch_shape
-from fwllm.io.models import read_config
+from fwllm.io.models import is_adapter_dir, read_config, resolve_model_path
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def cap_max_length(job: MergeJob, cfg: dict) -> None:
 
 def _streams(job: MergeJob, cfg: dict) -> bool:
     """Whether the solve can run one layer at a time: FW always; RegMean, Fisher and AdaMerging
-    (`gradient: layerwise`) for causal LMs, unless the recipe pins `gradient: full`."""
+    (`gradient: layerwise`) for causal LMs and encoders, unless the recipe pins `gradient: full`."""
     p = job.params
     if getattr(p, "gradient", "full") == "full":
         return False
@@ -51,22 +51,44 @@ def _streams(job: MergeJob, cfg: dict) -> bool:
         return True
     archs = cfg.get("architectures") or []
     try:
-        return bool(archs) and architecture_kind(archs[0]) == CAUSAL_MODEL
+        return bool(archs) and bool(architecture_kind(archs[0]))  # causal LMs and encoders alike
     except FwllmError:
         return False
 
 
-def _fisher_terms(p: FisherParams, tokens: int, vocab: int) -> int:
-    """Terms of one example's Fisher: one (empirical), or top_k per predicted position (exact)."""
+def _classifier_labels(job: MergeJob, base_dir: str) -> Optional[int]:
+    """The most labels of a pool whose candidates are all classifiers (None otherwise): a classifier's
+    exact Fisher has one term per label of its one prediction, not top_k per token over a vocabulary."""
+    labels = []
+    for spec in job.candidates:
+        path = resolve_model_path(spec.model)
+        cfg = read_config(base_dir if is_adapter_dir(path) else path)  # an adapter runs as its model
+        if architecture_kind((cfg.get("architectures") or ["?"])[0]) != CLASSIFIER_MODEL:
+            return None
+        labels.append(len(cfg["id2label"]) if cfg.get("id2label") else int(cfg.get("num_labels", 2)))
+    return max(labels, default=None)
+
+
+def _fisher_terms(p: FisherParams, tokens: int, vocab: int, labels: Optional[int] = None) -> int:
+    """Terms of one example's Fisher: one (empirical), every label of a classifier's one prediction,
+    or top_k per predicted position (exact)."""
     if p.fisher == "empirical":
         return 1
+    if labels:
+        return labels
     return tokens * (vocab if p.top_k <= 0 else min(p.top_k, vocab))
 
 
 def _parts(
-    job: MergeJob, cfg: dict, shapes: Dict[str, tuple], tasks: List[CalibrationTask], rows: int, tokens: int
+    job: MergeJob,
+    cfg: dict,
+    shapes: Dict[str, tuple],
+    tasks: List[CalibrationTask],
+    rows: int,
+    tokens: int,
+    labels: Optional[int] = None,
 ) -> Tuple[str, Dict[str, int]]:
-    """(mode, {part: bytes}) of the smallest way the job's solve can run."""
+    """(mode, {part: bytes}) of the smallest way the job's solve can run; `labels`: a classifier pool's."""
     p, sizes = job.params, ModelSizes.from_config(cfg)
     weights = sum(_numel(s) for s in shapes.values())
     if _streams(job, cfg):
@@ -87,7 +109,8 @@ def _parts(
             parts["grams"] = 2 * 8 * widest * widest
             del parts["checkpoints"]
         if isinstance(p, FisherParams):  # each term's gradient at the stack output, per example
-            parts["term gradients"] = FLOAT * _fisher_terms(p, tokens, sizes.vocab) * tokens * sizes.hidden
+            terms = _fisher_terms(p, tokens, sizes.vocab, labels)
+            parts["term gradients"] = FLOAT * terms * tokens * sizes.hidden
         return "gradient: layerwise", parts
     if isinstance(p, FWParams):  # fw_merging.in_ram_bytes with every tensor a block, and the backward
         held = FLOAT * weights * (3 + len(job.candidates) / p.sketch_ratio)
@@ -117,14 +140,20 @@ def _numel(shape: tuple) -> int:
     return n
 
 
-def check_memory(job: MergeJob, tasks: List[CalibrationTask], cfg: dict, shapes: Dict[str, tuple]) -> None:
+def check_memory(
+    job: MergeJob,
+    tasks: List[CalibrationTask],
+    cfg: dict,
+    shapes: Dict[str, tuple],
+    labels: Optional[int] = None,
+) -> None:
     """Refuse a solve whose smallest mode needs more memory than is available now (CPU solves:
     on an accelerator the activations live in its memory, which this does not see)."""
     if not str(job.device or "cpu").startswith("cpu"):
         return
     p = job.params
     rows, tokens = micro_batch_shape(tasks, 1 if isinstance(p, FisherParams) else p.batch_size, p.max_length)
-    mode, parts = _parts(job, cfg, shapes, tasks, rows, tokens)
+    mode, parts = _parts(job, cfg, shapes, tasks, rows, tokens, labels)
     need, available = sum(parts.values()), memory.available_memory()
     if need > available:
         detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
@@ -141,4 +170,4 @@ def check_bounds(
     """The context and memory checks, from the base's config.json and safetensors headers."""
     cfg = read_config(base_dir)
     cap_max_length(job, cfg)
-    check_memory(job, tasks, cfg, shapes)
+    check_memory(job, tasks, cfg, shapes, _classifier_labels(job, base_dir))

@@ -7,16 +7,24 @@ Here every candidate advances through the model together, and each layer's merge
 
   capture   each candidate's rows run up to the layer stack through its own embeddings;
   forward   layer by layer: the layer of each candidate in turn (a full candidate's from its
-            own shards; a LoRA candidate's formed as base + its delta from the base layer, which
-            is read once for all of them), run on its rows; every layer input is kept (host);
+            own shards; a plain LoRA candidate's is the base layer, read once for all of them and
+            shared, with its low-rank terms as hooks; another adapter's (DoRA, full tensors) formed
+            as base + its delta), run on its rows; every layer input is kept (host);
   top       each candidate's head and loss give every term's gradient at the stack output, and
             the Fisher of the final norm and head, folded at once;
   backward  from the top layer down: each candidate's layer is materialised again, recomputed
             from its checkpoint and backpropagated once per term; its weight gradients squared
             and summed are its layer Fisher F_i,l (RAM), folded at once, each term's input
-            gradient carried down. After the last candidate, layer l's merge num/den is yielded;
+            gradient carried down (a plain LoRA candidate's linear weight gradient is dY^T X from
+            hooks, and its theta = W0 + s B A is formed once, for the fold). After the last
+            candidate, layer l's merge num/den is yielded;
   bottom    the embeddings, from each term's gradient at the stack input (a tied LM head /
             embedding adds the top path's part, kept per candidate until here).
+
+On a pool of adapters only, a tensor none of them changes (embeddings, head, norms) merges to the
+base whatever the Fishers: it is not folded (the base is yielded), and only its Fisher's sum is taken,
+for the reported mean (a head's or an embedding's from its module's inputs and output gradients,
+`fwllm.kernels.fisher`, never the vocab x hidden gradient).
 
 The per-example, per-term squared gradients, the division by the number of examples, the floor
 at epsilon and the weights are those of the candidate-major order; only the order changes. A
@@ -33,6 +41,8 @@ store.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence, Set, Tuple
@@ -42,13 +52,20 @@ from accelerate.utils import find_tied_parameters
 
 from fwllm.arch.kinds import CAUSAL_MODEL
 from fwllm.arch.layer_stack import layer_stack
-from fwllm.arch.streaming import MetaModel, base_weights, skeleton
+from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, skeleton
 from fwllm.core.errors import FwllmError, check_finite
 from fwllm.core.memory import return_free_memory
 from fwllm.core.params import FisherParams
 from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
-from fwllm.solvers.streamed_fisher import CandidateRun, CandidateWeights, StreamedFisher, causal_skeleton
+from fwllm.kernels.fisher import linear_square_sum
+from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
+from fwllm.solvers.streamed_fisher import (
+    CandidateRun,
+    CandidateWeights,
+    StreamedFisher,
+    causal_skeleton,
+)
 
 ALL_AT_ONCE = 1 << 62  # checkpoint budget: every example in one group (the whole pass is one group)
 
@@ -61,7 +78,7 @@ class _BaseLayer(Mapping):
         self.base, self.stored, self.held = base, set(base), {}
 
     def hold(self, names: Sequence[str]) -> None:
-        self.held = {n: self.base[n] for n in names if n in self.stored}
+        self.held = {n: self.base[n].to(torch.float32) for n in names if n in self.stored}
 
     def drop(self) -> None:
         self.held = {}
@@ -75,6 +92,129 @@ class _BaseLayer(Mapping):
 
     def __len__(self) -> int:
         return len(self.base)
+
+
+class _SquaredTotal:
+    """In place of a tensor's Fisher accumulator where only its sum is needed (a tensor no candidate
+    changes: its merge is the base whatever the Fisher; the sum still enters the reported mean)."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def add_(self, x: torch.Tensor, alpha: float = 1.0) -> "_SquaredTotal":
+        self.total += alpha * float(x.sum(dtype=torch.float64))
+        return self
+
+    def any(self) -> bool:
+        return self.total != 0.0
+
+
+class _LoraFisher(StreamedFisher):
+    """A plain LoRA candidate's streamer: its layer is the base layer held for every candidate (shared,
+    not copied) with its low-rank terms as hooks (`LoraTerms`), never W0 + s B A formed densely. A
+    linear weight's per-term gradient is dY^T X, from the layer input X and output gradient dY its
+    hooks capture: the same product autograd would form, and the base weight itself needs none."""
+
+    def __init__(self, meta: MetaModel, objective: Objective, p: FisherParams, names, base: _BaseLayer, lora):
+        super().__init__(meta, objective, p, names, checkpoint_bytes=ALL_AT_ONCE)
+        self.base, self.lora = base, lora
+        lora.attach(self.model)
+
+    def _fetch_layer(self, i: int) -> None:
+        self.meta.fetch(self.layer_params[i], self.base.held, copy=False)
+
+    @contextlib.contextmanager
+    def _streamed_outer(self):
+        """As the base class's, from the base's outer tensors held for every candidate (shared, no copy)."""
+        held = all(n in self.base.held for n in self.outer_trainable)
+        self.meta.fetch(self.outer_trainable, self.base.held if held else None, copy=not held)
+        try:
+            with fetched_around_forward(self.meta, self._frozen_outer):
+                yield
+        finally:
+            self.meta.release(self.outer_trainable)
+
+    def _linear_weights(self, names: Sequence[str]) -> Dict[str, torch.nn.Linear]:
+        out = {}
+        for n in names:
+            module_name, _, attr = n.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if attr == "weight" and type(module) is torch.nn.Linear:
+                out[n] = module
+        return out
+
+    def _backward_layer(self, i: int, terms: Sequence, add) -> None:
+        device = self.meta.device
+        self._fetch_layer(i)
+        handles = []
+        try:
+            names = [n for n in self.layer_params[i] if n in self.blocks]
+            linear = self._linear_weights(names)
+            other = [n for n in names if n not in linear]
+            params = [self.model.get_parameter(n) for n in other]
+            acc: Dict[str, torch.Tensor] = {}
+            seen: Dict[str, List] = {n: [] for n in linear}  # per call: [input, output gradient]
+
+            def capture(name):
+                def hook(module, args, out):
+                    call = [args[0].detach(), None]
+                    seen[name].append(call)
+                    out.register_hook(lambda g: call.__setitem__(1, g.detach()))
+
+                return hook
+
+            for n, module in linear.items():
+                handles.append(module.register_forward_hook(capture(n)))
+            for t in terms:
+                x = t.inputs[i].to(device).requires_grad_(True)
+                args, kwargs = t.calls[i]
+                for calls in seen.values():
+                    calls.clear()
+                with torch.enable_grad():
+                    out = self._forwards[i](x, *args, **kwargs)
+                for j, w in enumerate(t.weights):
+                    for calls in seen.values():
+                        for call in calls:
+                            call[1] = None  # this term's output gradient only
+                    grads = torch.autograd.grad(
+                        out,
+                        [x] + params,
+                        grad_outputs=t.grads[j].to(device),
+                        retain_graph=j < len(t.weights) - 1,
+                        allow_unused=True,
+                    )
+                    t.grads[j] = (grads[0] if grads[0] is not None else torch.zeros_like(x)).to(self.host)
+                    for n, g in zip(other, grads[1:]):
+                        if g is not None:
+                            _square_into(acc, n, g, w)
+                    for n, calls in seen.items():
+                        # a module called twice: its gradients add before squaring (rows concatenated)
+                        pairs = [(inp, dy) for inp, dy in calls if dy is not None]
+                        if not pairs:
+                            continue
+                        xs = torch.cat([inp.reshape(-1, inp.shape[-1]) for inp, _ in pairs])
+                        dys = torch.cat([dy.reshape(-1, dy.shape[-1]) for _, dy in pairs])
+                        if n in self.sums_only:  # untouched by every candidate: its sum only
+                            acc.setdefault(n, _SquaredTotal()).add_(linear_square_sum(xs, dys), alpha=w)
+                        else:
+                            _square_into(acc, n, dys.T @ xs, w)
+                t.inputs[i] = None
+            for calls in seen.values():
+                calls.clear()
+            for n in names:
+                add(n, acc[n] if n in acc else torch.zeros_like(self.model.get_parameter(n)))
+        finally:
+            for h in handles:
+                h.remove()
+            self.meta.release(self.layer_params[i])
+
+
+def _square_into(acc: Dict[str, torch.Tensor], name: str, g: torch.Tensor, w: float) -> None:
+    """acc[name] += w g^2, in one pass (`g`, a fresh gradient, is not used again)."""
+    if name in acc:
+        acc[name].addcmul_(g, g, value=w)
+    else:
+        acc[name] = g.float().square_().mul_(w) if w != 1 else g.float().square_()
 
 
 @dataclass
@@ -102,9 +242,9 @@ class _Fold:
         self.seen: Dict[str, int] = {}
 
     def add(self, label: str, name: str, fisher: torch.Tensor, theta: torch.Tensor, weight: float) -> None:
-        """Takes `fisher` over (it is scaled in place). In place throughout: for a head or embedding
-        matrix each out-of-place step was another vocab x hidden float32 copy at the phase's peak."""
-        check_finite(f"Fisher of candidate {label}", name, fisher)
+        """Takes `fisher` over (it is scaled in place; the caller checked it finite). In place throughout:
+        for a head or embedding matrix each out-of-place step was another vocab x hidden float32 copy at
+        the phase's peak."""
         f = fisher.float().clamp_min_(self.epsilon).mul_(weight)
         theta = theta.detach().float()
         if name in self.num:
@@ -140,8 +280,22 @@ class LayerMajorFisher:
         self.base = _BaseLayer(base_weights(base_dir))
         self.passes = [self._open(run, tokenizer, device) for run in runs]
         self.lora = any(ps.run.candidate.adapter is not None for ps in self.passes)
+        self.untouched = self._untouched()
+        for ps in self.passes:
+            ps.fisher.sums_only = self.untouched
         self.fold = _Fold(len(self.passes), p.epsilon)
         self.metas: List[dict] = []
+
+    def _untouched(self) -> Set[str]:
+        """Covered tensors no candidate changes (every candidate an adapter without them): every theta_i
+        is the base's, so the merge is the base whatever the Fisher; only their Fisher's sum is taken
+        (for the reported mean). A tied tensor is left to the full path (its two gradient paths)."""
+        adapters = [ps.run.candidate.adapter for ps in self.passes]
+        if any(a is None for a in adapters):
+            return set()
+        touched = {n for a in adapters for n in (*a.factors, *a.full)}
+        meta = self.passes[0].fisher.meta
+        return {n for n in self.names if n not in touched and len(meta.group(n)) == 1}
 
     def _open(self, run: CandidateRun, tokenizer, device: str) -> _Pass:
         model, kind = causal_skeleton(run)
@@ -150,29 +304,39 @@ class LayerMajorFisher:
         weights = own if own is not None else CandidateWeights(self.base, run.candidate)
         p = self.p
         objective = Objective([encode_task(run.task, tokenizer, p.max_length, batch_size=1, model_kind=kind)])
-        meta = MetaModel(model, weights, device, trainable=self.names)
-        fisher = StreamedFisher(meta, objective, p, self.names, checkpoint_bytes=ALL_AT_ONCE)
+        adapter = run.candidate.adapter
+        if adapter is not None and pool_is_low_rank([adapter]):  # base layer + its low-rank hooks
+            meta = MetaModel(model, self.base, device, trainable=self.names)
+            lora = LoraTerms([adapter])
+            for name in lora.names():
+                lora.set_coefficients(name, [1.0])  # the candidate itself: base + s B A
+            fisher = _LoraFisher(meta, objective, p, self.names, self.base, lora)
+        else:
+            meta = MetaModel(model, weights, device, trainable=self.names)
+            fisher = StreamedFisher(meta, objective, p, self.names, checkpoint_bytes=ALL_AT_ONCE)
         return _Pass(run, fisher, [t for group in fisher._groups(objective) for t in group])
 
     # -- the pass ----------------------------------------------------------------------------
     def merged(self) -> Iterator[Tuple[str, torch.Tensor]]:
         layers = len(self.passes[0].fisher.layers)
         try:
-            for ps in self.passes:
-                with ps.fisher._outer_phase():
-                    for t in ps.terms:
-                        ps.fisher._capture(t)
+            self._each_outer(self._capture)
             for i in range(layers):
                 self._each_layer(i, lambda ps: ps.fisher._forward_layer(i, ps.terms, keep=True))
-            for ps in self.passes:
-                self._top(ps)
+            self._each_outer(self._top)
             yield from self.fold.ready()
             for i in reversed(range(layers)):
-                self._each_layer(i, lambda ps: ps.fisher._backward_layer(i, ps.live, self._adder(ps)))
-                yield from self.fold.ready()
-            for ps in self.passes:
-                self._bottom(ps)
+                self._hold(i)
+                try:
+                    for ps in self.passes:
+                        ps.fisher._backward_layer(i, ps.live, self._adder(ps))
+                    yield from self.fold.ready()
+                    yield from self._as_base(self.passes[0].fisher.layer_params[i])
+                finally:
+                    self._drop()
+            self._each_outer(self._bottom)
             yield from self.fold.ready()
+            yield from self._as_base(self.passes[0].fisher.outer_trainable)
         finally:
             for ps in self.passes:
                 ps.terms, ps.live, ps.held = [], [], {}
@@ -182,28 +346,81 @@ class LayerMajorFisher:
 
     def _each_layer(self, i: int, step) -> None:
         """`step(pass)` for every candidate on layer i, the base layer read once for a LoRA pool."""
-        if self.lora:
-            self.base.hold(self.passes[0].fisher.layer_params[i])
+        self._hold(i)
         try:
             for ps in self.passes:
                 step(ps)
         finally:
-            self.base.drop()
-            return_free_memory()
+            self._drop()
+
+    def _each_outer(self, step) -> None:
+        """`step(pass)` for every candidate, the base's outer tensors (embeddings, norm, head) read once
+        for the plain LoRA candidates (whose own they are) instead of once per candidate."""
+        if any(isinstance(ps.fisher, _LoraFisher) for ps in self.passes):
+            self.base.hold(self.passes[0].fisher.outer_trainable)
+        try:
+            for ps in self.passes:
+                step(ps)
+        finally:
+            self._drop()
+
+    @staticmethod
+    def _capture(ps: _Pass) -> None:
+        with ps.fisher._outer_phase():
+            for t in ps.terms:
+                ps.fisher._capture(t)
+
+    def _hold(self, i: int) -> None:
+        if self.lora:
+            self.base.hold(self.passes[0].fisher.layer_params[i])
+
+    def _drop(self) -> None:
+        self.base.drop()
+        return_free_memory()
+
+    def _as_base(self, names: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The merge of the untouched tensors among `names`: the base's (float32, as the fold gives)."""
+        for n in names:
+            if n in self.untouched:
+                yield n, self.base[n].to(torch.float32, copy=True)
 
     def _adder(self, ps: _Pass):
-        """Adds one tensor's Fisher sum to the fold, while the candidate's tensor is materialised."""
-        return lambda name, acc: self._add(ps, name, acc, ps.fisher.model.get_parameter(name))
+        """Adds one tensor's Fisher sum to the fold, while the candidate's layer is materialised."""
+        return lambda name, acc: self._add(ps, name, acc, lambda: self._theta(ps, name))
 
-    def _add(self, ps: _Pass, name: str, acc: torch.Tensor, theta: torch.Tensor) -> None:
-        f = acc.div_(max(ps.examples, 1))  # the accumulator is not used again
-        ps.total += float(f.sum(dtype=torch.float64))
-        self.fold.add(ps.run.candidate.label, name, f, theta, ps.run.weight)
+    def _theta(self, ps: _Pass, name: str) -> torch.Tensor:
+        """The candidate's tensor: materialised in its skeleton, or for a LoRA candidate run on the base
+        with hooks, formed here once: base + s B A."""
+        param = ps.fisher.model.get_parameter(name)
+        adapter = ps.run.candidate.adapter
+        factors = adapter.factors.get(name) if adapter is not None else None
+        if not isinstance(ps.fisher, _LoraFisher) or factors is None:
+            return param
+        a, b = factors.a.float(), factors.b.float()
+        for what, t in (("A", a), ("B", b)):  # a NaN/inf in s B A comes from its factors: check those
+            check_finite(f"LoRA factor {what} of candidate {ps.run.candidate.label}", name, t)
+        # one pass over the tensor: base + s B A as peft merges it (a plain LoRA: `pool_is_low_rank`)
+        return torch.addmm(param.detach(), b, a, alpha=factors.scale)
+
+    def _add(self, ps: _Pass, name: str, acc, theta) -> None:
+        """`acc`: the candidate's Fisher sum over its examples (a tensor, or for an untouched tensor a
+        `_SquaredTotal`); `theta()`: its tensor, asked for only where the fold needs it."""
+        n = max(ps.examples, 1)
+        if isinstance(acc, _SquaredTotal):
+            ps.total += acc.total / n
+            return
+        f = acc.div_(n)  # the accumulator is not used again
+        total = float(f.sum(dtype=torch.float64))  # f >= 0: a NaN/inf entry makes this sum NaN/inf
+        if not math.isfinite(total):
+            check_finite(f"Fisher of candidate {ps.run.candidate.label}", name, f)
+        ps.total += total
+        if name not in self.untouched:
+            self.fold.add(ps.run.candidate.label, name, f, theta(), ps.run.weight)
 
     def _top(self, ps: _Pass) -> None:
         fisher = ps.fisher
         with fisher._outer_phase() as outer:
-            acc = {n: torch.zeros_like(q) for n, q in outer.items()}
+            acc = {n: self._accumulator(n, q) for n, q in outer.items()}
             # an example that predicts nothing is no example: its checkpoints go with `terms`
             ps.live, ps.terms = [t for t in ps.terms if fisher._top_terms(t, outer, acc)], []
             ps.examples, ps.n_terms = len(ps.live), sum(len(t.weights) for t in ps.live)
@@ -212,24 +429,29 @@ class LayerMajorFisher:
                     if bool(a.any()):
                         ps.held[n] = a  # a tied embedding: its bottom path adds to it
                     continue  # the bottom path (the embeddings) finishes it
-                self._add(ps, n, a, outer[n])
+                self._add(ps, n, a, lambda n=n: self._theta(ps, n))
                 ps.folded_top.add(n)
 
     def _bottom(self, ps: _Pass) -> None:
         fisher = ps.fisher
         with fisher._outer_phase() as outer:
-            acc = {n: ps.held.pop(n) if n in ps.held else torch.zeros_like(q) for n, q in outer.items()}
+            acc = {n: ps.held.pop(n) if n in ps.held else self._accumulator(n, q) for n, q in outer.items()}
             if ps.live:
                 fisher._bottom_terms(ps.live, outer, acc)
             for n, a in acc.items():
                 if n not in ps.folded_top:
-                    self._add(ps, n, a, outer[n])
+                    self._add(ps, n, a, lambda n=n: self._theta(ps, n))
                 elif bool(a.any()):
                     raise FwllmError(
                         f"fisher: {n} of {type(fisher.model).__name__} is used both before and after the "
                         "layer stack without being the tied input embedding (use gradient: full)"
                     )
         ps.live = []
+
+    def _accumulator(self, name: str, like: torch.Tensor):
+        """A Fisher sum for an outer tensor: its sum alone where no candidate changes it (a head or an
+        embedding: no vocab x hidden float32 sum per candidate, and none in the fold)."""
+        return _SquaredTotal() if name in self.untouched else torch.zeros_like(like)
 
     def _meta(self, ps: _Pass) -> dict:
         return {

@@ -50,7 +50,7 @@ from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
 from fwllm.data.positions import predicted_positions
 from fwllm.io.candidates import Candidate
-from fwllm.kernels.fisher import prediction_terms
+from fwllm.kernels.fisher import embedding_square_sum, linear_square_sum, prediction_terms
 from fwllm.solvers.streamed_gradient import GIB, StreamedGradient
 
 Add = Callable[[str, torch.Tensor], None]
@@ -77,6 +77,9 @@ class StreamedFisher(StreamedGradient):
         # set once materialised: a fetch makes a new Parameter
         self.input_embedding: Optional[torch.nn.Parameter] = None
         self.tied_at_top: Set[str] = set()
+        # outer tensors whose Fisher is wanted as a sum only (`add_(sum, alpha)` accumulators): a linear
+        # weight's (a head) or an embedding's from its module's inputs and output gradients, no gradient
+        self.sums_only: Set[str] = set()
 
     def measure(self, add: Add) -> Tuple[int, int]:
         examples = terms = 0
@@ -132,20 +135,24 @@ class StreamedFisher(StreamedGradient):
         t.hidden = None
         last = len(self.layers) - 1
         stack_output = lambda i: lambda hidden, *a, **k: top if i == last else hidden  # noqa: E731
-        with self._layers_as(stack_output), torch.enable_grad():
+        hooked = self._sum_only_modules(outer, torch.nn.Linear)
+        with self._layers_as(stack_output), torch.enable_grad(), _calls_of(hooked) as calls:
             logits = self.model(**{k: v for k, v in t.batch.items() if k != "labels"}).logits
             pos, targets = predicted_positions(logits, t.batch, t.task.kind, self.kind)
             if pos.shape[0] == 0:
                 return False  # e.g. a response truncated away: nothing predicted, not an example
             terms = prediction_terms(pos, targets, self.p.fisher, 0 if logits.dim() == 2 else self.p.top_k)
         ids = t.batch["input_ids"].flatten().unique()
-        names, params = list(outer), [top] + list(outer.values())
+        names = [n for n in outer if n not in hooked]
+        outputs = [y for n in hooked for _, y in calls[n]]
+        params = [top] + [outer[n] for n in names] + outputs
         t.grads, t.weights, t.rows = [], [], {n: [] for n in names}
         for j, (value, w) in enumerate(terms):
             grads = torch.autograd.grad(value, params, retain_graph=j < len(terms) - 1, allow_unused=True)
             t.grads.append(_zeros_if_none(grads[0], top).to(self.host))
             t.weights.append(w)
-            for n, g in zip(names, grads[1:]):
+            _add_sums(hooked, calls, grads[1 + len(names) :], acc, w, linear_square_sum)
+            for n, g in zip(names, grads[1 : 1 + len(names)]):
                 if g is None:
                     continue
                 if outer[n] is self.input_embedding:  # the bottom path adds to these rows: square them there
@@ -195,12 +202,15 @@ class StreamedFisher(StreamedGradient):
     def _bottom_terms(
         self, terms: Sequence, outer: Dict[str, torch.nn.Parameter], acc: Dict[str, torch.Tensor]
     ) -> None:
-        names = list(outer)
+        hooked = self._sum_only_modules(outer, torch.nn.Embedding)
+        names = [n for n in outer if n not in hooked]
         for t in terms:
-            start = self._capture(t, keep_graph=True)
-            grads_of = [[None] * len(names)] * len(t.weights)
-            if start.requires_grad and names:
-                grads_of, m, params = [], len(t.weights), list(outer.values())
+            with _calls_of(hooked) as calls:
+                start = self._capture(t, keep_graph=True)
+            outputs = [y for n in hooked for _, y in calls[n]]
+            grads_of = [[None] * (len(names) + len(outputs))] * len(t.weights)
+            if start.requires_grad and (names or outputs):
+                grads_of, m, params = [], len(t.weights), [outer[n] for n in names] + outputs
                 for j in range(m):
                     grads_of.append(
                         torch.autograd.grad(
@@ -212,6 +222,7 @@ class StreamedFisher(StreamedGradient):
                         )
                     )
             for j, (w, grads) in enumerate(zip(t.weights, grads_of)):
+                _add_sums(hooked, calls, grads[len(names) :], acc, w, embedding_square_sum)
                 for n, g in zip(names, grads):
                     if outer[n] is self.input_embedding and t.rows[n]:
                         rows = t.rows[n][j] + (0 if g is None else g[t.ids])
@@ -223,6 +234,50 @@ class StreamedFisher(StreamedGradient):
                                 f"is tied otherwise in {type(self.model).__name__} (use gradient: full)"
                             )
                         acc[n].add_(g.square(), alpha=w)
+
+    def _sum_only_modules(self, outer: Dict[str, torch.nn.Parameter], kind: type) -> Dict:
+        """{name: module} of the `sums_only` tensors that are the weight of a `kind` module (not tied)."""
+        out = {}
+        for n in outer:
+            module_name, _, attr = n.rpartition(".")
+            module = self.model.get_submodule(module_name) if module_name else self.model
+            single = len(self.meta.group(n)) == 1
+            if n in self.sums_only and attr == "weight" and type(module) is kind and single:
+                out[n] = module
+        return out
+
+
+@contextlib.contextmanager
+def _calls_of(modules: Dict[str, torch.nn.Module]) -> Iterator[Dict[str, List[Tuple]]]:
+    """Within the block, each call of each module recorded as (its input, its output)."""
+    calls: Dict[str, List[Tuple]] = {n: [] for n in modules}
+
+    def record(name):
+        return lambda module, args, out: calls[name].append((args[0].detach(), out))
+
+    handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _add_sums(hooked, calls, grads, acc, w: float, square_sum) -> None:
+    """Adds w * sum(G^2) of each hooked module's weight gradient G, from its calls' inputs and output
+    gradients (the calls' gradients add before squaring: their rows are concatenated)."""
+    grads = iter(grads)
+    for n in hooked:
+        xs, gs = [], []
+        for x, y in calls[n]:
+            g = next(grads)
+            if g is not None:
+                xs.append(x)
+                gs.append(g.reshape(-1, g.shape[-1]))
+        if gs:
+            # a linear's inputs keep their feature axis, an embedding's token ids are flat
+            rows = [x.reshape(-1, x.shape[-1]) if x.is_floating_point() else x.reshape(-1) for x in xs]
+            acc[n].add_(square_sum(torch.cat(rows), torch.cat(gs)), alpha=w)
 
 
 class CandidateWeights(Mapping):

@@ -9,6 +9,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -343,3 +344,105 @@ def test_the_data_methods_are_priced_layer_by_layer_at_7b(method):
     full = MergeJob(method, "base", candidates, params(calibration="c.jsonl", gradient="full"), plan_dir="")
     mode, parts = _parts(full, LLAMA2_7B, shapes, tasks, 4, 64)
     assert mode != "gradient: layerwise" and parts["weights"] >= 4 * 6_738_415_616
+
+
+# -- encoder pools on the layerwise path are priced one layer at a time --------------------------------------
+@pytest.fixture(scope="module")
+def deep_encoder_pool(tmp_path_factory):
+    """A RoBERTa MLM base of 8 layers (1.6 M parameters) and two classifier experts (2 and 3 labels)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    from conftest import ENC_WORDS, roberta_tokenizer
+
+    root = tmp_path_factory.mktemp("deep_encoder")
+    cfg = RobertaConfig(
+        vocab_size=len(ENC_WORDS),
+        hidden_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=20,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    RobertaForMaskedLM(cfg).save_pretrained(root / "base")
+    roberta_tokenizer().save_pretrained(root / "base")
+    (root / "calib").mkdir()
+    experts = []
+    for task, labels in (("two", 2), ("three", 3)):
+        write_jsonl(root / "calib" / f"{task}.jsonl", [{"sentence": "w1 w2 w3 w4", "label": 1}] * 4)
+        RobertaForSequenceClassification.from_pretrained(root / "base", num_labels=labels).save_pretrained(
+            root / task
+        )
+        experts.append(root / task)
+    return {"base": root / "base", "experts": experts, "calib": root / "calib"}
+
+
+def _float32_bytes(folder, layer=None):
+    """float32 bytes of the checkpoint's tensors (those of encoder layer `layer` only, if given)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as fp:
+        for name in fp.keys():
+            if layer is None or f".layer.{layer}." in name:
+                total += 4 * torch.Size(fp.get_slice(name).get_shape()).numel()
+    return total
+
+
+@pytest.mark.parametrize("method", ["fisher", "adamerging"])
+def test_an_encoder_pool_on_the_layerwise_path_is_priced_one_layer_at_a_time(
+    tmp_path, deep_encoder_pool, no_model, monkeypatch, method
+):
+    """The in-RAM solve holds the model and its gradients (2 x 6.3 MB); the layerwise one holds one
+    layer three times (3 x 0.8 MB) and the outer tensors twice (2 x 0.03 MB), plus one micro-batch
+    of 4 rows x 6 tokens (kilobytes). With the model's own float32 size free, layerwise fits; with one
+    layer's size free, nothing fits and the refusal names the layerwise need."""
+    from fwllm.mergekit_glue.recipe import load_recipe, merge_job
+
+    pool = deep_encoder_pool
+    model, layer = _float32_bytes(pool["base"]), _float32_bytes(pool["base"], layer=0)
+    assert 3 * layer < model / 2  # one layer of eight: the layerwise weights fit where the model does
+
+    def job():
+        recipe = write_recipe(
+            tmp_path / "r.yml",
+            method,
+            pool["base"],
+            pool["experts"],
+            {"calibration": str(pool["calib"]), "gradient": "layerwise"},
+            per_model=[{"task": "two"}, {"task": "three"}],
+        )
+        return merge_job(load_recipe(str(recipe)), "", "cpu", False)
+
+    monkeypatch.setattr(memory, "available_memory", lambda: model)  # under 2 x model: the in-RAM need
+    _check(job())
+    monkeypatch.setattr(memory, "available_memory", lambda: layer)  # under even one layer's 3 copies
+    with pytest.raises(FwllmError) as err:
+        _check(job())
+    message = str(err.value)
+    assert "\n" not in message
+    need = re.search(r"needs about (\d+) MiB \(gradient: layerwise: weights", message)
+    assert need and 3 * layer / 2**20 <= int(need.group(1)) + 0.5 < model / 2**20, message
+    assert f"{round(layer / 2**20)} MiB of memory is available" in message
+
+
+def test_a_classifier_pools_fisher_terms_are_its_labels_not_the_vocabulary(tmp_path, deep_encoder_pool):
+    """The exact Fisher of a classifier has one term per label of its one prediction: the widest expert
+    (3 labels) x one [18 tokens, 128] stack-output gradient, not 5 (top_k) x 18 positions of them."""
+    from fwllm.io.models import read_config
+    from fwllm.mergekit_glue.bounds import _classifier_labels, _parts
+    from fwllm.mergekit_glue.preflight import tensor_shapes
+    from fwllm.mergekit_glue.recipe import load_recipe, merge_job
+
+    pool = deep_encoder_pool
+    recipe = write_recipe(
+        tmp_path / "r.yml", "fisher", pool["base"], pool["experts"], {"calibration": str(pool["calib"])}
+    )
+    job = merge_job(load_recipe(str(recipe)), "", "cpu", False)
+    base = str(pool["base"])
+    labels = _classifier_labels(job, base)
+    assert labels == 3
+    cfg, shapes, tasks = read_config(base), tensor_shapes(base), load_calibration(str(pool["calib"]))
+    assert _parts(job, cfg, shapes, tasks, 1, 18, labels)[1]["term gradients"] == 4 * 3 * 18 * 128
+    assert _parts(job, cfg, shapes, tasks, 1, 18)[1]["term gradients"] == 4 * (5 * 18) * 18 * 128

@@ -142,7 +142,7 @@ def test_zero_gram_returns_the_weighted_average_of_the_task_vectors():
 
 
 # -- rows instead of Grams (Woodbury while the rows are few, the dense path past them) ------------
-D_ROWS = 24  # rows are kept up to D_ROWS / 2 of them
+D_ROWS = 24  # rows are kept up to D_ROWS of them
 
 
 def _explicit_solve(xs, taus, weights, alpha, ridge=1e-5):
@@ -218,17 +218,17 @@ def test_all_lora_rows_merge_stays_a_lora():
 
 @pytest.mark.parametrize("alpha", [0.6, 1.0])
 def test_rows_crossing_the_limit_fold_into_the_gram_sum(alpha):
-    xs, taus = _row_candidates(92, 6, 5)  # 30 rows in all, over the limit of 12 at the third candidate
+    xs, taus = _row_candidates(92, 6, 5)  # 30 rows in all, over the limit of 24 at the fifth candidate
     coef = [0.5, 1.0, 2.0, 0.7, 1.3, 0.9]
     sums = RegMeanSums(alpha=alpha)
     rooms = []
     for i, (x, t, c) in enumerate(zip(xs, taus, coef)):
         rooms.append(sums.rows_room(D_ROWS))
-        if i == 4:
-            sums.add(x.double().T @ x.double(), {"o": t}, c)  # a Gram may come in between
+        if i == 5:
+            sums.add(x.double().T @ x.double(), {"o": t}, c)  # a Gram may come, too
         else:
             sums.add_rows(x, {"o": t}, c)
-    assert rooms == [12, 7, 2, 0, 0, 0]
+    assert rooms == [24, 19, 14, 9, 4, 0]
     got, lam = sums.solve()
     truth, truth_lam = _explicit_solve(xs, taus, coef, alpha)
     assert lam == truth_lam == 0.0  # 30 rows span the 24 coordinates: no ridge, even at alpha = 1

@@ -185,10 +185,10 @@ class Resident:
         self.metas, self.layers, self.outer, self.both = [], 0, 0, 0
         fetch = MetaModel.fetch
 
-        def counted(meta, names, source=None):
+        def counted(meta, names, source=None, **kw):
             if not any(m is meta for m in self.metas):
                 self.metas.append(meta)
-            fetch(meta, names, source)
+            fetch(meta, names, source, **kw)
             layer = outer = 0
             for m in self.metas:
                 for n in m.resident:

@@ -1,0 +1,30 @@
+"""The squared-gradient sums of a linear weight and an embedding, from their module's inputs and output
+gradients (the layer-major Fisher's untouched head / embeddings). Truth: the dense gradient, formed by
+autograd through torch.nn.Linear / torch.nn.Embedding, squared and summed."""
+
+import torch
+
+from fwllm.kernels.fisher import embedding_square_sum, linear_square_sum
+
+
+def test_linear_square_sum_is_the_dense_gradients_squared_norm():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 9, bias=False)
+    x = torch.randn(2, 5, 6)
+    dy = torch.randn(2, 5, 9)
+    layer(x).backward(dy)
+    want = float(layer.weight.grad.double().square().sum())
+    assert abs(float(linear_square_sum(x, dy)) - want) <= 1e-6 * want  # the dense gradient is float32
+
+
+def test_embedding_square_sum_adds_a_repeated_tokens_rows_before_squaring():
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(7, 4)
+    ids = torch.tensor([[3, 1, 3, 0, 3, 6]])  # token 3 three times: its row is the sum of three gradients
+    de = torch.randn(1, 6, 4)
+    emb(ids).backward(de)
+    want = float(emb.weight.grad.double().square().sum())
+    got = float(embedding_square_sum(ids, de))
+    assert abs(got - want) <= 1e-6 * want
+    # squaring each position's gradient on its own would be another (smaller here) number
+    assert abs(float(de.double().square().sum()) - want) > 1e-3 * want
