@@ -78,7 +78,11 @@ def inner_products(terms: Sequence[Optional[Union[torch.Tensor, LowRank]]]) -> t
             if ti is None or tj is None:
                 continue
             if isinstance(ti, LowRank) and isinstance(tj, LowRank):
-                value = ti.scale * tj.scale * torch.sum((ti.b.double().T @ tj.b.double()) * (ti.a.double() @ tj.a.double().T))
+                value = (
+                    ti.scale
+                    * tj.scale
+                    * torch.sum((ti.b.double().T @ tj.b.double()) * (ti.a.double() @ tj.a.double().T))
+                )
             elif isinstance(ti, LowRank) or isinstance(tj, LowRank):
                 low, dense = (ti, tj) if isinstance(ti, LowRank) else (tj, ti)
                 v = dense.double().reshape(low.shape)

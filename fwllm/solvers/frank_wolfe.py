@@ -22,7 +22,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -33,16 +33,8 @@ from fwllm.data.objective import Objective
 from fwllm.io.candidates import Candidate
 from fwllm.kernels.atoms import TaskVector, atom_delta, atom_scale, block_delta, local_vertex, vertex_key
 from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
-from fwllm.kernels.low_rank import LowRank, inner_products
 from fwllm.kernels.sketch import CountSketch, alignment, rescored, sketch_error
-from fwllm.kernels.step_rule import (
-    checkable,
-    fitted_a,
-    keeps,
-    learned_curvature,
-    parabola_minimiser,
-    predicted_gamma,
-)
+from fwllm.solvers.adaptive_step import AdaptiveStep, Trial
 from fwllm.solvers.lora_terms import LoraTerms, low_rank_candidate
 from fwllm.solvers.plan_atoms import atom_settings, compact, kernel_atom, kernel_atoms
 
@@ -63,29 +55,6 @@ class FWResult:
 
 def open_loop_gamma(t: int, step_size: float) -> float:
     return min(1.0, step_size * 2.0 / (t + 2))
-
-
-RETRIES = 3  # an adaptive step is taken again at most this often (each time shorter)
-
-
-@dataclass
-class _Trial:
-    """An adaptive step taken on trust: checked by the value the next evaluation brings
-    (`fwllm.kernels.step_rule`)."""
-
-    f0: float  # the objective where the step started
-    slope: float  # <g, d>: the objective's derivative along the whole move
-    length_sq: float  # |d|^2 in candidate coefficients
-    gamma: float  # the share of the move taken
-    moves: dict
-    before: Dict[str, List[Atom]]  # the blocks' atoms where the step started
-    entry: dict  # its iteration's trace entry
-
-    def a(self, value: float) -> float:
-        return fitted_a(self.f0, self.slope, self.gamma, value)
-
-    def keeps(self, value: float) -> bool:
-        return keeps(self.slope, self.a(value), self.gamma)
 
 
 class FrankWolfe:
@@ -119,8 +88,7 @@ class FrankWolfe:
         self.scale = p.scaling  # the hull's lambda for new atoms (grows with `hull: adaptive`)
         self.rescored = 0
         self.sketched = False  # some score is a sketch estimate (then the adaptive step is not exact)
-        self.curvature: Optional[float] = None  # the adaptive step's, carried from move to move
-        self._grams: Dict[str, torch.Tensor] = {}  # per block: <v_i, v_j>, the adaptive step's metric
+        self.adaptive = AdaptiveStep(self)
 
     # -- candidate access -------------------------------------------------------------
     def base(self, name: str) -> torch.Tensor:
@@ -239,7 +207,9 @@ class FrankWolfe:
                 sketched if name not in scores else scores[name] + sketched
             )  # micro-batch groups add up
 
-        value = self.gradient(consume, objective) if accept is None else self.gradient(consume, objective, accept)
+        value = (
+            self.gradient(consume, objective) if accept is None else self.gradient(consume, objective, accept)
+        )
         if self.lora is not None:
             for name, s in self.lora.scores.items():
                 scores[name] = s.clone()
@@ -412,86 +382,6 @@ class FrankWolfe:
             return min(1.0, max(0.0, -b / (2.0 * a))), seen
         return (1.0 if f2 < f1 else 0.5) if min(f1, f2) < f0 else 0.0, seen
 
-    # -- the adaptive step (`fwllm.kernels.step_rule`) -----------------------------------
-    def _unit(self, atom: Optional[Atom]) -> torch.Tensor:
-        """A vertex's coefficients on the v_i (its scale times its mix; the base vertex: none)."""
-        c = torch.zeros(len(self.candidates), dtype=torch.float64)
-        if atom is not None:
-            c[atom.members] += atom_scale(kernel_atom(atom), self.settings) * torch.tensor(atom.mix, dtype=c.dtype)
-        return c
-
-    def _gram(self, name: str) -> torch.Tensor:
-        """<v_i, v_j> of one block, from the LoRA factors and the exact (m = numel) sketch rows."""
-        if name not in self._grams:
-            exact, rows = set(self.exact.get(name, [])), None
-            terms = []
-            for i, c in enumerate(self.candidates):
-                if i in exact:
-                    f = c.adapter.factors.get(name)
-                    terms.append(None if f is None else LowRank(f.a, f.b, f.scale * self.weights[i]))
-                else:
-                    rows = self.v_sketch[name] if rows is None else rows
-                    terms.append(rows[i])
-            self._grams[name] = inner_products(terms)
-        return self._grams[name]
-
-    def _move_geometry(self, moves, atoms: Dict[str, List[Atom]], scores) -> Tuple[float, float]:
-        """<g, d> and |d|^2 of the whole move (gamma = 1, each block its most), d in the span of
-        the v_i, its length that of the weights it moves (<v_i, v_j>, not the coefficients': a
-        curvature carried in it does not depend on how long each task vector is). Exact for
-        task-arithmetic steps: then <g, theta - theta_0> is the scores' combination, so the
-        slope needs no evaluation."""
-        slope, length_sq = 0.0, 0.0
-        for name, (toward, away, most) in moves.items():
-            if most <= 0.0:
-                continue
-            if away is None and not self.p.pairwise:  # toward the FW vertex, away from the iterate
-                here = sum((a.weight * self._unit(a) for a in atoms[name]), torch.zeros(len(self.candidates)))
-                d = most * (self._unit(toward) - here)
-            else:
-                d = most * (self._unit(toward) - self._unit(away))
-            slope += float(d @ scores[name].double())
-            length_sq += float(d @ self._gram(name) @ d)
-        return slope, length_sq
-
-    def _adaptive_exact(self, stochastic: bool) -> bool:
-        """The adaptive step's slope is exact: task-arithmetic steps, exact scores, one objective."""
-        return not stochastic and not self.sketched and self.p.step_merge == "task_arithmetic"
-
-    def _trial(self, moves, atoms, scores, value: float, entry: dict) -> Tuple[float, Optional[_Trial]]:
-        slope, length_sq = self._move_geometry(moves, atoms, scores)
-        gamma = predicted_gamma(slope, length_sq, self.curvature)
-        if gamma <= 0.0 or not checkable(value, slope, gamma):
-            return gamma, None
-        before = {name: [a.model_copy() for a in atoms[name]] for name in moves}
-        return gamma, _Trial(value, slope, length_sq, gamma, moves, before, entry)
-
-    def _settle(self, trial: _Trial, value: float, atoms: Dict[str, List[Atom]], again: Callable[[Any], Any]):
-        """The check of `trial` by the value at its point: kept (returns None), or the step is
-        taken again at the minimiser of the parabola that value gives (inside the first step),
-        and `again(accept)` evaluates there, checked the same way, at most RETRIES times; the
-        last evaluation is returned. The hull grows when the step kept reaches it."""
-        out, first = None, trial.gamma
-        for attempt in range(RETRIES + 1):
-            a = trial.a(value)
-            self.curvature = learned_curvature(self.curvature, a, trial.length_sq)
-            if attempt == RETRIES or trial.keeps(value):
-                break
-            trial.gamma = parabola_minimiser(trial.slope, a)
-            for name, before in trial.before.items():
-                if atoms[name] != before:
-                    self.iterate.set(name, before, self.realize)
-                    atoms[name] = before
-            self._apply(trial.moves, atoms, trial.gamma, relative=True)
-            out = again(trial.keeps if attempt + 1 < RETRIES else None)
-            value = out if isinstance(out, float) else out[0]
-        if trial.gamma != first:
-            trial.entry["trial_gamma"] = first  # the step first taken, before its check
-        trial.entry["gamma"] = trial.gamma
-        if self.p.hull == "adaptive" and trial.gamma >= 1.0:
-            self.scale *= 2.0  # the step reached the hull's boundary: let the hull grow
-        return out
-
     def _apply(self, moves, atoms: Dict[str, List[Atom]], gamma: float, relative: bool = False) -> None:
         points, realize = self._point(gamma, moves, atoms, relative)
         for name in self.blocks:
@@ -517,8 +407,8 @@ class FrankWolfe:
         # full objective.
         initial = self.gradient.value() if stochastic else float("nan")
         best = (initial, 0, copy.deepcopy(atoms)) if stochastic else (float("inf"), 0, None)
-        adaptive = p.step == "adaptive" and self._adaptive_exact(stochastic)
-        trial: Optional[_Trial] = None  # the adaptive step awaiting the check of the next evaluation
+        adaptive = p.step == "adaptive" and self.adaptive.exact(stochastic)
+        trial: Optional[Trial] = None  # the adaptive step awaiting the check of the next evaluation
         bar = tqdm(range(p.iterations), desc="fw: iterations", disable=not self.progress)
         for t in bar:
             began = time.time()
@@ -526,7 +416,9 @@ class FrankWolfe:
             objective = self.objective.sample(t, k, p.seed) if stochastic else None
             value, scores = self._evaluate(objective, trial.keeps if trial is not None else None)
             if trial is not None:
-                value, scores = self._settle(trial, value, atoms, lambda ok: self._evaluate(objective, ok)) or (
+                value, scores = self.adaptive.settle(
+                    trial, value, atoms, lambda ok: self._evaluate(objective, ok)
+                ) or (
                     value,
                     scores,
                 )
@@ -540,7 +432,7 @@ class FrankWolfe:
             moves = self._moves(t, chosen, mix, scores, atoms)
             searched, hull, step = None, self.scale, {}
             if adaptive:
-                gamma, trial = self._trial(moves, atoms, scores, value, step)
+                gamma, trial = self.adaptive.trial(moves, atoms, scores, value, step)
             elif p.step in ("line_search", "adaptive"):  # adaptive without an exact slope: search
                 gamma, searched = self._line_search(moves, atoms, value, objective)
             else:
@@ -548,15 +440,17 @@ class FrankWolfe:
             self._apply(moves, atoms, gamma, relative=searched is not None or adaptive)
             if p.hull == "adaptive" and searched is not None and gamma >= 1.0 and not p.pairwise:
                 self.scale *= 2.0  # the best step reached the hull's boundary: let the hull grow
-            step.update({
-                "iteration": t,
-                "objective": value,
-                "gamma": gamma,
-                "rescored": self.rescored - checked,
-                "chosen": {n: chosen[n] for n in self.blocks},
-                "mix": {n: mix[n] for n in self.blocks if n in mix},
-                "scaling": hull,
-            })
+            step.update(
+                {
+                    "iteration": t,
+                    "objective": value,
+                    "gamma": gamma,
+                    "rescored": self.rescored - checked,
+                    "chosen": {n: chosen[n] for n in self.blocks},
+                    "mix": {n: mix[n] for n in self.blocks if n in mix},
+                    "scaling": hull,
+                }
+            )
             if searched is not None:
                 step["line_search"] = searched  # the objective at 1/2 and 1 of the step
             if p.pairwise:
@@ -572,7 +466,7 @@ class FrankWolfe:
         final = self.gradient.value()
         if trial is not None:
             checked = time.time()
-            again = self._settle(trial, final, atoms, lambda ok: self.gradient.value())
+            again = self.adaptive.settle(trial, final, atoms, lambda ok: self.gradient.value())
             final = final if again is None else again
             trace[-1]["seconds"] = round(trace[-1]["seconds"] + time.time() - checked, 3)  # its retries
         selected = p.iterations

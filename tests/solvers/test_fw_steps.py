@@ -251,7 +251,9 @@ def test_adaptive_step_searches_where_scores_are_sketch_estimates():
     taus = [torch.randn(shape, generator=g) for _ in range(2)]
     target = 0.5 * taus[0]
     w = torch.nn.Parameter(torch.zeros(shape))
-    p = FWParams(calibration="unused", sketch_ratio=32, init="base", preset="paper", step="adaptive", iterations=3)
+    p = FWParams(
+        calibration="unused", sketch_ratio=32, init="base", preset="paper", step="adaptive", iterations=3
+    )
     fw = FrankWolfe(
         ModelIterate({"w": w}),
         Quadratic(w, target),

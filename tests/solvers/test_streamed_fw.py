@@ -263,4 +263,6 @@ def test_adaptive_steps_match_the_in_ram_solve(tmp_path, tiny_pool, lora_pool, p
     for mode, trace in traces.items():
         assert not any("line_search" in step for step in trace), mode
         assert any(step["gamma"] > 0 for step in trace), mode
-    assert [t["gamma"] for t in traces["full"]] == pytest.approx([t["gamma"] for t in traces["layerwise"]], rel=1e-4)
+    assert [t["gamma"] for t in traces["full"]] == pytest.approx(
+        [t["gamma"] for t in traces["layerwise"]], rel=1e-4
+    )
