@@ -157,7 +157,8 @@ class FrankWolfe:
                 total += t
             del t, v
         width = max((r.numel() for r in rows), default=0)
-        self.sketched |= 0 < width < total.numel()  # an estimate, not the identity (m = numel)
+        # a score is an estimate where a nonzero v_i was sketched into fewer buckets than it has entries
+        self.sketched |= any(0 < r.numel() < total.numel() and norm > 0 for r, norm in zip(rows, norms))
         self.v_sketch[name] = torch.stack([r if r.numel() else torch.zeros(width) for r in rows])
         self.v_norm[name] = torch.tensor(norms)
         start = self.base(name)

@@ -268,3 +268,48 @@ def test_adaptive_step_searches_where_scores_are_sketch_estimates():
     )
     result = fw.run()
     assert fw.sketched and all("line_search" in step for step in result.trace)
+
+
+class Blocks:
+    """f = 1/2 ||w - target||^2 over block w, plus a large block z no candidate changes."""
+
+    def __init__(self, params, target):
+        self.params, self.target = params, target
+
+    def __call__(self, consume, objective=None, accept=None):
+        consume("w", (self.params["w"].detach() - self.target).clone())
+        consume("z", self.params["z"].detach().clone())
+        return self.value()
+
+    def value(self, objective=None):
+        return float(0.5 * (self.params["w"].detach() - self.target).square().sum())
+
+
+def test_a_large_block_no_candidate_changes_does_not_make_the_slope_an_estimate():
+    """Regression: a block of 10,000 entries that every candidate leaves at zero was sketched (zeros
+    into 4,096 buckets), which marked the scores as estimates and sent every step to the line search."""
+    taus, target = taus_and_target(seed=6, n=2)
+    params = {"w": torch.nn.Parameter(torch.zeros(SHAPE)), "z": torch.nn.Parameter(torch.zeros(100, 100))}
+
+    class TwoBlocks(Candidate):
+        def task_vector(self, name, base):
+            return self.tau.clone() if name == "w" else torch.zeros(100, 100)
+
+    p = FWParams(
+        calibration="unused", sketch_ratio=32, init="base", preset="paper", step="adaptive", iterations=3
+    )
+    fw = FrankWolfe(
+        ModelIterate(params),
+        Blocks(params, target),
+        NoSampling(),
+        [TwoBlocks(f"c{i}", t) for i, t in enumerate(taus)],
+        [1.0, 1.0],
+        ["w", "z"],
+        p,
+        lambda name: torch.zeros(SHAPE if name == "w" else (100, 100)),
+        progress=False,
+        sketches=SketchStore(),
+    )
+    result = fw.run()
+    assert not fw.sketched and not any("line_search" in step for step in result.trace)
+    assert result.final_objective < result.initial_objective
