@@ -20,8 +20,9 @@ from fwllm.kernels.step_rule import (
     fitted_a,
     keeps,
     learned_curvature,
-    parabola_minimiser,
     predicted_gamma,
+    retry_gamma,
+    secant_a,
 )
 from fwllm.solvers.plan_atoms import kernel_atom
 
@@ -30,21 +31,24 @@ RETRIES = 3  # a step is taken again at most this often (each time shorter)
 
 @dataclass
 class Trial:
-    """A step taken on trust, checked by the value the next evaluation brings."""
+    """A step taken on trust, checked by the value and the slope the next evaluation brings."""
 
     f0: float  # the objective where the step started
-    slope: float  # <g, d>: the objective's derivative along the whole move
+    slope: float  # <g, d>: the objective's derivative along the whole move, at its start
     length_sq: float  # |d|^2 = sum d_i d_j <v_i, v_j>
     gamma: float  # the share of the move taken
     moves: dict
+    directions: Dict[str, torch.Tensor]  # per block, d in coefficients on the v_i
     before: Dict[str, List[Atom]]  # the blocks' atoms where the step started
     entry: dict  # its iteration's trace entry
 
-    def a(self, value: float) -> float:
-        return fitted_a(self.f0, self.slope, self.gamma, value)
-
     def keeps(self, value: float) -> bool:
-        return keeps(self.slope, self.a(value), self.gamma)
+        """The check a value alone can make (the gradient may skip its backward when it fails)."""
+        return keeps(self.f0, self.slope, self.gamma, value)
+
+    def end_slope(self, scores: Dict[str, torch.Tensor]) -> float:
+        """<g, d> where the step ended, from the scores of the gradient there."""
+        return sum(float(d @ scores[name].double()) for name, d in self.directions.items())
 
 
 class AdaptiveStep:
@@ -83,13 +87,15 @@ class AdaptiveStep:
             self._grams[name] = inner_products(terms)
         return self._grams[name]
 
-    def geometry(self, moves, atoms: Dict[str, List[Atom]], scores) -> Tuple[float, float]:
-        """<g, d> and |d|^2 of the whole move (gamma = 1, each block its most), d in the span of
-        the v_i, its length that of the weights it moves (<v_i, v_j>, not the coefficients': a
-        curvature carried in it does not depend on how long each task vector is). Exact for
-        task-arithmetic steps: then <g, theta - theta_0> is the scores' combination, so the
-        slope needs no evaluation."""
-        slope, length_sq, n = 0.0, 0.0, len(self.fw.candidates)
+    def geometry(
+        self, moves, atoms: Dict[str, List[Atom]], scores
+    ) -> Tuple[float, float, Dict[str, torch.Tensor]]:
+        """<g, d>, |d|^2 and d per block (in coefficients on the v_i) of the whole move (gamma = 1,
+        each block its most); d's length is that of the weights it moves (<v_i, v_j>, not the
+        coefficients': a curvature carried in it does not depend on how long each task vector is).
+        Exact for task-arithmetic steps: then <g, theta - theta_0> is the scores' combination, so
+        the slope needs no evaluation."""
+        slope, length_sq, n, directions = 0.0, 0.0, len(self.fw.candidates), {}
         for name, (toward, away, most) in moves.items():
             if most <= 0.0:
                 continue
@@ -100,38 +106,49 @@ class AdaptiveStep:
                 d = most * (self._unit(toward) - here)
             else:
                 d = most * (self._unit(toward) - self._unit(away))
+            directions[name] = d
             slope += float(d @ scores[name].double())
             length_sq += float(d @ self._gram(name) @ d)
-        return slope, length_sq
+        return slope, length_sq, directions
 
     def trial(self, moves, atoms, scores, value: float, entry: dict) -> Tuple[float, Optional[Trial]]:
         """The step to take (a share of each block's most) and, when it is worth a check, its Trial."""
-        slope, length_sq = self.geometry(moves, atoms, scores)
+        slope, length_sq, directions = self.geometry(moves, atoms, scores)
         gamma = predicted_gamma(slope, length_sq, self.curvature)
         if gamma <= 0.0 or not checkable(value, slope, gamma):
             return gamma, None
         before = {name: [a.model_copy() for a in atoms[name]] for name in moves}
-        return gamma, Trial(value, slope, length_sq, gamma, moves, before, entry)
+        return gamma, Trial(value, slope, length_sq, gamma, moves, directions, before, entry)
 
-    def settle(self, trial: Trial, value: float, atoms: Dict[str, List[Atom]], again: Callable[[Any], Any]):
-        """The check of `trial` by the value at its point: kept (returns None), or the step is
-        taken again at the minimiser of the parabola that value gives (inside the first step),
-        and `again(accept)` evaluates there, checked the same way, at most RETRIES times; the
-        last evaluation is returned. The hull grows when the step kept reaches it."""
+    def settle(
+        self,
+        trial: Trial,
+        value: float,
+        atoms: Dict[str, List[Atom]],
+        again: Callable[[Any], Any],
+        scores: Optional[Dict[str, torch.Tensor]] = None,
+    ):
+        """The check of `trial` by the value (and, with `scores`, the slope) at its point: kept
+        (returns None), or the step is taken again inside it (`fwllm.kernels.step_rule`), and
+        `again(accept)` evaluates there, checked the same way, at most RETRIES times; the last
+        evaluation is returned. The hull grows when the step kept reaches it."""
         fw, out, first = self.fw, None, trial.gamma
         for attempt in range(RETRIES + 1):
-            a = trial.a(value)
+            # scores are those of a gradient only where the value passed the gate (else no backward ran)
+            end = trial.end_slope(scores) if scores is not None and trial.keeps(value) else None
+            f0, slope, gamma = trial.f0, trial.slope, trial.gamma
+            a = fitted_a(f0, slope, gamma, value) if end is None else secant_a(slope, gamma, end)
             self.curvature = learned_curvature(self.curvature, a, trial.length_sq)
-            if attempt == RETRIES or trial.keeps(value):
+            if attempt == RETRIES or keeps(f0, slope, gamma, value, end):
                 break
-            trial.gamma = parabola_minimiser(trial.slope, a)
+            trial.gamma = retry_gamma(f0, slope, gamma, value, end)
             for name, before in trial.before.items():
                 if atoms[name] != before:
                     fw.iterate.set(name, before, fw.realize)
                     atoms[name] = before
             fw._apply(trial.moves, atoms, trial.gamma, relative=True)
             out = again(trial.keeps if attempt + 1 < RETRIES else None)
-            value = out if isinstance(out, float) else out[0]
+            value, scores = (out, None) if isinstance(out, float) else out
         if trial.gamma != first:
             trial.entry["trial_gamma"] = first  # the step first taken, before its check
         trial.entry["gamma"] = trial.gamma

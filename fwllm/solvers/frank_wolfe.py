@@ -417,12 +417,10 @@ class FrankWolfe:
             objective = self.objective.sample(t, k, p.seed) if stochastic else None
             value, scores = self._evaluate(objective, trial.keeps if trial is not None else None)
             if trial is not None:
-                value, scores = self.adaptive.settle(
-                    trial, value, atoms, lambda ok: self._evaluate(objective, ok)
-                ) or (
-                    value,
-                    scores,
+                again = self.adaptive.settle(
+                    trial, value, atoms, lambda ok: self._evaluate(objective, ok), scores
                 )
+                value, scores = (value, scores) if again is None else again
                 trial = None
             if not stochastic:
                 initial = value if t == 0 else initial
