@@ -65,7 +65,7 @@ FW_PRESETS: Dict[str, Dict[str, Any]] = {
         "regmean_weights": "uniform",
         "init": "base",
         "scaling": 1.0,
-        "step": "line_search",
+        "step": "adaptive",
         "hull": "adaptive",
     },
     "paper": {
@@ -163,12 +163,11 @@ class FWParams(MethodParams):
         "auto"  # auto: full if it fits in free RAM, else layerwise
     )
     batches_per_iteration: int = Field(0, ge=0)  # stochastic FW: micro-batches per task (0 = all)
-    step: Optional[Literal["open_loop", "line_search"]] = (
-        None  # line_search: gamma from 2 forward evaluations
-    )
-    hull: Optional[Literal["fixed", "adaptive"]] = (
-        None  # adaptive: lambda doubles while the line search hits it
-    )
+    # line_search: gamma from 2 extra forward evaluations per step; adaptive: gamma from a curvature
+    # carried between steps, checked by the next iteration's own forward (an extra one only when a
+    # step is retried); it needs exact scores (LoRA pools, sketch_ratio: 1), else it searches
+    step: Optional[Literal["open_loop", "line_search", "adaptive"]] = None
+    hull: Optional[Literal["fixed", "adaptive"]] = None  # adaptive: lambda doubles while steps reach it
     pairwise: bool = False  # pairwise steps: move mass from the worst active vertex to the FW vertex
     regmean_alpha: float = Field(0.9, ge=0, le=1)  # refine regmean: off-diagonal scale of the Grams
     # refine regmean: "fw" weighs each candidate by FW's coefficient and keeps FW's mass;

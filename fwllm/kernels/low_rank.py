@@ -9,7 +9,7 @@ B and A^T (B = Q_b R_b, A^T = Q_a R_a, so B A = Q_b (R_b R_a^T) Q_a^T): only the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -64,3 +64,30 @@ def truncate(delta: LowRank, rank: int) -> Tuple[LowRank, float]:
     error = (dropped / total) ** 0.5 if total > 0 else 0.0
     root = sigma[:k].sqrt()
     return LowRank((root[:, None] * vt[:k]).float(), (u[:, :k] * root).float()), error
+
+
+def inner_products(terms: Sequence[Optional[Union[torch.Tensor, LowRank]]]) -> torch.Tensor:
+    """The float64 Gram <t_i, t_j> of one weight's terms, each a dense tensor, a LowRank (never
+    formed: <s B A, s' B' A'> = s s' sum((B^T B') * (A A'^T)), <s B A, V> = s sum((B^T V) * A)) or
+    None (zero)."""
+    n = len(terms)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for i, ti in enumerate(terms):
+        for j in range(i, n):
+            tj = terms[j]
+            if ti is None or tj is None:
+                continue
+            if isinstance(ti, LowRank) and isinstance(tj, LowRank):
+                value = (
+                    ti.scale
+                    * tj.scale
+                    * torch.sum((ti.b.double().T @ tj.b.double()) * (ti.a.double() @ tj.a.double().T))
+                )
+            elif isinstance(ti, LowRank) or isinstance(tj, LowRank):
+                low, dense = (ti, tj) if isinstance(ti, LowRank) else (tj, ti)
+                v = dense.double().reshape(low.shape)
+                value = low.scale * torch.sum((low.b.double().T @ v) * low.a.double())
+            else:
+                value = torch.dot(ti.double().reshape(-1), tj.double().reshape(-1))
+            out[i, j] = out[j, i] = float(value)
+    return out

@@ -129,8 +129,10 @@ class FWMerging(DataMethod):
         p = super().validate_params(raw)
         if p.pairwise and (p.variant != "hard" or p.granularity != "tensor"):
             raise FwllmError("fw_merging: pairwise steps need variant: hard and granularity: tensor")
-        if p.hull == "adaptive" and (p.step != "line_search" or p.pairwise):
-            raise FwllmError("fw_merging: hull: adaptive needs step: line_search (and no pairwise steps)")
+        if p.hull == "adaptive" and (p.step == "open_loop" or p.pairwise):
+            raise FwllmError(
+                "fw_merging: hull: adaptive needs step: line_search or adaptive (and no pairwise steps)"
+            )
         if p.refined and p.local_merge != "task_arithmetic":
             raise FwllmError(
                 f"fw_merging: refine: regmean needs local_merge: task_arithmetic (FW's coefficients "

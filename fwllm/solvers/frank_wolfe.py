@@ -34,6 +34,7 @@ from fwllm.io.candidates import Candidate
 from fwllm.kernels.atoms import TaskVector, atom_delta, atom_scale, block_delta, local_vertex, vertex_key
 from fwllm.kernels.lmo import choose_top_k, choose_vertex, project_simplex
 from fwllm.kernels.sketch import CountSketch, alignment, rescored, sketch_error
+from fwllm.solvers.adaptive_step import AdaptiveStep, Trial
 from fwllm.solvers.lora_terms import LoraTerms, low_rank_candidate
 from fwllm.solvers.plan_atoms import atom_settings, compact, kernel_atom, kernel_atoms
 
@@ -86,6 +87,8 @@ class FrankWolfe:
         self.exact: Dict[str, List[int]] = {}  # per block: candidates scored exactly from their LoRA factors
         self.scale = p.scaling  # the hull's lambda for new atoms (grows with `hull: adaptive`)
         self.rescored = 0
+        self.sketched = False  # some score is a sketch estimate (then the adaptive step is not exact)
+        self.adaptive = AdaptiveStep(self)
 
     # -- candidate access -------------------------------------------------------------
     def base(self, name: str) -> torch.Tensor:
@@ -154,6 +157,8 @@ class FrankWolfe:
                 total += t
             del t, v
         width = max((r.numel() for r in rows), default=0)
+        # a score is an estimate where a nonzero v_i was sketched into fewer buckets than it has entries
+        self.sketched |= any(0 < r.numel() < total.numel() and norm > 0 for r, norm in zip(rows, norms))
         self.v_sketch[name] = torch.stack([r if r.numel() else torch.zeros(width) for r in rows])
         self.v_norm[name] = torch.tensor(norms)
         start = self.base(name)
@@ -175,9 +180,13 @@ class FrankWolfe:
                 else self.weights[i] * f.scale * float(torch.sum((f.b.float().T @ g) * f.a.float()))
             )
 
-    def _evaluate(self, objective: Optional[Objective] = None) -> Tuple[float, Dict[str, torch.Tensor]]:
+    def _evaluate(
+        self, objective: Optional[Objective] = None, accept: Optional[Callable[[float], bool]] = None
+    ) -> Tuple[float, Dict[str, torch.Tensor]]:
         """Objective value at the current iterate, and <g, v_i> per block (the gradient is
-        reduced to N scores as it arrives, never kept). `objective`: a minibatch objective."""
+        reduced to N scores as it arrives, never kept). `objective`: a minibatch objective.
+        `accept`: the gradient may skip its backward when the value fails it (the scores are
+        then not used)."""
         scores: Dict[str, torch.Tensor] = {}
 
         def consume(name: str, g: torch.Tensor) -> None:
@@ -199,7 +208,9 @@ class FrankWolfe:
                 sketched if name not in scores else scores[name] + sketched
             )  # micro-batch groups add up
 
-        value = self.gradient(consume, objective)
+        value = (
+            self.gradient(consume, objective) if accept is None else self.gradient(consume, objective, accept)
+        )
         if self.lora is not None:
             for name, s in self.lora.scores.items():
                 scores[name] = s.clone()
@@ -397,12 +408,20 @@ class FrankWolfe:
         # full objective.
         initial = self.gradient.value() if stochastic else float("nan")
         best = (initial, 0, copy.deepcopy(atoms)) if stochastic else (float("inf"), 0, None)
+        adaptive = p.step == "adaptive" and self.adaptive.exact(stochastic)
+        trial: Optional[Trial] = None  # the adaptive step awaiting the check of the next evaluation
         bar = tqdm(range(p.iterations), desc="fw: iterations", disable=not self.progress)
         for t in bar:
             began = time.time()
             checked = self.rescored
             objective = self.objective.sample(t, k, p.seed) if stochastic else None
-            value, scores = self._evaluate(objective)
+            value, scores = self._evaluate(objective, trial.keeps if trial is not None else None)
+            if trial is not None:
+                again = self.adaptive.settle(
+                    trial, value, atoms, lambda ok: self._evaluate(objective, ok), scores
+                )
+                value, scores = (value, scores) if again is None else again
+                trial = None
             if not stochastic:
                 initial = value if t == 0 else initial
                 if value < best[0]:
@@ -410,24 +429,27 @@ class FrankWolfe:
             chosen = self._choose(scores)
             mix = self._mix(chosen, scores, objective)
             moves = self._moves(t, chosen, mix, scores, atoms)
-            searched = None
-            if p.step == "line_search":
+            searched, hull, step = None, self.scale, {}
+            if adaptive:
+                gamma, trial = self.adaptive.trial(moves, atoms, scores, value, step)
+            elif p.step in ("line_search", "adaptive"):  # adaptive without an exact slope: search
                 gamma, searched = self._line_search(moves, atoms, value, objective)
             else:
                 gamma = open_loop_gamma(t, p.step_size)
-            self._apply(moves, atoms, gamma, relative=searched is not None)
-            hull = self.scale
+            self._apply(moves, atoms, gamma, relative=searched is not None or adaptive)
             if p.hull == "adaptive" and searched is not None and gamma >= 1.0 and not p.pairwise:
                 self.scale *= 2.0  # the best step reached the hull's boundary: let the hull grow
-            step = {
-                "iteration": t,
-                "objective": value,
-                "gamma": gamma,
-                "rescored": self.rescored - checked,
-                "chosen": {n: chosen[n] for n in self.blocks},
-                "mix": {n: mix[n] for n in self.blocks if n in mix},
-                "scaling": hull,
-            }
+            step.update(
+                {
+                    "iteration": t,
+                    "objective": value,
+                    "gamma": gamma,
+                    "rescored": self.rescored - checked,
+                    "chosen": {n: chosen[n] for n in self.blocks},
+                    "mix": {n: mix[n] for n in self.blocks if n in mix},
+                    "scaling": hull,
+                }
+            )
             if searched is not None:
                 step["line_search"] = searched  # the objective at 1/2 and 1 of the step
             if p.pairwise:
@@ -441,6 +463,11 @@ class FrankWolfe:
             bar.set_postfix(objective=f"{value:.4f}")
             LOG.info("fw iteration %d: objective %.5f, gamma %.4f", t, value, gamma)
         final = self.gradient.value()
+        if trial is not None:
+            checked = time.time()
+            again = self.adaptive.settle(trial, final, atoms, lambda ok: self.gradient.value())
+            final = final if again is None else again
+            trace[-1]["seconds"] = round(trace[-1]["seconds"] + time.time() - checked, 3)  # its retries
         selected = p.iterations
         if best[0] < final:
             final, selected, atoms = best

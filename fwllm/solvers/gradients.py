@@ -30,7 +30,9 @@ class FullGradient:
         params = dict(model.named_parameters())
         self.params = [(n, params[n]) for n in blocks]
 
-    def __call__(self, consume: Consume, objective: Optional[Objective] = None) -> float:
+    def __call__(self, consume: Consume, objective: Optional[Objective] = None, accept=None) -> float:
+        """`accept` (a point the caller may discard) changes nothing here: the backward runs
+        batch by batch with the forward, so the value is known only when it is done."""
         self.model.zero_grad(set_to_none=True)
         value = (objective or self.objective).backward(self.model)
         for name, p in self.params:

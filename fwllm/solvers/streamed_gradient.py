@@ -241,13 +241,19 @@ class StreamedGradient:
             groups.append(current)
         return groups
 
-    def _run(self, objective: Objective, consume: Optional[Consume], backward: bool) -> float:
+    def _run(self, objective: Objective, consume: Optional[Consume], backward: bool, accept=None) -> float:
         try:
-            return self._evaluate(objective, consume, backward)
+            return self._evaluate(objective, consume, backward, accept)
         finally:
             return_free_memory()  # a whole evaluation ended (eval/fwbench/heap_trim.py can trim only here)
 
-    def _evaluate(self, objective: Objective, consume: Optional[Consume], backward: bool) -> float:
+    def _evaluate(
+        self,
+        objective: Objective,
+        consume: Optional[Consume],
+        backward: bool,
+        accept: Optional[Callable[[float], bool]] = None,
+    ) -> float:
         total = 0.0
         groups = self._groups(objective)
         self.groups_last = len(groups)
@@ -258,6 +264,10 @@ class StreamedGradient:
                 self._forward_stack(terms, keep=backward)
                 for term in terms:
                     total += self._top(term, backward)
+                if backward and accept is not None and len(groups) == 1 and not accept(total):
+                    backward = False  # the caller discards this point: its backward is not needed
+                    for term in terms:
+                        term.inputs = []
                 if backward:
                     self._backward_stack(terms, consume)
                     if self.outer_trainable:
@@ -273,12 +283,21 @@ class StreamedGradient:
                     consume(name, p.grad if p.grad is not None else torch.zeros_like(p))
         return total
 
-    def __call__(self, consume: Consume, objective: Optional[Objective] = None) -> float:
+    def __call__(
+        self,
+        consume: Consume,
+        objective: Optional[Objective] = None,
+        accept: Optional[Callable[[float], bool]] = None,
+    ) -> float:
+        """The value, and the gradient handed to `consume`. `accept(value)` False: the point is
+        rejected, and where the whole objective is one group of micro-batches the backward is
+        skipped (consume is then not called); with several groups the value is known only at
+        the end, after every group's backward."""
         objective = objective or self.objective
         if self.lora is not None:
             self.lora.start_scoring()
         try:
-            return self._run(objective, consume, backward=True)
+            return self._run(objective, consume, backward=True, accept=accept)
         finally:
             if self.lora is not None:
                 self.lora.stop_scoring()

@@ -30,12 +30,22 @@ class Quadratic:
     def __init__(self, param, target):
         self.param, self.target = param, target
         self.values = []
+        self.passes = {"backward": 0, "forward only": 0, "value": 0}
 
-    def __call__(self, consume, objective=None):
+    def __call__(self, consume, objective=None, accept=None):
+        value = self._f()
+        if accept is not None and not accept(value):  # as the streamed gradient: no backward
+            self.passes["forward only"] += 1
+            return value
+        self.passes["backward"] += 1
         consume("w", (self.param.detach() - self.target).clone())
-        return self.value()
+        return value
 
     def value(self, objective=None):
+        self.passes["value"] += 1
+        return self._f()
+
+    def _f(self):
         return float(0.5 * (self.param.detach() - self.target).square().sum())
 
 
@@ -155,3 +165,151 @@ def test_pairwise_steps_drop_a_vertex_that_stopped_helping():
     plain_result, plain_seen = run_recording(plain)
     assert plain_seen[-1].get(0, 0) > 0.02  # vanilla FW keeps a share of its first vertex
     assert result.final_objective < plain_result.final_objective
+
+
+def coefficients(result, n):
+    return ta_coefficients(kernel_atoms(result.atoms["w"]), [1.0] * n, 1.0)
+
+
+def test_adaptive_step_retries_a_whole_step_at_the_exact_minimiser_of_a_one_dimensional_quadratic():
+    """One candidate, target 0.37 tau (+ an orthogonal part): with no curvature known yet the
+    first trial is the whole step; its value gives the exact parabola, whose minimiser 0.37 is
+    taken on the retry. After that the slope is zero: no further step."""
+    tau = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    off = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    off -= (off * tau).sum() / tau.square().sum() * tau
+    fw, w = solver([tau], 0.37 * tau + off, iterations=4, step="adaptive", scaling=1.0)
+    result = fw.run()
+    assert coefficients(result, 1) == pytest.approx([0.37], abs=1e-5)
+    assert result.trace[0]["trial_gamma"] == 1.0 and result.trace[0]["gamma"] == pytest.approx(0.37, abs=1e-5)
+    # 4 gradients (one per iteration) and the rejected whole step's forward; no line-search evaluation
+    assert fw.gradient.passes == {"backward": 4, "forward only": 1, "value": 1}
+
+
+def test_adaptive_steps_never_go_up_and_keep_three_quarters_of_the_exact_line_search():
+    """On a quadratic every step's parabola is exact: each step kept must decrease the objective
+    by at least 3/4 of what the exact line search along the same move would (closed form)."""
+    taus, target = taus_and_target(seed=3, n=4)
+    fw, w = solver(taus, target, iterations=15, step="adaptive", scaling=1.0)
+    seen = []
+    original = fw._apply
+
+    def apply(moves, atoms, gamma, relative=False):
+        before = w.detach().clone()
+        original(moves, atoms, gamma, relative)
+        seen.append((before, w.detach().clone(), moves))
+
+    fw._apply = apply
+    result = fw.run()
+    steps = {}  # the last step applied from each starting point (a retry replaces its trial)
+    for before, after, moves in seen:
+        steps[tuple(before.flatten().tolist())] = (before, after, moves)
+    f = lambda theta: float(0.5 * (theta - target).square().sum())  # noqa: E731
+    for before, after, moves in steps.values():
+        toward = moves["w"][0]
+        s = taus[toward.members[0]] if toward is not None else torch.zeros(SHAPE)
+        d = s - before
+        if not d.any():
+            continue
+        exact = min(1.0, max(0.0, float(((target - before) * d).sum() / d.square().sum())))
+        best = f(before) - f(before + exact * d)
+        assert f(before) - f(after) >= 0.75 * best - 1e-6
+    values = [step["objective"] for step in result.trace] + [result.final_objective]
+    assert all(b <= a + 1e-9 for a, b in zip(values, values[1:]))
+    searched, _ = solver(taus, target, iterations=15, step="line_search", scaling=1.0)
+    assert result.final_objective <= searched.run().final_objective * 1.05 + 1e-9
+
+
+def test_adaptive_step_costs_one_gradient_per_iteration_where_the_line_search_costs_three_passes():
+    taus, target = taus_and_target(seed=4, n=3)
+    adaptive, _ = solver(taus, target, iterations=10, step="adaptive", scaling=1.0)
+    adaptive.run()
+    searched, _ = solver(taus, target, iterations=10, step="line_search", scaling=1.0)
+    searched.run()
+    # the line search: a gradient per iteration, two trial points per step, and the final value
+    assert searched.gradient.passes == {"backward": 10, "forward only": 0, "value": 2 * 10 + 1}
+    passes = adaptive.gradient.passes
+    assert passes["backward"] == 10 and passes["value"] <= 2  # a gradient per iteration, the final value ...
+    # f's Hessian is I: along any move d its curvature in |d|^2 = sum d_i d_j <v_i, v_j> is exactly 1, so only
+    # the first step (no curvature known yet) is retried
+    assert passes["forward only"] == 1
+
+
+def test_adaptive_step_grows_the_hull_to_the_one_dimensional_optimum():
+    tau = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    fw, w = solver([tau], 3.7 * tau, iterations=12, step="adaptive", scaling=0.3, hull="adaptive")
+    result = fw.run()
+    assert coefficients(result, 1) == pytest.approx([3.7], abs=1e-4)
+    assert torch.allclose(w.detach(), 3.7 * tau, atol=1e-4)
+
+
+def test_adaptive_step_searches_where_scores_are_sketch_estimates():
+    """A block of 10,000 entries is sketched at ratio 32: the slope would be an estimate, so each
+    step is the line search's (two evaluations, recorded in the trace)."""
+    g = torch.Generator().manual_seed(5)
+    shape = (100, 100)
+    taus = [torch.randn(shape, generator=g) for _ in range(2)]
+    target = 0.5 * taus[0]
+    w = torch.nn.Parameter(torch.zeros(shape))
+    p = FWParams(
+        calibration="unused", sketch_ratio=32, init="base", preset="paper", step="adaptive", iterations=3
+    )
+    fw = FrankWolfe(
+        ModelIterate({"w": w}),
+        Quadratic(w, target),
+        NoSampling(),
+        [Candidate(f"c{i}", t) for i, t in enumerate(taus)],
+        [1.0, 1.0],
+        ["w"],
+        p,
+        lambda name: torch.zeros(shape),
+        progress=False,
+        sketches=SketchStore(),
+    )
+    result = fw.run()
+    assert fw.sketched and all("line_search" in step for step in result.trace)
+
+
+class Blocks:
+    """f = 1/2 ||w - target||^2 over block w, plus a large block z no candidate changes."""
+
+    def __init__(self, params, target):
+        self.params, self.target = params, target
+
+    def __call__(self, consume, objective=None, accept=None):
+        consume("w", (self.params["w"].detach() - self.target).clone())
+        consume("z", self.params["z"].detach().clone())
+        return self.value()
+
+    def value(self, objective=None):
+        return float(0.5 * (self.params["w"].detach() - self.target).square().sum())
+
+
+def test_a_large_block_no_candidate_changes_does_not_make_the_slope_an_estimate():
+    """Regression: a block of 10,000 entries that every candidate leaves at zero was sketched (zeros
+    into 4,096 buckets), which marked the scores as estimates and sent every step to the line search."""
+    taus, target = taus_and_target(seed=6, n=2)
+    params = {"w": torch.nn.Parameter(torch.zeros(SHAPE)), "z": torch.nn.Parameter(torch.zeros(100, 100))}
+
+    class TwoBlocks(Candidate):
+        def task_vector(self, name, base):
+            return self.tau.clone() if name == "w" else torch.zeros(100, 100)
+
+    p = FWParams(
+        calibration="unused", sketch_ratio=32, init="base", preset="paper", step="adaptive", iterations=3
+    )
+    fw = FrankWolfe(
+        ModelIterate(params),
+        Blocks(params, target),
+        NoSampling(),
+        [TwoBlocks(f"c{i}", t) for i, t in enumerate(taus)],
+        [1.0, 1.0],
+        ["w", "z"],
+        p,
+        lambda name: torch.zeros(SHAPE if name == "w" else (100, 100)),
+        progress=False,
+        sketches=SketchStore(),
+    )
+    result = fw.run()
+    assert not fw.sketched and not any("line_search" in step for step in result.trace)
+    assert result.final_objective < result.initial_objective

@@ -311,3 +311,25 @@ def test_each_fetch_reads_one_tensor_from_a_mapping_without_contains(tmp_path):
     StreamedGradient(meta, objective, blocks, lambda: {})(lambda n, g: None)
     assert meta.fetches > len(blocks)  # layers come back for the backward
     assert weights.reads == meta.fetches
+
+
+def test_a_point_the_caller_rejects_gets_its_value_and_no_backward(tmp_path):
+    """`accept(value)` False (FW's adaptive step retried): the value is the full objective's, the
+    layer-by-layer backward is skipped (no gradient handed on, no layer fetched for it); a point
+    accepted gets the usual gradient."""
+    model = tiny_llama()
+    tasks = [CalibrationTask("copy", CAUSAL, task_rows("copy", 4, 1))]
+    objective = encode_tasks(tasks, tiny_tokenizer(), model, batch_size=4)  # one micro-batch group
+    v_full, g_full = full_gradient(model, objective)
+    _, _, gradient = layerwise_gradient(copy.deepcopy(model), objective, tmp_path)
+    fetched = []
+    fetch = gradient._fetch_layer
+    gradient._fetch_layer = lambda i: (fetched.append(i), fetch(i))[1]
+    seen, values = {}, []
+    value = gradient(seen.__setitem__, accept=lambda v: values.append(v) or False)
+    assert value == pytest.approx(v_full, rel=1e-6) and values == [value]
+    assert not seen and fetched == list(range(len(model.model.layers)))  # the forward's fetches only
+    value = gradient(seen.__setitem__, accept=lambda v: True)
+    assert value == pytest.approx(v_full, rel=1e-6) and set(seen) == set(g_full)
+    for name, g in g_full.items():
+        assert torch.allclose(seen[name], g, atol=1e-6, rtol=1e-5), name

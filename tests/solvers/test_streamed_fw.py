@@ -240,3 +240,30 @@ def test_bad_inputs_of_the_bounded_path(tmp_path, tiny_pool, monkeypatch):
         )
     for name in ("wide", "sh", "disk"):
         assert not (tmp_path / name).exists()  # nothing that looks finished
+
+
+@pytest.mark.parametrize("pool_kind", ["full", "lora_implicit"])
+def test_adaptive_steps_match_the_in_ram_solve(tmp_path, tiny_pool, lora_pool, pool_kind):
+    """The default preset's FW with `step: adaptive` (exact scores: a LoRA pool's from its factors,
+    whatever the sketch ratio; a full pool's with sketch_ratio 1): the same steps and merge bounded
+    and in RAM, and no line-search evaluation."""
+    e = tiny_pool["experts"]
+    models = [e["copy"], e["rev"]] if pool_kind == "full" else lora_pool[:2]
+    outs, plans, traces = both(
+        tmp_path,
+        tiny_pool,
+        models,
+        f"adaptive_{pool_kind}",
+        preset="default",
+        step="adaptive",
+        refine="none",
+        iterations=4,
+        sketch_ratio=1 if pool_kind == "full" else 32,
+    )
+    assert_same_merge(outs, traces)
+    for mode, trace in traces.items():
+        assert not any("line_search" in step for step in trace), mode
+        assert any(step["gamma"] > 0 for step in trace), mode
+    assert [t["gamma"] for t in traces["full"]] == pytest.approx(
+        [t["gamma"] for t in traces["layerwise"]], rel=1e-4
+    )

@@ -1,0 +1,90 @@
+"""FW's adaptive step: a step size from a curvature learned along the run, checked by the next
+iteration's own gradient instead of by extra evaluations (scalars in, scalars out).
+
+Along a move d (gamma in [0, 1] is the share of it taken) the slope <g, d> is exact from the LMO's
+scores (every step a linear combination of task vectors, every score exact), at the start of the
+step and, from the next iteration's scores, at its end. The step taken is the minimiser of the
+parabola f0 + slope * gamma + a * gamma^2 with a = curvature * |d|^2 / 2, the curvature carried
+from the last move in the metric of the weights, so that a longer move expects a larger a.
+
+The next gradient brings the value and the slope where the step ended. The step is kept when it
+decreased the objective (Armijo's condition) and did not go far past the minimum along d (the slope
+at its end is below CURVATURE times the start's magnitude: a Wolfe curvature condition; on a
+quadratic, within 1.5 times the exact minimiser). Otherwise it is taken again at the zero of the
+slope interpolated between both ends (the secant; exact on a quadratic), which costs one more
+gradient, or, where only a value is known, at the minimiser of the parabola through it. The
+curvature the next move inherits is that secant's. Values alone (a parabola through f0 with the
+start's slope) mislead where the loss falls steeply and then flattens along d: they shorten every
+step. Pedregosa et al. (AISTATS 2020, arXiv 1806.05123) check the same quadratic model by
+backtracking; here the check is the next iteration's own gradient, so a step kept costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+ARMIJO = 1e-4  # the share of the first-order decrease a kept step must reach
+CURVATURE = 0.5  # a kept step's end slope is at most this times the start's magnitude
+# a step promising less than this share of the objective is taken unchecked, and teaches nothing:
+# so small a change is mostly the float32 rounding of the loss
+RESOLUTION = 1e-4
+LONGER = 0.5  # no curvature seen (the slope grew less negative by nothing): the next curvature, times this
+
+
+def fitted_a(f0: float, slope: float, gamma: float, value: float) -> float:
+    """a of the parabola through (0, f0) with slope `slope` there and through (gamma, value)."""
+    return (value - f0 - slope * gamma) / (gamma * gamma)
+
+
+def parabola_minimiser(slope: float, a: float) -> float:
+    """argmin over [0, 1] of slope * gamma + a * gamma^2 (slope < 0: a descent direction)."""
+    if slope >= 0.0:
+        return 0.0
+    if a <= 0.0:  # not convex along the move: the parabola falls all the way to the boundary
+        return 1.0
+    return min(1.0, -slope / (2.0 * a))
+
+
+def secant_a(slope: float, gamma: float, end_slope: float) -> float:
+    """a of the parabola whose slope goes from `slope` at 0 to `end_slope` at gamma."""
+    return (end_slope - slope) / (2.0 * gamma)
+
+
+def keeps(f0: float, slope: float, gamma: float, value: float, end_slope: Optional[float] = None) -> bool:
+    """Armijo's decrease, and (where the end slope is known) no step far past the minimum."""
+    if value > f0 + ARMIJO * gamma * slope:
+        return False
+    return end_slope is None or end_slope <= CURVATURE * abs(slope)
+
+
+def retry_gamma(
+    f0: float, slope: float, gamma: float, value: float, end_slope: Optional[float] = None
+) -> float:
+    """Where a step that was not kept is taken again (always inside it)."""
+    if end_slope is not None and end_slope > 0.0:
+        return gamma * (-slope) / (end_slope - slope)  # the secant's zero of the slope
+    return min(gamma, parabola_minimiser(slope, fitted_a(f0, slope, gamma, value)))
+
+
+def learned_curvature(previous: Optional[float], a: float, length_sq: float) -> Optional[float]:
+    """What a move of squared length `length_sq` whose parabola has coefficient `a` teaches the
+    next: its curvature; where it showed none (a <= 0), a longer step than the last one's."""
+    if a > 0.0:
+        return 2.0 * a / length_sq
+    return None if previous is None else previous * LONGER
+
+
+def predicted_gamma(slope: float, length_sq: float, curvature: Optional[float]) -> float:
+    """The trial step: the minimiser of the parabola the carried curvature gives this move (a whole
+    step while no curvature is known)."""
+    if slope >= 0.0 or length_sq <= 0.0:
+        return 0.0
+    if curvature is None or not math.isfinite(curvature) or curvature <= 0.0:
+        return 1.0
+    return parabola_minimiser(slope, curvature * length_sq / 2.0)
+
+
+def checkable(f0: float, slope: float, gamma: float) -> bool:
+    """The first-order decrease of the step stands above the rounding of the objective."""
+    return -slope * gamma > RESOLUTION * max(abs(f0), 1e-30)

@@ -1,0 +1,157 @@
+"""FW's `step: adaptive` (`fwllm.kernels.step_rule` has its rule): each step is the minimiser of a
+parabola whose curvature the previous moves taught, and it is checked by the value the next
+iteration's gradient brings, so a step kept costs no evaluation. This module measures a move
+(its slope <g, d> from the LMO's scores, its length in the metric of the weights) and settles a
+step once its value is known: kept, or taken again shorter (each retry one forward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from fwllm.core.plan import Atom
+from fwllm.kernels.atoms import atom_scale
+from fwllm.kernels.low_rank import LowRank, inner_products
+from fwllm.kernels.step_rule import (
+    checkable,
+    fitted_a,
+    keeps,
+    learned_curvature,
+    predicted_gamma,
+    retry_gamma,
+    secant_a,
+)
+from fwllm.solvers.plan_atoms import kernel_atom
+
+RETRIES = 3  # a step is taken again at most this often (each time shorter)
+
+
+@dataclass
+class Trial:
+    """A step taken on trust, checked by the value and the slope the next evaluation brings."""
+
+    f0: float  # the objective where the step started
+    slope: float  # <g, d>: the objective's derivative along the whole move, at its start
+    length_sq: float  # |d|^2 = sum d_i d_j <v_i, v_j>
+    gamma: float  # the share of the move taken
+    moves: dict
+    directions: Dict[str, torch.Tensor]  # per block, d in coefficients on the v_i
+    before: Dict[str, List[Atom]]  # the blocks' atoms where the step started
+    entry: dict  # its iteration's trace entry
+
+    def keeps(self, value: float) -> bool:
+        """The check a value alone can make (the gradient may skip its backward when it fails)."""
+        return keeps(self.f0, self.slope, self.gamma, value)
+
+    def end_slope(self, scores: Dict[str, torch.Tensor]) -> float:
+        """<g, d> where the step ended, from the scores of the gradient there."""
+        return sum(float(d @ scores[name].double()) for name, d in self.directions.items())
+
+
+class AdaptiveStep:
+    """The adaptive step of one `FrankWolfe` solve (which it reads: candidates, scores' exactness,
+    the iterate; and moves: the iterate on a retry, the hull's lambda)."""
+
+    def __init__(self, fw):
+        self.fw = fw
+        self.curvature: Optional[float] = None  # carried from move to move
+        self._grams: Dict[str, torch.Tensor] = {}  # per block: <v_i, v_j>, the metric of the moves
+
+    def exact(self, stochastic: bool) -> bool:
+        """The slope is exact: task-arithmetic steps, exact scores, one objective for every step."""
+        return not stochastic and not self.fw.sketched and self.fw.p.step_merge == "task_arithmetic"
+
+    def _unit(self, atom: Optional[Atom]) -> torch.Tensor:
+        """A vertex's coefficients on the v_i (its scale times its mix; the base vertex: none)."""
+        c = torch.zeros(len(self.fw.candidates), dtype=torch.float64)
+        if atom is not None:
+            scale = atom_scale(kernel_atom(atom), self.fw.settings)
+            c[atom.members] += scale * torch.tensor(atom.mix, dtype=c.dtype)
+        return c
+
+    def _gram(self, name: str) -> torch.Tensor:
+        """<v_i, v_j> of one block, from the LoRA factors and the exact (m = numel) sketch rows."""
+        if name not in self._grams:
+            fw, rows, terms = self.fw, None, []
+            exact = set(fw.exact.get(name, []))
+            for i, c in enumerate(fw.candidates):
+                if i in exact:
+                    f = c.adapter.factors.get(name)
+                    terms.append(None if f is None else LowRank(f.a, f.b, f.scale * fw.weights[i]))
+                else:
+                    rows = fw.v_sketch[name] if rows is None else rows
+                    terms.append(rows[i])
+            self._grams[name] = inner_products(terms)
+        return self._grams[name]
+
+    def geometry(
+        self, moves, atoms: Dict[str, List[Atom]], scores
+    ) -> Tuple[float, float, Dict[str, torch.Tensor]]:
+        """<g, d>, |d|^2 and d per block (in coefficients on the v_i) of the whole move (gamma = 1,
+        each block its most); d's length is that of the weights it moves (<v_i, v_j>, not the
+        coefficients': a curvature carried in it does not depend on how long each task vector is).
+        Exact for task-arithmetic steps: then <g, theta - theta_0> is the scores' combination, so
+        the slope needs no evaluation."""
+        slope, length_sq, n, directions = 0.0, 0.0, len(self.fw.candidates), {}
+        for name, (toward, away, most) in moves.items():
+            if most <= 0.0:
+                continue
+            if away is None and not self.fw.p.pairwise:  # toward the FW vertex, away from the iterate
+                here = sum(
+                    (a.weight * self._unit(a) for a in atoms[name]), torch.zeros(n, dtype=torch.float64)
+                )
+                d = most * (self._unit(toward) - here)
+            else:
+                d = most * (self._unit(toward) - self._unit(away))
+            directions[name] = d
+            slope += float(d @ scores[name].double())
+            length_sq += float(d @ self._gram(name) @ d)
+        return slope, length_sq, directions
+
+    def trial(self, moves, atoms, scores, value: float, entry: dict) -> Tuple[float, Optional[Trial]]:
+        """The step to take (a share of each block's most) and, when it is worth a check, its Trial."""
+        slope, length_sq, directions = self.geometry(moves, atoms, scores)
+        gamma = predicted_gamma(slope, length_sq, self.curvature)
+        if gamma <= 0.0 or not checkable(value, slope, gamma):
+            return gamma, None
+        before = {name: [a.model_copy() for a in atoms[name]] for name in moves}
+        return gamma, Trial(value, slope, length_sq, gamma, moves, directions, before, entry)
+
+    def settle(
+        self,
+        trial: Trial,
+        value: float,
+        atoms: Dict[str, List[Atom]],
+        again: Callable[[Any], Any],
+        scores: Optional[Dict[str, torch.Tensor]] = None,
+    ):
+        """The check of `trial` by the value (and, with `scores`, the slope) at its point: kept
+        (returns None), or the step is taken again inside it (`fwllm.kernels.step_rule`), and
+        `again(accept)` evaluates there, checked the same way, at most RETRIES times; the last
+        evaluation is returned. The hull grows when the step kept reaches it."""
+        fw, out, first = self.fw, None, trial.gamma
+        for attempt in range(RETRIES + 1):
+            # scores are those of a gradient only where the value passed the gate (else no backward ran)
+            end = trial.end_slope(scores) if scores is not None and trial.keeps(value) else None
+            f0, slope, gamma = trial.f0, trial.slope, trial.gamma
+            a = fitted_a(f0, slope, gamma, value) if end is None else secant_a(slope, gamma, end)
+            self.curvature = learned_curvature(self.curvature, a, trial.length_sq)
+            if attempt == RETRIES or keeps(f0, slope, gamma, value, end):
+                break
+            trial.gamma = retry_gamma(f0, slope, gamma, value, end)
+            for name, before in trial.before.items():
+                if atoms[name] != before:
+                    fw.iterate.set(name, before, fw.realize)
+                    atoms[name] = before
+            fw._apply(trial.moves, atoms, trial.gamma, relative=True)
+            out = again(trial.keeps if attempt + 1 < RETRIES else None)
+            value, scores = (out, None) if isinstance(out, float) else out
+        if trial.gamma != first:
+            trial.entry["trial_gamma"] = first  # the step first taken, before its check
+        trial.entry["gamma"] = trial.gamma
+        if fw.p.hull == "adaptive" and trial.gamma >= 1.0:
+            fw.scale *= 2.0  # the step reached the hull's boundary: let the hull grow
+        return out
