@@ -13,6 +13,7 @@ from fwllm.core.params import FW_PRESETS, FWParams
 from fwllm.methods.fw_merging import FWMerging
 
 REPORT = Path(__file__).resolve().parents[2] / "eval" / "reports" / "quality"
+STEP_REPORT = REPORT.parent / "quality_step"  # the step rule, benchmarked after on the same pool and rows
 
 
 def benchmark_fw_hard_settings() -> dict:
@@ -37,6 +38,11 @@ def test_the_defaults_are_the_benchmarks_fw_hard_settings():
     recorded = benchmark_fw_hard_settings()
     report = (REPORT / "report.md").read_text()
     assert "| 8 (4 irrelevant) | FW-hard | 97.0" in report  # the row these settings scored
+    # the default step is the one the step benchmark ran, which scored what the line search scored
+    step_run = json.loads((STEP_REPORT / "results.json").read_text())["merge_settings"]["extra"]["fw_hard"]
+    for run in ("adaptive", "line_search"):
+        assert "| 8 (4 irrelevant) | FW-hard | 97.0" in (STEP_REPORT / f"{run}.md").read_text()
+    recorded["step"] = step_run["step"]
     p = FWParams(calibration="c")
     assert {k: getattr(p, k) for k in recorded} == recorded
     assert (
