@@ -343,6 +343,9 @@ def model_entry(
             per_iteration=row.per_iteration,
             vs_floor=timed / floor["evaluation_s"] if floor and timed else None,
         )
+        if row.apart and floor and timed and r.get(row.apart) is not None:
+            r["apart_s"] = r[row.apart]
+            r["pass_vs_floor"] = (timed - r[row.apart]) / floor["evaluation_s"]
         if r.get("lora_gib") is not None and r.get("dense_gib"):
             r["lora_ratio"] = r["lora_gib"] / r["dense_gib"]
         r["targets"] = rows_mod.targets(name, row, r, size / GIB)

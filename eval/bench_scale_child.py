@@ -67,6 +67,7 @@ def run_fwllm(args: dict) -> dict:
     for key in ("gradient", "solve_seconds", "candidate_bytes_read"):
         if key in plan:
             extra[key] = plan[key]
+    extra.update(plan.get("timings") or {})  # RegMean: its closed form's seconds, apart from the Gram pass
     if args.get("lora_out"):
         from fwllm.mergekit_glue.lora_out import write_lora_out
 

@@ -75,6 +75,7 @@ class CandidateStats(_Record):
 
 class StatsPlanRecord(PlanRecord):
     candidates: List[CandidateStats]
+    timings: Dict[str, float] = {}  # where the solve's seconds went (benchmarks read it)
 
     @property
     def labels(self) -> List[str]:

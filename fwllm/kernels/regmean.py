@@ -11,6 +11,8 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
+from fwllm.kernels.cholesky import cholesky_lower
+
 # A Cholesky pivot below this fraction of the largest diagonal entry counts as singular.
 SINGULAR_PIVOT = 1e-10
 
@@ -23,8 +25,8 @@ def reduce_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def cholesky_or_none(a: torch.Tensor) -> Optional[torch.Tensor]:
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
+    chol, info = cholesky_lower(a)
+    if info != 0:
         return None
     scale = float(a.diagonal().max())
     if float(chol.diagonal().square().min()) <= SINGULAR_PIVOT * scale:

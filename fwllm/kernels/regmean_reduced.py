@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from fwllm.kernels.cholesky import cholesky_lower
 from fwllm.kernels.low_rank import LowRank
 from fwllm.kernels.regmean import SINGULAR_PIVOT, cholesky_or_none
 
@@ -223,8 +224,8 @@ class RegMeanSums:
         for i in range(0, self.row_count, BLOCK):
             torch.mm(v[i : i + BLOCK], v[: i + BLOCK].T, out=k[i : i + BLOCK, : i + BLOCK])
         k.diagonal().add_(1.0)
-        chol, info = torch.linalg.cholesky_ex(k)  # eigenvalues >= 1: fails only on NaN
-        if int(info) != 0:
+        chol, info = cholesky_lower(k)  # eigenvalues >= 1: fails only on NaN
+        if info != 0:
             return None
 
         def solve_for(rhs: torch.Tensor) -> torch.Tensor:

@@ -174,6 +174,7 @@ class RegMean(DataMethod):
                 settings=p.model_dump(),
                 candidates=stats,
                 primary_head=primary_head(job, heads),
+                timings={"closed_form_s": solver.closed_form_s},
             ),
         )
         mark_plan_complete(job.plan_dir)
