@@ -331,7 +331,8 @@ def model_entry(
             print(f"   refused: {refused}", flush=True)
             entry["rows"][row.key] = {"label": row.label, "skipped": f"refused: {refused}"}
             continue
-        for kind in [row.floor, *rows_mod.ALSO_FLOORS.get(row.floor, [])] if row.floor else []:
+        also = [] if opts.own_floors_only else rows_mod.ALSO_FLOORS.get(row.floor, [])
+        for kind in [row.floor, *also] if row.floor else []:
             if kind not in entry["floors"]:
                 print(f"   floor: {kind}", flush=True)
                 entry["floors"][kind] = repeated(kind, floor_args, opts.repeats)
@@ -500,6 +501,11 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--realistic-model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
     ap.add_argument("--checkpoint-memory", type=float, default=1.0, help="FW's checkpoint_memory (GiB)")
+    ap.add_argument(
+        "--own-floors-only",
+        action="store_true",
+        help="skip the floors shown beside a row's own (Fisher's plain floor): at 7B each is many minutes",
+    )
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "fwllm", "bench_scale"))
     ap.add_argument("--out", default=os.path.join(HERE, "reports"))
     args = ap.parse_args(argv)
