@@ -75,8 +75,14 @@ def linear_square_sum(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return ((x @ x.T) * (dy @ dy.T)).sum()
 
 
-def embedding_square_sum(ids: torch.Tensor, de: torch.Tensor) -> torch.Tensor:
+def embedding_square_sum(
+    ids: torch.Tensor, de: torch.Tensor, padding_idx: Optional[int] = None
+) -> torch.Tensor:
     """sum(G^2) for an embedding's gradient G (row v = sum of the output gradients de [..., dim] at the
-    positions of token v), without forming the vocab x dim G: positions of one token pair up."""
+    positions of token v), without forming the vocab x dim G: positions of one token pair up. The
+    `padding_idx` row gets no gradient (as torch.nn.Embedding's): its positions are left out."""
     ids, de = ids.reshape(-1), de.reshape(-1, de.shape[-1]).double()
+    if padding_idx is not None:
+        keep = ids != padding_idx
+        ids, de = ids[keep], de[keep]
     return ((de @ de.T) * (ids[:, None] == ids[None, :])).sum()

@@ -62,9 +62,10 @@ def add_lower_product(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) ->
         out[i : i + BLOCK, : i + BLOCK].addmm_(x[:, i : i + BLOCK].T, x[:, : i + BLOCK], alpha=alpha)
 
 
-def symmetric(lower: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose lower triangle is `lower`'s."""
-    return lower.tril() + lower.tril(-1).T
+def symmetrize_(lower: torch.Tensor) -> torch.Tensor:
+    """`lower` made the symmetric matrix of its lower triangle, in place (one strict-triangle copy)."""
+    strict = lower.tril(-1)
+    return lower.tril_().add_(strict.T)
 
 
 @dataclass
@@ -154,8 +155,15 @@ class RegMeanSums:
             return
         self.gram_sum = torch.zeros(features, features, dtype=torch.float64, device=device)
         if self.rows and all(weight >= 0 for _, weight in self.rows):
-            # one product over all the rows: a candidate's few rows at a time, it took ~5x as long
-            add_lower_product(self.gram_sum, self._stacked())
+            # the rows in float64 half a Gram at a time (with the float32 rows and the sum: two Grams, what
+            # the memory bound prices); a candidate's few rows at a time took ~5x as long
+            fold = max(features // 2, 1)
+            start, taken = 0, 0
+            for end in range(1, len(self.rows) + 1):
+                taken += self.rows[end - 1][0].shape[0]
+                if taken >= fold or end == len(self.rows):
+                    add_lower_product(self.gram_sum, self._stacked(rows=self.rows[start:end]))
+                    start, taken = end, 0
         else:
             for x, weight in self.rows:
                 x64 = x.double()
@@ -164,13 +172,17 @@ class RegMeanSums:
             self.gram_sum.diagonal().add_(self.row_diag, alpha=1.0 - self.alpha)
         self.rows, self.row_count, self.row_diag = [], 0, None
 
-    def _stacked(self, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """U [k, in] in float64: the kept rows, each candidate's times sqrt(alpha c_i) (and `scale`
-        per column)."""
-        first = self.rows[0][0]
-        u = torch.empty(self.row_count, first.shape[1], dtype=torch.float64, device=first.device)
+    def _stacked(
+        self, scale: Optional[torch.Tensor] = None, rows: Optional[List[Tuple[torch.Tensor, float]]] = None
+    ) -> torch.Tensor:
+        """U [k, in] in float64: the kept rows (or `rows` of them), each candidate's times
+        sqrt(alpha c_i) (and `scale` per column)."""
+        rows = self.rows if rows is None else rows
+        first = rows[0][0]
+        count = sum(x.shape[0] for x, _ in rows)
+        u = torch.empty(count, first.shape[1], dtype=torch.float64, device=first.device)
         at = 0
-        for x, weight in self.rows:
+        for x, weight in rows:
             factor = (self.alpha * weight) ** 0.5
             torch.mul(x.double(), factor if scale is None else scale * factor, out=u[at : at + x.shape[0]])
             at += x.shape[0]
@@ -189,15 +201,21 @@ class RegMeanSums:
             """weight * G~ x in float64 ([in, k] for x [in, k])."""
             x64 = x.double()
             out = gram_times(x64).mul_(self.alpha * weight)
-            return out.add_(x64 * (diagonal * ((1.0 - self.alpha) * weight))[:, None])
+            return out.addcmul_(x64, (diagonal * ((1.0 - self.alpha) * weight))[:, None])
 
         given = {name: tau for name, tau in taus.items() if tau is not None}
-        # every weight's columns in one product: a Gram's rows are converted to float64 once
-        cols = [(tau.a.T if isinstance(tau, LowRank) else tau.T) for tau in given.values()]
-        if not cols:
-            return
-        products = tilde_times(torch.cat(cols, dim=1)).split([c.shape[1] for c in cols], dim=1)
-        for (name, tau), product in zip(given.items(), products):
+        low = {name: tau for name, tau in given.items() if isinstance(tau, LowRank)}
+        products: Dict[str, torch.Tensor] = {}
+        if low:
+            # the LoRA factors' few columns in one product: a Gram's rows are converted to float64 once
+            cols = [tau.a.T for tau in low.values()]
+            products = dict(
+                zip(low, tilde_times(torch.cat(cols, dim=1)).split([c.shape[1] for c in cols], dim=1))
+            )
+        for name, tau in given.items():
+            # a dense task vector's product is [in, out] float64: one at a time, not all of an input's at once
+            product = products.pop(name) if name in low else tilde_times(tau.T)
+
             num = self.numerators.setdefault(name, _Numerator())
             if isinstance(tau, LowRank):
                 num.gram_a.append(product)
@@ -265,7 +283,7 @@ class RegMeanSums:
                 lam = ridge * float(s.diagonal().mean())
                 if lam <= 0:
                     return {n: self._average(num) for n, num in self.numerators.items()}, float("inf")
-                s = symmetric(s)
+                s = symmetrize_(s)
                 s.diagonal().add_(lam)
 
             def solve_for(rhs: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,9 @@ def secant_a(slope: float, gamma: float, end_slope: float) -> float:
 
 
 def keeps(f0: float, slope: float, gamma: float, value: float, end_slope: Optional[float] = None) -> bool:
-    """Armijo's decrease, and (where the end slope is known) no step far past the minimum."""
-    if value > f0 + ARMIJO * gamma * slope:
+    """Armijo's decrease, and (where the end slope is known) no step far past the minimum. A NaN
+    value or slope is never kept."""
+    if not value <= f0 + ARMIJO * gamma * slope:
         return False
     return end_slope is None or end_slope <= CURVATURE * abs(slope)
 
@@ -62,6 +63,8 @@ def retry_gamma(
     f0: float, slope: float, gamma: float, value: float, end_slope: Optional[float] = None
 ) -> float:
     """Where a step that was not kept is taken again (always inside it)."""
+    if not math.isfinite(value):
+        return gamma / 4.0  # nothing to fit: much shorter
     if end_slope is not None and end_slope > 0.0:
         return gamma * (-slope) / (end_slope - slope)  # the secant's zero of the slope
     return min(gamma, parabola_minimiser(slope, fitted_a(f0, slope, gamma, value)))
@@ -69,7 +72,10 @@ def retry_gamma(
 
 def learned_curvature(previous: Optional[float], a: float, length_sq: float) -> Optional[float]:
     """What a move of squared length `length_sq` whose parabola has coefficient `a` teaches the
-    next: its curvature; where it showed none (a <= 0), a longer step than the last one's."""
+    next: its curvature; where it showed none (a <= 0), a longer step than the last one's; a NaN
+    (the objective was not finite there) teaches nothing."""
+    if not math.isfinite(a):
+        return previous
     if a > 0.0:
         return 2.0 * a / length_sq
     return None if previous is None else previous * LONGER

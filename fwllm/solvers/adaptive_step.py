@@ -41,6 +41,7 @@ class Trial:
     directions: Dict[str, torch.Tensor]  # per block, d in coefficients on the v_i
     before: Dict[str, List[Atom]]  # the blocks' atoms where the step started
     entry: dict  # its iteration's trace entry
+    scores: Dict[str, torch.Tensor]  # the scores where the step started (a step undone returns to them)
 
     def keeps(self, value: float) -> bool:
         """The check a value alone can make (the gradient may skip its backward when it fails)."""
@@ -81,6 +82,10 @@ class AdaptiveStep:
                 if i in exact:
                     f = c.adapter.factors.get(name)
                     terms.append(None if f is None else LowRank(f.a, f.b, f.scale * fw.weights[i]))
+                elif float(fw.v_norm[name][i]) == 0.0:
+                    # leaves the block at zero: its sketch row may have fewer buckets than entries
+                    # (a zero v_i does not make the scores estimates), and it adds nothing to <v_i, v_j>
+                    terms.append(None)
                 else:
                     rows = fw.v_sketch[name] if rows is None else rows
                     terms.append(rows[i])
@@ -118,7 +123,8 @@ class AdaptiveStep:
         if gamma <= 0.0 or not checkable(value, slope, gamma):
             return gamma, None
         before = {name: [a.model_copy() for a in atoms[name]] for name in moves}
-        return gamma, Trial(value, slope, length_sq, gamma, moves, directions, before, entry)
+        entry.update(slope=slope, length_sq=length_sq, curvature=self.curvature)
+        return gamma, Trial(value, slope, length_sq, gamma, moves, directions, before, entry, scores)
 
     def settle(
         self,
@@ -131,27 +137,42 @@ class AdaptiveStep:
         """The check of `trial` by the value (and, with `scores`, the slope) at its point: kept
         (returns None), or the step is taken again inside it (`fwllm.kernels.step_rule`), and
         `again(accept)` evaluates there, checked the same way, at most RETRIES times; the last
-        evaluation is returned. The hull grows when the step kept reaches it."""
-        fw, out, first = self.fw, None, trial.gamma
+        evaluation is returned. A step that still raises the objective after the last retry is
+        undone (the start's value and scores are returned). The hull grows when the step kept
+        reaches it."""
+        fw, out, first, with_scores = self.fw, None, trial.gamma, scores is not None
         for attempt in range(RETRIES + 1):
             # scores are those of a gradient only where the value passed the gate (else no backward ran)
             end = trial.end_slope(scores) if scores is not None and trial.keeps(value) else None
             f0, slope, gamma = trial.f0, trial.slope, trial.gamma
             a = fitted_a(f0, slope, gamma, value) if end is None else secant_a(slope, gamma, end)
             self.curvature = learned_curvature(self.curvature, a, trial.length_sq)
-            if attempt == RETRIES or keeps(f0, slope, gamma, value, end):
+            kept = keeps(f0, slope, gamma, value, end)
+            # what the check saw, for the trace (why a step was retried)
+            trial.entry.setdefault("checks", []).append(
+                {"gamma": gamma, "value": value, "end_slope": end, "kept": kept}
+            )
+            if attempt == RETRIES or kept:
                 break
             trial.gamma = retry_gamma(f0, slope, gamma, value, end)
-            for name, before in trial.before.items():
-                if atoms[name] != before:
-                    fw.iterate.set(name, before, fw.realize)
-                    atoms[name] = before
+            self._restore(trial, atoms)
             fw._apply(trial.moves, atoms, trial.gamma, relative=True)
             out = again(trial.keeps if attempt + 1 < RETRIES else None)
             value, scores = (out, None) if isinstance(out, float) else out
+        if not trial.keeps(value):  # every retry went up (or NaN): back to where the step started
+            self._restore(trial, atoms)
+            trial.gamma = 0.0
+            out = (trial.f0, trial.scores) if with_scores else trial.f0
         if trial.gamma != first:
             trial.entry["trial_gamma"] = first  # the step first taken, before its check
         trial.entry["gamma"] = trial.gamma
         if fw.p.hull == "adaptive" and trial.gamma >= 1.0:
             fw.scale *= 2.0  # the step reached the hull's boundary: let the hull grow
         return out
+
+    def _restore(self, trial: Trial, atoms: Dict[str, List[Atom]]) -> None:
+        """The blocks the step moved, back to where it started."""
+        for name, before in trial.before.items():
+            if atoms[name] != before:
+                self.fw.iterate.set(name, before, self.fw.realize)
+                atoms[name] = before

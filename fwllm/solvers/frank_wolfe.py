@@ -417,10 +417,15 @@ class FrankWolfe:
             objective = self.objective.sample(t, k, p.seed) if stochastic else None
             value, scores = self._evaluate(objective, trial.keeps if trial is not None else None)
             if trial is not None:
+                settling = time.time()
                 again = self.adaptive.settle(
                     trial, value, atoms, lambda ok: self._evaluate(objective, ok), scores
                 )
                 value, scores = (value, scores) if again is None else again
+                # a step's retries are its own seconds (as after the last iteration), not this one's
+                spent = time.time() - settling
+                trial.entry["seconds"] = round(trial.entry["seconds"] + spent, 3)
+                began += spent
                 trial = None
             if not stochastic:
                 initial = value if t == 0 else initial

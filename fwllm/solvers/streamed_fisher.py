@@ -151,7 +151,9 @@ class StreamedFisher(StreamedGradient):
             grads = torch.autograd.grad(value, params, retain_graph=j < len(terms) - 1, allow_unused=True)
             t.grads.append(_zeros_if_none(grads[0], top).to(self.host))
             t.weights.append(w)
-            _add_sums(hooked, calls, grads[1 + len(names) :], acc, w, linear_square_sum)
+            _add_sums(
+                hooked, calls, grads[1 + len(names) :], acc, w, lambda x, dy, module: linear_square_sum(x, dy)
+            )
             for n, g in zip(names, grads[1 : 1 + len(names)]):
                 if g is None:
                     continue
@@ -222,7 +224,7 @@ class StreamedFisher(StreamedGradient):
                         )
                     )
             for j, (w, grads) in enumerate(zip(t.weights, grads_of)):
-                _add_sums(hooked, calls, grads[len(names) :], acc, w, embedding_square_sum)
+                _add_sums(hooked, calls, grads[len(names) :], acc, w, _embedding_sum)
                 for n, g in zip(names, grads):
                     if outer[n] is self.input_embedding and t.rows[n]:
                         rows = t.rows[n][j] + (0 if g is None else g[t.ids])
@@ -277,7 +279,11 @@ def _add_sums(hooked, calls, grads, acc, w: float, square_sum) -> None:
         if gs:
             # a linear's inputs keep their feature axis, an embedding's token ids are flat
             rows = [x.reshape(-1, x.shape[-1]) if x.is_floating_point() else x.reshape(-1) for x in xs]
-            acc[n].add_(square_sum(torch.cat(rows), torch.cat(gs)), alpha=w)
+            acc[n].add_(square_sum(torch.cat(rows), torch.cat(gs), hooked[n]), alpha=w)
+
+
+def _embedding_sum(ids: torch.Tensor, de: torch.Tensor, module: torch.nn.Embedding) -> torch.Tensor:
+    return embedding_square_sum(ids, de, module.padding_idx)
 
 
 class CandidateWeights(Mapping):

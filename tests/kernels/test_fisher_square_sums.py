@@ -28,3 +28,14 @@ def test_embedding_square_sum_adds_a_repeated_tokens_rows_before_squaring():
     assert abs(got - want) <= 1e-6 * want
     # squaring each position's gradient on its own would be another (smaller here) number
     assert abs(float(de.double().square().sum()) - want) > 1e-3 * want
+
+
+def test_embedding_square_sum_leaves_out_the_padding_row_as_torch_does():
+    torch.manual_seed(2)
+    emb = torch.nn.Embedding(7, 4, padding_idx=3)
+    ids = torch.tensor([[3, 1, 3, 0, 5, 1]])  # the padding id twice: torch gives its row no gradient
+    de = torch.randn(1, 6, 4)
+    emb(ids).backward(de)
+    want = float(emb.weight.grad.double().square().sum())
+    assert abs(float(embedding_square_sum(ids, de, padding_idx=3)) - want) <= 1e-6 * want
+    assert abs(float(embedding_square_sum(ids, de)) - want) > 1e-3 * want

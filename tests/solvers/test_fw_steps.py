@@ -313,3 +313,41 @@ def test_a_large_block_no_candidate_changes_does_not_make_the_slope_an_estimate(
     result = fw.run()
     assert not fw.sketched and not any("line_search" in step for step in result.trace)
     assert result.final_objective < result.initial_objective
+
+
+class Cliff(Quadratic):
+    """The gradient of 1/2 ||theta - target||^2, but any move off theta_0 = 0 costs 1 more (or is NaN):
+    every step the slope promises goes up."""
+
+    def __init__(self, param, target, above=1.0):
+        super().__init__(param, target)
+        self.above = above
+
+    def _f(self):
+        start = float(0.5 * self.target.square().sum())
+        return start if not self.param.detach().any() else start + self.above
+
+
+@pytest.mark.parametrize("above", [1.0, float("nan")])
+def test_a_step_that_goes_up_on_every_retry_is_undone(above):
+    tau = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    fw, w = solver([tau], 0.5 * tau, iterations=2, step="adaptive", scaling=1.0)
+    fw.gradient = Cliff(w, 0.5 * tau, above)
+    result = fw.run()
+    assert not w.detach().any()  # back at theta_0 after each step's retries all went up
+    assert all(step["gamma"] == 0.0 for step in result.trace)
+    assert [c["kept"] for c in result.trace[0]["checks"]] == [False] * 4  # the trial and 3 retries
+    start = float(0.5 * (0.5 * tau).square().sum())
+    assert [step["objective"] for step in result.trace] == pytest.approx([start, start])
+    assert result.final_objective == pytest.approx(start)
+
+
+def test_nan_is_never_kept_and_retried_shorter():
+    from fwllm.kernels.step_rule import keeps, learned_curvature, retry_gamma
+
+    nan = float("nan")
+    assert not keeps(1.0, -1.0, 0.5, nan)
+    assert not keeps(1.0, -1.0, 0.5, 0.4, end_slope=nan)
+    assert keeps(1.0, -1.0, 0.5, 0.6, end_slope=-0.2)
+    assert 0.0 < retry_gamma(1.0, -1.0, 0.5, nan) < 0.5
+    assert learned_curvature(3.0, nan, 1.0) == 3.0

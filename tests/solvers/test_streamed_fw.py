@@ -267,3 +267,48 @@ def test_adaptive_steps_match_the_in_ram_solve(tmp_path, tiny_pool, lora_pool, p
     assert [t["gamma"] for t in traces["full"]] == pytest.approx(
         [t["gamma"] for t in traces["layerwise"]], rel=1e-4
     )
+
+
+@pytest.mark.parametrize("mode", ["full", "layerwise"])
+def test_adaptive_step_on_adapters_of_different_modules(tmp_path, tiny_pool, mode):
+    """One adapter on q_proj only, one on q_proj and a wide gate_proj (8192 entries: sketched into
+    4096 buckets for the candidate that leaves it at zero). The zero row is not an estimate, so the
+    step stays adaptive; the first move's |d|^2 must be that of the chosen adapter's own delta
+    (peft's merge_and_unload), over every weight it changes."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from conftest import save_random_loras
+
+    base = save_tiny_llama_base(tmp_path / "wide", intermediate_size=256)
+    refs = save_random_loras(base, tmp_path / "ad0", [2], seed=9, targets=("q_proj",))
+    refs += save_random_loras(base, tmp_path / "ad1", [3], seed=10, targets=("q_proj", "gate_proj"))
+    pool = {"base": base, "calib": tiny_pool["calib"]}
+    p = {
+        "calibration": str(tiny_pool["calib"]),
+        "preset": "default",
+        "refine": "none",
+        "init": "base",
+        "scaling": 1.0,
+        "iterations": 3,
+        "gradient": mode,
+    }
+    out = merge(tmp_path, f"mixed_{mode}", "fw_merging", pool, refs, p)
+    trace = json.loads((out / "fwllm_plan" / "trace.json").read_text())["trace"]
+    assert not any("line_search" in step for step in trace)
+    first = trace[0]
+    chosen = {tuple(c) for c in first["chosen"].values() if c}
+    assert len(chosen) == 1
+    (members,) = chosen
+    assert len(members) == 1
+    ref = refs[members[0]]
+    base_sd = LlamaForCausalLM.from_pretrained(base).state_dict()
+    base_path, adapter = ref.split("+")
+    merged = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base_path), adapter
+    ).merge_and_unload()
+    delta_sq = sum(
+        float((w.double() - base_sd[n].double()).square().sum()) for n, w in merged.state_dict().items()
+    )
+    gamma_most = first["scaling"]  # from the base, the whole move is lambda * tau
+    assert first["length_sq"] == pytest.approx(gamma_most**2 * delta_sq, rel=1e-5)
