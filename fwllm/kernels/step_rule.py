@@ -1,5 +1,5 @@
 """FW's adaptive step: a step size from a curvature learned along the run, checked by the next
-iteration's own gradient instead of by extra evaluations (scalars in, scalars out).
+iteration's own gradient instead of by extra evaluations.
 
 Along a move d (gamma in [0, 1] is the share of it taken) the slope <g, d> is exact from the LMO's
 scores (every step a linear combination of task vectors, every score exact), at the start of the
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 from typing import Optional
+
+import torch
 
 ARMIJO = 1e-4  # the share of the first-order decrease a kept step must reach
 CURVATURE = 0.5  # a kept step's end slope is at most this times the start's magnitude
@@ -94,3 +96,41 @@ def predicted_gamma(slope: float, length_sq: float, curvature: Optional[float]) 
 def checkable(f0: float, slope: float, gamma: float) -> bool:
     """The first-order decrease of the step stands above the rounding of the objective."""
     return -slope * gamma > RESOLUTION * max(abs(f0), 1e-30)
+
+
+def secant_hessian(
+    hessian: Optional[torch.Tensor], step: torch.Tensor, change: torch.Tensor, metric: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """The N x N curvature in the candidates' coefficients after a step `step` changed the scores
+    (the gradient in those coefficients) by `change`: BFGS's update, so that H step = change (on a
+    quadratic, exact along every direction seen). The first one starts from the metric <v_i, v_j>
+    scaled to the step's curvature. A step that showed no curvature (step . change <= 0) leaves it
+    longer (times LONGER), as the scalar rule does."""
+    sy = float(step @ change)
+    if not math.isfinite(sy):
+        return hessian
+    if sy <= 0.0:
+        return None if hessian is None else hessian * LONGER
+    if hessian is None:
+        sms = float(step @ metric @ step)
+        if sms <= 0.0:
+            return None
+        hessian = metric * (sy / sms)
+    hs = hessian @ step
+    shs = float(step @ hs)
+    if shs <= 0.0:
+        return hessian
+    return hessian - torch.outer(hs, hs) / shs + torch.outer(change, change) / sy
+
+
+def along_hessian(
+    hessian: torch.Tensor, d: torch.Tensor, curvature: float, metric: torch.Tensor
+) -> torch.Tensor:
+    """`hessian` raised along d to `curvature` = d^T H d (what a value alone showed: a step that went
+    too far), by a rank-one term in the metric's direction M d; never lowered (it stays positive)."""
+    now = float(d @ hessian @ d)
+    u = metric @ d
+    norm = float(d @ u)
+    if not math.isfinite(curvature) or curvature <= now or norm <= 0.0:
+        return hessian
+    return hessian + torch.outer(u, u) * ((curvature - now) / (norm * norm))

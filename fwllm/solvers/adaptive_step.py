@@ -16,6 +16,7 @@ from fwllm.core.plan import Atom
 from fwllm.kernels.atoms import atom_scale
 from fwllm.kernels.low_rank import LowRank, inner_products
 from fwllm.kernels.step_rule import (
+    along_hessian,
     checkable,
     fitted_a,
     keeps,
@@ -23,6 +24,7 @@ from fwllm.kernels.step_rule import (
     predicted_gamma,
     retry_gamma,
     secant_a,
+    secant_hessian,
 )
 from fwllm.solvers.plan_atoms import kernel_atom
 
@@ -42,6 +44,10 @@ class Trial:
     before: Dict[str, List[Atom]]  # the blocks' atoms where the step started
     entry: dict  # its iteration's trace entry
     scores: Dict[str, torch.Tensor]  # the scores where the step started (a step undone returns to them)
+    # every block's d, when all moved blocks share it (`granularity: model`): the move is then one
+    # direction in the N coefficients, and `metric` = sum over those blocks of <v_i, v_j>
+    shared: Optional[torch.Tensor] = None
+    metric: Optional[torch.Tensor] = None
 
     def keeps(self, value: float) -> bool:
         """The check a value alone can make (the gradient may skip its backward when it fails)."""
@@ -59,6 +65,9 @@ class AdaptiveStep:
     def __init__(self, fw):
         self.fw = fw
         self.curvature: Optional[float] = None  # carried from move to move
+        # where every move shares one direction in the N coefficients: the objective's curvature there,
+        # N x N, learned from each step's change of scores (a BFGS update, `secant_hessian`)
+        self.hessian: Optional[torch.Tensor] = None
         self._grams: Dict[str, torch.Tensor] = {}  # per block: <v_i, v_j>, the metric of the moves
 
     def exact(self, stochastic: bool) -> bool:
@@ -116,15 +125,45 @@ class AdaptiveStep:
             length_sq += float(d @ self._gram(name) @ d)
         return slope, length_sq, directions
 
+    def _shared(
+        self, directions: Dict[str, torch.Tensor]
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(d, sum of the blocks' <v_i, v_j>) when every moved block moves by the same d, else (None, None)."""
+        ds = list(directions.values())
+        if not ds or any(not torch.equal(d, ds[0]) for d in ds[1:]):
+            return None, None
+        return ds[0], sum(self._gram(name) for name in directions)
+
     def trial(self, moves, atoms, scores, value: float, entry: dict) -> Tuple[float, Optional[Trial]]:
         """The step to take (a share of each block's most) and, when it is worth a check, its Trial."""
         slope, length_sq, directions = self.geometry(moves, atoms, scores)
-        gamma = predicted_gamma(slope, length_sq, self.curvature)
+        shared, metric = self._shared(directions)
+        if shared is not None and self.hessian is not None:
+            # the learned curvature along this very direction (a parabola's a is half of it)
+            gamma = predicted_gamma(slope, 1.0, float(shared @ self.hessian @ shared))
+        else:
+            gamma = predicted_gamma(slope, length_sq, self.curvature)
         if gamma <= 0.0 or not checkable(value, slope, gamma):
             return gamma, None
         before = {name: [a.model_copy() for a in atoms[name]] for name in moves}
         entry.update(slope=slope, length_sq=length_sq, curvature=self.curvature)
-        return gamma, Trial(value, slope, length_sq, gamma, moves, directions, before, entry, scores)
+        trial = Trial(
+            value, slope, length_sq, gamma, moves, directions, before, entry, scores, shared, metric
+        )
+        return gamma, trial
+
+    def _learn(self, trial: Trial, a: float, scores: Optional[Dict[str, torch.Tensor]]) -> None:
+        """What the check of a step teaches the curvature: the scalar one always; the N x N one from
+        the change of the scores (a secant pair), or, from a value alone, along the move's direction."""
+        self.curvature = learned_curvature(self.curvature, a, trial.length_sq)
+        d = trial.shared
+        if d is None:
+            return
+        if scores is not None:
+            change = sum(scores[n].double() - trial.scores[n].double() for n in trial.directions)
+            self.hessian = secant_hessian(self.hessian, trial.gamma * d, change, trial.metric)
+        elif self.hessian is not None:
+            self.hessian = along_hessian(self.hessian, d, 2.0 * a, trial.metric)
 
     def settle(
         self,
@@ -146,7 +185,7 @@ class AdaptiveStep:
             end = trial.end_slope(scores) if scores is not None and trial.keeps(value) else None
             f0, slope, gamma = trial.f0, trial.slope, trial.gamma
             a = fitted_a(f0, slope, gamma, value) if end is None else secant_a(slope, gamma, end)
-            self.curvature = learned_curvature(self.curvature, a, trial.length_sq)
+            self._learn(trial, a, scores if end is not None else None)
             kept = keeps(f0, slope, gamma, value, end)
             # what the check saw, for the trace (why a step was retried)
             trial.entry.setdefault("checks", []).append(

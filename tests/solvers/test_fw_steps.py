@@ -351,3 +351,49 @@ def test_nan_is_never_kept_and_retried_shorter():
     assert keeps(1.0, -1.0, 0.5, 0.6, end_slope=-0.2)
     assert 0.0 < retry_gamma(1.0, -1.0, 0.5, nan) < 0.5
     assert learned_curvature(3.0, nan, 1.0) == 3.0
+
+
+class Anisotropic(Quadratic):
+    """f(theta) = 1/2 sum h (theta - target)^2: curvatures from 0.05 to 20 along the coordinates, so
+    each candidate's direction has its own curvature (the metric <v_i, v_j> alone cannot tell them)."""
+
+    def __init__(self, param, target, h):
+        super().__init__(param, target)
+        self.h = h
+
+    def __call__(self, consume, objective=None, accept=None):
+        value = self._f()
+        if accept is not None and not accept(value):
+            self.passes["forward only"] += 1
+            return value
+        self.passes["backward"] += 1
+        consume("w", (self.h * (self.param.detach() - self.target)).clone())
+        return value
+
+    def _f(self):
+        return float(0.5 * (self.h * (self.param.detach() - self.target).square()).sum())
+
+
+def test_adaptive_step_learns_each_directions_curvature():
+    """Four candidates, each on its own coordinates, curvatures 400x apart. A scalar curvature carried
+    from one move to the next overshoots or stops short each time FW turns to another candidate; the
+    N x N curvature learned from the scores' changes (exact along each direction a step has taken, on a
+    quadratic) predicts the steps: after the first few, every step is kept on its first trial, and the
+    objective ends where the exact line search's does."""
+    h = torch.ones(SHAPE, dtype=torch.float32)
+    taus = []
+    for i, curvature in enumerate([0.05, 20.0, 1.0, 4.0]):
+        tau = torch.zeros(SHAPE)
+        tau.view(-1)[3 * i : 3 * i + 3] = torch.tensor([1.0, -0.5, 0.25])
+        h.view(-1)[3 * i : 3 * i + 3] = curvature
+        taus.append(tau)
+    shares = [0.3, 0.2, 0.25, 0.15]  # inside the simplex: the optimum is the target itself
+    target = sum(s * t for s, t in zip(shares, taus))
+    fw, w = solver(taus, target, iterations=40, step="adaptive", scaling=1.0)
+    fw.gradient = Anisotropic(w, target, h)
+    result = fw.run()
+    first_tries = [len(step.get("checks", [])) <= 1 for step in result.trace]
+    assert all(first_tries[-20:]), [len(step.get("checks", [])) for step in result.trace]
+    searched, ws = solver(taus, target, iterations=40, step="line_search", scaling=1.0)
+    searched.gradient = Anisotropic(ws, target, h)
+    assert result.final_objective <= searched.run().final_objective * 1.05 + 1e-9
