@@ -258,15 +258,21 @@ class FisherMerging(DataMethod):
         p: FisherParams = job.params  # type: ignore[assignment]
         base_dir = resolve_model_path(job.base)
         reader = TensorReader(base_dir)
+        # the checkpoints go to file-backed pages in the plan's scratch folder (`fwllm.io.spill`)
         check_free_space(
             job.plan_dir,
-            4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names()),
-            "fisher: the merged model",
+            4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+            + held_bytes(base_dir, runs, tokenizer, p),
+            "fisher: the merged model and its checkpoints",
         )
-        solver = LayerMajorFisher(base_dir, runs, covered, tokenizer, p, job.device)
+        scratch = os.path.join(job.plan_dir, SCRATCH_DIR)
+        solver = LayerMajorFisher(base_dir, runs, covered, tokenizer, p, job.device, spill_dir=scratch)
         candidates = {spec.label: run.candidate for spec, run in zip(job.candidates, runs)}
         rest = _averaged(base_dir, candidates, labels, weights, set(covered))
-        write_merged(job.plan_dir, itertools.chain(solver.merged(), rest))
+        try:
+            write_merged(job.plan_dir, itertools.chain(solver.merged(), rest))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         # no statistic on disk: the Fisher lives on only folded, in the merged tensors
         record = self._layerwise_record(job, labels, own, solver.metas, MERGED_DIR, reason, LAYER_MAJOR, why)
         write_record(job.plan_dir, record)

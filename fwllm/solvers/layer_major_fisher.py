@@ -31,7 +31,7 @@ at epsilon and the weights are those of the candidate-major order; only the orde
 candidate's Fisher is never whole, so `normalize_fisher` (its mean first) is not covered here.
 
 RAM held between layers, per candidate: its layer inputs ((layers + 1) x tokens x hidden per
-example), every term's hidden-state gradient (terms x tokens x hidden per example: one term for the
+example; with `spill_dir`, file-backed pages the kernel may drop, `fwllm.io.spill`), every term's hidden-state gradient (terms x tokens x hidden per example: one term for the
 empirical Fisher, positions x top_k for the exact one) and, when the embedding is tied to the
 head, the top path's part of its Fisher; `held_bytes` prices it before anything runs. Besides
 that: one materialised layer (plus, for a LoRA pool, the base layer it is formed from) and the
@@ -45,7 +45,7 @@ import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from accelerate.utils import find_tied_parameters
@@ -58,6 +58,7 @@ from fwllm.core.memory import return_free_memory
 from fwllm.core.params import FisherParams
 from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
+from fwllm.io.spill import FileSpill
 from fwllm.kernels.fisher import linear_square_sum
 from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
 from fwllm.solvers.streamed_fisher import (
@@ -274,11 +275,16 @@ class LayerMajorFisher:
         tokenizer,
         p: FisherParams,
         device: str = "cpu",
+        spill_dir: Optional[str] = None,
     ):
         self.names, self.p = list(covered), p
         self.numel = sum(int(torch.Size(s).numel()) for s in covered.values())
         self.base = _BaseLayer(base_weights(base_dir))
         self.passes = [self._open(run, tokenizer, device) for run in runs]
+        if spill_dir is not None:  # the checkpoints held from the forward to the backward, file-backed
+            spill = FileSpill(spill_dir)
+            for ps in self.passes:
+                ps.fisher.spill = spill
         self.lora = any(ps.run.candidate.adapter is not None for ps in self.passes)
         self.untouched = self._untouched()
         for ps in self.passes:

@@ -81,6 +81,8 @@ class StreamedGradient:
         self.meta, self.model, self.objective = meta, meta.model, objective
         self.weights = weights  # the trainable blocks' current values (the iterate, or a point)
         self.lora, self.host, self.checkpoint_bytes = lora, torch.device(host), checkpoint_bytes
+        # where kept layer inputs go (`fwllm.io.spill.FileSpill`: file-backed pages); None: the host's RAM
+        self.spill: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.stack_name, self.layers = layer_stack(self.model)
         self.layer_params = [
             meta.module_parameters(f"{self.stack_name}.{i}") for i in range(len(self.layers))
@@ -176,7 +178,7 @@ class StreamedGradient:
             with torch.no_grad():
                 for term in terms:
                     if keep:
-                        term.inputs.append(term.hidden)
+                        term.inputs.append(term.hidden if self.spill is None else self.spill(term.hidden))
                     args, kwargs = term.calls[i]
                     out = forward(term.hidden.to(device), *args, **kwargs)
                     if not isinstance(out, torch.Tensor):

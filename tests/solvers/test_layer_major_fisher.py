@@ -18,6 +18,7 @@ from fwllm.core.footprint import split_by_layer
 from fwllm.core.params import FisherParams
 from fwllm.data.calibration import load_calibration
 from fwllm.io.candidates import open_candidate
+from fwllm.io.spill import FileSpill
 import fwllm.methods.fisher as fisher_method
 import fwllm.solvers.layer_major_fisher as layer_major
 from fwllm.solvers.streamed_fisher import CandidateRun
@@ -98,7 +99,11 @@ def test_layer_major_merge_equals_the_in_ram_and_the_disk_sums_merge(
     disk_spy = Spy(monkeypatch)
     disk, disk_plan = run_merge(*args, "disk", "layerwise", NONE, monkeypatch, fisher=fisher)
     major_spy = Spy(monkeypatch)
+    spilled = []
+    spill = FileSpill.__call__
+    monkeypatch.setattr(FileSpill, "__call__", lambda self, x: spilled.append(x.shape) or spill(self, x))
     major, major_plan = run_merge(*args, "major", "layerwise", ROOMY, monkeypatch, fisher=fisher)
+    assert spilled  # the checkpoints went to file-backed pages
 
     assert {c["meta"]["order"] for c in disk_plan["candidates"]} == {"disk sums"}
     assert {c["meta"]["order"] for c in major_plan["candidates"]} == {"layer-major"}
