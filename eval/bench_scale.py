@@ -332,7 +332,7 @@ def model_entry(
             entry["rows"][row.key] = {"label": row.label, "skipped": f"refused: {refused}"}
             continue
         also = [] if opts.own_floors_only else rows_mod.ALSO_FLOORS.get(row.floor, [])
-        for kind in [row.floor, *also] if row.floor else []:
+        for kind in [row.floor, *also] if row.floor and not opts.no_floors else []:
             if kind not in entry["floors"]:
                 print(f"   floor: {kind}", flush=True)
                 entry["floors"][kind] = repeated(kind, floor_args, opts.repeats)
@@ -501,6 +501,11 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--realistic-model", default="tinyllama-1.1b", choices=sorted(scale_models.SHAPES))
     ap.add_argument("--checkpoint-memory", type=float, default=1.0, help="FW's checkpoint_memory (GiB)")
+    ap.add_argument(
+        "--no-floors",
+        action="store_true",
+        help="run no floor (a rerun whose floors an earlier run of the same command measured)",
+    )
     ap.add_argument(
         "--own-floors-only",
         action="store_true",
