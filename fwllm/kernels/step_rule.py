@@ -4,8 +4,10 @@ iteration's own gradient instead of by extra evaluations.
 Along a move d (gamma in [0, 1] is the share of it taken) the slope <g, d> is exact from the LMO's
 scores (every step a linear combination of task vectors, every score exact), at the start of the
 step and, from the next iteration's scores, at its end. The step taken is the minimiser of the
-parabola f0 + slope * gamma + a * gamma^2 with a = curvature * |d|^2 / 2, the curvature carried
-from the last move in the metric of the weights, so that a longer move expects a larger a.
+parabola f0 + slope * gamma + a * gamma^2. Where every block moves by one direction d in the N
+candidates' coefficients, a = d^T H d / 2 with H an N x N curvature learned from each step's change of
+scores (`secant_hessian`, BFGS); elsewhere a = curvature * |d|^2 / 2, a scalar carried from the last move
+in the metric of the weights, so that a longer move expects a larger a.
 
 The next gradient brings the value and the slope where the step ended. The step is kept when it
 decreased the objective (Armijo's condition) and did not go far past the minimum along d (the slope
