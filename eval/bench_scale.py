@@ -318,6 +318,9 @@ def model_entry(
             print(f"   note: {missing}", flush=True)
             entry["rows"][row.key] = {"label": row.label, "skipped": missing}
             continue
+        if opts.floors_only:
+            _floors(row, entry, floor_args, opts)
+            continue
         print(f"   {row.label}", flush=True)
         params = rows_mod.recipe_params(row, shared, opts.iterations)
         recipe = write_recipe(os.path.join(folder, f"{row.key}.yml"), row.method, base, refs, params, tasks)
@@ -331,11 +334,7 @@ def model_entry(
             print(f"   refused: {refused}", flush=True)
             entry["rows"][row.key] = {"label": row.label, "skipped": f"refused: {refused}"}
             continue
-        also = [] if opts.own_floors_only else rows_mod.ALSO_FLOORS.get(row.floor, [])
-        for kind in [row.floor, *also] if row.floor and not opts.no_floors else []:
-            if kind not in entry["floors"]:
-                print(f"   floor: {kind}", flush=True)
-                entry["floors"][kind] = repeated(kind, floor_args, opts.repeats)
+        _floors(row, entry, floor_args, opts)
         floor = entry["floors"].get(row.floor)
         timed = r.get("per_iteration_s") if row.per_iteration else r.get("solve_s")
         r.update(
@@ -355,6 +354,15 @@ def model_entry(
     if "mergekit-ta" in opts.methods:
         entry["mergekit_ta"] = mergekit_ta(name, work, base, refs, size, mergekit, opts.mergekit_cache_gib)
     return entry
+
+
+def _floors(row, entry: dict, floor_args: dict, opts) -> None:
+    """Measures the floors `row` is read against (once per model: rows share them) into entry["floors"]."""
+    also = [] if opts.own_floors_only else rows_mod.ALSO_FLOORS.get(row.floor, [])
+    for kind in [row.floor, *also] if row.floor and not opts.no_floors else []:
+        if kind not in entry["floors"]:
+            print(f"   floor: {kind}", flush=True)
+            entry["floors"][kind] = repeated(kind, floor_args, opts.repeats)
 
 
 def _rows_in(calib: str) -> int:
@@ -505,6 +513,11 @@ def main(argv=None) -> None:
         "--no-floors",
         action="store_true",
         help="run no floor (a rerun whose floors an earlier run of the same command measured)",
+    )
+    ap.add_argument(
+        "--floors-only",
+        action="store_true",
+        help="measure the rows' floors, not the merges (a rerun whose merges an earlier run measured)",
     )
     ap.add_argument(
         "--own-floors-only",

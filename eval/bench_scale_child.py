@@ -14,8 +14,11 @@ KIND is
                 terms attached (`StreamedGradient`, activation gradients only, no weight gradient formed):
                 what a Fisher pass cannot beat (it needs at least this backward per candidate);
   fisher_wgrad_floor  the same with the weight gradients of the candidate's LoRA-adapted weights formed (a
-                standard backward, one batched gradient per weight): a Fisher pass also forms them (per
-                example, the same matmul flops), so this is the floor its time is read against.
+                standard backward, one batched gradient per weight);
+  fisher_pool_floor  the same with the weight gradients of every weight any candidate of the pool adapts
+                formed, for every candidate: a Fisher pass forms exactly these (per example, the same
+                matmul flops): candidate i's Fisher of a weight it leaves at the base still weighs the
+                base in that weight's merge. This is the floor a Fisher pass's time is read against.
 The last line printed is `RESULT {json}`: the run's figures, its peak RSS (VmHWM) and /proc/self/io.
 """
 
@@ -184,7 +187,8 @@ def run_gram_floor(args: dict) -> dict:
     return {"evaluation_s": time.time() - t0}
 
 
-def run_fisher_floor(args: dict, weight_gradients: bool = False) -> dict:
+def run_fisher_floor(args: dict, weight_gradients: str = "none") -> dict:
+    """`weight_gradients`: none, own (the candidate's adapted weights) or pool (any candidate's)."""
     from fwllm.arch.streaming import MetaModel, base_weights, skeleton
     from fwllm.data.objective import encode_tasks
     from fwllm.io.adapters import AdapterReader
@@ -195,6 +199,7 @@ def run_fisher_floor(args: dict, weight_gradients: bool = False) -> dict:
     model = skeleton(args["base"])
     tokenizer = load_tokenizer(args["base"])
     weights = base_weights(args["base"])
+    pool = LoraTerms([AdapterReader(a) for a in args["adapters"]]).names()  # every weight an adapter changes
     total = 0.0
     for adapter, task in zip(args["adapters"], _own_tasks(args)):
         lora = LoraTerms([AdapterReader(adapter)])
@@ -203,7 +208,8 @@ def run_fisher_floor(args: dict, weight_gradients: bool = False) -> dict:
         lora.attach(model)
         try:
             objective = encode_tasks([task], tokenizer, model, args["max_length"], args["batch_size"])
-            adapted = lora.names() if weight_gradients else []  # their gradient formed, as a Fisher pass does
+            # their gradients formed, as a Fisher pass does
+            adapted = {"none": [], "own": lora.names(), "pool": pool}[weight_gradients]
             meta = MetaModel(model, weights, args.get("device", "cpu"), trainable=adapted)
             grad = StreamedGradient(
                 meta, objective, adapted, lambda: {}, lora, checkpoint_bytes=_checkpoint_bytes(args)
@@ -223,7 +229,8 @@ RUNS = {
     "floor": run_floor,
     "gram_floor": run_gram_floor,
     "fisher_floor": run_fisher_floor,
-    "fisher_wgrad_floor": lambda args: run_fisher_floor(args, weight_gradients=True),
+    "fisher_wgrad_floor": lambda args: run_fisher_floor(args, weight_gradients="own"),
+    "fisher_pool_floor": lambda args: run_fisher_floor(args, weight_gradients="pool"),
 }
 
 

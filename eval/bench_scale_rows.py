@@ -88,7 +88,7 @@ ROWS = [
         "Fisher (empirical)",
         "fisher",
         params={"fisher": "empirical"},
-        floor="fisher_wgrad_floor",  # a Fisher pass forms the adapted weights' gradients: so does this floor
+        floor="fisher_pool_floor",  # a Fisher pass forms the gradient of every adapted weight: so does this floor
         floor_target=1.3,
     ),
     Row("adamerging", "AdaMerging", "adamerging", bounded=False),
@@ -277,12 +277,15 @@ FLOOR_LABELS = {
     "floor": "one layer-by-layer forward + backward, all rows (FW iteration)",
     "gram_floor": "one layer-by-layer forward per candidate, own rows (Gram pass)",
     "fisher_floor": "one layer-by-layer forward + backward per candidate, own rows, no weight gradient",
-    "fisher_wgrad_floor": "one layer-by-layer forward + backward per candidate, own rows, the adapted weights'"
-    " gradients formed (Fisher: its 1.3 x is read here)",
+    "fisher_wgrad_floor": "one layer-by-layer forward + backward per candidate, own rows, its own adapted"
+    " weights' gradients formed",
+    "fisher_pool_floor": "one layer-by-layer forward + backward per candidate, own rows, the gradients of every"
+    " weight the pool adapts formed (Fisher: its 1.3 x is read here)",
 }
-# floors measured beside a row's own, shown as their own table rows: a Fisher pass forms the weight gradients
-# of the adapted weights (per example; the same matmul flops as one batched gradient), the plain floor none
-ALSO_FLOORS = {"fisher_wgrad_floor": ["fisher_floor"]}
+# floors measured beside a row's own, shown as their own table rows: a Fisher pass forms, per candidate, the
+# gradient of every weight any candidate adapts (per example; the same matmul flops as one batched gradient);
+# the lower floors form only the candidate's own adapted weights' gradients, or none
+ALSO_FLOORS = {"fisher_pool_floor": ["fisher_wgrad_floor", "fisher_floor"]}
 
 
 def render(entries: List[dict], command: str, device: str, full_lines: List[str]) -> str:
