@@ -37,7 +37,7 @@ from fwllm.io.tensors import TensorReader
 
 MERGED_DIR = "merged"
 INDEX = "index.json"
-SHARD_BYTES = 1 << 30
+SHARD_BYTES = 256 << 20  # held in RAM until written: a shard is anonymous memory at the peak
 FACTOR_A, FACTOR_B = ":lora_A", ":lora_B"  # ":" never occurs in a module path
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]): the delta B @ A
 

@@ -275,6 +275,7 @@ class FisherMerging(DataMethod):
             shutil.rmtree(scratch, ignore_errors=True)
         # no statistic on disk: the Fisher lives on only folded, in the merged tensors
         record = self._layerwise_record(job, labels, own, solver.metas, MERGED_DIR, reason, LAYER_MAJOR, why)
+        record.timings = {k: round(v, 3) for k, v in solver.timings.items()}
         write_record(job.plan_dir, record)
         mark_plan_complete(job.plan_dir)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -291,6 +292,9 @@ class LayerMajorFisher:
             ps.fisher.sums_only = self.untouched
         self.fold = _Fold(len(self.passes), p.epsilon)
         self.metas: List[dict] = []
+        # where the pass's seconds went (the plan records them; benchmarks read them): the phases, the
+        # fold (theta formed, added to the sums; inside the backward's) and the consumer of `merged()`
+        self.timings: Dict[str, float] = {}
 
     def _untouched(self) -> Set[str]:
         """Covered tensors no candidate changes (every candidate an adapter without them): every theta_i
@@ -326,29 +330,48 @@ class LayerMajorFisher:
     def merged(self) -> Iterator[Tuple[str, torch.Tensor]]:
         layers = len(self.passes[0].fisher.layers)
         try:
-            self._each_outer(self._capture)
-            for i in range(layers):
-                self._each_layer(i, lambda ps: ps.fisher._forward_layer(i, ps.terms, keep=True))
-            self._each_outer(self._top)
-            yield from self.fold.ready()
+            with self._timed("capture_s"):
+                self._each_outer(self._capture)
+            with self._timed("forward_s"):
+                for i in range(layers):
+                    self._each_layer(i, lambda ps: ps.fisher._forward_layer(i, ps.terms, keep=True))
+            with self._timed("top_s"):
+                self._each_outer(self._top)
+            yield from self._handed(self.fold.ready())
             for i in reversed(range(layers)):
                 self._hold(i)
                 try:
-                    for ps in self.passes:
-                        ps.fisher._backward_layer(i, ps.live, self._adder(ps))
-                    yield from self.fold.ready()
-                    yield from self._as_base(self.passes[0].fisher.layer_params[i])
+                    with self._timed("backward_s"):
+                        for ps in self.passes:
+                            ps.fisher._backward_layer(i, ps.live, self._adder(ps))
+                    yield from self._handed(self.fold.ready())
+                    yield from self._handed(self._as_base(self.passes[0].fisher.layer_params[i]))
                 finally:
                     self._drop()
-            self._each_outer(self._bottom)
-            yield from self.fold.ready()
-            yield from self._as_base(self.passes[0].fisher.outer_trainable)
+            with self._timed("bottom_s"):
+                self._each_outer(self._bottom)
+            yield from self._handed(self.fold.ready())
+            yield from self._handed(self._as_base(self.passes[0].fisher.outer_trainable))
         finally:
             for ps in self.passes:
                 ps.terms, ps.live, ps.held = [], [], {}
         if self.fold.seen:  # every candidate folds every covered tensor once: a defect otherwise
             raise FwllmError(f"fisher: layer-major merge left {sorted(self.fold.seen)[:3]} unfinished")
         self.metas = [self._meta(ps) for ps in self.passes]
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+
+    def _handed(self, items: Iterator[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
+        """`items`, the seconds the consumer takes with each (storing it) counted as "stored_s"."""
+        for item in items:
+            with self._timed("stored_s"):
+                yield item
 
     def _each_layer(self, i: int, step) -> None:
         """`step(pass)` for every candidate on layer i, the base layer read once for a LoRA pool."""
@@ -421,7 +444,8 @@ class LayerMajorFisher:
             check_finite(f"Fisher of candidate {ps.run.candidate.label}", name, f)
         ps.total += total
         if name not in self.untouched:
-            self.fold.add(ps.run.candidate.label, name, f, theta(), ps.run.weight)
+            with self._timed("fold_s"):
+                self.fold.add(ps.run.candidate.label, name, f, theta(), ps.run.weight)
 
     def _top(self, ps: _Pass) -> None:
         fisher = ps.fisher

@@ -351,3 +351,26 @@ def test_no_candidates_embedding_copy_outlives_its_phase(tiny_pool, lora_refs, m
     for _ in solver.merged():
         pass
     assert len(runs) > 1 and counts == [0]
+
+
+def test_the_pass_times_its_phases_apart_from_what_consumes_it(tiny_pool, lora_refs):
+    """The seconds the consumer of `merged()` spends with each tensor (storing it) are "stored_s", not
+    a phase's; the fold is timed inside the phases that call it."""
+    import time
+
+    runs = runs_of(tiny_pool, lora_refs, "lora")
+    base = str(tiny_pool["base"])
+    p = FisherParams(calibration="x", fisher="empirical", max_length=32)
+    solver = layer_major.LayerMajorFisher(
+        base, runs, fisher_method.covered_parameters(base), tiny_tokenizer(), p
+    )
+    t0, handed = time.perf_counter(), 0
+    for _ in solver.merged():
+        time.sleep(0.01)
+        handed += 1
+    wall = time.perf_counter() - t0
+    t = solver.timings
+    phases = sum(t[k] for k in ("capture_s", "forward_s", "top_s", "backward_s", "bottom_s"))
+    assert handed > 0 and t["stored_s"] >= 0.01 * handed
+    assert phases + t["stored_s"] <= wall
+    assert 0 < t["fold_s"] <= t["top_s"] + t["backward_s"] + t["bottom_s"]
