@@ -63,9 +63,16 @@ def add_lower_product(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) ->
 
 
 def symmetrize_(lower: torch.Tensor) -> torch.Tensor:
-    """`lower` made the symmetric matrix of its lower triangle, in place (one strict-triangle copy)."""
-    strict = lower.tril(-1)
-    return lower.tril_().add_(strict.T)
+    """`lower` made the symmetric matrix of its lower triangle, in place: each block below the diagonal
+    copied, transposed, over its mirror (no [n, n] temporary: at a 7B MLP's 11008 inputs one is 0.5 GB
+    in float32)."""
+    n = lower.shape[0]
+    for i in range(0, n, BLOCK):
+        diag = lower[i : i + BLOCK, i : i + BLOCK]
+        diag.copy_(diag.tril() + diag.tril(-1).T)
+        for j in range(0, i, BLOCK):
+            lower[j : j + BLOCK, i : i + BLOCK].copy_(lower[i : i + BLOCK, j : j + BLOCK].T)
+    return lower
 
 
 @dataclass

@@ -60,7 +60,7 @@ from fwllm.core.params import FisherParams
 from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
 from fwllm.io.spill import FileSpill
-from fwllm.kernels.fisher import linear_square_sum
+from fwllm.kernels.fisher import linear_square_sum, total
 from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
 from fwllm.solvers.streamed_fisher import (
     CandidateRun,
@@ -243,11 +243,23 @@ class _Fold:
         self.den: Dict[str, torch.Tensor] = {}
         self.seen: Dict[str, int] = {}
 
-    def add(self, label: str, name: str, fisher: torch.Tensor, theta: torch.Tensor, weight: float) -> None:
-        """Takes `fisher` over (it is scaled in place; the caller checked it finite). In place throughout:
-        for a head or embedding matrix each out-of-place step was another vocab x hidden float32 copy at
-        the phase's peak."""
-        f = fisher.float().clamp_min_(self.epsilon).mul_(weight)
+    def add(
+        self,
+        label: str,
+        name: str,
+        fisher: torch.Tensor,
+        theta: torch.Tensor,
+        weight: float,
+        scale: float = 1.0,
+    ) -> None:
+        """Folds w F~ theta, F~ = max(scale * `fisher`, epsilon). Takes `fisher` over (it is scaled in
+        place; the caller checked it finite). In place throughout: for a head or embedding matrix each
+        out-of-place step was another vocab x hidden float32 copy at the phase's peak."""
+        f = fisher.float()
+        if weight > 0:  # w max(s F, eps) = max(w s F, w eps): one pass fewer over the tensor
+            f.mul_(weight * scale).clamp_min_(self.epsilon * weight)
+        else:
+            f.mul_(scale).clamp_min_(self.epsilon).mul_(weight)
         theta = theta.detach().float()
         if name in self.num:
             self.num[name].addcmul_(f, theta)
@@ -438,14 +450,14 @@ class LayerMajorFisher:
         if isinstance(acc, _SquaredTotal):
             ps.total += acc.total / n
             return
-        f = acc.div_(n)  # the accumulator is not used again
-        total = float(f.sum(dtype=torch.float64))  # f >= 0: a NaN/inf entry makes this sum NaN/inf
-        if not math.isfinite(total):
-            check_finite(f"Fisher of candidate {ps.run.candidate.label}", name, f)
-        ps.total += total
+        summed = total(acc) / n  # acc >= 0: a NaN/inf entry makes this sum NaN/inf
+        if not math.isfinite(summed):
+            check_finite(f"Fisher of candidate {ps.run.candidate.label}", name, acc)
+        ps.total += summed
         if name not in self.untouched:
             with self._timed("fold_s"):
-                self.fold.add(ps.run.candidate.label, name, f, theta(), ps.run.weight)
+                # the accumulator is not used again: the fold scales it in place
+                self.fold.add(ps.run.candidate.label, name, acc, theta(), ps.run.weight, 1.0 / n)
 
     def _top(self, ps: _Pass) -> None:
         fisher = ps.fisher

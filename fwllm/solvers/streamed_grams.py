@@ -44,7 +44,7 @@ from fwllm.core.memory import return_free_memory
 from fwllm.io.candidates import Candidate
 from fwllm.io.tensors import TensorReader
 from fwllm.kernels.low_rank import LowRank
-from fwllm.kernels.regmean_reduced import RegMeanSums
+from fwllm.kernels.regmean_reduced import RegMeanSums, add_lower_product, symmetrize_
 from fwllm.kernels.weighted_sum import weighted_average
 from fwllm.solvers.grams import linear_layers
 from fwllm.solvers.lora_terms import low_rank_candidate
@@ -239,7 +239,8 @@ class StreamedRegMean:
         room: Optional[Callable[[str, int], int]] = None,
     ):
         """Pre-hooks keeping the rows x over real tokens in `grams` (a _Rows) while they fit in
-        `room(name, in)` rows, else adding x x^T to a Gram there; weights whose module sees the very
+        `room(name, in)` rows, else adding x x^T to a Gram there (its lower triangle: `_checked`
+        mirrors it); weights whose module sees the very
         tensor another one saw in this forward share that one's entry (`leader`). A Gram starts from
         the previous candidate's buffer in `spare` when there is one: a fresh [in, in] allocation per
         candidate and layer input is page-faulted in anew each time (at 1.1B, seconds per layer)."""
@@ -280,9 +281,10 @@ class StreamedRegMean:
                         return
                     gram = grams[name] = new_gram(name, x.shape[-1], x.device)  # more rows than kept
                     for block in entry.blocks:
-                        gram.addmm_(block.T, block)
+                        add_lower_product(gram, block)
                     entry = gram
-                entry.addmm_(x.T, x)
+                # the lower triangle only (about half the products), mirrored once the Gram is whole
+                add_lower_product(entry, x)
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
@@ -442,6 +444,7 @@ class StreamedRegMean:
             if self.on_gram is not None:
                 self.on_gram(run.cand.label, name, rows.T @ rows)  # formed only for the observer
             return _Rows(stats.room, [rows.to(self.host)], stats.count)
+        symmetrize_(stats)  # formed as its lower triangle (`_grams`)
         check_finite_gram(what, name, stats)
         if self.on_gram is not None:
             self.on_gram(run.cand.label, name, stats.clone())  # the buffer is the next candidate's

@@ -2,6 +2,7 @@
 gradients (the layer-major Fisher's untouched head / embeddings). Truth: the dense gradient, formed by
 autograd through torch.nn.Linear / torch.nn.Embedding, squared and summed."""
 
+import pytest
 import torch
 
 from fwllm.kernels.fisher import embedding_square_sum, linear_square_sum
@@ -39,3 +40,17 @@ def test_embedding_square_sum_leaves_out_the_padding_row_as_torch_does():
     want = float(emb.weight.grad.double().square().sum())
     assert abs(float(embedding_square_sum(ids, de, padding_idx=3)) - want) <= 1e-6 * want
     assert abs(float(embedding_square_sum(ids, de)) - want) > 1e-3 * want
+
+
+@pytest.mark.parametrize("shape", [(7,), (300, 2000), (3, 5, 700)])
+def test_total_is_the_float64_sum(shape):
+    """`total` (float32 row sums added in float64) against torch's float64 sum; NaN and inf propagate."""
+    from fwllm.kernels.fisher import total
+
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.rand(shape, generator=g) * 1e3
+    assert total(x) == pytest.approx(float(x.double().sum()), rel=1e-6)
+    x.view(-1)[3] = float("inf")
+    assert total(x) == float("inf")
+    x.view(-1)[4] = float("nan")
+    assert total(x) != total(x)

@@ -270,3 +270,18 @@ def test_rows_of_no_token_give_the_weighted_average():
     got, lam = sums.solve()
     assert lam == float("inf")
     torch.testing.assert_close(got["v"].dense(), 0.25 * loras[0].dense() + 0.75 * loras[1].dense())
+
+
+@pytest.mark.parametrize("n", [5, 256, 600])
+def test_a_lower_product_mirrored_is_the_whole_gram(n):
+    """`add_lower_product` then `symmetrize_` (blocks of BLOCK, n on and off a multiple of it) give
+    alpha x^T x as torch forms it, exactly symmetric, whatever was above the diagonal before."""
+    from fwllm.kernels.regmean_reduced import add_lower_product, symmetrize_
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(37, n, generator=g, dtype=torch.float64)
+    out = torch.full((n, n), 1e9, dtype=torch.float64).triu_(1)  # garbage above, zeros on and below
+    add_lower_product(out, x, alpha=0.5)
+    symmetrize_(out)
+    assert torch.equal(out, out.T)
+    torch.testing.assert_close(out, 0.5 * x.T @ x, rtol=1e-12, atol=1e-12)
