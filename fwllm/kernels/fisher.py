@@ -91,7 +91,8 @@ def embedding_square_sum(
 def total(t: torch.Tensor) -> float:
     """sum(t), from float32 sums of its rows added in float64. torch's float64 sum of a float32 tensor
     converts element by element: ~12x this (eval/reduction_kernels.py; at 7B, ~0.5 s per candidate
-    and layer, a quarter of a Fisher pass); a row of a few thousand floats summed pairwise in float32 is good to ~1e-7."""
+    and layer, a quarter of a Fisher pass). A row of a few thousand floats summed pairwise in float32
+    is good to ~1e-7."""
     if t.dim() < 2:
         return float(t.sum(dtype=torch.float64))
     return float(t.reshape(t.shape[0], -1).sum(1).sum(dtype=torch.float64))

@@ -240,8 +240,8 @@ class StreamedRegMean:
     ):
         """Pre-hooks keeping the rows x over real tokens in `grams` (a _Rows) while they fit in
         `room(name, in)` rows, else adding x x^T to a Gram there (its lower triangle: `_checked`
-        mirrors it); weights whose module sees the very
-        tensor another one saw in this forward share that one's entry (`leader`). A Gram starts from
+        mirrors it); weights whose module sees the very tensor another one saw in this forward share
+        that one's entry (`leader`). A Gram starts from
         the previous candidate's buffer in `spare` when there is one: a fresh [in, in] allocation per
         candidate and layer input is page-faulted in anew each time (at 1.1B, seconds per layer)."""
         spare = {} if spare is None else spare
