@@ -31,8 +31,9 @@ at epsilon and the weights are those of the candidate-major order; only the orde
 candidate's Fisher is never whole, so `normalize_fisher` (its mean first) is not covered here.
 
 RAM held between layers, per candidate: its layer inputs ((layers + 1) x tokens x hidden per
-example; with `spill_dir`, file-backed pages the kernel may drop, `fwllm.io.spill`), every term's hidden-state gradient (terms x tokens x hidden per example: one term for the
-empirical Fisher, positions x top_k for the exact one) and, when the embedding is tied to the
+example; with `spill_dir`, file-backed pages the kernel may drop, `fwllm.io.spill`), every term's
+hidden-state gradient (terms x tokens x hidden per example: one term for the empirical Fisher,
+positions x top_k for the exact one) and, when the embedding is tied to the
 head, the top path's part of its Fisher; `held_bytes` prices it before anything runs. Besides
 that: one materialised layer (plus, for a LoRA pool, the base layer it is formed from) and the
 layer's two sums. This module writes no file: `merged()` yields (name, tensor) to the method's
