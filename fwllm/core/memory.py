@@ -20,15 +20,20 @@ from typing import Callable, Optional
 import psutil
 
 
-def _find_trim() -> Optional[Callable[[int], int]]:
+def _find(name: str) -> Optional[Callable[..., int]]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return getattr(libc, "malloc_trim", None)
+        return getattr(libc, name, None)
     except OSError:
         return None
 
 
-_TRIM = _find_trim()
+_TRIM, _MALLOPT = _find("malloc_trim"), _find("mallopt")
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+# Allocations from this size up get their own mapping, unmapped when freed. Below it the heap
+# serves them, reused without a page fault. At 16 MiB a RegMean layer's activations (a micro-batch
+# of 1024 tokens x 5632 MLP features: 23 MB) and Grams leave the heap, its small temporaries do not.
+MAPPED_FROM = 16 << 20
 
 
 def return_free_memory() -> None:
@@ -36,6 +41,19 @@ def return_free_memory() -> None:
     layer or block, and after a whole forward or forward+backward."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+def map_large_allocations(threshold: int = MAPPED_FROM) -> None:
+    """Serve allocations of `threshold` bytes and up from their own mappings from now on (glibc;
+    elsewhere nothing). glibc's default threshold adapts up to 32 MB, so a streamed RegMean layer's
+    tensors (one candidate's activations after another's, Grams, float64 conversions) stay in the
+    heap when freed, scattered between live blocks, until the layer is released and trimmed: at 1.1B
+    with 2048 tokens per candidate, anonymous memory rose by 0.5 GiB over a layer's 16 candidates
+    while the live tensors stayed the same. Mapped, they are handed back as they are freed; the page
+    faults of their next allocation cost about 3% of the layer's time at 16 MiB (11% at 4 MiB, which
+    saved only 0.2 GiB more)."""
+    if _MALLOPT is not None:
+        _MALLOPT(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold))
 
 
 def available_memory() -> int:

@@ -18,12 +18,13 @@ class FileSpill:
     """`spill(x)`: a copy of the CPU tensor `x` backed by a file in `folder` (x itself elsewhere)."""
 
     def __init__(self, folder: str):
-        os.makedirs(folder, exist_ok=True)
-        self.folder, self.count = folder, 0
+        self.folder, self.count = folder, 0  # the folder is made at the first spill
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.numel() == 0:
             return x
+        if self.count == 0:
+            os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, f"spill_{os.getpid()}_{self.count}.bin")
         self.count += 1
         out = torch.from_file(path, shared=True, size=x.numel(), dtype=x.dtype)

@@ -24,11 +24,13 @@ def reduce_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def cholesky_or_none(a: torch.Tensor) -> Optional[torch.Tensor]:
-    chol, info = cholesky_lower(a)
+def cholesky_or_none(a: torch.Tensor, in_place: bool = False) -> Optional[torch.Tensor]:
+    """a's Cholesky factor L (in a's lower triangle, with `in_place`: `cholesky_lower`), or None
+    where a is not safely positive definite (then, in place, a's lower triangle is overwritten)."""
+    scale = float(a.diagonal().max())
+    chol, info = cholesky_lower(a, in_place=in_place)
     if info != 0:
         return None
-    scale = float(a.diagonal().max())
     if float(chol.diagonal().square().min()) <= SINGULAR_PIVOT * scale:
         return None  # positive only through round-off: the solve would amplify noise
     return chol

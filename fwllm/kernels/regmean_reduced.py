@@ -55,11 +55,19 @@ BLOCK = 256  # rows of a lower triangle formed per product: small enough to skip
 WOODBURY_MARGIN = 100 * SINGULAR_PIVOT
 
 
-def add_lower_product(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
-    """The lower triangle of `out` [n, n] += alpha x^T x for x [k, n] (what lies above it: some of it)."""
-    n = x.shape[1]
-    for i in range(0, n, BLOCK):
-        out[i : i + BLOCK, : i + BLOCK].addmm_(x[:, i : i + BLOCK].T, x[:, : i + BLOCK], alpha=alpha)
+def add_lower_product(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, start: int = 0) -> None:
+    """The lower triangle of `out` [n, n] += alpha x^T x for x [k, n] (what lies above it: some of it),
+    from column `start` on. Halved recursively: the square below the diagonal is one large product,
+    the two triangles beside it recurse, down to BLOCK-wide diagonal blocks formed whole. Large
+    products run nearer the machine's peak than a block row at a time (at in = 5632: 0.53 of a full
+    x^T x's time, against 0.58 block row by block row)."""
+    end = x.shape[1]
+    while end - start > BLOCK:
+        mid = start + -(-(end - start) // 2 // BLOCK) * BLOCK  # a multiple of BLOCK in (start, end)
+        out[mid:end, start:mid].addmm_(x[:, mid:end].T, x[:, start:mid], alpha=alpha)
+        add_lower_product(out, x, alpha, mid)
+        x, end = x[:, :mid], mid
+    out[start:end, start:end].addmm_(x[:, start:end].T, x[:, start:end], alpha=alpha)
 
 
 def symmetrize_(lower: torch.Tensor) -> torch.Tensor:
@@ -274,7 +282,8 @@ class RegMeanSums:
 
     def solve(self, ridge: float = 1e-5) -> Tuple[Dict[str, TaskVector], float]:
         """({weight: Delta W}, lambda): lambda = 0 unless S is singular, then ridge * mean(diag S)
-        (inf when S is zero: no input reached the layer, and the weighted average is returned)."""
+        (inf when S is zero: no input reached the layer, and the weighted average is returned).
+        Once only: the Gram sum is factored in place."""
         if not self.numerators:
             return {}, 0.0  # no weight of this input to merge: S is not needed
         solve_for = self._woodbury() if self.gram_sum is None and self._woodbury_pays() else None
@@ -284,13 +293,17 @@ class RegMeanSums:
                 return {}, 0.0
             if self.gram_sum is None:
                 self._dense(self.row_diag.shape[0], self.row_diag.device)
-            s = self.gram_sum
-            chol = cholesky_or_none(s)
+            # factored in place (a second [in, in] float64 buffer set the merge's peak): S's lower
+            # triangle is mirrored above it first, so a failed factorisation can be undone
+            s = symmetrize_(self.gram_sum)
+            diagonal = s.diagonal().clone()
+            chol = cholesky_or_none(s, in_place=True)
             if chol is None:
-                lam = ridge * float(s.diagonal().mean())
+                symmetrize_(s.T)  # the lower triangle back from its mirror
+                s.diagonal().copy_(diagonal)
+                lam = ridge * float(diagonal.mean())
                 if lam <= 0:
                     return {n: self._average(num) for n, num in self.numerators.items()}, float("inf")
-                s = symmetrize_(s)
                 s.diagonal().add_(lam)
 
             def solve_for(rhs: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ from fwllm.solvers.lora_terms import LoraTerms, pool_is_low_rank
 from fwllm.solvers.plan_atoms import atom_settings, kernel_atoms
 from fwllm.solvers.regmean_refine import own_tasks, refine, refine_streamed
 from fwllm.solvers.streamed_gradient import StreamedGradient
-from fwllm.solvers.streamed_grams import check_streamable
+from fwllm.solvers.streamed_grams import SCRATCH_DIR as REFINE_SCRATCH_DIR, check_streamable
 
 LOG = logging.getLogger(__name__)
 ITERATE_DIR, SKETCH_DIR = ".iterate", ".sketches"  # scratch folders of a bounded solve, removed at its end
@@ -299,7 +299,16 @@ class FWMerging(DataMethod):
         implicit = fw.iterate.implicit and not refined
         if streamed_refine:  # the Grams streamed: none kept, no candidate loaded whole
             closed, solved = refine_streamed(
-                job, pool.candidates, refine_tasks, pool.base_dir, coefficients, fw.base, pool.architecture
+                job,
+                pool.candidates,
+                refine_tasks,
+                pool.base_dir,
+                coefficients,
+                fw.base,
+                pool.architecture,
+                check_space=lambda need: check_free_space(
+                    job.plan_dir, need, "refine regmean's hidden states"
+                ),
             )
             rest = (
                 (n, v) for n, v in merged if n not in solved
@@ -363,7 +372,7 @@ class FWMerging(DataMethod):
             # the solve ends holding the merged blocks: keep them, so executing the plan needs no
             # second pass over the candidates
             write_merged(job.plan_dir, storable(merged))
-        for scratch in (ITERATE_DIR, SKETCH_DIR):
+        for scratch in (ITERATE_DIR, SKETCH_DIR, REFINE_SCRATCH_DIR):
             shutil.rmtree(os.path.join(job.plan_dir, scratch), ignore_errors=True)
         mark_plan_complete(job.plan_dir)
 

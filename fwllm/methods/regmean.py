@@ -18,6 +18,8 @@ merge:  linear weights in closed form (`fwllm.kernels.regmean`), reading that la
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import torch
 
@@ -62,7 +64,7 @@ from fwllm.methods.fw_merging import choose_gradient
 from fwllm.methods.statistics import measure_candidates
 from fwllm.solvers.grams import GRAM_LAYERS, candidate_grams
 from fwllm.solvers.per_candidate import candidate_task
-from fwllm.solvers.streamed_grams import StreamedRegMean, check_streamable
+from fwllm.solvers.streamed_grams import SCRATCH_DIR, StreamedRegMean, check_streamable
 
 LOG = logging.getLogger(__name__)
 
@@ -127,19 +129,10 @@ class RegMean(DataMethod):
         labels = [spec.label for spec in job.candidates]
         weights = weights_of(self.name, labels, {spec.label: spec.params for spec in job.candidates})
         tasks = [candidate_task(self.name, spec, pool.tasks) for spec in job.candidates]
-        if all(c.adapter is not None for c in pool.candidates):
-            # a LoRA pool's merge is W_0 + B A with B A of rank sum r_i: the plan keeps the factors
-            factors = (f for c in pool.candidates for f in c.adapter.factors.values())
-            check_free_space(
-                job.plan_dir, 4 * sum(f.a.numel() + f.b.numel() for f in factors), "the merge's factors"
-            )
-        else:
-            reader = TensorReader(pool.base_dir)
-            model_bytes = 4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
-            check_free_space(job.plan_dir, model_bytes, "the merged model")
         tokenizer = load_tokenizer(pool.base_dir)
         batches = [encode_task(t, tokenizer, p.max_length, p.batch_size).batches for t in tasks]
         torch.manual_seed(p.seed)
+        scratch = os.path.join(job.plan_dir, SCRATCH_DIR)
         solver = StreamedRegMean.for_candidates(
             pool.base_dir,
             pool.candidates,
@@ -149,10 +142,23 @@ class RegMean(DataMethod):
             p.ridge,
             job.device,
             architecture=pool.architecture,  # an encoder pool runs its experts' classifier class
+            spill_dir=scratch,
         )
+        if all(c.adapter is not None for c in pool.candidates):
+            # a LoRA pool's merge is W_0 + B A with B A of rank sum r_i: the plan keeps the factors
+            factors = (f for c in pool.candidates for f in c.adapter.factors.values())
+            kept, what = 4 * sum(f.a.numel() + f.b.numel() for f in factors), "the merge's factors"
+        else:
+            reader = TensorReader(pool.base_dir)
+            kept = 4 * sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+            what = "the merged model"
+        check_free_space(job.plan_dir, kept + solver.held_bytes(batches), f"{what} and the hidden states")
         solver.keep_factors = True
         heads = pool_heads(pool, job, tasks)  # an encoder pool: each task keeps its expert's head
-        write_merged(job.plan_dir, storable(solver.merged()))
+        try:
+            write_merged(job.plan_dir, storable(solver.merged()))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         if heads:
             save_heads(job.plan_dir, heads)
         # no Gram file: the statistic lives on only reduced, in the merged tensors

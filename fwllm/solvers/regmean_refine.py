@@ -24,6 +24,7 @@ candidate weights with another one (q/k/v under `granularity: model` share one G
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -38,7 +39,7 @@ from fwllm.kernels.regmean import regmean_merge
 from fwllm.kernels.low_rank import LowRank
 from fwllm.kernels.regmean_reduced import RegMeanSums
 from fwllm.solvers.per_candidate import candidate_task, pooled_task
-from fwllm.solvers.streamed_grams import StreamedRegMean, add_statistics
+from fwllm.solvers.streamed_grams import SCRATCH_DIR, StreamedRegMean, add_statistics
 
 LOG = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class _SupportRegMean(StreamedRegMean):
         """The rows the sums of an input keep: the least any of its (input, weights) sums keeps."""
 
         def room(name: str, features: int) -> int:
+            if not self._rows_fit(features):
+                return 0
             rooms = [s.rows_room(features) for (n, _), s in sums.items() if n == name]
             return min(rooms, default=RegMeanSums.row_limit(features))
 
@@ -140,10 +143,13 @@ def refine_streamed(
     base: Callable[[str], torch.Tensor],
     architecture: Optional[str] = None,
     ridge: float = 1e-5,
+    check_space: Optional[Callable[[int], None]] = None,
 ) -> Tuple[Iterator[Tuple[str, torch.Tensor]], Set[str]]:
     """`refine` on the bounded path: the Grams measured one decoder layer at a time
     (`fwllm.solvers.streamed_grams`) and reduced as they come, never one per candidate kept.
-    Returns the refined linear weights (a generator) and the set their names fill as it runs."""
+    Returns the refined linear weights (a generator) and the set their names fill as it runs.
+    `check_space(bytes)`: called with the bytes the spilled hidden states take in the plan folder
+    before any of them is measured (the method's free-disk check)."""
     p = job.params
     coef = {n: c for n, c in coefficients.items() if c}
     bad = next(((n, c) for n, c in coef.items() if any(x < 0 for x in c)), None)
@@ -172,7 +178,10 @@ def refine_streamed(
         job.device,
         weights_of=weights_of,
         architecture=architecture,  # an encoder pool runs its experts' classifier class
+        spill_dir=os.path.join(job.plan_dir, SCRATCH_DIR),  # removed with FW's other scratch folders
     )
+    if check_space is not None:
+        check_space(solver.held_bytes(batches))
 
     solver.keep_factors = True  # a LoRA pool's refine is W_0 + B A: kept as factors
 

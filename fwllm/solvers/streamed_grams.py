@@ -40,8 +40,9 @@ from fwllm.arch.layer_stack import layer_stack
 from fwllm.arch.streaming import MetaModel, base_weights, fetched_around_forward, forwards_replaced, skeleton
 from fwllm.arch.weight_layout import input_features, transposed_weights
 from fwllm.core.errors import FwllmError, check_finite, check_finite_gram
-from fwllm.core.memory import return_free_memory
+from fwllm.core.memory import map_large_allocations, return_free_memory
 from fwllm.io.candidates import Candidate
+from fwllm.io.spill import FileSpill
 from fwllm.io.tensors import TensorReader
 from fwllm.kernels.low_rank import LowRank
 from fwllm.kernels.regmean_reduced import RegMeanSums, add_lower_product, symmetrize_
@@ -50,6 +51,7 @@ from fwllm.solvers.grams import linear_layers
 from fwllm.solvers.lora_terms import low_rank_candidate
 
 LOG = logging.getLogger(__name__)
+SCRATCH_DIR = ".regmean_scratch"  # a plan folder's spilled hidden states (file-backed, each unlinked)
 
 
 @dataclass
@@ -140,7 +142,11 @@ class StreamedRegMean:
         architecture: Optional[str] = None,
         host: str = "cpu",
         on_gram: Optional[Callable[[str, str, torch.Tensor], None]] = None,
+        spill_dir: Optional[str] = None,
     ):
+        # every candidate's hidden states, from one layer to the next, in file-backed pages there
+        # (`fwllm.io.spill`): in anonymous memory they grow with N (16 x 2048 tokens at 1.1B: 0.27 GB)
+        self.spill = FileSpill(spill_dir) if spill_dir is not None else None
         self.on_gram = on_gram  # (label, weight name, Gram): an observer (tests, diagnostics); keeps nothing
         self.base_dir, self.runs, self.alpha, self.ridge = base_dir, list(runs), alpha, ridge
         self.device, self.host = torch.device(device), torch.device(host)
@@ -340,9 +346,19 @@ class StreamedRegMean:
             if "input" not in seen:
                 raise FwllmError(f"{type(self.model).__name__}'s forward never reached its layer stack")
             run.calls.append(seen["call"])
-            run.hidden.append(seen["input"].detach().to(self.host))
+            run.hidden.append(self._held(seen["input"].detach()))
             mask = batch.get("attention_mask")
             run.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    def _held(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A hidden state kept until the next layer: on the host, file-backed where spilled."""
+        hidden = hidden.to(self.host)
+        return self.spill(hidden) if self.spill is not None else hidden
+
+    def held_bytes(self, batches: Sequence[Sequence[Dict[str, torch.Tensor]]]) -> int:
+        """The spilled hidden states' bytes for these micro-batches (float32, padded tokens)."""
+        width = int(getattr(self.model.config, "hidden_size", 0))
+        return 4 * width * sum(int(b["input_ids"].numel()) for bs in batches for b in bs)
 
     def _layer(self, i: int) -> Iterator[Tuple[str, torch.Tensor]]:
         """Phase B for layer i: every candidate through it, its Grams reduced, the layer solved."""
@@ -374,7 +390,7 @@ class StreamedRegMean:
                                 "regmean: gradient: layerwise expects layers that return one "
                                 f"tensor, got {type(out).__name__} (use gradient: full)"
                             )
-                        run.hidden[k] = out.to(self.host)
+                        run.hidden[k] = self._held(out)
                 self._add(run, grams, leader, sums)
                 # the sums keep no reference to a candidate's Gram (its rows, they do keep)
                 spare.update((n, g) for n, g in grams.items() if isinstance(g, torch.Tensor))
@@ -425,10 +441,18 @@ class StreamedRegMean:
         check_finite(f"weights of candidate {run.cand.label}", name, w)
         return w.T if name in self.transposed else w
 
+    def _rows_fit(self, features: int) -> bool:
+        """Whether all candidates' tokens fit in the rows the sums of an input this wide keep. Where
+        they do not, the sums would turn dense part way, folding the rows kept so far in float64 (twice
+        a float32 Gram's time): they are dense from the start."""
+        return sum(run.tokens for run in self.runs) <= RegMeanSums.row_limit(features)
+
     def _room(self, sums: Dict[Any, RegMeanSums]) -> Callable[[str, int], int]:
         """room(input name, in): how many rows of the next candidate its sums still keep as rows."""
 
         def room(name: str, features: int) -> int:
+            if not self._rows_fit(features):
+                return 0
             s = sums.get(name)
             return RegMeanSums.row_limit(features) if s is None else s.rows_room(features)
 
@@ -460,9 +484,11 @@ class StreamedRegMean:
             add_statistics(sums.setdefault(name, RegMeanSums(self.alpha)), stats, taus, run.weight)
 
     def _solve(self, sums: Dict[str, RegMeanSums]) -> Iterator[Tuple[str, torch.Tensor]]:
-        for group, s in sums.items():
+        for group in list(sums):
+            s = sums.pop(group)  # freed once solved: the next input's factorisation does not sit on it
             start = time.perf_counter()
             deltas, lam = s.solve(self.ridge)
+            del s
             self.closed_form_s += time.perf_counter() - start
             if lam == float("inf"):
                 LOG.warning("regmean: %s saw no input on any candidate; using the weighted average", group)
@@ -500,6 +526,7 @@ class StreamedRegMean:
 
     # -- the whole merge ---------------------------------------------------------------------
     def merged(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        map_large_allocations()  # a freed activation or Gram handed back, not kept in the heap
         try:
             for run in self.runs:
                 self._capture(run)

@@ -37,3 +37,19 @@ def test_a_matrix_that_is_not_positive_definite_reports_the_first_failing_minor(
     a[bad, bad] = -1.0
     _, info = cholesky_lower(a, 16)
     assert info == torch.linalg.cholesky_ex(a)[1].item() == bad + 1
+
+
+@pytest.mark.parametrize("n,block", [(7, 16), (64, 16), (65, 16), (300, 64)])
+def test_in_place_factor_fills_the_lower_triangle_and_keeps_the_upper_one(n, block):
+    a = _spd(n, seed=n)
+    upper = torch.triu(torch.full_like(a, 7.0), 1)  # what a caller parked there (a mirror, say)
+    work = a.tril() + upper
+    chol, info = cholesky_lower(work, block, in_place=True)
+    assert info == 0 and chol.data_ptr() == work.data_ptr()
+    torch.testing.assert_close(work.tril(), torch.linalg.cholesky(a), rtol=1e-10, atol=1e-12)
+    assert torch.equal(work.triu(1), upper)
+    # LAPACK's solve reads only the lower triangle: the parked upper one does not reach it
+    rhs = torch.randn(n, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.cholesky_solve(rhs, work), torch.linalg.solve(a, rhs), rtol=1e-8, atol=1e-10
+    )

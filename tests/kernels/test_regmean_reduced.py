@@ -131,6 +131,23 @@ def test_singular_gram_sum_uses_the_same_ridge_as_the_existing_closed_form(low_r
     torch.testing.assert_close(dense, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_singular_gram_sum_past_one_factor_block_is_restored_for_the_ridge():
+    # wider than the blocked Cholesky's block: the failed in-place factorisation has overwritten
+    # part of S's lower triangle, which the ridge solve must get back from its mirror
+    n = 300
+    g = torch.Generator().manual_seed(90)
+    xs = [torch.randn(120, n, generator=g, dtype=torch.float64) for _ in range(2)]  # 240 rows < 300
+    grams = [(x.T @ x).float() for x in xs]
+    taus = [torch.randn(5, n, generator=g) for _ in range(2)]
+    sums = RegMeanSums(alpha=1.0)
+    for gram, tau, c in zip(grams, taus, (1.0, 2.0)):
+        sums.add(gram, {"w": tau}, weight=c)
+    got, lam = sums.solve(ridge=1e-3)
+    ref, ref_lam = regmean_merge(zip(taus, grams, (1.0, 2.0)), alpha=1.0, ridge=1e-3)
+    assert lam == pytest.approx(ref_lam) and lam > 0
+    torch.testing.assert_close(got["w"], ref, rtol=1e-4, atol=1e-5)
+
+
 def test_zero_gram_returns_the_weighted_average_of_the_task_vectors():
     loras = [_lora(80, 6, 2, 1.0), _lora(81, 6, 2, 1.0)]
     sums = RegMeanSums(alpha=1.0)
@@ -272,7 +289,7 @@ def test_rows_of_no_token_give_the_weighted_average():
     torch.testing.assert_close(got["v"].dense(), 0.25 * loras[0].dense() + 0.75 * loras[1].dense())
 
 
-@pytest.mark.parametrize("n", [5, 256, 600])
+@pytest.mark.parametrize("n", [5, 256, 257, 600, 1100])
 def test_a_lower_product_mirrored_is_the_whole_gram(n):
     """`add_lower_product` then `symmetrize_` (blocks of BLOCK, n on and off a multiple of it) give
     alpha x^T x as torch forms it, exactly symmetric, whatever was above the diagonal before."""

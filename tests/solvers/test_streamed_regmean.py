@@ -26,6 +26,7 @@ from fwllm.core.job import CandidateSpec
 from fwllm.data.calibration import load_calibration
 from fwllm.data.encoding import encode_task
 from fwllm.io.candidates import open_candidate
+from fwllm.io.spill import FileSpill
 from fwllm.kernels import regmean_reduced
 from fwllm.mergekit_glue.merge import merge_recipe
 from fwllm.solvers.grams import collect_grams
@@ -88,8 +89,9 @@ def streamed_grams(pools, models, weights=(1.0, 1.0)):
 
 
 # row fractions: None, the default (these tiny layers take Grams); 100, activation rows throughout
-# (the Grams shown to `on_gram` are formed from them, the solve is Woodbury's); 5, the first
-# candidate's rows kept and the second's folding them into a Gram sum (32 features: 160 rows)
+# (the Grams shown to `on_gram` are formed from them, the solve is Woodbury's); 5, both: the two
+# candidates' 240 tokens outgrow the 160 rows kept for a 32-wide input (Gram sums from the first
+# candidate on) and fit the 240 kept for the 48-wide MLP down input (rows throughout)
 ROW_FRACTIONS = [None, 100.0, 5.0]
 
 
@@ -178,6 +180,9 @@ def test_one_layer_at_a_time_and_no_gram_on_disk(tmp_path, pools, monkeypatch):
         fetches.append(sorted(layers))
 
     monkeypatch.setattr(MetaModel, "fetch", counting_fetch)
+    spilled = []
+    spill = FileSpill.__call__
+    monkeypatch.setattr(FileSpill, "__call__", lambda self, x: spilled.append(x.shape) or spill(self, x))
     models = [str(m) for m in pools["full"]]
     recipe = write_recipe(
         tmp_path / "r.yml",
@@ -194,6 +199,11 @@ def test_one_layer_at_a_time_and_no_gram_on_disk(tmp_path, pools, monkeypatch):
     assert layer_fetches == [0, 0, 1, 1]
     assert not (cache / "stats").exists() or not any((cache / "stats").rglob("*.safetensors"))
     assert (tmp_path / "out" / "fwllm_plan" / "DONE").exists()
+    # the hidden states between layers went to file-backed pages (the stack input and each layer's
+    # output, per candidate and micro-batch: 4 micro-batches of 3 rows x (1 + 2 layers)), and their
+    # scratch folder is gone
+    assert len(spilled) == 2 * 4 * 3 and all(shape[-1] == 32 for shape in spilled)
+    assert not (tmp_path / "out" / "fwllm_plan" / ".regmean_scratch").exists()
 
 
 def test_auto_goes_layerwise_when_ram_is_short(tmp_path, pools, monkeypatch):
