@@ -7,7 +7,8 @@ never merged into a model. Work is layer-major:
 
   A. capture  each candidate's micro-batches run up to the layer stack (its own embeddings),
               recording every layer's other arguments (masks, rotary embeddings); the stack
-              input is kept on the host, on the candidate's (small) calibration rows;
+              input is kept on the host, on the candidate's calibration rows (file-backed
+              in the plan folder when a `spill_dir` is given, as a method's solve does);
   B. layers   for each layer, each candidate in turn: materialise its layer (a pure LoRA pool
               reads the base layer once for all of them), run its micro-batches with hooks on
               the layer's linear maps, add its activation rows per layer input to `RegMeanSums`
