@@ -245,3 +245,29 @@ def test_layerwise_refuses_a_dora_adapter_before_reading_weights(tmp_path, pools
     )
     with pytest.raises(FwllmError, match="layerwise runs plain LoRA adapters only"):
         merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
+
+
+def test_too_little_disk_for_the_merge_and_its_hidden_states_is_one_error_before_any_layer(
+    tmp_path, pools, monkeypatch
+):
+    import shutil
+
+    import fwllm.io.iterate_store as store
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    fetched = []
+    monkeypatch.setattr(MetaModel, "fetch", lambda self, names, source=None: fetched.append(names))
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1024))
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        "regmean",
+        pools["base"],
+        recipe_models(pools, "lora"),
+        {"calibration": str(pools["calib"]), "batch_size": 3, "gradient": "layerwise"},
+        per_model=[{"task": "copy"}, {"task": "rev"}],
+    )
+    # 1 KiB free: less than the merge's factors and both candidates' hidden states need
+    with pytest.raises(FwllmError, match=r"the merge's factors and the hidden states needs .* of free disk"):
+        merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert fetched == []  # no layer was read
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("DONE"))
