@@ -168,10 +168,13 @@ def fetched_around_forward(
     meta: "MetaModel",
     modules: Sequence[Tuple[torch.nn.Module, List[str]]],
     source: Optional[Mapping[str, torch.Tensor]] = None,
+    hold: bool = False,
 ) -> Iterator[None]:
     """Within the block, each (module, names) fetches its weights `names` (from `source`, default the
     meta model's weights) only around its own forward: modules outside the layer stack (embeddings,
-    norms, a head) then hold no memory between their calls."""
+    norms, a head) then hold no memory between their calls. With `hold`, a module's weights stay
+    from its first forward to the end of the block: one fetch (a float32 copy of a 32000-token
+    embedding: 0.1 s at 1.1B) serves every micro-batch and candidate run inside it."""
 
     def wrap(module, names):
         original = type(module).forward
@@ -181,7 +184,8 @@ def fetched_around_forward(
             try:
                 return original(module, *args, **kwargs)
             finally:
-                meta.release(names)
+                if not hold:
+                    meta.release(names)
 
         return forward
 
@@ -190,8 +194,10 @@ def fetched_around_forward(
     try:
         yield
     finally:
-        for module, _ in modules:
+        for module, names in modules:
             del module.forward
+            if hold:
+                meta.release(names)
 
 
 @contextlib.contextmanager

@@ -206,8 +206,24 @@ class StreamedRegMean:
         return out
 
     def _streamed_outer(self, source: Optional[Mapping]):
-        """Modules outside the stack fetch their weights (the candidate's) only around their forward."""
-        return fetched_around_forward(self.meta, self.outer, source)
+        """Modules outside the stack fetch their weights (the candidate's) at their first forward, and
+        keep them until the block ends."""
+        return fetched_around_forward(self.meta, self.outer, source, hold=True)
+
+    def _by_source(self) -> Iterator[Tuple[Optional[Mapping], List[_Run]]]:
+        """The runs in order, grouped by where their weights outside the stack come from: consecutive
+        LoRA candidates share the base's (a LoRA pool: one group), a full candidate has its own."""
+        group: List[_Run] = []
+        for run in self.runs:
+            if run.cand.adapter is not None:
+                group.append(run)
+                continue
+            if group:
+                yield None, group
+                group = []
+            yield run.source, [run]
+        if group:
+            yield None, group
 
     def _layers_as(self, make: Callable[[int], Callable]):
         return forwards_replaced(self.layers, make)
@@ -310,7 +326,8 @@ class StreamedRegMean:
 
     # -- phases ------------------------------------------------------------------------------
     def _capture(self, run: _Run) -> None:
-        """Phase A: the stack input and every layer's other arguments, per micro-batch."""
+        """Phase A: the stack input and every layer's other arguments, per micro-batch (within
+        `_streamed_outer` of the run's source)."""
         last = len(self.layers) - 1
         run.calls, run.hidden, run.tokens = [], [], 0
         state: Dict[str, Any] = {"mask": None, "seen": []}
@@ -334,12 +351,7 @@ class StreamedRegMean:
 
                 return forward
 
-            with (
-                self._layers_as(passthrough),
-                self._streamed_outer(run.source),
-                self._lora(run, self.outer_linear),
-                torch.no_grad(),
-            ):
+            with self._layers_as(passthrough), self._lora(run, self.outer_linear), torch.no_grad():
                 try:
                     self.model(**batch)
                 except _Captured:
@@ -406,24 +418,27 @@ class StreamedRegMean:
         names = list(self.outer_linear)
         sums: Dict[str, RegMeanSums] = {}
         last = len(self.layers) - 1
-        for run in self.runs if names else ():  # (a classifier's head is all there is above its stack)
-            grams: Dict[str, torch.Tensor] = {}
-            leader: Dict[str, str] = {}
-            state: Dict[str, Any] = {}
-            for k, batch in self._each_batch(run, state):
-                top = run.hidden[k].to(self.device)
-                with (
-                    self._layers_as(lambda j: lambda hidden, *a, **kw: top if j == last else hidden),
-                    self._streamed_outer(run.source),
-                    self._lora(run, names),
-                    self._grams(names, grams, leader, state, room=self._room(sums)),
-                    torch.no_grad(),
-                ):
-                    self.model(**batch)
-            run.hidden = []
-            self._add(run, grams, leader, sums)
-            del grams
+        for source, runs in self._by_source() if names else ():  # (a classifier's head: all there is)
+            with self._streamed_outer(source):
+                for run in runs:
+                    self._top_run(run, names, sums, last)
         yield from self._solve(sums)
+
+    def _top_run(self, run: _Run, names: List[str], sums: Dict[str, RegMeanSums], last: int) -> None:
+        grams: Dict[str, torch.Tensor] = {}
+        leader: Dict[str, str] = {}
+        state: Dict[str, Any] = {}
+        for k, batch in self._each_batch(run, state):
+            top = run.hidden[k].to(self.device)
+            with (
+                self._layers_as(lambda j: lambda hidden, *a, **kw: top if j == last else hidden),
+                self._lora(run, names),
+                self._grams(names, grams, leader, state, room=self._room(sums)),
+                torch.no_grad(),
+            ):
+                self.model(**batch)
+        run.hidden = []
+        self._add(run, grams, leader, sums)
 
     # -- the reduction -----------------------------------------------------------------------
     def _weight_of(self, run: _Run, name: str) -> Optional[Any]:
@@ -529,8 +544,10 @@ class StreamedRegMean:
     def merged(self) -> Iterator[Tuple[str, torch.Tensor]]:
         map_large_allocations()  # a freed activation or Gram handed back, not kept in the heap
         try:
-            for run in self.runs:
-                self._capture(run)
+            for source, runs in self._by_source():
+                with self._streamed_outer(source):
+                    for run in runs:
+                        self._capture(run)
             for i in range(len(self.layers)):
                 yield from self._layer(i)
                 return_free_memory()

@@ -271,3 +271,21 @@ def test_too_little_disk_for_the_merge_and_its_hidden_states_is_one_error_before
         merge_recipe(str(recipe), str(tmp_path / "out"), MergeOptions(quiet=True))
     assert fetched == []  # no layer was read
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("DONE"))
+
+
+@pytest.mark.parametrize("kind,expected", [("lora", 2), ("full", 4)])
+def test_outer_weights_are_read_once_per_phase_and_source(pools, monkeypatch, kind, expected):
+    """The embedding (outside the stack) is read at its first forward and kept through the phase:
+    once per phase for a LoRA pool (every candidate runs on the base's), once per candidate and
+    phase for full candidates (each its own); not once per micro-batch (4 per candidate here)."""
+    read = []
+    original = MetaModel.fetch
+
+    def counting_fetch(self, names, source=None):
+        read.extend(n for n in names if n not in self.resident)
+        original(self, names, source)
+
+    monkeypatch.setattr(MetaModel, "fetch", counting_fetch)
+    _, merged, _ = streamed_grams(pools, pools[kind])
+    assert read.count("model.embed_tokens.weight") == expected  # capture + top
+    assert "model.embed_tokens.weight" in merged
