@@ -100,8 +100,6 @@ class _SupportRegMean(StreamedRegMean):
         """The rows the sums of an input keep: the least any of its (input, weights) sums keeps."""
 
         def room(name: str, features: int) -> int:
-            if not self._rows_fit(features):
-                return 0
             rooms = [s.rows_room(features) for (n, _), s in sums.items() if n == name]
             return min(rooms, default=RegMeanSums.row_limit(features))
 

@@ -294,7 +294,7 @@ class StreamedRegMean:
                 entry = grams.get(name)
                 if entry is None:
                     features = input_features(mod)
-                    left = room(name, features) if room is not None else 0
+                    left = room(name, features) if room is not None and self._rows_fit(features) else 0
                     entry = grams[name] = _Rows(left) if left > 0 else new_gram(name, features, x.device)
                 if isinstance(entry, _Rows):
                     if entry.count + x.shape[0] <= entry.room:
@@ -467,8 +467,6 @@ class StreamedRegMean:
         """room(input name, in): how many rows of the next candidate its sums still keep as rows."""
 
         def room(name: str, features: int) -> int:
-            if not self._rows_fit(features):
-                return 0
             s = sums.get(name)
             return RegMeanSums.row_limit(features) if s is None else s.rows_room(features)
 
