@@ -1,7 +1,10 @@
-"""Two reductions of the bounded path against the plain torch call they replace, timed in one run:
+"""Three reductions of the bounded path against the plain torch calls they replace, timed in one run:
 
   Gram      `add_lower_product` + `symmetrize_` (RegMean's per-candidate Gram as its lower triangle, then
             mirrored) against `gram.addmm_(x.T, x)`, at a 1.1B layer's input widths (2048, 5632);
+  sums      a candidate's Gram (its lower triangle) into RegMean's float64 sum, `add_lower` (a block row
+            of the triangle at a time) against mirroring the Gram and adding it whole, at the same
+            widths (a candidate with no task vector on that input: its Gram needs no mirror);
   Fisher    `kernels.fisher.total` (float32 row sums added in float64) against torch's float64 sum of a
             float32 tensor, at a 7B MLP weight's shape (11008 x 4096).
 
@@ -18,7 +21,7 @@ import time
 import torch
 
 from fwllm.kernels.fisher import total
-from fwllm.kernels.regmean_reduced import add_lower_product, symmetrize_
+from fwllm.kernels.regmean_reduced import add_lower, add_lower_product, symmetrize_
 
 
 def median_s(fn, repeats: int) -> float:
@@ -59,6 +62,20 @@ def main() -> None:
         print(
             f"Gram, width {width}, 2 x 1024 rows: addmm_ {old * 1e3:.0f} ms, lower + mirror {new * 1e3:.0f} ms,"
             f" ratio {new / old:.2f}"
+        )
+    for width in (2048, 5632):
+        gram = torch.zeros(width, width)
+        add_lower_product(gram, torch.randn(2048, width, generator=g))
+        sums = torch.zeros(width, width, dtype=torch.float64)
+
+        def whole():
+            symmetrize_(gram)
+            sums.add_(gram, alpha=0.9)
+
+        old, new = median_s(whole, args.repeats), median_s(lambda: add_lower(sums, gram, 0.9), args.repeats)
+        print(
+            f"Gram into the float64 sum, width {width}: mirror + whole add {old * 1e3:.1f} ms,"
+            f" lower triangle {new * 1e3:.1f} ms, ratio {new / old:.2f}"
         )
     f = torch.rand(11008, 4096, generator=g)
     old = median_s(lambda: f.sum(dtype=torch.float64), args.repeats)

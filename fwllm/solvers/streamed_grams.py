@@ -482,10 +482,10 @@ class StreamedRegMean:
             if self.on_gram is not None:
                 self.on_gram(run.cand.label, name, rows.T @ rows)  # formed only for the observer
             return _Rows(stats.room, [rows.to(self.host)], stats.count)
-        symmetrize_(stats)  # formed as its lower triangle (`_grams`)
+        # formed as its lower triangle (`_grams`): the sums mirror it where they need it whole
         check_finite_gram(what, name, stats)
         if self.on_gram is not None:
-            self.on_gram(run.cand.label, name, stats.clone())  # the buffer is the next candidate's
+            self.on_gram(run.cand.label, name, symmetrize_(stats.clone()))  # the buffer is the next one's
         return stats.to(self.host)
 
     def _add(

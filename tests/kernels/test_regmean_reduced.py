@@ -46,6 +46,26 @@ def test_dense_equals_existing_closed_form_with_shared_input():
         torch.testing.assert_close(base[n] + merged[n], want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_gram_is_read_from_its_lower_triangle():
+    """`add` takes a Gram as `add_lower_product` leaves it (anything above the diagonal): the merge
+    is the one of the whole Gram, with a task vector on the input (mirrored in place first) and
+    without one (the base's share of S only: never mirrored, never read above the diagonal)."""
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(600, 700, generator=g) for _ in range(3)]  # wider than a block of ROWS rows
+    taus = [torch.randn(5, 700, generator=g), None, torch.randn(5, 700, generator=g)]
+    whole, lower = RegMeanSums(alpha=0.8), RegMeanSums(alpha=0.8)
+    for x, t, c in zip(xs, taus, [1.0, 2.0, 0.5]):
+        gram = x.T @ x
+        garbage = gram.tril() + torch.full_like(gram, 1e9).triu(1)
+        whole.add(gram, {"o": t}, c)
+        lower.add(garbage, {"o": t}, c)
+        if t is None:
+            assert garbage[0, 1] == 1e9  # left as it was
+        else:
+            torch.testing.assert_close(garbage, gram, rtol=0, atol=0)  # mirrored where a numerator needs it
+    torch.testing.assert_close(lower.solve()[0]["o"], whole.solve()[0]["o"], rtol=0, atol=0)
+
+
 def test_dense_alpha_one_is_the_joint_least_squares_solution():
     torch.manual_seed(1)
     base = torch.randn(OUTS["q"], D_IN)
