@@ -256,9 +256,10 @@ def mergekit_ta(
     """mergekit task_arithmetic on the pool where its LoRA merge cache fits here, else what it needs."""
     cache_need = len(refs) * size  # mergekit writes a merged copy of the model per adapter
     free = shutil.disk_usage(work).free
-    # mergekit's LoRA cache at 1.1B and 7B is tens to hundreds of GiB and hours of writing here:
-    # computed instead
-    if cache_need >= min(0.5 * free, cache_gib * GIB):
+    # mergekit's LoRA cache at 1.1B and 7B is tens to hundreds of GiB (and an hour of writing at 1.1B):
+    # run only under --mergekit-cache-gib and where it fits on this disk beside the dense output, with
+    # as much again to spare; else computed
+    if cache_need > cache_gib * GIB or cache_need + 2 * size > free:
         return {"computed": True, "lora_cache_gib": cache_need / GIB, "free_disk_gib": free / GIB}
     ta = write_recipe(os.path.join(work, name, "ta.yml"), "task_arithmetic", base, refs, {"lambda": 0.3})
     cache, out = os.path.join(work, name, "lora_cache"), os.path.join(work, name, "out_ta")

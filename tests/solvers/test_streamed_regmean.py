@@ -199,10 +199,10 @@ def test_one_layer_at_a_time_and_no_gram_on_disk(tmp_path, pools, monkeypatch):
     assert layer_fetches == [0, 0, 1, 1]
     assert not (cache / "stats").exists() or not any((cache / "stats").rglob("*.safetensors"))
     assert (tmp_path / "out" / "fwllm_plan" / "DONE").exists()
-    # the hidden states between layers went to file-backed pages (the stack input and each layer's
-    # output, per candidate and micro-batch: 4 micro-batches of 3 rows x (1 + 2 layers)), and their
-    # scratch folder is gone
-    assert len(spilled) == 2 * 4 * 3 and all(shape[-1] == 32 for shape in spilled)
+    # the hidden states between layers went to file-backed pages: the stack input per candidate and
+    # micro-batch (4 micro-batches of 3 rows), each layer's output written over them; their scratch
+    # folder is gone
+    assert len(spilled) == 2 * 4 and all(shape[-1] == 32 for shape in spilled)
     assert not (tmp_path / "out" / "fwllm_plan" / ".regmean_scratch").exists()
 
 
