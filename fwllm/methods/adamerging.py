@@ -11,6 +11,8 @@ Plan folder:
   trace.json         entropy before each step and after the last one
   reproduce.yml      a plain mergekit `task_arithmetic` recipe giving the same tensors
   fwllm_heads/       per-task classification heads (encoder pools)
+  merged/            a LoRA pool's merge on the layerwise path, as factors: executing the plan then
+                     needs no candidate (mergekit would merge each adapter into a model copy first)
 
 `gradient`: full holds the model, theta0 and every task vector in RAM; layerwise (LMs and encoders)
 runs the merged model one layer at a time (`fwllm.solvers.streamed_adamerging`); auto picks
@@ -38,6 +40,7 @@ from fwllm.core.plan import AdaMergingPlanRecord, Plan, mark_plan_complete, read
 from fwllm.data.calibration import REGRESSION, CalibrationTask, micro_batch_shape
 from fwllm.data.encoding import encode_task
 from fwllm.data.objective import Objective
+from fwllm.io.merged_store import merged_index, write_merged
 from fwllm.io.models import load_tokenizer, read_config
 from fwllm.io.tensors import TensorReader
 from fwllm.kernels.weighted_sum import weighted_sum
@@ -49,10 +52,13 @@ from fwllm.methods.common import (
     open_pool,
     pool_heads,
     primary_head,
+    storable,
+    stored_or_none,
     write_reproduce_recipe,
 )
 from fwllm.methods.fw_merging import choose_gradient
 from fwllm.solvers.adamerging import adamerge
+from fwllm.solvers.lora_terms import pool_is_low_rank
 from fwllm.solvers.streamed_adamerging import MergedPoint, streamed_adamerge
 
 LOG = logging.getLogger(__name__)
@@ -168,17 +174,29 @@ class AdaMerging(DataMethod):
         meta = MetaModel(model, base_map, job.device, trainable=names, optional=is_head_tensor)
         point = MergedPoint(base_map, pool.candidates, names)
         result = streamed_adamerge(meta, objective, point, names, p, job.progress)
+        if pool_is_low_rank([c.adapter for c in pool.candidates]):
+            # a LoRA pool's merge as its factors, so that executing the plan needs no candidate: mergekit
+            # would first merge every adapter into a copy of the model (16 x 2 GiB at 1.1B)
+            write_merged(job.plan_dir, storable(point.low_rank_deltas()))
         return result, dict(result.stats)
 
     def load_plan(self, plan_dir: str) -> Plan:
         record = read_record(plan_dir, self.name, AdaMergingPlanRecord)
-        return Plan(plan_dir, record, AdaMergingParams(**record.settings))
+        return Plan(plan_dir, record, AdaMergingParams(**record.settings), merged_index(plan_dir))
+
+    def merged_recomputable(self, plan: Plan) -> bool:
+        # a LoRA pool's factors (rank sum r_i: small) stay in the plan: formed again from the
+        # coefficients, they would need mergekit to merge each adapter into a model copy first
+        return plan.merged is None
 
     def merge_tensor(self, plan, name, base, candidates, per_model) -> torch.Tensor:
         record: AdaMergingPlanRecord = plan.record
         coefficients = record.coefficients.get(name)
         if coefficients is None:
             return head_or_base(plan, name, base, candidates)
+        stored = stored_or_none(plan, name, base)  # a LoRA pool's layerwise merge: its factors
+        if stored is not None:
+            return stored
         check_candidates(self.name, record.candidates, candidates)
         base32 = base.float()
         taus = (candidates[lab].float() - base32 for lab in record.candidates)

@@ -67,6 +67,38 @@ def test_lora_pool_matches_the_in_ram_solve(tmp_path, tiny_pool, lora_refs):
     assert_same(both(tmp_path, tiny_pool, lora_refs, "lora_pool"))
 
 
+def test_a_lora_pool_merge_is_kept_as_factors_and_no_adapter_is_merged_into_a_model_copy(
+    tmp_path, tiny_pool, lora_refs, monkeypatch
+):
+    from fwllm.methods.adamerging import AdaMerging
+    from fwllm.io.merged_store import merged_factors
+
+    monkeypatch.setenv("FWLLM_CACHE", str(tmp_path / "cache"))
+    p = {"calibration": str(tiny_pool["calib"]), "steps": 2, "lr": 0.05, "gradient": "layerwise"}
+    out = merge(tmp_path, "factors", "adamerging", tiny_pool, lora_refs, p)
+    plan = AdaMerging().load_plan(str(out / "fwllm_plan"))
+    assert not AdaMerging().needs_candidates(plan)  # mergekit runs on the base alone
+    # mergekit's LoRA merge cache holds no model copy
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    # the stored factors give the plan's own coefficients: W_0 + sum_i lambda_i s_i B_i A_i
+    coefficients = plan_file(out, "coefficients.json")["coefficients"]
+    base, merged = load_tensors(tiny_pool["base"]), load_tensors(out)
+    adapters = [load_tensors(r.split("+", 1)[1]) for r in lora_refs]
+    changed = 0
+    for name, lam in coefficients.items():
+        want = base[name].double()
+        key = "base_model.model." + name.removesuffix(".weight")
+        for a, c in zip(adapters, lam):
+            if f"{key}.lora_A.weight" in a:
+                lora_a, lora_b = a[f"{key}.lora_A.weight"].double(), a[f"{key}.lora_B.weight"].double()
+                want = want + c * (8 / lora_a.shape[0]) * lora_b @ lora_a  # lora_alpha 8
+        changed += merged_factors(plan.merged, name) is not None
+        got = merged[name]
+        tol = 1e-5 if got.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert changed > 0
+
+
 def test_auto_goes_layerwise_when_the_in_ram_solve_would_not_fit(tmp_path, tiny_pool, monkeypatch):
     import fwllm.methods.fw_merging as fw
 
