@@ -5,7 +5,9 @@ Over BASE+ADAPTER candidates every merge fwllm keeps low-rank is a LoRA of rank 
 * FW-Merging with task-arithmetic steps and `refine: none`: W_0 + sum_i c_i s_i B_i A_i, from the
   plan's coefficients and the adapters;
 * RegMean, and FW-Merging with `refine: regmean` (the default), on `gradient: layerwise`: the plan
-  stores each weight's merge as its factors (fwllm.io.merged_store), written as they are.
+  stores each weight's merge as its factors (fwllm.io.merged_store), written as they are;
+* AdaMerging on `gradient: layerwise` over plain LoRA adapters: W_0 + sum_i lambda_i s_i B_i A_i,
+  stored the same way.
 The recipe is checked before any model loads; the adapter is written from the plan once the full
 merge is in OUT_DIR.
 """
@@ -19,19 +21,21 @@ import torch
 
 from fwllm.core.errors import FwllmError
 from fwllm.mergekit_glue.lora_adapter import write_lora_merge
+from fwllm.io.adapters import AdapterReader
 from fwllm.io.merged_store import merged_factors, stored_names
 from fwllm.io.models import resolve_model_path
 from fwllm.kernels.low_rank import LowRank
 from fwllm.io.staged_output import check_target, refuse_overlap
 from fwllm.mergekit_glue.merge import PLAN_SUBDIR, recipe_inputs
 from fwllm.mergekit_glue.recipe import load_recipe, merge_job
+from fwllm.solvers.lora_terms import pool_is_low_rank
 
 
 def _lora_candidates(recipe_path: str):
     recipe = load_recipe(recipe_path)
     method = recipe.raw.get("merge_method")
-    if method not in ("fw_merging", "regmean"):
-        raise FwllmError(f"--lora-out needs merge_method fw_merging or regmean (got {method!r})")
+    if method not in ("fw_merging", "regmean", "adamerging"):
+        raise FwllmError(f"--lora-out needs merge_method fw_merging, regmean or adamerging (got {method!r})")
     job = merge_job(recipe, "", "cpu", False)
     p = job.params
     if method == "fw_merging" and p.local_merge != "task_arithmetic":
@@ -39,9 +43,9 @@ def _lora_candidates(recipe_path: str):
             f"--lora-out needs local_merge task_arithmetic (got {p.local_merge!r}): "
             f"the plan stores other local merges as dense tensors"
         )
-    closed_form = method == "regmean" or p.refined
-    if closed_form and p.gradient != "layerwise":
-        what = "regmean" if method == "regmean" else "fw_merging with refine: regmean"
+    stored = method in ("regmean", "adamerging") or p.refined  # the plan keeps the merge as factors
+    if stored and p.gradient != "layerwise":
+        what = method if method != "fw_merging" else "fw_merging with refine: regmean"
         raise FwllmError(
             f"--lora-out of {what} needs gradient: layerwise (got {p.gradient}): that path keeps the "
             f"merge as LoRA factors, the in-RAM one forms dense tensors"
@@ -50,6 +54,13 @@ def _lora_candidates(recipe_path: str):
     if full:
         raise FwllmError(
             f"--lora-out needs a pool of LoRA adapters (BASE+ADAPTER); {full[0]} is a full model"
+        )
+    if method == "adamerging" and not pool_is_low_rank(
+        [AdapterReader(resolve_model_path(c.lora), lazy=True) for c in job.candidates]
+    ):
+        raise FwllmError(
+            "--lora-out of adamerging needs plain LoRA adapters (no DoRA, modules_to_save or "
+            "fan_in_fan_out): only then is its merge kept as LoRA factors"
         )
     return recipe, job
 

@@ -36,6 +36,16 @@ def lora_pool(tmp_path, monkeypatch, one_thread):
     return tmp_path, base, adapters
 
 
+def dora_adapter(root, base):
+    """A rank-2 DoRA adapter on q/v (a magnitude vector per output feature: not W_0 + B A)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_dora=True)
+    get_peft_model(LlamaForCausalLM.from_pretrained(base), cfg).save_pretrained(root / "dora")
+    return root / "dora"
+
+
 def fwllm(*args):
     return CliRunner().invoke(main, ["merge", *map(str, args)])
 
@@ -74,10 +84,11 @@ def test_lora_out_equals_the_merged_model(lora_pool, gradient):
     assert max([cfg["r"], *cfg["rank_pattern"].values()]) <= 5
 
 
-@pytest.mark.parametrize("method", ["regmean", "fw_merging"])
+@pytest.mark.parametrize("method", ["regmean", "fw_merging", "adamerging"])
 def test_a_closed_form_merge_of_a_lora_pool_is_written_as_its_exact_adapter(lora_pool, method):
-    """RegMean over LoRA adapters, and FW's default refine by RegMean, are W_0 + B A with B A of rank
-    sum r_i: the plan keeps the factors, and the adapter peft merges is the model fwllm wrote."""
+    """RegMean over LoRA adapters, FW's default refine by RegMean, and layerwise AdaMerging are W_0 + B A
+    with B A of rank sum r_i: the plan keeps the factors, and the adapter peft merges is the model
+    fwllm wrote."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -86,6 +97,8 @@ def test_a_closed_form_merge_of_a_lora_pool_is_written_as_its_exact_adapter(lora
     per_model = [{"task": "copy"}, {"task": "copy"}] if method == "regmean" else None
     if method == "fw_merging":
         params["iterations"] = 2  # the default settings otherwise: refine: regmean
+    if method == "adamerging":
+        params["steps"] = 2
     models = [f"{base}+{a}" for a in adapters]
     recipe = write_recipe(root / "r.yml", method, base, models, params, per_model=per_model)
     result = fwllm(recipe, root / "out", "--lora-out", root / "lora_out")
@@ -107,7 +120,9 @@ def test_a_closed_form_merge_of_a_lora_pool_is_written_as_its_exact_adapter(lora
     assert max(ranks) <= 5  # sum r_i: 2 + 3 on q/v, 3 on k/o
 
 
-@pytest.mark.parametrize("case", ["full model", "in-RAM regmean", "in-RAM refine"])
+@pytest.mark.parametrize(
+    "case", ["full model", "in-RAM regmean", "in-RAM refine", "in-RAM adamerging", "DoRA"]
+)
 def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool, case):
     root, base, adapters = lora_pool
     full = shutil.copytree(base, root / "full")
@@ -120,6 +135,11 @@ def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool
     elif case == "in-RAM regmean":
         method, per_model = "regmean", [{"task": "copy"}, {"task": "copy"}]
         params = {"calibration": str(root / "calib"), "gradient": "auto"}
+    elif case == "in-RAM adamerging":
+        method, params = "adamerging", {"calibration": str(root / "calib"), "gradient": "full"}
+    elif case == "DoRA":  # AdaMerging keeps a merge as LoRA factors only over plain LoRA adapters
+        method, params = "adamerging", {"calibration": str(root / "calib"), "gradient": "layerwise"}
+        models[1] = f"{base}+{dora_adapter(root, base)}"
     result = fwllm(
         write_recipe(root / "r.yml", method, base, models, params, per_model=per_model),
         root / "out",
@@ -134,6 +154,10 @@ def test_a_merge_that_is_not_low_rank_is_refused_before_anything_loads(lora_pool
         "as LoRA factors, the in-RAM one forms dense tensors",
         "in-RAM refine": "--lora-out of fw_merging with refine: regmean needs gradient: layerwise (got full): "
         "that path keeps the merge as LoRA factors, the in-RAM one forms dense tensors",
+        "in-RAM adamerging": "--lora-out of adamerging needs gradient: layerwise (got full): that path keeps "
+        "the merge as LoRA factors, the in-RAM one forms dense tensors",
+        "DoRA": "--lora-out of adamerging needs plain LoRA adapters (no DoRA, modules_to_save or "
+        "fan_in_fan_out): only then is its merge kept as LoRA factors",
     }[case]
     assert lines == [f"Error: {want}"]
     assert not (root / "out").exists() and not (root / "lora_out").exists()
