@@ -70,6 +70,12 @@ class StreamedLoss(StreamedGradient):
         return float(loss.item())
 
 
+def _low_rank_sum(low: Sequence[Tuple[int, LoraFactors]], lam: Sequence[float]) -> LowRank:
+    """sum_i lambda_i s_i B_i A_i over plain LoRA candidates (i, factors), as [lambda_i s_i B_i] [A_i]."""
+    a = torch.cat([f.a.float() for _, f in low])
+    return LowRank(a, torch.cat([f.b.float() * (lam[i] * f.scale) for i, f in low], dim=1))
+
+
 class MergedPoint(Mapping):
     """tensor name -> theta0 + sum_i lambda_i tau_i, formed on access from the base map and the
     candidates (one dense tau alive at a time); names without coefficients are not in it.
@@ -110,8 +116,8 @@ class MergedPoint(Mapping):
         for i in dense:
             out.add_(self.candidates[i].task_vector(name, theta0).float(), alpha=lam[i])
         if low:
-            b = torch.cat([f.b.float() * (lam[i] * f.scale) for i, f in low], dim=1)
-            out.addmm_(b, torch.cat([f.a.float() for _, f in low]))
+            term = _low_rank_sum(low, lam)
+            out.addmm_(term.b, term.a)
         return out
 
     def low_rank_deltas(self) -> Iterator[Tuple[str, LowRank]]:
@@ -120,9 +126,7 @@ class MergedPoint(Mapping):
         for name, row in self.rows.items():
             dense, low = self._parts(name)
             if low and not dense:
-                lam = self.lambdas[row].tolist()
-                a = torch.cat([f.a.float() for _, f in low])
-                yield name, LowRank(a, torch.cat([f.b.float() * (lam[i] * f.scale) for i, f in low], dim=1))
+                yield name, _low_rank_sum(low, self.lambdas[row].tolist())
 
     def inner(self, name: str, g: torch.Tensor) -> torch.Tensor:
         """<g, tau_i> for every candidate i ([N]; g: the tensor's gradient, float32)."""

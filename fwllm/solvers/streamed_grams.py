@@ -225,6 +225,13 @@ class StreamedRegMean:
         if group:
             yield None, group
 
+    def _runs_with_outer(self) -> Iterator[_Run]:
+        """Each run, inside the block that holds its weights outside the stack (one per `_by_source`
+        group: consume it whole)."""
+        for source, runs in self._by_source():
+            with self._streamed_outer(source):
+                yield from runs
+
     def _layers_as(self, make: Callable[[int], Callable]):
         return forwards_replaced(self.layers, make)
 
@@ -425,10 +432,8 @@ class StreamedRegMean:
         names = list(self.outer_linear)
         sums: Dict[str, RegMeanSums] = {}
         last = len(self.layers) - 1
-        for source, runs in self._by_source() if names else ():  # (a classifier's head: all there is)
-            with self._streamed_outer(source):
-                for run in runs:
-                    self._top_run(run, names, sums, last)
+        for run in self._runs_with_outer() if names else ():  # (a classifier's head: all there is)
+            self._top_run(run, names, sums, last)
         yield from self._solve(sums)
 
     def _top_run(self, run: _Run, names: List[str], sums: Dict[str, RegMeanSums], last: int) -> None:
@@ -549,10 +554,8 @@ class StreamedRegMean:
     def merged(self) -> Iterator[Tuple[str, torch.Tensor]]:
         map_large_allocations()  # a freed activation or Gram handed back, not kept in the heap
         try:
-            for source, runs in self._by_source():
-                with self._streamed_outer(source):
-                    for run in runs:
-                        self._capture(run)
+            for run in self._runs_with_outer():
+                self._capture(run)
             for i in range(len(self.layers)):
                 yield from self._layer(i)
                 return_free_memory()
